@@ -1,0 +1,340 @@
+"""Reading and writing model files: the only module of mpocompress that touches the filesystem.
+
+Inputs: a state_dict (`.pt`, `.pth` or `.safetensors`) with an architecture spec; a whole pickled
+nn.Module, only when the caller trusts it; or a file mpocompress wrote. Outputs: safetensors with
+metadata describing how to rebuild the model (architecture spec, every MPO layer's geometry,
+format version), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mpocompress import __version__
+from mpocompress.errors import MPOCompressError
+from mpocompress.layers import MPO_LAYERS, layer_from_spec
+from mpocompress.zoo import ArchSpec, build_model, parse_arch
+
+FORMAT = "mpocompress"
+FORMAT_VERSION = 1
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+@dataclass
+class LoadedModel:
+    """A model read from a file, with what is known of where it came from."""
+
+    model: nn.Module
+    arch: str | None  # the architecture spec, if one is known
+    source: str  # "state_dict", "pickled_module" or "mpocompress"
+    path: Path
+    metadata: dict[str, Any] | None = None  # parsed metadata of an mpocompress file
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise MPOCompressError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise MPOCompressError(f"{path} is a folder; give the model file inside it")
+    if path.stat().st_size == 0:
+        raise MPOCompressError(f"{path} is empty (0 bytes); the file was not written completely, save it again")
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
+    """The raw safetensors metadata of a file, or None when it is not a safetensors file."""
+    path = Path(path)
+    _check_readable(path)
+    if not _is_safetensors(path):
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise MPOCompressError(f"{path} is not a readable safetensors file ({_short(e)})") from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(
+    path: str | os.PathLike, arch: str | ArchSpec | None = None, trust_pickle: bool = False
+) -> LoadedModel:
+    """Read a model from any supported file.
+
+    Args:
+        path: the checkpoint.
+        arch: architecture spec; needed for state_dicts and for mpocompress files made from a user
+            architecture, which is imported only because the caller names it here.
+        trust_pickle: allow unpickling arbitrary objects (a whole nn.Module). Never set this for a
+            file you did not make: unpickling can run any code.
+    """
+    path = Path(path)
+    _check_readable(path)
+    arch_text = str(arch) if arch is not None else None
+    if _is_safetensors(path):
+        meta = read_metadata(path)
+        if meta is not None and meta.get("format") == FORMAT:
+            return _load_own(path, meta, arch_text)
+        try:
+            state = load_file(str(path))
+        except Exception as e:
+            raise MPOCompressError(f"{path} is not a readable safetensors file ({_short(e)})") from None
+        return LoadedModel(_model_from_state(state, path, arch_text), arch_text, "state_dict", path)
+
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        return LoadedModel(obj, arch_text, "pickled_module", path)
+    state = _unwrap_state_dict(obj, path)
+    return LoadedModel(_model_from_state(state, path, arch_text), arch_text, "state_dict", path)
+
+
+def load(path: str | os.PathLike, arch: str | ArchSpec | None = None, trust_pickle: bool = False) -> nn.Module:
+    """A working nn.Module in eval mode from a file; see `load_model`. For a file mpocompress wrote
+    from a built-in architecture, the file alone suffices."""
+    return load_model(path, arch, trust_pickle).model.eval()
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower() and "weights_only" not in str(e):
+            raise MPOCompressError(f"cannot read {path} as a PyTorch checkpoint ({_short(e)})") from None
+        if not trust_pickle:
+            raise MPOCompressError(
+                f"{path} holds pickled Python objects (a whole model?) and unpickling can run arbitrary code; "
+                "if you trust the file pass --trust-pickle, or save model.state_dict() and pass --arch"
+            ) from None
+    except Exception as e:
+        raise MPOCompressError(f"cannot read {path} as a PyTorch checkpoint ({_short(e)})") from None
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)  # the pickled classes usually live beside the user's script
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise MPOCompressError(
+            f"cannot unpickle {path} ({_short(e)}); the classes it names must be importable from here"
+        ) from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    def is_state(d: Any) -> bool:
+        return isinstance(d, Mapping) and len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
+
+    if is_state(obj):
+        return dict(obj)
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if is_state(obj.get(key)):
+                return dict(obj[key])
+    raise MPOCompressError(
+        f"{path} holds a {type(obj).__name__}, not a state_dict of tensors; save model.state_dict() "
+        f"(or a dict with one under one of the keys {', '.join(_WRAPPER_KEYS)})"
+    )
+
+
+def _fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
+    """load_state_dict(strict=True) with a one-line message saying what does not fit."""
+    expected = model.state_dict()
+    keys = list(state)
+    if keys and all(k.startswith("module.") for k in keys) and not any(k.startswith("module.") for k in expected):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel / DDP
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} is {tuple(state[k].shape)} in the file but {tuple(expected[k].shape)} in the model"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    if wrong:
+        problems.append(wrong[0] + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    if problems:
+        raise MPOCompressError(
+            f"the weights in {path} do not fit architecture {arch}: {'; '.join(problems)}; "
+            "check --arch and its arguments, e.g. lenet5(in_channels=3,image_size=32)"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _model_from_state(state: Mapping[str, torch.Tensor], path: Path, arch: str | None) -> nn.Module:
+    if arch is None:
+        raise MPOCompressError(
+            f"{path} holds a state_dict (weights only); say which architecture it belongs to with "
+            "--arch NAME (built-in: fc2, lenet5) or --arch package.module:callable"
+        )
+    model = build_model(arch)
+    _fit_state_dict(model, state, path, arch)
+    return model
+
+
+def _parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise MPOCompressError(f"{path} has no valid format_version in its metadata; the file is damaged") from None
+    if version > FORMAT_VERSION:
+        raise MPOCompressError(
+            f"{path} uses mpocompress file format {version}, newer than this version reads ({FORMAT_VERSION}); "
+            "upgrade mpocompress"
+        )
+    try:
+        layers = json.loads(meta.get("layers", "{}"))
+        assert isinstance(layers, dict) and all(isinstance(v, dict) for v in layers.values())
+    except (ValueError, AssertionError):
+        raise MPOCompressError(f"{path} has unreadable layer metadata; the file is damaged") from None
+    return {"format_version": version, "arch": meta.get("arch") or None, "layers": layers,
+            "mpocompress_version": meta.get("mpocompress_version"), "source_format": meta.get("source_format")}  # fmt: skip
+
+
+def _load_own(path: Path, meta: Mapping[str, str], arch: str | None) -> LoadedModel:
+    info = _parse_own_metadata(path, meta)
+    file_arch = info["arch"]
+    if arch is None:
+        if file_arch is None:
+            raise MPOCompressError(
+                f"{path} does not record its architecture (it was converted from a pickled model); pass --arch"
+            )
+        if not parse_arch(file_arch).is_builtin:
+            raise MPOCompressError(
+                f"{path} was made from the user architecture {file_arch}; pass --arch {file_arch!r} again to "
+                "load it (mpocompress never imports code named in a file)"
+            )
+        arch = file_arch
+    model = build_model(arch)
+    made: dict[int, nn.Module] = {}
+    for name, spec in info["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise MPOCompressError(
+                f"{path} has an MPO layer {name!r} that architecture {arch} lacks; pass the --arch it was made from"
+            ) from None
+        if id(old) not in made:
+            try:
+                made[id(old)] = layer_from_spec(spec)
+            except (KeyError, TypeError) as e:
+                raise MPOCompressError(f"{path}: metadata of layer {name!r} is incomplete ({_short(e)})") from None
+            except MPOCompressError as e:
+                raise MPOCompressError(f"{path}: metadata of layer {name!r} is invalid: {e}") from None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, made[id(old)])
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise MPOCompressError(f"{path} is not a readable safetensors file ({_short(e)})") from None
+    _fit_state_dict(model, state, path, arch)
+    return LoadedModel(model, arch, "mpocompress", path, info)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def check_output_path(path: str | os.PathLike, force: bool = False, inputs: tuple[Path, ...] = ()) -> Path:
+    """Fail early, before any work, when `path` cannot or must not be written."""
+    path = Path(path)
+    for src in inputs:
+        if src.exists() and path.exists() and path.resolve() == src.resolve():
+            raise MPOCompressError(f"output {path} is the input file; choose another -o (inputs are never modified)")
+    if path.is_dir():
+        raise MPOCompressError(f"output {path} is a folder; give a file name such as {path / 'model.safetensors'}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise MPOCompressError(f"cannot write {path}: folder {parent} does not exist; create it or choose another -o")
+    if not os.access(parent, os.W_OK):
+        raise MPOCompressError(f"cannot write {path}: folder {parent} is not writable; choose another -o")
+    if path.exists() and not force:
+        raise MPOCompressError(f"{path} already exists; pass --force to overwrite it")
+    return path
+
+
+def _tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if key in seen or not v.is_contiguous():
+            v = v.clone().contiguous()  # safetensors refuses shared or strided tensors
+        seen.add(key)
+        out[k] = v.cpu()
+    return out
+
+
+def mpo_layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Geometry of every MPO layer, by every full name it is reachable under."""
+    return {name: m.spec() for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MPO_LAYERS)}
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    arch: str | ArchSpec | None,
+    force: bool = False,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `model` as safetensors with the metadata `load` needs, atomically.
+
+    The file appears complete or not at all: it is written under a temporary name in the same
+    folder and renamed into place. An existing file is replaced only with `force=True`.
+    """
+    path = check_output_path(path, force)
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "mpocompress_version": __version__,
+        "torch_version": torch.__version__,
+        "arch": str(arch) if arch is not None else "",
+        "layers": json.dumps(mpo_layer_specs(model), sort_keys=True),
+    }
+    for k, v in (extra_metadata or {}).items():
+        metadata[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    tensors = _tensors_for_saving(model)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,463 @@
+"""Model surgery: choose layers, factorize them by TT-SVD, swap in MPO layers, report.
+
+`compress_(model, config, filter_fn)` changes the model in place and returns a CompressionReport;
+`analyze(model, config, filter_fn)` computes the same report without touching the model.
+Layer patterns are exact full names, shell globs (`features.*`) or regexes prefixed with `re:`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.layers import MPO_LAYERS, MPOConv2d, MPOLinear, mpo_notation
+from mpocompress.mpo import (
+    TTDecomposition,
+    bond_caps,
+    bond_dims_for,
+    bond_spectra,
+    compression_ratio,
+    entanglement_entropy,
+    mpo_param_count,
+    tt_round,
+    tt_svd,
+    unfolding_spectra,
+)
+from mpocompress.report import CompressionReport, LayerReport, SkippedLayer
+from mpocompress.shapes import Modes, check_modes, factorize
+
+FilterFn = Callable[[nn.Module, str], bool]
+SWEEP_BOND_DIMS = (2, 4, 8, 16, 32)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def match(pattern: str, name: str) -> bool:
+    """Whether a layer name matches a pattern: exact name, shell glob, or 're:' + regex."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def _first_match(table: Mapping[str, Any], name: str) -> Any:
+    for pattern, value in table.items():
+        if match(pattern, name):
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """What to compress and how.
+
+    With neither `bond_dim` nor `eps`, `analyze` reports the exact MPO and a sweep over D;
+    `compress_` needs one of them (or a per-layer bond dim for every selected layer).
+    """
+
+    bond_dim: int | None = None  # D for every selected layer; each bond is capped at its useful max
+    eps: float | None = None  # target relative Frobenius error of each layer's weight
+    n_cores: int = 4  # number of cores n for layers whose modes are not given
+    layers: tuple[str, ...] = ()  # patterns picking the layers; empty: the default selection
+    exclude: tuple[str, ...] = ()  # patterns of layers to leave dense
+    bond_dims: Mapping[str, int] = field(default_factory=dict)  # per-layer D, by pattern
+    shapes: Mapping[str, tuple[Modes, Modes]] = field(default_factory=dict)  # per-layer (I modes, J modes)
+    coverage: float = 0.9  # default selection: heaviest layers until they hold this share of weights
+
+    def __post_init__(self) -> None:
+        for what, d in [("bond dimension", self.bond_dim), *((f"bond dimension of {k}", v) for k, v in self.bond_dims.items())]:
+            if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
+                raise MPOCompressError(f"{what} must be a whole number >= 1, got {d!r}")
+        if self.eps is not None and not (0.0 < float(self.eps) < 1.0):
+            raise MPOCompressError(f"eps must lie strictly between 0 and 1, got {self.eps!r}")
+        if not isinstance(self.n_cores, int) or self.n_cores < 1:
+            raise MPOCompressError(f"number of cores must be a whole number >= 1, got {self.n_cores!r}")
+        if not 0.0 < self.coverage <= 1.0:
+            raise MPOCompressError(f"coverage must lie in (0, 1], got {self.coverage!r}")
+        for pattern in (*self.layers, *self.exclude, *self.bond_dims, *self.shapes):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise MPOCompressError(f"bad regular expression in layer pattern {pattern!r}: {e}") from None
+        for name, (i_modes, o_modes) in self.shapes.items():
+            if len(i_modes) != len(o_modes):
+                raise MPOCompressError(
+                    f"shape of {name}: {len(i_modes)} input modes but {len(o_modes)} output modes; use the same count"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "bond_dim": self.bond_dim,
+            "eps": self.eps,
+            "n_cores": self.n_cores,
+            "layers": list(self.layers),
+            "exclude": list(self.exclude),
+            "bond_dims": dict(self.bond_dims),
+            "shapes": {k: [list(i), list(o)] for k, (i, o) in self.shapes.items()},
+            "coverage": self.coverage,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CompressionConfig:
+        return cls(
+            bond_dim=d.get("bond_dim"),
+            eps=d.get("eps"),
+            n_cores=d.get("n_cores", 4),
+            layers=tuple(d.get("layers", ())),
+            exclude=tuple(d.get("exclude", ())),
+            bond_dims=dict(d.get("bond_dims", {})),
+            shapes={k: (tuple(v[0]), tuple(v[1])) for k, v in d.get("shapes", {}).items()},
+            coverage=d.get("coverage", 0.9),
+        )
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+@dataclass
+class _Candidate:
+    names: list[str]  # every full name the module is reachable under (first is the canonical one)
+    module: nn.Module
+    kind: str  # "linear" | "conv2d"
+    ny: int
+    nx: int
+    problem: str | None = None  # why it cannot become an MPO, if it cannot
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def numel(self) -> int:
+        return self.ny * self.nx
+
+
+def _candidates(model: nn.Module, filter_fn: FilterFn | None) -> list[_Candidate]:
+    by_id: dict[int, _Candidate] = {}
+    parents = dict(model.named_modules(remove_duplicate=False))
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in by_id:
+            by_id[id(mod)].names.append(name)
+            continue
+        if isinstance(mod, (nn.Linear, MPOLinear)):
+            c = _Candidate([name], mod, "linear", mod.out_features, mod.in_features)
+        elif isinstance(mod, MPOConv2d):
+            c = _Candidate([name], mod, "conv2d", mod.out_channels, math.prod(mod.in_modes))
+        elif isinstance(mod, nn.Conv2d):
+            c = _Candidate([name], mod, "conv2d", mod.out_channels, mod.weight[0].numel() * mod.groups)
+            if mod.groups != 1:
+                c.nx = mod.weight[0].numel()
+                c.problem = f"grouped convolution (groups={mod.groups}); only groups=1 can become an MPO"
+        else:
+            continue
+        parent = parents.get(name.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention):
+            c.problem = "used by nn.MultiheadAttention, which reads its weight directly"
+        if name == "":
+            c.problem = "the model is this single layer; wrap it in a module to convert it"
+        if filter_fn is not None and not filter_fn(mod, name):
+            continue
+        by_id[id(mod)] = c
+    return list(by_id.values())
+
+
+def _module_kinds(model: nn.Module) -> dict[str, str]:
+    return {name: type(m).__name__ for name, m in model.named_modules() if name}
+
+
+def _check_patterns(patterns: Any, what: str, cands: list[_Candidate], model: nn.Module) -> None:
+    """Every pattern the user gave must pick at least one convertible layer."""
+    names = [n for c in cands for n in c.names]
+    for pattern in patterns:
+        if any(match(pattern, n) for n in names):
+            continue
+        others = [f"{n} ({k})" for n, k in _module_kinds(model).items() if match(pattern, n)]
+        if others:
+            raise MPOCompressError(
+                f"{what} {pattern!r} matches only {', '.join(others[:3])}: only Linear and Conv2d layers can become MPOs"
+            )
+        hint = ", ".join(c.name for c in sorted(cands, key=lambda c: -c.numel)[:5])
+        raise MPOCompressError(
+            f"{what} {pattern!r} matches no layer; layers that can be converted include: {hint or '(none)'}"
+        )
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class _Plan:
+    cand: _Candidate
+    in_modes: Modes
+    out_modes: Modes
+    bond_dim: int | None
+    eps: float | None
+
+
+def _modes_for(c: _Candidate, config: CompressionConfig) -> tuple[Modes, Modes]:
+    given = None
+    for name in c.names:
+        given = _first_match(config.shapes, name)
+        if given is not None:
+            break
+    if given is not None:
+        i_modes = check_modes(given[0], c.nx, f"input modes of {c.name} ({c.nx} inputs)")
+        o_modes = check_modes(given[1], c.ny, f"output modes of {c.name} ({c.ny} outputs)")
+        return i_modes, o_modes
+    if isinstance(c.module, MPO_LAYERS):
+        return tuple(c.module.in_modes), tuple(c.module.out_modes)
+    return factorize(c.nx, config.n_cores), factorize(c.ny, config.n_cores)
+
+
+def _bond_for(c: _Candidate, config: CompressionConfig) -> int | None:
+    for name in c.names:
+        d = _first_match(config.bond_dims, name)
+        if d is not None:
+            return d
+    return config.bond_dim
+
+
+def plan(
+    model: nn.Module, config: CompressionConfig, filter_fn: FilterFn | None = None
+) -> tuple[list[_Plan], list[SkippedLayer]]:
+    """Choose the layers to convert and their modes and bond dims; report the ones left dense."""
+    cands = _candidates(model, filter_fn)
+    _check_patterns(config.layers, "--layers pattern", cands, model)
+    _check_patterns(config.exclude, "--exclude pattern", cands, model)
+    _check_patterns(config.bond_dims, "per-layer bond dim", cands, model)
+    _check_patterns(config.shapes, "per-layer shape", cands, model)
+
+    def hit(patterns: Any, c: _Candidate) -> bool:
+        return any(match(p, n) for p in patterns for n in c.names)
+
+    explicit = [c for c in cands if hit(config.layers, c) or hit(config.bond_dims, c) or hit(config.shapes, c)]
+    excluded = {id(c.module) for c in cands if hit(config.exclude, c)}
+    skipped: list[SkippedLayer] = []
+    chosen: list[_Plan] = []
+
+    def make(c: _Candidate) -> _Plan:
+        i_modes, o_modes = _modes_for(c, config)
+        return _Plan(c, i_modes, o_modes, _bond_for(c, config), config.eps)
+
+    for c in explicit:
+        if id(c.module) in excluded:
+            continue
+        if c.problem:
+            raise MPOCompressError(f"cannot convert {c.name}: {c.problem}; exclude it with --exclude {c.name}")
+        chosen.append(make(c))
+
+    taken = {id(p.cand.module) for p in chosen} | excluded
+    if not config.layers:
+        total = sum(c.numel for c in cands)
+        covered = sum(p.cand.numel for p in chosen)
+        for c in sorted(cands, key=lambda c: -c.numel):
+            if id(c.module) in taken:
+                if id(c.module) in excluded:
+                    skipped.append(SkippedLayer(c.name, c.kind, c.numel, "excluded"))
+                continue
+            if covered >= config.coverage * total:
+                share = f"{config.coverage:.0%}"
+                skipped.append(SkippedLayer(c.name, c.kind, c.numel, f"light: heavier layers already hold {share} of weights"))
+                continue
+            if c.problem:
+                skipped.append(SkippedLayer(c.name, c.kind, c.numel, c.problem))
+                continue
+            p = make(c)
+            if p.bond_dim is not None and p.eps is None:
+                n_mpo = mpo_param_count(p.in_modes, p.out_modes, bond_dims_for(p.in_modes, p.out_modes, p.bond_dim))
+                if n_mpo >= c.numel:
+                    skipped.append(
+                        SkippedLayer(c.name, c.kind, c.numel, f"its MPO at D={p.bond_dim} would not be smaller ({n_mpo} parameters)")
+                    )
+                    continue
+            chosen.append(p)
+            covered += c.numel
+    else:
+        for c in cands:
+            if id(c.module) not in taken or id(c.module) in excluded:
+                skipped.append(SkippedLayer(c.name, c.kind, c.numel, "excluded" if id(c.module) in excluded else "not selected"))
+    if not chosen:
+        raise MPOCompressError(
+            "no layer selected for conversion: "
+            + ("; ".join(f"{s.name}: {s.reason}" for s in skipped[:4]) or "the model has no Linear or Conv2d layer")
+        )
+    return chosen, skipped
+
+
+# --------------------------------------------------------------------------- decomposition
+
+
+def _weight_matrix(c: _Candidate) -> torch.Tensor:
+    if isinstance(c.module, MPO_LAYERS):
+        return c.module.weight_matrix().detach()
+    return c.module.weight.detach().reshape(c.ny, c.nx)
+
+
+def _decompose(p: _Plan, bond_dim: int | None, eps: float | None) -> TTDecomposition:
+    mod = p.cand.module
+    if isinstance(mod, MPO_LAYERS) and (tuple(mod.in_modes), tuple(mod.out_modes)) == (p.in_modes, p.out_modes):
+        return tt_round(list(mod.cores), max_bond=bond_dim, eps=eps)  # round the MPO, never forming W
+    return tt_svd(_weight_matrix(p.cand), p.in_modes, p.out_modes, max_bond=bond_dim, eps=eps)
+
+
+def _layer_report(p: _Plan, dec: TTDecomposition) -> LayerReport:
+    n_mpo = mpo_param_count(p.in_modes, p.out_modes, dec.bond_dims)
+    spectra = bond_spectra(dec.cores)
+    return LayerReport(
+        name=p.cand.name,
+        kind=p.cand.kind,
+        weight_shape=[p.cand.ny, p.cand.nx],
+        in_modes=list(p.in_modes),
+        out_modes=list(p.out_modes),
+        bond_dims=list(dec.bond_dims),
+        params_original=p.cand.numel,
+        params_mpo=n_mpo,
+        rho=compression_ratio(n_mpo, p.cand.numel),
+        rel_error=dec.rel_error,
+        entropy=[entanglement_entropy(s) for s in spectra],
+        notation=mpo_notation(p.in_modes, p.out_modes, dec.bond_dims),
+    )
+
+
+def _exact_report(p: _Plan) -> LayerReport:
+    """The untruncated MPO: every bond at its cap, entropies from W's unfoldings."""
+    caps = bond_caps(p.in_modes, p.out_modes)
+    n_mpo = mpo_param_count(p.in_modes, p.out_modes, caps)
+    if isinstance(p.cand.module, MPO_LAYERS) and (tuple(p.cand.module.in_modes), tuple(p.cand.module.out_modes)) == (p.in_modes, p.out_modes):
+        spectra = bond_spectra(list(p.cand.module.cores))
+        caps = [len(s) for s in spectra]
+    else:
+        spectra = unfolding_spectra(_weight_matrix(p.cand), p.in_modes, p.out_modes)
+    return LayerReport(
+        name=p.cand.name,
+        kind=p.cand.kind,
+        weight_shape=[p.cand.ny, p.cand.nx],
+        in_modes=list(p.in_modes),
+        out_modes=list(p.out_modes),
+        bond_dims=caps,
+        params_original=p.cand.numel,
+        params_mpo=n_mpo,
+        rho=compression_ratio(n_mpo, p.cand.numel),
+        rel_error=0.0,
+        entropy=[entanglement_entropy(s) for s in spectra],
+        notation=mpo_notation(p.in_modes, p.out_modes, caps),
+    )
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _totals(
+    layers: list[LayerReport], skipped: list[SkippedLayer], model_before: int, config: CompressionConfig,
+    applied: bool, model_after: int | None = None,
+) -> CompressionReport:  # fmt: skip
+    orig = sum(lr.params_original for lr in layers)
+    mpo = sum(lr.params_mpo for lr in layers)
+    after = model_after if model_after is not None else model_before - orig + mpo
+    return CompressionReport(
+        layers=layers,
+        skipped=skipped,
+        params_original=orig,
+        params_mpo=mpo,
+        rho=compression_ratio(mpo, orig),
+        params_model_before=model_before,
+        params_model_after=after,
+        bond_dim=config.bond_dim,
+        eps=config.eps,
+        applied=applied,
+    )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _build(p: _Plan, dec: TTDecomposition) -> nn.Module:
+    old = p.cand.module
+    bias = old.bias
+    if p.cand.kind == "linear":
+        new: nn.Module = MPOLinear.from_cores(dec.cores, bias)
+    else:
+        geometry = dict(
+            in_channels=old.in_channels, kernel_size=old.kernel_size, stride=old.stride,
+            padding=old.padding, dilation=old.dilation, padding_mode=old.padding_mode,
+        )  # fmt: skip
+        new = MPOConv2d.from_cores(dec.cores, bias=bias, **geometry)
+    if isinstance(old, MPO_LAYERS):
+        new.forward_strategy = old.forward_strategy
+    return new.train(old.training)
+
+
+def _swap(model: nn.Module, names: list[str], new: nn.Module) -> None:
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+
+
+def compress_(
+    model: nn.Module, config: CompressionConfig, filter_fn: FilterFn | None = None
+) -> CompressionReport:
+    """Replace the chosen Linear/Conv2d layers of `model` by MPO layers, in place.
+
+    Args:
+        model: the model to change.
+        config: which layers, which modes, which bond dims.
+        filter_fn: optional `filter_fn(module, full_name) -> bool` restricting the candidates.
+
+    Returns:
+        The report of what was replaced and what was left dense.
+    """
+    chosen, skipped = plan(model, config, filter_fn)
+    missing = [p.cand.name for p in chosen if p.bond_dim is None and p.eps is None]
+    if missing:
+        raise MPOCompressError(
+            f"no bond dimension for {', '.join(missing)}: give --bond-dim D (or NAME=D for each) or --eps E"
+        )
+    before = _n_params(model)
+    layers = []
+    for p in chosen:
+        dec = _decompose(p, p.bond_dim, p.eps)
+        layers.append(_layer_report(p, dec))
+        _swap(model, p.cand.names, _build(p, dec))
+    return _totals(layers, skipped, before, config, applied=True, model_after=_n_params(model))
+
+
+def analyze(
+    model: nn.Module,
+    config: CompressionConfig = CompressionConfig(),
+    filter_fn: FilterFn | None = None,
+    sweep_bond_dims: tuple[int, ...] = SWEEP_BOND_DIMS,
+) -> CompressionReport:
+    """What `compress_` would do, without changing the model.
+
+    With a bond dimension or eps in `config`: the report at that truncation. Without either: the
+    exact MPO of each selected layer (bonds at their caps, with their entanglement entropies),
+    and in `sweep` one report for each D in `sweep_bond_dims`.
+    """
+    before = _n_params(model)
+    has_truncation = config.bond_dim is not None or config.eps is not None
+    chosen, skipped = plan(model, config, filter_fn)
+    if has_truncation or all(p.bond_dim is not None for p in chosen):
+        layers = [_layer_report(p, _decompose(p, p.bond_dim, p.eps)) for p in chosen]
+        return _totals(layers, skipped, before, config, applied=False)
+    report = _totals([_exact_report(p) for p in chosen], skipped, before, config, applied=False)
+    for d in sweep_bond_dims:
+        cfg = CompressionConfig(**{**_fields(config), "bond_dim": d})
+        sub_chosen, sub_skipped = plan(model, cfg, filter_fn)
+        sub_layers = [_layer_report(p, _decompose(p, p.bond_dim, None)) for p in sub_chosen]
+        report.sweep.append(_totals(sub_layers, sub_skipped, before, cfg, applied=False))
+    report.notes.append("no --bond-dim given: layers show the exact MPO (bonds at their caps); pick D from the sweep")
+    return report
+
+
+def _fields(config: CompressionConfig) -> dict[str, Any]:
+    return {f: getattr(config, f) for f in config.__dataclass_fields__}
