@@ -1,0 +1,43 @@
+"""`mpocompress analyze`: which layers are heavy, what an MPO of bond D would cost and lose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+from mpocompress.cli import app
+from mpocompress.cli.common import (
+    ARCH_OPT, BOND_OPT, CORES_OPT, EPS_OPT, EXCLUDE_OPT, JSON_OPT, LAYERS_OPT, MODEL_ARG, SHAPE_OPT, TRUST_OPT,
+    build_config, handle_errors, print_json,
+)  # fmt: skip
+from mpocompress.cli.render import make_console, render_report
+from mpocompress.serialization import load_model
+from mpocompress.surgery import analyze as analyze_model
+
+
+@app.command()
+@handle_errors
+def analyze(
+    model: Path = MODEL_ARG,
+    arch: str | None = ARCH_OPT,
+    bond_dim: list[str] = BOND_OPT,
+    shape: list[str] = SHAPE_OPT,
+    layers: list[str] = LAYERS_OPT,
+    exclude: list[str] = EXCLUDE_OPT,
+    eps: str | None = EPS_OPT,
+    cores: str = CORES_OPT,
+    trust_pickle: bool = TRUST_OPT,
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Show the heaviest layers and what an MPO of bond dimension D would cost and lose.
+
+    Without --bond-dim or --eps: the exact MPO of each candidate layer and a sweep over
+    D = 2, 4, 8, 16, 32. The model file is only read.
+    """
+    config = build_config(bond_dim, shape, layers, exclude, eps, cores)
+    loaded = load_model(model, arch, trust_pickle)
+    report = analyze_model(loaded.model, config)
+    if json_out:
+        print_json({"model": str(model), "arch": loaded.arch, **report.to_dict()})
+    else:
+        render_report(make_console(), report, f"{model} ({loaded.arch or type(loaded.model).__name__})")

@@ -1,0 +1,148 @@
+"""Option parsing and error handling shared by the commands."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.shapes import parse_shape_spec
+from mpocompress.surgery import CompressionConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USER_ERROR = 2  # bad input: the message says what to change
+EXIT_INTERNAL_ERROR = 1  # a bug in mpocompress
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> None:
+    """Print one error line on stderr and exit with `code`."""
+    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn library errors into one line on stderr and a non-zero exit; never a traceback unless
+    MPOCOMPRESS_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except MPOCompressError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as e:  # noqa: BLE001 - last line of defence for the user
+            if os.environ.get("MPOCOMPRESS_DEBUG"):
+                traceback.print_exc()
+            fail(
+                f"internal error: {type(e).__name__}: {e} (this is a bug in mpocompress; "
+                "rerun with MPOCOMPRESS_DEBUG=1 for a traceback and report it)",
+                EXIT_INTERNAL_ERROR,
+            )
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _positive_int(text: str, what: str, example: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise MPOCompressError(f"{what} {text!r} is not a whole number; {example}") from None
+    if value < 1:
+        raise MPOCompressError(f"{what} must be at least 1, got {value}; {example}")
+    return value
+
+
+def parse_bond_dims(values: list[str]) -> tuple[int | None, dict[str, int]]:
+    """`--bond-dim 4` (every layer) and `--bond-dim NAME=8` (one layer or pattern)."""
+    global_d: int | None = None
+    per_layer: dict[str, int] = {}
+    example = "use e.g. --bond-dim 4 or --bond-dim fc1=8"
+    for v in values:
+        if "=" in v:
+            name, _, d = v.rpartition("=")
+            if not name:
+                raise MPOCompressError(f"--bond-dim {v!r} names no layer; {example}")
+            per_layer[name] = _positive_int(d, f"--bond-dim for {name}", example)
+        else:
+            if global_d is not None:
+                raise MPOCompressError(f"--bond-dim given twice without a layer name ({global_d} and {v}); give one D")
+            global_d = _positive_int(v, "--bond-dim", example)
+    return global_d, per_layer
+
+
+def parse_shapes(values: list[str]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """`--shape NAME=I1xI2x..:J1xJ2x..` (input modes, then output modes)."""
+    out = {}
+    for v in values:
+        name, sep, spec = v.partition("=")
+        if not sep or not name:
+            raise MPOCompressError(f"--shape {v!r} needs a layer name: write NAME=I1xI2x..:J1xJ2x.., e.g. fc1=4x7x7x4:4x4x4x4")
+        try:
+            out[name] = parse_shape_spec(spec)
+        except MPOCompressError as e:
+            raise MPOCompressError(f"--shape {v!r}: {e}") from None
+    return out
+
+
+def parse_eps(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        eps = float(text)
+    except ValueError:
+        raise MPOCompressError(f"--eps {text!r} is not a number; give a relative error such as 0.05") from None
+    if not 0.0 < eps < 1.0:
+        raise MPOCompressError(f"--eps must lie strictly between 0 and 1, got {text}; e.g. --eps 0.05")
+    return eps
+
+
+def build_config(
+    bond_dim: list[str], shape: list[str], layers: list[str], exclude: list[str], eps: str | None, cores: str
+) -> CompressionConfig:
+    d, per_layer = parse_bond_dims(bond_dim)
+    return CompressionConfig(
+        bond_dim=d,
+        eps=parse_eps(eps),
+        n_cores=_positive_int(cores, "--cores", "use e.g. --cores 4"),
+        layers=tuple(layers),
+        exclude=tuple(exclude),
+        bond_dims=per_layer,
+        shapes=parse_shapes(shape),
+    )
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot write {type(o).__name__} as JSON")
+
+
+# ----------------------------------------------------------------------------- shared options
+
+MODEL_ARG = typer.Argument(..., help="Model file: a state_dict (.pt/.pth/.safetensors, with --arch), a file mpocompress wrote, or a pickled model (with --trust-pickle).", show_default=False)
+ARCH_OPT = typer.Option(None, "--arch", help="Architecture: a built-in name (fc2, lenet5), optionally with arguments like lenet5(in_channels=3,image_size=32), or package.module:callable importable from the working directory.")
+BOND_OPT = typer.Option([], "--bond-dim", "-D", help="Bond dimension D for every selected layer, or NAME=D for one layer (repeatable).", show_default=False)
+SHAPE_OPT = typer.Option([], "--shape", help="Modes of a layer: NAME=I1xI2x..:J1xJ2x.. (input modes, then output modes; repeatable).", show_default=False)
+LAYERS_OPT = typer.Option([], "--layers", help="Convert only these layers: exact name, glob (features.*) or re:REGEX (repeatable).", show_default=False)
+EXCLUDE_OPT = typer.Option([], "--exclude", help="Leave these layers dense (same patterns as --layers; repeatable).", show_default=False)
+EPS_OPT = typer.Option(None, "--eps", help="Target relative Frobenius error of each layer's weight, in (0, 1); bonds are cut to meet it (and D, if given).")
+CORES_OPT = typer.Option("4", "--cores", help="Number of MPO cores n for layers without --shape.")
+TRUST_OPT = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled model. Unpickling can run arbitrary code: only for files you trust.")
+JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")

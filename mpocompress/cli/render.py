@@ -1,0 +1,116 @@
+"""Rich rendering of the library's reports. No computation happens here."""
+
+from __future__ import annotations
+
+import sys
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+
+def make_console() -> Console:
+    """stdout console: the terminal's width, or 140 columns when writing to a file or pipe."""
+    return Console(width=None if sys.stdout.isatty() else 140)
+
+
+def _table(title: str) -> Table:
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+
+from mpocompress.report import CompressionReport
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_err(e: float) -> str:
+    return "0" if e == 0 else f"{e:.3g}"
+
+
+def _modes(in_modes: list[int], out_modes: list[int]) -> str:
+    return f"{'x'.join(map(str, in_modes))} -> {'x'.join(map(str, out_modes))}"
+
+
+def layers_table(report: CompressionReport, title: str) -> Table:
+    t = _table(title)
+    t.add_column("layer")
+    t.add_column("kind")
+    t.add_column("N_y x N_x", justify="right")
+    t.add_column("modes I -> J")
+    t.add_column("bond dims")
+    t.add_column("params", justify="right")
+    t.add_column("MPO params", justify="right")
+    t.add_column("rho", justify="right")
+    t.add_column("rel. error", justify="right")
+    t.add_column("entropy per bond")
+    for lr in report.layers:
+        t.add_row(
+            lr.name,
+            lr.kind,
+            f"{lr.weight_shape[0]} x {lr.weight_shape[1]}",
+            _modes(lr.in_modes, lr.out_modes),
+            ",".join(map(str, lr.bond_dims)),
+            _fmt_int(lr.params_original),
+            _fmt_int(lr.params_mpo),
+            f"{lr.rho:.4g}",
+            _fmt_err(lr.rel_error),
+            ",".join(f"{s:.2f}" for s in lr.entropy),
+        )
+    t.add_section()
+    t.add_row("total", "", "", "", "", _fmt_int(report.params_original), _fmt_int(report.params_mpo), f"{report.rho:.4g}", "", "")
+    for col in t.columns:
+        col.overflow = "fold"
+    return t
+
+
+def sweep_table(report: CompressionReport) -> Table:
+    names = [lr.name for lr in report.layers]
+    t = _table("Bond dimension sweep: cost and truncation error at each D")
+    t.add_column("D", justify="right")
+    t.add_column("MPO params", justify="right")
+    t.add_column("rho", justify="right")
+    t.add_column("model params", justify="right")
+    for name in names:
+        t.add_column(f"{name} error", justify="right")
+    for sub in report.sweep:
+        errs = {lr.name: lr.rel_error for lr in sub.layers}
+        t.add_row(
+            str(sub.bond_dim),
+            _fmt_int(sub.params_mpo),
+            f"{sub.rho:.4g}",
+            _fmt_int(sub.params_model_after),
+            *[_fmt_err(errs[n]) if n in errs else "dense" for n in names],
+        )
+    return t
+
+
+def skipped_table(report: CompressionReport) -> Table:
+    t = _table("Left dense")
+    t.add_column("layer")
+    t.add_column("kind")
+    t.add_column("weights", justify="right")
+    t.add_column("why")
+    for s in report.skipped:
+        t.add_row(s.name, s.kind, _fmt_int(s.params), s.reason)
+    return t
+
+
+def render_report(console: Console, report: CompressionReport, heading: str) -> None:
+    console.print(f"[bold]{heading}[/bold]")
+    if report.sweep:
+        console.print(layers_table(report, "Candidate layers: exact MPO (every bond at its cap) and its entanglement entropy"))
+        console.print(sweep_table(report))
+    else:
+        verb = "Converted" if report.applied else "Would convert"
+        console.print(layers_table(report, f"{verb} to MPO"))
+    if report.skipped:
+        console.print(skipped_table(report))
+    if not report.sweep:
+        before, after = report.params_model_before, report.params_model_after
+        console.print(
+            f"Model parameters: {_fmt_int(before)} -> {_fmt_int(after)} "
+            f"({after / before:.3g} of the original); rho over the MPO layers (Eq. 9): {report.rho:.4g}"
+        )
+    for note in report.notes:
+        console.print(f"note: {note}")
