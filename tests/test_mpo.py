@@ -1,0 +1,208 @@
+"""Pure math against independent references: the dense matrix, torch.linalg and tensorly."""
+
+import math
+
+import pytest
+import tensorly as tl
+import torch
+from tensorly.decomposition import tensor_train_matrix
+from tensorly.tt_matrix import tt_matrix_to_matrix
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.mpo import (
+    bond_caps,
+    bond_dims_for,
+    bond_spectra,
+    compression_ratio,
+    contract_macs,
+    entanglement_entropy,
+    mpo_contract,
+    mpo_param_count,
+    mpo_to_matrix,
+    random_cores,
+    rebuild_macs,
+    tt_round,
+    tt_svd,
+    unfolding_spectra,
+)
+
+SHAPES = [
+    ((4, 7, 7, 4), (4, 4, 4, 4)),  # FC2 layer 1 (784 -> 256)
+    ((4, 4, 4, 4), (1, 1, 10, 1)),  # FC2 layer 2 (256 -> 10), ones as modes
+    ((2, 10, 10, 2), (2, 5, 6, 2)),  # LeNet-5 conv 3 as a 400 -> 120 map
+    ((3, 5), (2, 7)),
+    ((6,), (5,)),  # a single core is the matrix itself
+]
+
+
+def _unfolding(w, in_modes, out_modes, k):
+    """W's k-th bond unfolding built by plain reshapes (independent of the library's code)."""
+    n = len(in_modes)
+    t = w.reshape(*out_modes, *in_modes)
+    perm = [p for m in range(n) for p in (m, n + m)]
+    return t.permute(perm).reshape(math.prod(in_modes[: k + 1]) * math.prod(out_modes[: k + 1]), -1)
+
+
+@pytest.mark.parametrize("in_modes, out_modes", SHAPES)
+def test_full_bond_tt_svd_reproduces_w_to_round_off(in_modes, out_modes):
+    w = torch.randn(math.prod(out_modes), math.prod(in_modes), dtype=torch.float64)
+    dec = tt_svd(w, in_modes, out_modes)
+    assert dec.bond_dims == bond_caps(in_modes, out_modes)
+    torch.testing.assert_close(mpo_to_matrix(dec.cores), w, atol=1e-10, rtol=0)
+    assert dec.rel_error < 1e-12
+    # tensorly rebuilds the same matrix from our cores: the core layout is the standard TT-matrix one
+    rebuilt = tt_matrix_to_matrix([c.numpy() for c in dec.cores])
+    torch.testing.assert_close(torch.from_numpy(rebuilt), w, atol=1e-10, rtol=0)
+
+
+def test_core_layout_matches_eq5_elementwise():
+    """W[j1..jn, i1..in] = w1[j1,i1] w2[j2,i2] ... wn[jn,in] as a product of D_{k-1} x D_k matrices."""
+    in_modes, out_modes = (3, 2, 4), (2, 3, 2)
+    w = torch.randn(12, 24, dtype=torch.float64)
+    cores = tt_svd(w, in_modes, out_modes).cores
+    for y, x in [(0, 0), (5, 17), (11, 23), (7, 9)]:
+        js = torch.unravel_index(torch.tensor(y), out_modes)
+        is_ = torch.unravel_index(torch.tensor(x), in_modes)
+        prod = torch.eye(1, dtype=torch.float64)
+        for c, j, i in zip(cores, js, is_):
+            prod = prod @ c[:, j, i, :]
+        assert abs(float(prod[0, 0]) - float(w[y, x])) < 1e-10
+
+
+@pytest.mark.parametrize("in_modes, out_modes", SHAPES[:4])
+@pytest.mark.parametrize("d", [1, 2, 3, 8])
+def test_truncation_error_is_the_discarded_weight_and_within_bound(in_modes, out_modes, d):
+    w = torch.randn(math.prod(out_modes), math.prod(in_modes), dtype=torch.float64)
+    dec = tt_svd(w, in_modes, out_modes, max_bond=d)
+    assert dec.bond_dims == bond_dims_for(in_modes, out_modes, d)
+    actual = float(torch.linalg.norm(mpo_to_matrix(dec.cores) - w) / torch.linalg.norm(w))
+    discarded = math.sqrt(sum(float(s[r:].square().sum()) for s, r in zip(dec.singular_values, dec.bond_dims)))
+    bound = discarded / float(torch.linalg.norm(w))
+    assert actual <= bound * (1 + 1e-9) + 1e-12
+    assert dec.rel_error == pytest.approx(actual, rel=1e-6, abs=1e-12)
+
+
+def test_first_bond_truncation_is_optimal_like_a_truncated_svd():
+    """With a single cut (n=2) TT-SVD is the Eckart-Young optimum: compare with torch.linalg.svd."""
+    w = torch.randn(12, 20, dtype=torch.float64)
+    dec = tt_svd(w, (4, 5), (3, 4), max_bond=3)
+    s = torch.linalg.svdvals(_unfolding(w, (4, 5), (3, 4), 0))
+    assert dec.rel_error == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-10)
+
+
+def test_eps_truncation_meets_the_asked_error():
+    w = torch.randn(256, 784, dtype=torch.float64)
+    for eps in (0.3, 0.6, 0.9):
+        dec = tt_svd(w, (4, 7, 7, 4), (4, 4, 4, 4), eps=eps)
+        actual = float(torch.linalg.norm(mpo_to_matrix(dec.cores) - w) / torch.linalg.norm(w))
+        assert actual <= eps + 1e-9
+    tight = tt_svd(w, (4, 7, 7, 4), (4, 4, 4, 4), eps=0.3)
+    loose = tt_svd(w, (4, 7, 7, 4), (4, 4, 4, 4), eps=0.9)
+    assert sum(loose.bond_dims) < sum(tight.bond_dims)
+
+
+def test_tt_svd_matches_tensorly_error():
+    """Same truncation as tensorly's tensor_train_matrix gives the same error (both are TT-SVD)."""
+    w = torch.randn(64, 48, dtype=torch.float64)
+    in_modes, out_modes = (4, 3, 4), (4, 4, 4)
+    ours = tt_svd(w, in_modes, out_modes, max_bond=5)
+    with tl.backend_context("numpy"):  # never change tensorly's global backend
+        theirs = tensor_train_matrix(w.reshape(*out_modes, *in_modes).numpy(), rank=[1, *ours.bond_dims, 1])
+    their_err = float(torch.linalg.norm(torch.from_numpy(tt_matrix_to_matrix(theirs)) - w) / torch.linalg.norm(w))
+    assert ours.rel_error == pytest.approx(their_err, rel=1e-8)
+
+
+def test_bad_truncation_arguments():
+    w = torch.randn(4, 4)
+    with pytest.raises(MPOCompressError):
+        tt_svd(w, (2, 2), (2, 2), max_bond=0)
+    with pytest.raises(MPOCompressError):
+        tt_svd(w, (2, 2), (2, 2), eps=1.5)
+    with pytest.raises(MPOCompressError):
+        tt_svd(w, (2, 3), (2, 2))
+
+
+def test_paper_parameter_counts_fc2():
+    """Sec. III A 1: M^{4,4,4,4}_{4,7,7,4}(2) + M^{1,1,10,1}_{4,4,4,4}(4) has 1024 weights; D=16 gives 15,584."""
+    l1 = ((4, 7, 7, 4), (4, 4, 4, 4))
+    l2 = ((4, 4, 4, 4), (1, 1, 10, 1))
+    n2 = mpo_param_count(*l2, bond_dims_for(*l2, 4))
+    assert mpo_param_count(*l1, bond_dims_for(*l1, 2)) + n2 == 1024
+    n16 = mpo_param_count(*l1, bond_dims_for(*l1, 16)) + n2
+    assert n16 == 15584
+    assert compression_ratio(n16, 784 * 256 + 256 * 10) < 0.08
+
+
+def test_paper_parameter_counts_lenet5():
+    """Sec. III A 2: the three MPOs of LeNet-5 give rho ~ 0.05."""
+    layers = [((2, 10, 10, 2), (2, 5, 6, 2), 4), ((2, 5, 6, 2), (2, 3, 7, 2), 4), ((2, 3, 7, 2), (1, 5, 2, 1), 2)]
+    n_mpo = sum(mpo_param_count(i, j, bond_dims_for(i, j, d)) for i, j, d in layers)
+    rho = compression_ratio(n_mpo, 48000 + 10080 + 840)
+    assert 0.045 < rho < 0.055
+
+
+def test_eq6_for_uniform_bonds():
+    """Eq. 6: N = sum_{k=2}^{n-1} I_k J_k D^2 + I_1 J_1 D + I_n J_n D when no bond is capped."""
+    i, j, d = (5, 6, 7, 8), (4, 5, 6, 7), 6
+    assert bond_dims_for(i, j, d) == [d] * 3
+    eq6 = sum(i[k] * j[k] * d * d for k in (1, 2)) + i[0] * j[0] * d + i[3] * j[3] * d
+    assert mpo_param_count(i, j, [d] * 3) == eq6
+
+
+def test_entropy_matches_definition_and_bounds():
+    s = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    lam = s**2 / (s**2).sum()
+    assert entanglement_entropy(s) == pytest.approx(float(-(lam * lam.log()).sum()), rel=1e-12)
+    assert entanglement_entropy(torch.ones(16)) == pytest.approx(math.log(16), rel=1e-12)  # upper bound ln D
+    assert entanglement_entropy(torch.tensor([1.0, 0.0])) == 0.0
+
+
+@pytest.mark.parametrize("in_modes, out_modes", SHAPES[:4])
+def test_bond_spectra_are_the_singular_values_of_the_unfoldings(in_modes, out_modes):
+    w = torch.randn(math.prod(out_modes), math.prod(in_modes), dtype=torch.float64)
+    dec = tt_svd(w, in_modes, out_modes, max_bond=3)
+    w3 = mpo_to_matrix(dec.cores)
+    spectra = bond_spectra(dec.cores)
+    direct = unfolding_spectra(w3, in_modes, out_modes)
+    for k, (s, d) in enumerate(zip(spectra, direct)):
+        ref = torch.linalg.svdvals(_unfolding(w3, in_modes, out_modes, k))
+        r = len(s)
+        torch.testing.assert_close(s, ref[:r], atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(d[:r], ref[:r], atol=1e-9, rtol=1e-9)
+        assert float(ref[r:].abs().sum()) < 1e-8  # the MPO has no weight beyond its bonds
+
+
+def test_tt_round_equals_tt_svd_of_the_rebuilt_matrix():
+    w = torch.randn(256, 784, dtype=torch.float64)
+    big = tt_svd(w, (4, 7, 7, 4), (4, 4, 4, 4), max_bond=12)
+    w12 = mpo_to_matrix(big.cores)
+    rounded = tt_round(big.cores, max_bond=4)
+    direct = tt_svd(w12, (4, 7, 7, 4), (4, 4, 4, 4), max_bond=4)
+    assert rounded.bond_dims == direct.bond_dims
+    assert rounded.rel_error == pytest.approx(direct.rel_error, rel=1e-6)
+    torch.testing.assert_close(mpo_to_matrix(rounded.cores), mpo_to_matrix(direct.cores), atol=1e-8, rtol=1e-8)
+    exact = tt_round(big.cores)  # no truncation: the same operator
+    torch.testing.assert_close(mpo_to_matrix(exact.cores), w12, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("in_modes, out_modes", SHAPES)
+def test_contraction_equals_dense_product(in_modes, out_modes):
+    cores = random_cores(in_modes, out_modes, bond_dims_for(in_modes, out_modes, 3), 1.0, dtype=torch.float64)
+    x = torch.randn(7, math.prod(in_modes), dtype=torch.float64)
+    torch.testing.assert_close(mpo_contract(x, cores), x @ mpo_to_matrix(cores).T, atol=1e-10, rtol=1e-10)
+
+
+def test_cost_model_counts():
+    i, j, b = (4, 7, 7, 4), (4, 4, 4, 4), [16, 16, 16]
+    # step by step by hand: B * prod(J_<k) * prod(I_>k) * D_{k-1} I_k J_k D_k
+    by_hand = 196 * 1 * 4 * 4 * 16 + 4 * 28 * 16 * 7 * 4 * 16 + 16 * 4 * 16 * 7 * 4 * 16 + 64 * 16 * 4 * 4
+    assert contract_macs(i, j, b, 1) == by_hand
+    assert contract_macs(i, j, b, 10) == 10 * by_hand
+    assert rebuild_macs(i, j, b) == 16 * 16 * 28 * 16 + 16 * 28 * 16 * 28 * 16 + 16 * 28 * 28 * 16 * 16
+
+
+def test_random_cores_scale():
+    target = 0.05
+    cores = random_cores((4, 7, 7, 4), (4, 4, 4, 4), [8, 8, 8], target, generator=torch.Generator().manual_seed(1))
+    std = float(mpo_to_matrix(cores).std())
+    assert abs(std / target - 1) < 0.2
