@@ -163,7 +163,7 @@ class MPOLinear(_MPOBase):
         out_f = math.prod(int(c.shape[1]) for c in cores)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init_cores([c.detach().clone() for c in cores])
+        layer._init_cores([c.detach().clone(memory_format=torch.contiguous_format) for c in cores])
         layer.in_features, layer.out_features = in_f, out_f
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone())
@@ -326,7 +326,7 @@ class MPOConv2d(_MPOBase):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
-        layer._init_cores([c.detach().clone() for c in cores])
+        layer._init_cores([c.detach().clone(memory_format=torch.contiguous_format) for c in cores])
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone())
         else:

@@ -150,12 +150,12 @@ def tt_svd(
         u, s, vh = torch.linalg.svd(unfolding, full_matrices=False)
         r = _keep(s, max_bond, delta)
         discarded_sq += float(s[r:].square().sum())
-        cores.append(u[:, :r].reshape(r_prev, out_modes[k], in_modes[k], r).to(out_dtype))
+        cores.append(u[:, :r].reshape(r_prev, out_modes[k], in_modes[k], r).to(out_dtype).contiguous())
         rest = s[:r, None] * vh[:r]  # (D_k, remaining)
         spectra.append(s)
         bonds.append(r)
         r_prev = r
-    cores.append(rest.reshape(r_prev, out_modes[-1], in_modes[-1], 1).to(out_dtype))
+    cores.append(rest.reshape(r_prev, out_modes[-1], in_modes[-1], 1).to(out_dtype).contiguous())
     rel = math.sqrt(discarded_sq) / norm if norm > 0 else 0.0
     return TTDecomposition(cores=cores, singular_values=spectra, bond_dims=bonds, rel_error=rel)
 
@@ -196,7 +196,7 @@ def tt_round(
         spectra.append(s)
         bonds.append(r)
     rel = math.sqrt(discarded_sq) / norm if norm > 0 else 0.0
-    return TTDecomposition([c.to(out_dtype) for c in cs], spectra, bonds, rel)
+    return TTDecomposition([c.to(out_dtype).contiguous() for c in cs], spectra, bonds, rel)
 
 
 def bond_spectra(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:

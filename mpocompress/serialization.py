@@ -119,11 +119,18 @@ def load(path: str | os.PathLike, arch: str | ArchSpec | None = None, trust_pick
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch's zip format, or a raw pickle
+        raise MPOCompressError(
+            f"cannot read {path}: it is neither a PyTorch checkpoint (.pt/.pth) nor a safetensors file"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" not in str(e).lower() and "weights_only" not in str(e):
-            raise MPOCompressError(f"cannot read {path} as a PyTorch checkpoint ({_short(e)})") from None
+        if "GLOBAL" not in str(e):  # damaged data, not a pickled class or callable that needs trust
+            reason = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), _short(e))
+            raise MPOCompressError(f"cannot read {path} as a PyTorch checkpoint; it may be damaged ({reason})") from None
         if not trust_pickle:
             raise MPOCompressError(
                 f"{path} holds pickled Python objects (a whole model?) and unpickling can run arbitrary code; "

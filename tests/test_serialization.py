@@ -1,0 +1,200 @@
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import mpocompress.serialization as ser
+from mpocompress import CompressionConfig, MPOLinear, build_model, compress_, load, load_model, save
+from mpocompress.errors import MPOCompressError
+
+
+class Hostile:
+    """Unpickling this creates a folder: a stand-in for arbitrary code execution."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _compressed(arch="lenet5", **cfg):
+    model = build_model(arch)
+    compress_(model, CompressionConfig(bond_dim=3, **cfg))
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["fc2", "lenet5", "lenet5(in_channels=3,image_size=32)"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, arch):
+    model = _compressed(arch)
+    path = save(model, tmp_path / "m.safetensors", arch=arch)
+    loaded = load(path)  # the file alone suffices for built-in architectures
+    assert not loaded.training
+    size = 32 if "32" in arch else 28
+    x = torch.randn(5, 3 if "in_channels=3" in arch else 1, size, size)
+    assert torch.equal(loaded(x), model(x))
+    assert repr(loaded) == repr(model)
+
+
+def test_metadata_describes_the_model(tmp_path):
+    model = _compressed("lenet5")
+    path = save(model, tmp_path / "m.safetensors", arch="lenet5", extra_metadata={"compression": {"bond_dim": 3}})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["format"] == "mpocompress" and meta["format_version"] == "1" and meta["arch"] == "lenet5"
+    layers = json.loads(meta["layers"])
+    assert set(layers) == {"conv3", "fc1"}
+    assert layers["conv3"]["kind"] == "conv2d" and layers["conv3"]["in_modes"] == list(model.conv3.in_modes)
+    assert json.loads(meta["compression"]) == {"bond_dim": 3}
+    assert "conv3.cores.0" in keys and "conv3.weight" not in keys
+
+
+def test_state_dict_inputs(tmp_path):
+    model = build_model("fc2")
+    sd = model.state_dict()
+    x = torch.randn(2, 1, 28, 28)
+    torch.save(sd, tmp_path / "a.pt")
+    torch.save(sd, tmp_path / "b.pth")
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "c.pt")
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "d.pt")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "e.safetensors"))
+    for name in ["a.pt", "b.pth", "c.pt", "d.pt", "e.safetensors"]:
+        loaded = load_model(tmp_path / name, arch="fc2")
+        assert loaded.source == "state_dict"
+        assert torch.equal(loaded.model(x), model(x)), name
+
+
+def test_state_dict_needs_an_arch_that_fits(tmp_path):
+    torch.save(build_model("fc2").state_dict(), tmp_path / "m.pt")
+    with pytest.raises(MPOCompressError, match="--arch"):
+        load_model(tmp_path / "m.pt")
+    with pytest.raises(MPOCompressError, match="do not fit architecture lenet5"):
+        load_model(tmp_path / "m.pt", arch="lenet5")
+    with pytest.raises(MPOCompressError, match=r"fc1.weight is \(256, 784\) in the file but \(256, 3072\)"):
+        load_model(tmp_path / "m.pt", arch="fc2(in_channels=1,image_size=28*2)" if False else "fc2(in_channels=3,image_size=32)")
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    model = build_model("fc2")
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(MPOCompressError, match="--trust-pickle"):
+        load_model(tmp_path / "whole.pt")
+    loaded = load_model(tmp_path / "whole.pt", trust_pickle=True)
+    assert loaded.source == "pickled_module" and loaded.arch is None
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded.model(x), model(x))
+
+
+def test_hostile_pickle_runs_nothing_without_trust(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"weights": torch.zeros(2), "payload": Hostile(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(MPOCompressError, match="--trust-pickle"):
+        load_model(tmp_path / "evil.pt", arch="fc2")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty"), (b"not a checkpoint at all" * 10, "cannot read"), (b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage", "safetensors")],
+)
+def test_broken_files(tmp_path, content, message):
+    p = tmp_path / "broken.pt"
+    p.write_bytes(content)
+    with pytest.raises(MPOCompressError, match=message):
+        load_model(p, arch="fc2")
+
+
+def test_truncated_outputs_are_reported(tmp_path):
+    path = save(_compressed("fc2"), tmp_path / "m.safetensors", arch="fc2")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MPOCompressError):
+        load(tmp_path / "cut.safetensors")
+
+
+def test_missing_path_and_folder(tmp_path):
+    with pytest.raises(MPOCompressError, match="no such file"):
+        load_model(tmp_path / "nope.pt", arch="fc2")
+    with pytest.raises(MPOCompressError, match="folder"):
+        load_model(tmp_path, arch="fc2")
+
+
+def test_user_architecture_must_be_named_again(tmp_path, monkeypatch):
+    (tmp_path / "user_nets_ser.py").write_text(
+        "import torch.nn as nn\n"
+        "def net(width=512):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, 10))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "user_nets_ser", raising=False)
+    spec = "user_nets_ser:net(width=256)"
+    model = build_model(spec)
+    compress_(model, CompressionConfig(bond_dim=4))
+    path = save(model, tmp_path / "u.safetensors", arch=spec)
+    monkeypatch.delitem(sys.modules, "user_nets_ser", raising=False)
+    with pytest.raises(MPOCompressError, match="pass --arch"):
+        load(path)
+    assert "user_nets_ser" not in sys.modules  # nothing was imported because of the file
+    x = torch.randn(3, 64)
+    assert torch.equal(load(path, arch=spec)(x), model.eval()(x))
+
+
+def test_pickled_model_output_needs_arch_to_load(tmp_path):
+    model = _compressed("fc2")
+    path = save(model, tmp_path / "m.safetensors", arch=None)
+    with pytest.raises(MPOCompressError, match="records no architecture|does not record"):
+        load(path)
+    assert torch.equal(load(path, arch="fc2")(torch.ones(1, 784)), model(torch.ones(1, 784)))
+
+
+def test_newer_format_is_refused(tmp_path):
+    model = _compressed("fc2")
+    path = save(model, tmp_path / "m.safetensors", arch="fc2")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["format_version"] = "99"
+    save_file(tensors, str(tmp_path / "new.safetensors"), metadata=meta)
+    with pytest.raises(MPOCompressError, match="upgrade mpocompress"):
+        load(tmp_path / "new.safetensors")
+
+
+def test_outputs_are_never_overwritten_without_force(tmp_path):
+    model = _compressed("fc2")
+    path = save(model, tmp_path / "m.safetensors", arch="fc2")
+    stamp = path.read_bytes()
+    with pytest.raises(MPOCompressError, match="--force"):
+        save(build_model("fc2"), path, arch="fc2")
+    assert path.read_bytes() == stamp
+    save(build_model("fc2"), path, arch="fc2", force=True)
+    assert path.read_bytes() != stamp
+    with pytest.raises(MPOCompressError, match="does not exist"):
+        save(model, tmp_path / "missing" / "m.safetensors", arch="fc2")
+
+
+def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    model = _compressed("fc2")
+    old = save(model, tmp_path / "m.safetensors", arch="fc2").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ser, "save_file", boom)
+    with pytest.raises(OSError):
+        save(model, tmp_path / "new.safetensors", arch="fc2")
+    with pytest.raises(OSError):
+        save(model, tmp_path / "m.safetensors", arch="fc2", force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]  # no partial or temporary file
+    assert (tmp_path / "m.safetensors").read_bytes() == old  # the old file is intact
+
+
+def test_shared_tensors_are_saved(tmp_path):
+    shared = MPOLinear(256, 256, bond_dim=4)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    path = save(model, tmp_path / "s.safetensors", arch=None)
+    with safe_open(str(path), framework="pt") as f:
+        assert {"0.cores.0", "2.cores.0"} <= set(f.keys())
