@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.20 vendors click as typer._click; older releases use click itself
+    import click
+
+    _CLICK_ERRORS: tuple[type[BaseException], ...] = (click.exceptions.ClickException,)
+    _ABORTS: tuple[type[BaseException], ...] = (click.exceptions.Abort,)
+except ImportError:  # pragma: no cover
+    _CLICK_ERRORS, _ABORTS = (), ()
+_CLICK_ERRORS += tuple(t for t in (getattr(typer, "TyperException", None),) if t is not None)
+_ABORTS += (typer.Abort,)
 
 app = typer.Typer(
     name="mpocompress",
@@ -32,13 +41,20 @@ def _root() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: every error, click's usage errors included, ends as one line on stderr."""
     command = typer.main.get_command(app)
+    if not (sys.argv[1:] if argv is None else argv):
+        argv = ["--help"]  # bare `mpocompress` shows the help, successfully
     try:
         code = command.main(args=argv, prog_name="mpocompress", standalone_mode=False)
-    except click.exceptions.ClickException as e:
-        sub = f" {e.ctx.command.name}" if getattr(e, "ctx", None) and e.ctx.command.name != "mpocompress" else ""
-        sys.stderr.write(f"error: {e.format_message()} (see 'mpocompress{sub} --help')\n")
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
+    except _ABORTS:
+        sys.stderr.write("error: aborted\n")
+        sys.exit(130)
+    except _CLICK_ERRORS as e:
+        ctx = getattr(e, "ctx", None)
+        sub = f" {ctx.command.name}" if ctx is not None and ctx.command.name not in (None, "mpocompress") else ""
+        message = e.format_message() if hasattr(e, "format_message") else str(e)
+        sys.stderr.write(f"error: {message} (see 'mpocompress{sub} --help')\n")
+        sys.exit(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
         sys.stderr.write("error: aborted\n")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

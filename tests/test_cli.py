@@ -1,0 +1,253 @@
+"""The command-line contract: options, JSON keys, and one-line errors with exit status 2."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mpocompress import build_model, load
+from mpocompress.cli import app, main
+
+runner = CliRunner()
+LAYER_KEYS = {"name", "kind", "in_modes", "out_modes", "bond_dims", "params_original", "params_mpo", "rho", "rel_error", "entropy"}
+TOTAL_KEYS = {"layers", "params_original", "params_mpo", "rho", "params_model_before", "params_model_after"}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    torch.save(build_model("fc2").state_dict(), d / "fc2.pt")
+    torch.save(build_model("lenet5").state_dict(), d / "lenet5.pt")
+    torch.save(build_model("fc2"), d / "whole.pt")
+    return d
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- analyze
+
+
+def test_analyze_table_without_bond_dim_shows_sweep(ckpts):
+    r = invoke("analyze", ckpts / "lenet5.pt", "--arch", "lenet5")
+    assert r.exit_code == 0, r.output
+    for text in ["conv3", "fc1", "Bond dimension sweep", "entropy", "Left dense"]:
+        assert text in r.stdout
+
+
+def test_analyze_json_keys(ckpts):
+    r = invoke("analyze", ckpts / "fc2.pt", "--arch", "fc2", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)  # nothing but one JSON object on stdout
+    assert TOTAL_KEYS <= set(data) and [s["bond_dim"] for s in data["sweep"]] == [2, 4, 8, 16, 32]
+    for layer in data["layers"] + [lr for s in data["sweep"] for lr in s["layers"]]:
+        assert LAYER_KEYS <= set(layer)
+        assert len(layer["entropy"]) == len(layer["bond_dims"]) == len(layer["in_modes"]) - 1
+
+
+def test_analyze_at_bond_dim_with_paper_shapes(ckpts):
+    r = invoke(
+        "analyze", ckpts / "fc2.pt", "--arch", "fc2", "--json", "--bond-dim", "fc1=2", "--bond-dim", "fc2=4",
+        "--shape", "fc1=4x7x7x4:4x4x4x4", "--shape", "fc2=4x4x4x4:1x1x10x1",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["params_mpo"] == 1024 and data["params_original"] == 784 * 256 + 2560
+    assert data["rho"] == pytest.approx(1024 / (784 * 256 + 2560))
+    assert {lr["name"]: lr["bond_dims"] for lr in data["layers"]} == {"fc1": [2, 2, 2], "fc2": [4, 4, 4]}
+    assert data["params_model_before"] == sum(p.numel() for p in build_model("fc2").parameters())
+
+
+def test_analyze_layers_eps_and_cores(ckpts):
+    r = invoke("analyze", ckpts / "lenet5.pt", "--arch", "lenet5", "--json", "--layers", "re:fc.*", "--eps", "0.5", "--cores", "3")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert [lr["name"] for lr in data["layers"]] == ["fc1", "fc2"]
+    assert all(len(lr["in_modes"]) == 3 and lr["rel_error"] <= 0.5 for lr in data["layers"])
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def test_convert_writes_a_loadable_file(ckpts, tmp_path):
+    src = ckpts / "lenet5.pt"
+    digest = _sha(src)
+    out = tmp_path / "lenet5_d4.safetensors"
+    r = invoke("convert", src, "--arch", "lenet5", "--bond-dim", "4", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["output"] == str(out) and TOTAL_KEYS <= set(data)
+    assert [lr["name"] for lr in data["layers"]] == ["conv3", "fc1"]
+    model = load(out)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert data["params_model_after"] == sum(p.numel() for p in model.parameters())
+    assert _sha(src) == digest  # the input is never modified
+    # a converted file is itself an input: analyze it, and convert it again to a smaller D
+    r = invoke("analyze", out, "--json", "-D", "2")
+    assert r.exit_code == 0, r.output
+    assert all(max(lr["bond_dims"]) == 2 for lr in json.loads(r.stdout)["layers"])
+    out2 = tmp_path / "lenet5_d2.safetensors"
+    r = invoke("convert", out, "-D", "2", "-o", out2)
+    assert r.exit_code == 0, r.output
+    assert load(out2).conv3.bond_dims == [2, 2, 2]
+
+
+def test_convert_table_and_force(ckpts, tmp_path):
+    out = tmp_path / "fc2.safetensors"
+    r = invoke("convert", ckpts / "fc2.pt", "--arch", "fc2", "-D", "4", "-o", out)
+    assert r.exit_code == 0 and "Converted to MPO" in r.stdout and "fc1" in r.stdout
+    stamp = _sha(out)
+    r = invoke("convert", ckpts / "fc2.pt", "--arch", "fc2", "-D", "8", "-o", out)
+    assert r.exit_code == 2 and "already exists" in r.stderr and _sha(out) == stamp
+    r = invoke("convert", ckpts / "fc2.pt", "--arch", "fc2", "-D", "8", "-o", out, "--force")
+    assert r.exit_code == 0 and _sha(out) != stamp
+
+
+def test_convert_trusted_pickle(ckpts, tmp_path):
+    out = tmp_path / "w.safetensors"
+    r = invoke("convert", ckpts / "whole.pt", "-D", "4", "-o", out, "--trust-pickle")
+    assert r.exit_code == 0, r.output
+    assert "records no architecture" in r.stdout
+    assert load(out, arch="fc2")(torch.randn(1, 784)).shape == (1, 10)
+
+
+# ----------------------------------------------------------------------------- errors
+
+ERROR_CASES = [
+    # (name, args after the command, fragment of the message)
+    ("missing file", ["{d}/nope.pt", "--arch", "fc2"], "no such file"),
+    ("empty file", ["{d}/empty.pt", "--arch", "fc2"], "empty"),
+    ("garbage file", ["{d}/garbage.pt", "--arch", "fc2"], "neither a PyTorch checkpoint"),
+    ("folder", ["{d}", "--arch", "fc2"], "folder"),
+    ("no arch", ["{d}/fc2.pt"], "--arch"),
+    ("unknown arch", ["{d}/fc2.pt", "--arch", "resnet9000"], "unknown architecture"),
+    ("bad arch syntax", ["{d}/fc2.pt", "--arch", "fc2(("], "cannot read"),
+    ("arch does not fit", ["{d}/fc2.pt", "--arch", "lenet5"], "do not fit"),
+    ("pickle without trust", ["{d}/whole.pt"], "--trust-pickle"),
+    ("shape product", ["{d}/fc2.pt", "--arch", "fc2", "--shape", "fc1=4x7x7x5:4x4x4x4"], "try 4x7x7x4"),
+    ("shape counts", ["{d}/fc2.pt", "--arch", "fc2", "--shape", "fc1=4x7x7x4:16x16"], "same number of modes"),
+    ("shape zero", ["{d}/fc2.pt", "--arch", "fc2", "--shape", "fc1=0x7x7x4:4x4x4x4"], ">= 1"),
+    ("shape text", ["{d}/fc2.pt", "--arch", "fc2", "--shape", "fc1=axb:4x4"], "whole number"),
+    ("shape no name", ["{d}/fc2.pt", "--arch", "fc2", "--shape", "4x7x7x4:4x4x4x4"], "needs a layer name"),
+    ("shape unknown layer", ["{d}/fc2.pt", "--arch", "fc2", "--shape", "fc9=4x7x7x4:4x4x4x4"], "matches no layer"),
+    ("bond zero", ["{d}/fc2.pt", "--arch", "fc2", "--bond-dim", "0"], "at least 1"),
+    ("bond negative", ["{d}/fc2.pt", "--arch", "fc2", "--bond-dim", "-3"], "at least 1"),
+    ("bond text", ["{d}/fc2.pt", "--arch", "fc2", "--bond-dim", "four"], "not a whole number"),
+    ("bond layer text", ["{d}/fc2.pt", "--arch", "fc2", "--bond-dim", "fc1=x"], "not a whole number"),
+    ("bond twice", ["{d}/fc2.pt", "--arch", "fc2", "-D", "2", "-D", "4"], "twice"),
+    ("eps zero", ["{d}/fc2.pt", "--arch", "fc2", "--eps", "0"], "between 0 and 1"),
+    ("eps one", ["{d}/fc2.pt", "--arch", "fc2", "--eps", "1"], "between 0 and 1"),
+    ("eps text", ["{d}/fc2.pt", "--arch", "fc2", "--eps", "tiny"], "not a number"),
+    ("layers nothing", ["{d}/fc2.pt", "--arch", "fc2", "--layers", "conv*"], "matches no layer"),
+    ("exclude nothing", ["{d}/fc2.pt", "--arch", "fc2", "--exclude", "fc9"], "matches no layer"),
+    ("bad regex", ["{d}/fc2.pt", "--arch", "fc2", "--layers", "re:(fc"], "regular expression"),
+    ("cores zero", ["{d}/fc2.pt", "--arch", "fc2", "--cores", "0"], "at least 1"),
+]
+
+
+@pytest.fixture(scope="module")
+def broken(ckpts):
+    (ckpts / "empty.pt").write_bytes(b"")
+    (ckpts / "garbage.pt").write_bytes(b"hello, I am not a model" * 8)
+    return ckpts
+
+
+def _assert_one_line_error(r, fragment):
+    assert r.exit_code == 2, (r.exit_code, r.output)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in r.output and r.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["analyze", "convert"])
+@pytest.mark.parametrize("name, args, fragment", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_error_paths(broken, tmp_path, command, name, args, fragment):
+    args = [a.format(d=broken) for a in args]
+    out = tmp_path / "out.safetensors"
+    extra = ["-o", str(out)] if command == "convert" else []
+    if command == "convert" and not any(a in ("-D", "--bond-dim", "--eps") for a in args):
+        extra += ["-D", "4"]
+    before = {p.name: _sha(p) for p in broken.iterdir() if p.is_file()}
+    r = invoke(command, *args, *extra)
+    _assert_one_line_error(r, fragment)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no output, not even a temporary one
+    assert before == {p.name: _sha(p) for p in broken.iterdir() if p.is_file()}  # inputs untouched
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["convert", "{d}/fc2.pt", "--arch", "fc2", "-D", "4"], "-o OUT"),
+        (["convert", "{d}/fc2.pt", "--arch", "fc2", "-o", "{t}/o.safetensors"], "--bond-dim"),
+        (["convert", "{d}/fc2.pt", "--arch", "fc2", "-D", "4", "-o", "{t}/no/such/dir/o.safetensors"], "does not exist"),
+        (["convert", "{d}/fc2.pt", "--arch", "fc2", "-D", "4", "-o", "{d}/fc2.pt", "--force"], "is the input file"),
+        (["convert", "{d}/fc2.pt", "--arch", "fc2", "-D", "4", "-o", "{t}"], "is a folder"),
+    ],
+)
+def test_convert_output_errors(broken, tmp_path, args, fragment):
+    digest = _sha(broken / "fc2.pt")
+    r = invoke(*[a.format(d=broken, t=tmp_path) for a in args])
+    _assert_one_line_error(r, fragment)
+    assert list(tmp_path.iterdir()) == [] and _sha(broken / "fc2.pt") == digest
+
+
+def test_read_only_output_folder(broken, tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    real_access = os.access
+    # root may write anywhere; make the permission check see what an ordinary user would
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == os.fspath(ro) else real_access(p, mode))
+    try:
+        r = invoke("convert", broken / "fc2.pt", "--arch", "fc2", "-D", "4", "-o", ro / "o.safetensors")
+        _assert_one_line_error(r, "not writable")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o700)
+
+
+def test_hostile_pickle_is_refused_by_every_command(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = tmp_path / "evil.pt"
+    code = (
+        "import os, torch\n"
+        "class H:\n    def __reduce__(self):\n        return (os.mkdir, (%r,))\n"
+        "torch.save({'fc1.weight': torch.zeros(1), 'x': H()}, %r)\n" % (str(marker), str(payload))
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for command in (["analyze"], ["convert", "-D", "4", "-o", str(tmp_path / "o.safetensors")]):
+        r = invoke(command[0], payload, "--arch", "fc2", *command[1:])
+        _assert_one_line_error(r, "--trust-pickle")
+        assert not marker.exists()
+
+
+def test_main_turns_usage_errors_into_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--no-such-option"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--no-such-option" in err[0]
+    with pytest.raises(SystemExit) as e:
+        main([])  # bare command: help, success
+    assert e.value.code == 0 and "convert" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", "--help"])
+    assert e.value.code == 0
+    assert "--bond-dim" in capsys.readouterr().out
+
+
+def test_module_entry_point_runs():
+    r = subprocess.run([sys.executable, "-m", "mpocompress", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "analyze" in r.stdout and "convert" in r.stdout
