@@ -58,17 +58,52 @@ def _resolve_bonds(in_modes: Sequence[int], out_modes: Sequence[int], bond_dim: 
     return bonds
 
 
+def resolve_modes(
+    nx: int, ny: int, in_modes: Sequence[int] | None, out_modes: Sequence[int] | None, n_cores: int = 4
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Modes for an N_y x N_x weight: given ones are checked, missing ones are balanced splits into
+    as many modes as the given side has (else n_cores)."""
+    n = len(in_modes) if in_modes is not None else len(out_modes) if out_modes is not None else n_cores
+    i_modes = check_modes(in_modes, nx, "input modes") if in_modes is not None else factorize(nx, n)
+    o_modes = check_modes(out_modes, ny, "output modes") if out_modes is not None else factorize(ny, n)
+    if len(i_modes) != len(o_modes):
+        raise MPOCompressError(f"{len(i_modes)} input modes but {len(o_modes)} output modes; both need the same count")
+    return i_modes, o_modes
+
+
+def _copied(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [c.detach().clone(memory_format=torch.contiguous_format) for c in cores]
+
+
 class _MPOBase(nn.Module):
     """Cores, shapes, cost model and strategy choice shared by MPOLinear and MPOConv2d."""
 
     in_modes: tuple[int, ...]
     out_modes: tuple[int, ...]
 
-    def _init_cores(self, cores: Sequence[torch.Tensor]) -> None:
+    def _set_params(self, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> None:
         self.in_modes = tuple(int(c.shape[2]) for c in cores)
         self.out_modes = tuple(int(c.shape[1]) for c in cores)
         self.cores = nn.ParameterList([nn.Parameter(c) for c in cores])
+        if bias is not None:
+            self.bias = nn.Parameter(bias)
+        else:
+            self.register_parameter("bias", None)
         self.forward_strategy: Strategy = "auto"
+
+    def _init_random(
+        self, nx: int, ny: int, bond_dim: int | Sequence[int], in_modes: Sequence[int] | None,
+        out_modes: Sequence[int] | None, n_cores: int, bias: bool, device: Any, dtype: torch.dtype | None,
+    ) -> None:  # fmt: skip
+        """Random cores and bias at the scale of PyTorch's default init for a layer of fan-in nx:
+        weights of std 1/sqrt(3 nx) (those of U(-1/sqrt(nx), 1/sqrt(nx))), bias U(-1/sqrt(nx), 1/sqrt(nx))."""
+        in_modes, out_modes = resolve_modes(nx, ny, in_modes, out_modes, n_cores)
+        bonds = _resolve_bonds(in_modes, out_modes, bond_dim)
+        dtype = dtype or torch.get_default_dtype()
+        cores = random_cores(in_modes, out_modes, bonds, 1.0 / math.sqrt(3 * nx), dtype=dtype, device=device)
+        bound = 1.0 / math.sqrt(nx)
+        b = torch.empty(ny, device=device, dtype=dtype).uniform_(-bound, bound) if bias else None
+        self._set_params(cores, b)
 
     @property
     def bond_dims(self) -> list[int]:
@@ -137,38 +172,20 @@ class MPOLinear(_MPOBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        n = len(in_modes) if in_modes is not None else len(out_modes) if out_modes is not None else n_cores
-        in_modes = check_modes(in_modes, in_features, "input modes") if in_modes else factorize(in_features, n)
-        out_modes = check_modes(out_modes, out_features, "output modes") if out_modes else factorize(out_features, n)
-        if len(in_modes) != len(out_modes):
-            raise MPOCompressError(
-                f"{len(in_modes)} input modes but {len(out_modes)} output modes; both need the same count"
-            )
-        bonds = _resolve_bonds(in_modes, out_modes, bond_dim)
-        std = 1.0 / math.sqrt(3 * in_features)  # std of U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        self._init_cores(random_cores(in_modes, out_modes, bonds, std, dtype=dtype or torch.get_default_dtype(), device=device))
         self.in_features, self.out_features = in_features, out_features
-        if bias:
-            bound = 1.0 / math.sqrt(in_features)
-            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
+        self._init_random(in_features, out_features, bond_dim, in_modes, out_modes, n_cores, bias, device, dtype)
 
     # ------------------------------------------------------------------ constructors
 
     @classmethod
     def from_cores(cls, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None) -> MPOLinear:
-        """Wrap given cores (and bias) without copying their values."""
+        """A layer holding copies of the given cores (D_{k-1}, J_k, I_k, D_k) and bias."""
         in_f = math.prod(int(c.shape[2]) for c in cores)
         out_f = math.prod(int(c.shape[1]) for c in cores)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init_cores([c.detach().clone(memory_format=torch.contiguous_format) for c in cores])
         layer.in_features, layer.out_features = in_f, out_f
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone())
-        else:
-            layer.register_parameter("bias", None)
+        layer._set_params(_copied(cores), bias.detach().clone() if bias is not None else None)
         return layer
 
     @classmethod
@@ -184,9 +201,7 @@ class MPOLinear(_MPOBase):
         """Factorize a dense nn.Linear by TT-SVD truncated at bond dim D and/or relative error eps."""
         if bond_dim is None and eps is None:
             raise MPOCompressError("give a bond dimension or a relative error eps to factorize a layer")
-        n = len(in_modes) if in_modes is not None else n_cores
-        in_modes = tuple(in_modes) if in_modes else factorize(linear.in_features, n)
-        out_modes = tuple(out_modes) if out_modes else factorize(linear.out_features, n)
+        in_modes, out_modes = resolve_modes(linear.in_features, linear.out_features, in_modes, out_modes, n_cores)
         dec = tt_svd(linear.weight, in_modes, out_modes, max_bond=bond_dim, eps=eps)
         return cls.from_cores(dec.cores, linear.bias)
 
@@ -267,21 +282,7 @@ class MPOConv2d(_MPOBase):
             )
         self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
         nx = in_channels * self.kernel_size[0] * self.kernel_size[1]
-        n = len(in_modes) if in_modes is not None else len(out_modes) if out_modes is not None else n_cores
-        in_modes = check_modes(in_modes, nx, "input modes") if in_modes else factorize(nx, n)
-        out_modes = check_modes(out_modes, out_channels, "output modes") if out_modes else factorize(out_channels, n)
-        if len(in_modes) != len(out_modes):
-            raise MPOCompressError(
-                f"{len(in_modes)} input modes but {len(out_modes)} output modes; both need the same count"
-            )
-        bonds = _resolve_bonds(in_modes, out_modes, bond_dim)
-        std = 1.0 / math.sqrt(3 * nx)
-        self._init_cores(random_cores(in_modes, out_modes, bonds, std, dtype=dtype or torch.get_default_dtype(), device=device))
-        if bias:
-            bound = 1.0 / math.sqrt(nx)
-            self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
+        self._init_random(nx, out_channels, bond_dim, in_modes, out_modes, n_cores, bias, device, dtype)
 
     def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode) -> None:
         if padding_mode not in _PAD_MODES:
@@ -326,11 +327,7 @@ class MPOConv2d(_MPOBase):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
-        layer._init_cores([c.detach().clone(memory_format=torch.contiguous_format) for c in cores])
-        if bias is not None:
-            layer.bias = nn.Parameter(bias.detach().clone())
-        else:
-            layer.register_parameter("bias", None)
+        layer._set_params(_copied(cores), bias.detach().clone() if bias is not None else None)
         return layer
 
     @classmethod
@@ -351,9 +348,7 @@ class MPOConv2d(_MPOBase):
         if bond_dim is None and eps is None:
             raise MPOCompressError("give a bond dimension or a relative error eps to factorize a layer")
         w = conv.weight.reshape(conv.out_channels, -1)
-        n = len(in_modes) if in_modes is not None else n_cores
-        in_modes = tuple(in_modes) if in_modes else factorize(w.shape[1], n)
-        out_modes = tuple(out_modes) if out_modes else factorize(w.shape[0], n)
+        in_modes, out_modes = resolve_modes(w.shape[1], w.shape[0], in_modes, out_modes, n_cores)
         dec = tt_svd(w, in_modes, out_modes, max_bond=bond_dim, eps=eps)
         return cls.from_cores(
             dec.cores,

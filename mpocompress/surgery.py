@@ -302,55 +302,51 @@ def _weight_matrix(c: _Candidate) -> torch.Tensor:
     return c.module.weight.detach().reshape(c.ny, c.nx)
 
 
-def _decompose(p: _Plan, bond_dim: int | None, eps: float | None) -> TTDecomposition:
+def _current_mpo(p: _Plan) -> MPOLinear | MPOConv2d | None:
+    """The candidate itself when it is already an MPO with the planned modes (it can be rounded)."""
     mod = p.cand.module
     if isinstance(mod, MPO_LAYERS) and (tuple(mod.in_modes), tuple(mod.out_modes)) == (p.in_modes, p.out_modes):
-        return tt_round(list(mod.cores), max_bond=bond_dim, eps=eps)  # round the MPO, never forming W
+        return mod
+    return None
+
+
+def _decompose(p: _Plan, bond_dim: int | None, eps: float | None) -> TTDecomposition:
+    mpo = _current_mpo(p)
+    if mpo is not None:
+        return tt_round(list(mpo.cores), max_bond=bond_dim, eps=eps)  # round the MPO, never forming W
     return tt_svd(_weight_matrix(p.cand), p.in_modes, p.out_modes, max_bond=bond_dim, eps=eps)
 
 
-def _layer_report(p: _Plan, dec: TTDecomposition) -> LayerReport:
-    n_mpo = mpo_param_count(p.in_modes, p.out_modes, dec.bond_dims)
-    spectra = bond_spectra(dec.cores)
+def _report(p: _Plan, bond_dims: list[int], spectra: list[torch.Tensor], rel_error: float) -> LayerReport:
+    n_mpo = mpo_param_count(p.in_modes, p.out_modes, bond_dims)
     return LayerReport(
         name=p.cand.name,
         kind=p.cand.kind,
         weight_shape=[p.cand.ny, p.cand.nx],
         in_modes=list(p.in_modes),
         out_modes=list(p.out_modes),
-        bond_dims=list(dec.bond_dims),
+        bond_dims=list(bond_dims),
         params_original=p.cand.numel,
         params_mpo=n_mpo,
         rho=compression_ratio(n_mpo, p.cand.numel),
-        rel_error=dec.rel_error,
+        rel_error=rel_error,
         entropy=[entanglement_entropy(s) for s in spectra],
-        notation=mpo_notation(p.in_modes, p.out_modes, dec.bond_dims),
+        notation=mpo_notation(p.in_modes, p.out_modes, bond_dims),
     )
+
+
+def _layer_report(p: _Plan, dec: TTDecomposition) -> LayerReport:
+    return _report(p, dec.bond_dims, bond_spectra(dec.cores), dec.rel_error)
 
 
 def _exact_report(p: _Plan) -> LayerReport:
-    """The untruncated MPO: every bond at its cap, entropies from W's unfoldings."""
-    caps = bond_caps(p.in_modes, p.out_modes)
-    n_mpo = mpo_param_count(p.in_modes, p.out_modes, caps)
-    if isinstance(p.cand.module, MPO_LAYERS) and (tuple(p.cand.module.in_modes), tuple(p.cand.module.out_modes)) == (p.in_modes, p.out_modes):
-        spectra = bond_spectra(list(p.cand.module.cores))
-        caps = [len(s) for s in spectra]
-    else:
-        spectra = unfolding_spectra(_weight_matrix(p.cand), p.in_modes, p.out_modes)
-    return LayerReport(
-        name=p.cand.name,
-        kind=p.cand.kind,
-        weight_shape=[p.cand.ny, p.cand.nx],
-        in_modes=list(p.in_modes),
-        out_modes=list(p.out_modes),
-        bond_dims=caps,
-        params_original=p.cand.numel,
-        params_mpo=n_mpo,
-        rho=compression_ratio(n_mpo, p.cand.numel),
-        rel_error=0.0,
-        entropy=[entanglement_entropy(s) for s in spectra],
-        notation=mpo_notation(p.in_modes, p.out_modes, caps),
-    )
+    """The untruncated MPO: for a dense layer every bond at its cap, with the spectra of W's
+    unfoldings; for an MPO layer its own bonds and spectra."""
+    mpo = _current_mpo(p)
+    if mpo is not None:
+        return _report(p, mpo.bond_dims, bond_spectra(list(mpo.cores)), 0.0)
+    spectra = unfolding_spectra(_weight_matrix(p.cand), p.in_modes, p.out_modes)
+    return _report(p, bond_caps(p.in_modes, p.out_modes), spectra, 0.0)
 
 
 def _n_params(model: nn.Module) -> int:

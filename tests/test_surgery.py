@@ -199,3 +199,12 @@ def test_training_mode_and_dtype_are_preserved():
     model = build_model("fc2").double().eval()
     compress_(model, CompressionConfig(bond_dim=4))
     assert not model.fc1.training and model.fc1.cores[0].dtype == torch.float64
+
+
+def test_analyze_of_an_mpo_model_reports_its_own_bonds():
+    model = build_model("fc2")
+    compress_(model, CompressionConfig(bond_dim=4))
+    r = analyze(model, CompressionConfig())
+    fc1 = next(lr for lr in r.layers if lr.name == "fc1")
+    assert fc1.bond_dims == [4, 4, 4] and fc1.params_mpo == model.fc1.num_mpo_params == 1024
+    assert fc1.params_original == 784 * 256 and fc1.rel_error == 0
