@@ -135,6 +135,8 @@ def tt_svd(
         )
     out_dtype = dtype or matrix.dtype
     w = matrix.detach().to(torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise MPOCompressError("cannot factorize a matrix with NaN or Inf entries")
     norm = float(torch.linalg.vector_norm(w))
     delta = eps * norm / math.sqrt(n - 1) if (eps and n > 1) else 0.0
 
@@ -174,6 +176,8 @@ def tt_round(
     _check_truncation(max_bond, eps)
     out_dtype = cores[0].dtype
     cs = [c.detach().to(torch.float64) for c in cores]
+    if not all(bool(torch.isfinite(c).all()) for c in cs):
+        raise MPOCompressError("cannot round an MPO with NaN or Inf entries")
     n = len(cs)
     # right-orthogonalize: cores 1..n-1 become right-orthonormal, the norm moves into core 0
     for k in range(n - 1, 0, -1):

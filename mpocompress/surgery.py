@@ -310,11 +310,22 @@ def _current_mpo(p: _Plan) -> MPOLinear | MPOConv2d | None:
     return None
 
 
+def _check_finite(p: _Plan, tensors: list[torch.Tensor]) -> None:
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise MPOCompressError(
+            f"layer {p.cand.name} has NaN or Inf weights (a damaged checkpoint or a diverged training run); "
+            f"use a good checkpoint or leave the layer dense with --exclude {p.cand.name}"
+        )
+
+
 def _decompose(p: _Plan, bond_dim: int | None, eps: float | None) -> TTDecomposition:
     mpo = _current_mpo(p)
     if mpo is not None:
+        _check_finite(p, list(mpo.cores))
         return tt_round(list(mpo.cores), max_bond=bond_dim, eps=eps)  # round the MPO, never forming W
-    return tt_svd(_weight_matrix(p.cand), p.in_modes, p.out_modes, max_bond=bond_dim, eps=eps)
+    w = _weight_matrix(p.cand)
+    _check_finite(p, [w])
+    return tt_svd(w, p.in_modes, p.out_modes, max_bond=bond_dim, eps=eps)
 
 
 def _report(p: _Plan, bond_dims: list[int], spectra: list[torch.Tensor], rel_error: float) -> LayerReport:
@@ -344,8 +355,11 @@ def _exact_report(p: _Plan) -> LayerReport:
     unfoldings; for an MPO layer its own bonds and spectra."""
     mpo = _current_mpo(p)
     if mpo is not None:
+        _check_finite(p, list(mpo.cores))
         return _report(p, mpo.bond_dims, bond_spectra(list(mpo.cores)), 0.0)
-    spectra = unfolding_spectra(_weight_matrix(p.cand), p.in_modes, p.out_modes)
+    w = _weight_matrix(p.cand)
+    _check_finite(p, [w])
+    spectra = unfolding_spectra(w, p.in_modes, p.out_modes)
     return _report(p, bond_caps(p.in_modes, p.out_modes), spectra, 0.0)
 
 

@@ -153,6 +153,8 @@ ERROR_CASES = [
     ("exclude nothing", ["{d}/fc2.pt", "--arch", "fc2", "--exclude", "fc9"], "matches no layer"),
     ("bad regex", ["{d}/fc2.pt", "--arch", "fc2", "--layers", "re:(fc"], "regular expression"),
     ("cores zero", ["{d}/fc2.pt", "--arch", "fc2", "--cores", "0"], "at least 1"),
+    ("nan weights", ["{d}/nan.pt", "--arch", "fc2"], "NaN or Inf"),
+    ("inf weights", ["{d}/inf.pt", "--arch", "fc2"], "NaN or Inf"),
 ]
 
 
@@ -160,6 +162,11 @@ ERROR_CASES = [
 def broken(ckpts):
     (ckpts / "empty.pt").write_bytes(b"")
     (ckpts / "garbage.pt").write_bytes(b"hello, I am not a model" * 8)
+    for name, value in [("nan", float("nan")), ("inf", float("inf"))]:
+        model = build_model("fc2")
+        with torch.no_grad():
+            model.fc1.weight[3, 5] = value
+        torch.save(model.state_dict(), ckpts / f"{name}.pt")
     return ckpts
 
 

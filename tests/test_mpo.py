@@ -120,6 +120,10 @@ def test_bad_truncation_arguments():
         tt_svd(w, (2, 2), (2, 2), eps=1.5)
     with pytest.raises(MPOCompressError):
         tt_svd(w, (2, 3), (2, 2))
+    with pytest.raises(MPOCompressError, match="NaN or Inf"):
+        tt_svd(torch.full((4, 4), float("nan")), (2, 2), (2, 2))
+    with pytest.raises(MPOCompressError, match="NaN or Inf"):
+        tt_round([torch.full((1, 2, 2, 1), float("inf"))] * 2)
 
 
 def test_paper_parameter_counts_fc2():

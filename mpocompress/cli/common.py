@@ -136,13 +136,13 @@ def _json_default(o: Any) -> Any:
 
 # ----------------------------------------------------------------------------- shared options
 
-MODEL_ARG = typer.Argument(..., help="Model file: a state_dict (.pt/.pth/.safetensors, with --arch), a file mpocompress wrote, or a pickled model (with --trust-pickle).", show_default=False)
-ARCH_OPT = typer.Option(None, "--arch", help="Architecture: a built-in name (fc2, lenet5), optionally with arguments like lenet5(in_channels=3,image_size=32), or package.module:callable importable from the working directory.")
-BOND_OPT = typer.Option([], "--bond-dim", "-D", help="Bond dimension D for every selected layer, or NAME=D for one layer (repeatable).", show_default=False)
-SHAPE_OPT = typer.Option([], "--shape", help="Modes of a layer: NAME=I1xI2x..:J1xJ2x.. (input modes, then output modes; repeatable).", show_default=False)
-LAYERS_OPT = typer.Option([], "--layers", help="Convert only these layers: exact name, glob (features.*) or re:REGEX (repeatable).", show_default=False)
-EXCLUDE_OPT = typer.Option([], "--exclude", help="Leave these layers dense (same patterns as --layers; repeatable).", show_default=False)
-EPS_OPT = typer.Option(None, "--eps", help="Target relative Frobenius error of each layer's weight, in (0, 1); bonds are cut to meet it (and D, if given).")
-CORES_OPT = typer.Option("4", "--cores", help="Number of MPO cores n for layers without --shape.")
+MODEL_ARG = typer.Argument(..., metavar="MODEL", help="Model file: a state_dict (.pt/.pth/.safetensors, with --arch), a file mpocompress wrote, or a pickled model (with --trust-pickle).", show_default=False)
+ARCH_OPT = typer.Option(None, "--arch", metavar="SPEC", help="Architecture: a built-in name (fc2, lenet5), optionally with arguments like lenet5(in_channels=3,image_size=32), or package.module:callable importable from the working directory.")
+BOND_OPT = typer.Option([], "--bond-dim", "-D", metavar="D|NAME=D", help="Bond dimension D for every selected layer, or NAME=D for one layer (repeatable).", show_default=False)
+SHAPE_OPT = typer.Option([], "--shape", metavar="NAME=IxI..:JxJ..", help="Modes of a layer: NAME=I1xI2x..:J1xJ2x.. (input modes, then output modes; repeatable).", show_default=False)
+LAYERS_OPT = typer.Option([], "--layers", metavar="PATTERN", help="Convert only these layers: exact name, glob (features.*) or re:REGEX (repeatable).", show_default=False)
+EXCLUDE_OPT = typer.Option([], "--exclude", metavar="PATTERN", help="Leave these layers dense (same patterns as --layers; repeatable).", show_default=False)
+EPS_OPT = typer.Option(None, "--eps", metavar="E", help="Target relative Frobenius error of each layer's weight, in (0, 1); bonds are cut to meet it (and D, if given).")
+CORES_OPT = typer.Option("4", "--cores", metavar="N", help="Number of MPO cores n for layers without --shape.")
 TRUST_OPT = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled model. Unpickling can run arbitrary code: only for files you trust.")
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
