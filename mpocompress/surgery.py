@@ -256,7 +256,9 @@ def plan(
         chosen.append(make(c))
 
     taken = {id(p.cand.module) for p in chosen} | excluded
-    if not config.layers:
+    # Only per-layer settings and no global D or eps: exactly the named layers are meant.
+    only_named = bool(explicit) and config.bond_dim is None and config.eps is None
+    if not config.layers and not only_named:
         total = sum(c.numel for c in cands)
         covered = sum(p.cand.numel for p in chosen)
         for c in sorted(cands, key=lambda c: -c.numel):
@@ -284,7 +286,9 @@ def plan(
     else:
         for c in cands:
             if id(c.module) not in taken or id(c.module) in excluded:
-                skipped.append(SkippedLayer(c.name, c.kind, c.numel, "excluded" if id(c.module) in excluded else "not selected"))
+                skipped.append(
+                    SkippedLayer(c.name, c.kind, c.numel, "excluded" if id(c.module) in excluded else "not named")
+                )
     if not chosen:
         raise MPOCompressError(
             "no layer selected for conversion: "

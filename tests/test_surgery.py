@@ -208,3 +208,13 @@ def test_analyze_of_an_mpo_model_reports_its_own_bonds():
     fc1 = next(lr for lr in r.layers if lr.name == "fc1")
     assert fc1.bond_dims == [4, 4, 4] and fc1.params_mpo == model.fc1.num_mpo_params == 1024
     assert fc1.params_original == 784 * 256 and fc1.rel_error == 0
+
+
+def test_per_layer_settings_alone_convert_exactly_those_layers():
+    model = build_model("fc2")
+    r = compress_(model, CompressionConfig(bond_dims={"fc2": 4}))
+    assert [lr.name for lr in r.layers] == ["fc2"] and isinstance(model.fc1, nn.Linear)
+    assert [(s.name, s.reason) for s in r.skipped] == [("fc1", "not named")]
+    # with a global D the default selection applies too, and the per-layer D overrides it
+    r = compress_(build_model("fc2"), CompressionConfig(bond_dim=2, bond_dims={"fc2": 4}))
+    assert {lr.name: max(lr.bond_dims) for lr in r.layers} == {"fc1": 2, "fc2": 4}
