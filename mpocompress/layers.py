@@ -415,20 +415,19 @@ class MPOConv2d(_MPOBase):
             return x, (ph, pw)
         return F.pad(x, (pw, pw, ph, ph), mode=_PAD_MODES[self.padding_mode]), (0, 0)
 
-    def output_hw(self, h: int, w: int) -> tuple[int, int]:
-        if self.padding == "same":
-            return h, w
-        ph, pw = (0, 0) if self.padding == "valid" else self.padding  # type: ignore[misc]
+    def _output_hw(self, xp: torch.Tensor, pad: tuple[int, int]) -> tuple[int, int]:
+        """Output size for the already padded input `xp` and the padding left to the conv/unfold call."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        h, w = xp.shape[-2:]
+        return (h + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batched = x.dim() == 4
         if not batched:
             x = x.unsqueeze(0)
-        b, _, h, w = x.shape
-        oh, ow = self.output_hw(h, w)
+        b = x.shape[0]
         xp, pad = self._padded(x)
+        oh, ow = self._output_hw(xp, pad)
         strategy = self.strategy_for(b * oh * ow)
         if strategy == "dense":
             y = F.conv2d(xp, self.kernel(), self.bias, self.stride, pad, self.dilation)
