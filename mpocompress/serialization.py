@@ -330,10 +330,20 @@ def save(
     for k, v in (extra_metadata or {}).items():
         metadata[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     tensors = _tensors_for_saving(model)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+# --------------------------------------------------------------------------- training state
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp_path) for a temporary file beside `path`, fsync it, and rename it into place:
+    a killed process leaves either the old file or the complete new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -344,4 +354,32 @@ def save(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def checkpoint_path_for(output: str | os.PathLike) -> Path:
+    """Where train/finetune keep the resumable state of the run writing `output`."""
+    output = Path(output)
+    return output.with_name(output.name + ".ckpt")
+
+
+def save_train_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write a resumable training state (tensors, numbers, strings, lists, dicts) atomically."""
+    path = Path(path)
+    _atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
     return path
+
+
+def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a state written by `save_train_state`. Loaded with weights_only=True: a state file can
+    hold tensors and plain values only, never code."""
+    path = Path(path)
+    if not path.exists():
+        raise MPOCompressError(f"no checkpoint to resume from at {path}; run without --resume to start afresh")
+    _check_readable(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise MPOCompressError(f"cannot read checkpoint {path}; it is damaged ({_short(e)}); start afresh without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != "mpocompress-train-state":
+        raise MPOCompressError(f"{path} is not an mpocompress training checkpoint")
+    return state

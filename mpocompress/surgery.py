@@ -475,3 +475,28 @@ def analyze(
 
 def _fields(config: CompressionConfig) -> dict[str, Any]:
     return {f: getattr(config, f) for f in config.__dataclass_fields__}
+
+
+# --------------------------------------------------------------------------- summary of a model
+
+
+def summarize(model: nn.Module) -> dict[str, Any]:
+    """Parameter counts of a model and rho (Eq. 9) of its MPO layers.
+
+    Keys: params_model (all parameters), params_mpo (in MPO cores), params_original (the weights
+    of the dense layers the MPOs stand for), params_model_dense (the model with dense layers in
+    their place), rho (params_mpo / params_original; 1.0 for a model without MPO layers) and
+    mpo_layers (each MPO layer's name and notation).
+    """
+    mpo = {id(m): (name, m) for name, m in model.named_modules() if isinstance(m, MPO_LAYERS)}
+    params_mpo = sum(m.num_mpo_params for _, m in mpo.values())
+    params_original = sum(m.weight_numel for _, m in mpo.values())
+    params_model = sum(p.numel() for p in model.parameters())
+    return {
+        "params_model": params_model,
+        "params_mpo": params_mpo,
+        "params_original": params_original,
+        "params_model_dense": params_model - params_mpo + params_original,
+        "rho": compression_ratio(params_mpo, params_original) if mpo else 1.0,
+        "mpo_layers": [{"name": name, "notation": m.notation()} for name, m in mpo.values()],
+    }

@@ -14,6 +14,11 @@ def make_console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 140)
 
 
+def make_err_console() -> Console:
+    """stderr console for progress and per-epoch lines, so that --json output on stdout stays clean."""
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+
+
 def _table(title: str) -> Table:
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
 

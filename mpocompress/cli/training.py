@@ -1,0 +1,228 @@
+"""What `train` and `finetune` share: options, the loop over --runs seeds with per-epoch
+checkpoints and --resume, progress on stderr, and the final report."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch import nn
+
+from mpocompress.data import ImageSet, load_dataset
+from mpocompress.errors import MPOCompressError
+from mpocompress.serialization import (
+    check_output_path, checkpoint_path_for, load_train_state, mpo_layer_specs, save, save_train_state,
+)  # fmt: skip
+from mpocompress.surgery import summarize
+from mpocompress.train import DistEnv, EpochStats, FitResult, TrainConfig, count_params, fit, mean_std
+
+# ----------------------------------------------------------------------------- shared options
+
+DATA_OPT = typer.Option("digits", "--data", metavar="NAME|FILE", help="Dataset: digits (bundled, no files), mnist, fashion-mnist, cifar10, svhn, or a .pt/.npz/.safetensors file holding x and y.")
+DATA_DIR_OPT = typer.Option(None, "--data-dir", metavar="DIR", help="Folder with the dataset files (default: $MPOCOMPRESS_DATA, else ./data).", show_default=False)
+AUGMENT_OPT = typer.Option(None, "--augment/--no-augment", help="Random crop and flip while training (default: on for cifar10 and svhn, which are the sets that use it).", show_default=False)
+EPOCHS_HELP = "Passes over the training split."
+BATCH_OPT = typer.Option(64, "--batch-size", metavar="B", help="Global batch size (split evenly over torchrun processes).")
+MOMENTUM_OPT = typer.Option(0.9, "--momentum", metavar="M", help="SGD momentum.")
+WD_OPT = typer.Option(5e-4, "--weight-decay", metavar="L", help="L2 coefficient lambda of Eq. 7 (SGD weight decay).")
+SCHEDULE_OPT = typer.Option("cosine", "--schedule", metavar="cosine|step|constant", help="Learning-rate schedule over the run.")
+WARMUP_OPT = typer.Option(0.0, "--warmup", metavar="EPOCHS", help="Linear learning-rate warm-up, in epochs.")
+SEED_OPT = typer.Option(0, "--seed", metavar="S", help="Seed of run 1; run i uses S + i - 1.")
+RUNS_OPT = typer.Option(1, "--runs", metavar="M", help="Train M times with seeds S..S+M-1 and report the mean +- sigma of Eqs. 10-11.")
+FORCE_OPT = typer.Option(False, "--force", help="Overwrite OUT if it exists.")
+RESUME_OPT = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.ckpt, the checkpoint written after every epoch.")
+DEVICE_OPT = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where to train: auto takes a CUDA GPU when there is one.")
+
+
+def output_option(help_text: str) -> Any:
+    return typer.Option(None, "--output", "-o", metavar="OUT", help=help_text, show_default=False)
+
+
+def load_data(data: str, data_dir: Path | None, augment: bool | None) -> tuple[ImageSet, ImageSet]:
+    return load_dataset(data, "train", data_dir, augment), load_dataset(data, "test", data_dir, augment)
+
+
+def run_output(out: Path, run: int) -> Path:
+    """OUT for run 1, OUT's stem + .runI + suffix for the others."""
+    return out if run == 0 else out.with_name(f"{out.stem}.run{run + 1}{out.suffix}")
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class RunOutcome:
+    seed: int
+    result: FitResult
+    output: Path | None
+    summary: dict[str, Any]
+    trainable: int
+
+
+@dataclass
+class Job:
+    """One `train` or `finetune` invocation."""
+
+    command: str  # "train" or "finetune"
+    make_model: Callable[[int], tuple[nn.Module, str | None, int]]  # seed -> (model, arch, trainable params)
+    train_set: ImageSet
+    test_set: ImageSet
+    config: TrainConfig
+    runs: int
+    output: Path | None
+    force: bool
+    resume: bool
+    device: torch.device
+    env: DistEnv
+    describe: dict[str, Any] = field(default_factory=dict)  # what must match for --resume (data, arch, ...)
+    teacher: nn.Module | None = None
+
+
+def check_outputs(job: Job, inputs: tuple[Path, ...]) -> None:
+    """Fail before any training when an output cannot or must not be written."""
+    if job.runs < 1:
+        raise MPOCompressError(f"--runs must be at least 1, got {job.runs}")
+    if job.output is None:
+        raise MPOCompressError(f"{job.command} needs an output file: add -o OUT.safetensors")
+    if job.env.is_main:
+        for r in range(job.runs):
+            check_output_path(run_output(job.output, r), job.force or job.resume, inputs)
+
+
+def run_all(job: Job, console: Console) -> list[RunOutcome]:
+    """Train job.runs models, each with its own seed, checkpoint and output file."""
+    outcomes = []
+    for r in range(job.runs):
+        seed = job.config.seed + r
+        config = replace(job.config, seed=seed)
+        torch.manual_seed(seed)
+        model, arch, trainable = job.make_model(seed)
+        out = run_output(job.output, r) if job.output is not None else None
+        ckpt = checkpoint_path_for(out) if out is not None else None
+        identity = json.loads(json.dumps({**job.describe, "command": job.command, "arch": arch, "config": config.to_dict(),
+                                          "mpo_layers": mpo_layer_specs(model)}, sort_keys=True, default=str))  # fmt: skip
+        resume_state = _resume_state(ckpt, identity, first=(r == 0)) if (job.resume and ckpt is not None) else None
+
+        def save_state(state: dict[str, Any], ckpt: Path | None = ckpt, identity: dict[str, Any] = identity) -> None:
+            if ckpt is not None:
+                save_train_state(ckpt, {**state, "job": json.dumps(identity, sort_keys=True)})
+
+        label = f"run {r + 1}/{job.runs} (seed {seed})" if job.runs > 1 else f"seed {seed}"
+        with _progress(console, job.env) as progress:
+            task = progress.add_task(label, total=None, stats="")
+
+            def on_batch(epoch: int, step: int, steps: int, loss: float, acc: float) -> None:
+                progress.update(task, description=f"{label} epoch {epoch}/{config.epochs}", completed=step, total=steps,
+                                stats=f"loss {loss:.4f}  acc {acc:.2%}")  # fmt: skip
+
+            def on_epoch(s: EpochStats) -> None:
+                progress.console.print(
+                    f"{label} epoch {s.epoch}/{config.epochs}: train loss {s.train_loss:.4f} acc {s.train_accuracy:.2%} | "
+                    f"test loss {s.test_loss:.4f} acc {s.test_accuracy:.2%} | lr {s.lr:.3g} | {s.time_s:.1f} s",
+                    highlight=False,
+                )
+
+            result = fit(model, job.train_set, job.test_set, config, teacher=job.teacher, device=job.device,
+                         resume_state=resume_state, save_state=save_state, on_batch=on_batch, on_epoch=on_epoch, env=job.env)  # fmt: skip
+        model = model.cpu()
+        if out is not None and job.env.is_main:
+            extra = {"source_format": job.command, "training": {**job.describe, "config": config.to_dict(),
+                     "accuracy": result.accuracy, "loss": result.loss, "epochs": result.epochs}}  # fmt: skip
+            save(model, out, arch, force=True, extra_metadata=extra)
+        outcomes.append(RunOutcome(seed, result, out, summarize(model), trainable))
+    return outcomes
+
+
+def _resume_state(ckpt: Path, identity: dict[str, Any], first: bool) -> dict[str, Any] | None:
+    if not ckpt.exists() and not first:
+        return None  # an earlier run was the one interrupted; this one starts afresh
+    state = load_train_state(ckpt)
+    saved = json.loads(state.get("job", "{}"))
+    differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    if differ:
+        key = differ[0]
+        detail = ""
+        if key == "config":
+            sub = sorted(k for k in set(saved.get(key, {})) | set(identity[key]) if saved[key].get(k) != identity[key].get(k))
+            detail = f" ({', '.join(f'{k}: {saved[key].get(k)} then, {identity[key].get(k)} now' for k in sub)})"
+        raise MPOCompressError(
+            f"{ckpt} was written by a different run: its {key} differs{detail}; rerun with the same options "
+            "to resume, or drop --resume to start afresh"
+        )
+    return state
+
+
+def _progress(console: Console, env: DistEnv) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(), console=console, transient=True, disable=not env.is_main,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(job: Job, outcomes: list[RunOutcome], extra: dict[str, Any]) -> dict[str, Any]:
+    """The JSON object of `train` / `finetune`: means over runs, then each run."""
+    accs = [o.result.accuracy for o in outcomes]
+    acc, std = mean_std(accs)
+    loss, _ = mean_std([o.result.loss for o in outcomes])
+    s = outcomes[0].summary
+    return {
+        "command": job.command,
+        **extra,
+        "accuracy": acc,
+        "accuracy_std": std,
+        "loss": loss,
+        "rho": s["rho"],
+        "params_model_after": s["params_model"],
+        "params_model_dense": s["params_model_dense"],
+        "params_mpo": s["params_mpo"],
+        "trainable_params": outcomes[0].trainable,
+        "epochs": job.config.epochs,
+        "wall_time_s": sum(o.result.wall_time_s for o in outcomes),
+        "n_runs": len(outcomes),
+        "output": str(job.output) if job.output else None,
+        "mpo_layers": s["mpo_layers"],
+        "config": job.config.to_dict(),
+        "runs": [
+            {"seed": o.seed, "output": str(o.output) if o.output else None, **o.result.to_dict()} for o in outcomes
+        ],
+    }
+
+
+def render(console: Console, rep: dict[str, Any]) -> None:
+    t = Table(title=f"mpocompress {rep['command']}", title_justify="left", show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    acc = f"{rep['accuracy']:.2%}"
+    if rep["accuracy_std"] is not None:
+        acc += f" +- {rep['accuracy_std']:.2%} over {rep['n_runs']} runs"
+    rows = []
+    if "accuracy_before" in rep:
+        rows.append(("test accuracy before", f"{rep['accuracy_before']:.2%}"))
+    rows += [
+        ("test accuracy", acc),
+        ("test loss", f"{rep['loss']:.4f}"),
+        ("parameters", f"{rep['params_model_after']:,} (dense equivalent {rep['params_model_dense']:,})"),
+        ("trainable parameters", f"{rep['trainable_params']:,}"),
+        ("rho (MPO layers)", f"{rep['rho']:.4g}"),
+        ("MPO layers", ", ".join(f"{m['name']} {m['notation']}" for m in rep["mpo_layers"]) or "none"),
+        ("epochs, wall time", f"{rep['epochs']}, {rep['wall_time_s']:.1f} s"),
+        ("written", ", ".join(str(r["output"]) for r in rep["runs"]) or "-"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return count_params(model, trainable_only=True)

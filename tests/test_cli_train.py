@@ -1,0 +1,202 @@
+"""`train`, `finetune` and `evaluate` from the command line: JSON contract, files, resume, errors,
+and a two-process torchrun run."""
+
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+
+import pytest
+import torch
+import mpocompress.cli.training as cli_training
+from mpocompress import load
+from mpocompress.cli import main
+
+FAST = ["--epochs", "2", "--batch-size", "64"]
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def invoke(*args):
+    """Run a command as the console script does (mpocompress.cli.main), capturing its output."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def run_json(*args):
+    r = invoke(*args, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A dense FC2 trained on digits, and its D=4 conversion."""
+    d = tmp_path_factory.mktemp("trained")
+    rep = run_json("train", "--arch", "fc2", *FAST, "-o", d / "fc2.safetensors")
+    r = invoke("convert", d / "fc2.safetensors", "-D", "4", "--layers", "fc1", "-o", d / "fc2_d4.safetensors")
+    assert r.exit_code == 0, r.output
+    return d, rep
+
+
+def test_train_json_contract_and_output(trained):
+    d, rep = trained
+    assert {"accuracy", "loss", "rho", "params_model_after", "accuracy_std", "epochs", "wall_time_s", "runs"} <= set(rep)
+    assert 0.85 < rep["accuracy"] <= 1 and rep["rho"] == 1.0 and rep["params_model_after"] == 203530
+    assert rep["accuracy_std"] is None and rep["epochs"] == 2 and len(rep["runs"][0]["history"]) == 2
+    assert (d / "fc2.safetensors.ckpt").is_file()  # the per-epoch checkpoint
+    model = load(d / "fc2.safetensors")  # no --arch needed: the file records it
+    ev = run_json("evaluate", d / "fc2.safetensors")
+    assert ev["accuracy"] == rep["accuracy"] and ev["loss"] == pytest.approx(rep["loss"], rel=1e-6)
+    assert ev["params_model_after"] == sum(p.numel() for p in model.parameters())
+
+
+def test_train_mpo_net_and_runs(tmp_path):
+    rep = run_json("train", "--arch", "fc2", "--mpo", "-D", "4", "--runs", "2", *FAST, "-o", tmp_path / "m.safetensors")
+    accs = [r["accuracy"] for r in rep["runs"]]
+    assert rep["accuracy"] == pytest.approx(statistics.mean(accs)) and rep["accuracy_std"] == pytest.approx(statistics.stdev(accs))
+    assert [r["seed"] for r in rep["runs"]] == [0, 1] and rep["n_runs"] == 2
+    assert (tmp_path / "m.safetensors").is_file() and (tmp_path / "m.run2.safetensors").is_file()
+    assert rep["params_mpo"] == 1024 + 736 and rep["rho"] == pytest.approx(1760 / 203264)  # M(4) for fc1 and fc2
+    assert [m["notation"] for m in rep["mpo_layers"]] == ["M^{4,4,4,4}_{4,7,7,4}(D=4)", "M^{1,1,10,1}_{4,4,4,4}(D=4)"]
+    ev = run_json("evaluate", tmp_path / "m.run2.safetensors")
+    assert ev["accuracy"] == rep["runs"][1]["accuracy"] and ev["rho"] == rep["rho"]
+
+
+def test_finetune_reports_before_and_after(trained, tmp_path):
+    d, _ = trained
+    before = run_json("evaluate", d / "fc2_d4.safetensors")
+    src = (d / "fc2_d4.safetensors").read_bytes()
+    rep = run_json("finetune", d / "fc2_d4.safetensors", "--epochs", "2", "-o", tmp_path / "ft.safetensors")
+    assert rep["accuracy_before"] == before["accuracy"] and rep["accuracy"] > rep["accuracy_before"]
+    assert rep["rho"] == before["rho"] < 0.01 and rep["params_model_after"] == before["params_model_after"]
+    assert (d / "fc2_d4.safetensors").read_bytes() == src  # the input is never modified
+    after = run_json("evaluate", tmp_path / "ft.safetensors")
+    assert after["accuracy"] == rep["accuracy"]
+
+
+def test_finetune_freeze_and_distill(trained, tmp_path):
+    d, _ = trained
+    rep = run_json("finetune", d / "fc2_d4.safetensors", "--freeze", "central", "--freeze", "dense", "--epochs", "1",
+                   "--distill-from", d / "fc2.safetensors", "-o", tmp_path / "ft.safetensors")  # fmt: skip
+    model = load(d / "fc2_d4.safetensors")
+    cores = [c.numel() for c in model.fc1.cores]
+    assert rep["trainable_params"] == sum(cores) - max(cores) + model.fc1.bias.numel()
+    assert rep["distill_from"] == str(d / "fc2.safetensors") and rep["freeze"] == ["central", "dense"]
+    frozen_before = load(d / "fc2_d4.safetensors").fc2.weight
+    torch.testing.assert_close(load(tmp_path / "ft.safetensors").fc2.weight, frozen_before, rtol=0, atol=0)
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    args = ["train", "--arch", "fc2", "--mpo", "-D", "2", "--epochs", "3", "--seed", "3"]
+    full = run_json(*args, "-o", tmp_path / "full.safetensors")
+
+    real_fit = cli_training.fit
+
+    def interrupted_fit(*a, on_epoch=None, **kw):
+        def stop(stats):
+            if stats.epoch == 1:
+                raise KeyboardInterrupt
+        return real_fit(*a, on_epoch=stop, **kw)
+
+    monkeypatch.setattr(cli_training, "fit", interrupted_fit)
+    r = invoke(*args, "-o", tmp_path / "part.safetensors")
+    assert r.exit_code == 130 and not (tmp_path / "part.safetensors").exists()
+    monkeypatch.setattr(cli_training, "fit", real_fit)
+    resumed = run_json(*args, "-o", tmp_path / "part.safetensors", "--resume")
+    assert resumed["accuracy"] == full["accuracy"]
+    a, b = load(tmp_path / "full.safetensors"), load(tmp_path / "part.safetensors")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    # resuming a finished run trains nothing more and reports the same result
+    again = run_json(*args, "-o", tmp_path / "part.safetensors", "--resume")
+    assert again["accuracy"] == full["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--arch", "fc2", "-D", "4", "-o", "{tmp}/x.safetensors"], "add --mpo"),
+        (["train", "--arch", "fc2", "--data", "imagenet", "-o", "{tmp}/x.safetensors"], "unknown dataset 'imagenet'"),
+        (["train", "--arch", "fc2", "--data", "mnist", "--data-dir", "{tmp}/none", "-o", "{tmp}/x.safetensors"], "mnist train split not found"),
+        (["train", "--arch", "fc2"], "needs an output file"),
+        (["train", "--arch", "fc2", "--runs", "0", "-o", "{tmp}/x.safetensors"], "--runs must be at least 1"),
+        (["train", "--arch", "fc2", "--epochs", "0", "-o", "{tmp}/x.safetensors"], "epochs must be"),
+        (["train", "--arch", "fc2", "--schedule", "linear", "-o", "{tmp}/x.safetensors"], "unknown schedule"),
+        (["train", "--arch", "fc2", "--lr", "abc", "-o", "{tmp}/x.safetensors"], "Invalid value for '--lr'"),
+        (["train", "--arch", "nosuch", "-o", "{tmp}/x.safetensors"], "unknown architecture 'nosuch'"),
+        (["train", "--arch", "lenet5(in_channels=3)", "-o", "{tmp}/x.safetensors"], "does not take digits images"),
+        (["train", "--arch", "fc2", "--resume", "-o", "{tmp}/x.safetensors"], "no checkpoint to resume from"),
+        (["finetune", "{trained}/fc2.safetensors", "--freeze", "central", "-o", "{tmp}/x.safetensors"], "no MPO layers"),
+        (["finetune", "{trained}/fc2_d4.safetensors", "--freeze", "middle", "-o", "{tmp}/x.safetensors"], "unknown part"),
+        (["finetune", "{trained}/fc2_d4.safetensors", "-o", "{trained}/fc2_d4.safetensors"], "is the input file"),
+        (["finetune", "{trained}/fc2_d4.safetensors", "-o", "{trained}/fc2.safetensors"], "already exists"),
+        (["finetune", "{trained}/fc2_d4.safetensors", "--distill-from", "{tmp}/none.pt", "-o", "{tmp}/x.safetensors"], "no such file"),
+        (["evaluate", "{trained}/fc2.safetensors", "--data", "{tmp}/none.npz"], "not found"),
+        (["evaluate", "{tmp}/none.safetensors"], "no such file"),
+    ],
+)
+def test_errors_are_one_line(trained, tmp_path, args, message):
+    d, _ = trained
+    r = invoke(*[a.format(tmp=tmp_path, trained=d) for a in args])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert invoke("train", "--arch", "fc2", "--epochs", "1", "-o", out).exit_code == 0
+    r = invoke("train", "--arch", "fc2", "--epochs", "1", "--lr", "0.1", "-o", out, "--resume")
+    assert r.exit_code == 2 and "lr: 0.05 then, 0.1 now" in r.output
+
+
+def test_device_choice():
+    r = invoke("evaluate", "nothing.safetensors", "--device", "tpu")
+    assert r.exit_code == 2 and "unknown device 'tpu'" in r.output
+    r = invoke("train", "--arch", "fc2", "--device", "cuda", "--epochs", "1", "-o", "/nonexistent/x.safetensors")
+    expected = "does not exist" if torch.cuda.is_available() else "no CUDA GPU is available"
+    assert r.exit_code == 2 and expected in r.output
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """Two gloo processes with batch 32 each train like one process with batch 64: the same global
+    batches in the same order, gradients averaged. Tolerance: 2 points of accuracy (summation order
+    and the one padded sample of DistributedSampler differ)."""
+    common = ["train", "--arch", "fc2", "--epochs", "3", "--batch-size", "64", "--device", "cpu", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "mpocompress", *common, "-o", str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mpocompress",
+         *common, "-o", str(tmp_path / "two.safetensors")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    rep_one, rep_two = json.loads(one.stdout), json.loads(two.stdout)  # one JSON object: only rank 0 reports
+    assert rep_two["world_size"] == 2 and rep_one["world_size"] == 1
+    assert abs(rep_two["accuracy"] - rep_one["accuracy"]) <= 0.02
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["one.safetensors", "one.safetensors.ckpt", "two.safetensors", "two.safetensors.ckpt"]
+    )  # rank 1 wrote nothing

@@ -1,0 +1,157 @@
+"""The training loop: schedule, Eqs. 10-11, freezing, gauge balancing, distillation, resume, NaN stop."""
+
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mpocompress.data import load_dataset
+from mpocompress.errors import MPOCompressError
+from mpocompress.layers import MPOLinear
+from mpocompress.mpo import balance_cores, mpo_to_matrix, random_cores, tt_svd
+from mpocompress.train import (
+    TrainConfig, central_core_index, count_params, distillation_loss, evaluate, fit, freeze_, lr_at, mean_std,
+    prepare_finetune_,
+)  # fmt: skip
+from mpocompress.zoo import build_model, build_mpo_net
+
+
+@pytest.fixture(scope="module")
+def digits_sets():
+    return load_dataset("digits", "train"), load_dataset("digits", "test")
+
+
+def test_lr_schedules():
+    c = TrainConfig(epochs=4, lr=0.1)
+    assert lr_at(c, 0, 10) == pytest.approx(0.1) and lr_at(c, 20, 10) == pytest.approx(0.05)
+    assert lr_at(c, 39, 10) < 0.001
+    s = TrainConfig(epochs=4, lr=0.1, schedule="step")
+    assert [lr_at(s, k, 10) for k in (0, 19, 20, 30)] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    w = TrainConfig(epochs=4, lr=0.1, warmup_epochs=1, schedule="constant")
+    assert lr_at(w, 0, 10) == pytest.approx(0.01) and lr_at(w, 9, 10) == pytest.approx(0.1) and lr_at(w, 30, 10) == 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"epochs": 0}, "epochs"), ({"lr": -1.0}, "learning rate"), ({"momentum": 1.0}, "momentum"),
+     ({"schedule": "linear"}, "unknown schedule"), ({"warmup_epochs": 30.0}, "warm-up"),
+     ({"batch_size": 0}, "batch size"), ({"distill_alpha": 2.0}, "distillation weight")],
+)  # fmt: skip
+def test_config_validation(kwargs, message):
+    with pytest.raises(MPOCompressError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_mean_std_is_eqs_10_11():
+    values = [0.981, 0.984, 0.979, 0.986, 0.983]
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(statistics.mean(values)) and std == pytest.approx(statistics.stdev(values))
+    assert mean_std([0.5]) == (0.5, None)
+
+
+def test_balance_cores_keeps_the_matrix_and_evens_the_norms():
+    w = torch.randn(24, 30, dtype=torch.float64)
+    dec = tt_svd(w, (2, 3, 5), (2, 3, 4), max_bond=3)
+    assert max(float(c.norm()) for c in dec.cores) / min(float(c.norm()) for c in dec.cores) > 3  # TT-SVD: skewed
+    bal = balance_cores(dec.cores)
+    torch.testing.assert_close(mpo_to_matrix(bal), mpo_to_matrix(dec.cores), rtol=1e-10, atol=1e-10)
+    norms = [float(c.norm()) for c in bal]
+    assert max(norms) / min(norms) == pytest.approx(1.0)
+    assert [c.shape for c in bal] == [c.shape for c in dec.cores]
+
+
+def test_prepare_finetune_keeps_outputs():
+    layer = MPOLinear.from_cores(random_cores((4, 7, 7, 4), (4, 4, 4, 4), [4, 4, 4], 0.3), torch.randn(256))
+    x = torch.randn(5, 784)
+    before = layer(x)
+    prepare_finetune_(layer)
+    torch.testing.assert_close(layer(x), before, rtol=1e-4, atol=1e-5)
+
+
+def test_freeze_central_and_dense():
+    model, _, _ = build_mpo_net("fc2", bond_dim=4)
+    total = count_params(model)
+    idx = central_core_index(model.fc1)
+    assert model.fc1.cores[idx].numel() == max(c.numel() for c in model.fc1.cores) and idx in (1, 2)
+    trainable = freeze_(model, ("central",))
+    frozen = model.fc1.cores[central_core_index(model.fc1)].numel() + model.fc2.cores[central_core_index(model.fc2)].numel()
+    assert trainable == total - frozen == count_params(model, trainable_only=True)
+    lenet, _, _ = build_mpo_net("lenet5")
+    only_mpo = freeze_(lenet, ("dense",))
+    assert only_mpo == sum(p.numel() for n, p in lenet.named_parameters() if n.split(".")[0] in ("conv3", "fc1", "fc2"))
+    with pytest.raises(MPOCompressError, match="no MPO layers"):
+        freeze_(build_model("fc2"), ("central",))
+    with pytest.raises(MPOCompressError, match="unknown part"):
+        freeze_(model, ("edges",))
+
+
+def test_distillation_loss_against_its_definition():
+    s, t = torch.randn(6, 10), torch.randn(6, 10)
+    temp = 3.0
+    p = F.softmax(t / temp, 1)
+    expected = (p * (p.log() - F.log_softmax(s / temp, 1))).sum(1).mean() * temp**2
+    torch.testing.assert_close(distillation_loss(s, t, temp), expected)
+    assert float(distillation_loss(t, t, temp)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluate_matches_a_manual_count(digits_sets):
+    _, test = digits_sets
+    model = build_model("fc2").eval()
+    acc, loss = evaluate(model, test, batch_size=7)
+    x, y = test.tensors()
+    with torch.no_grad():
+        logits = model(x)
+    assert acc == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    assert loss == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+
+
+def test_fit_learns_digits_and_reports_history(digits_sets):
+    train, test = digits_sets
+    model = build_model("fc2")
+    seen = []
+    result = fit(model, train, test, TrainConfig(epochs=3, lr=0.05), on_epoch=seen.append)
+    assert result.accuracy > 0.9 and result.epochs == 3 and len(seen) == 3
+    assert seen[-1].test_accuracy == result.accuracy and seen[0].train_loss > seen[-1].train_loss
+
+
+def test_resume_is_bit_identical(digits_sets):
+    train, test = digits_sets
+    config = TrainConfig(epochs=3, lr=0.05, seed=5)
+    torch.manual_seed(1)
+    a, _, _ = build_mpo_net("fc2", bond_dim=4)
+    states = []
+    full = fit(a, train, test, config, save_state=states.append)
+    assert [s["epoch"] for s in states] == [1, 2, 3]
+    # a fresh process state: other weights, other global RNG; resume from the state after epoch 1
+    torch.manual_seed(99)
+    b, _, _ = build_mpo_net("fc2", bond_dim=4)
+    resumed = fit(b, train, test, config, resume_state=states[0])
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert resumed.accuracy == full.accuracy and [h.test_loss for h in resumed.history] == [h.test_loss for h in full.history]
+
+
+def test_nan_loss_stops_the_run(digits_sets):
+    train, test = digits_sets
+    states = []
+    with pytest.raises(MPOCompressError, match="loss became (nan|inf)"):
+        fit(build_model("fc2"), train, test, TrainConfig(epochs=2, lr=1e6, momentum=0.0), save_state=states.append)
+    assert states == []  # no state from the diverged epoch: the last good checkpoint stays
+
+
+def test_model_that_does_not_fit_the_data(digits_sets):
+    train, test = digits_sets
+    with pytest.raises(MPOCompressError, match="does not take digits images of shape 1x28x28"):
+        fit(build_model("lenet5(in_channels=3)"), train, test, TrainConfig(epochs=1))
+
+
+def test_distillation_run_uses_the_teacher(digits_sets):
+    train, test = digits_sets
+    teacher = build_model("fc2")
+    fit(teacher, train, test, TrainConfig(epochs=2, lr=0.05))
+    student, _, _ = build_mpo_net("fc2", bond_dim=4)
+    r = fit(student, train, test, TrainConfig(epochs=2, lr=0.02, distill_alpha=1.0), teacher=teacher)
+    assert r.accuracy > 0.5 and not any(p.requires_grad for p in teacher.parameters())
+    assert math.isfinite(r.loss)
