@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# First run on an embedded default: train a dense FC2 on scikit-learn's bundled digits (no download),
-# analyze it, convert it to MPO form at bond dimension 16, and check the converted model's accuracy.
-# Files go to $RUNS_DIR (default: runs/).
+# First run on an embedded default (scikit-learn's bundled digits, no download): train a dense FC2,
+# analyze it, convert it to MPO form at bond dimension 16, fine-tune the converted model with
+# distillation from the original, and evaluate it. Files go to $RUNS_DIR (default: runs/).
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
 runs="${RUNS_DIR:-runs}"
 mkdir -p "$runs"
-python "$here/quickstart.py" train "$runs/fc2_digits.pt"
-mpocompress analyze "$runs/fc2_digits.pt" --arch fc2
-mpocompress convert "$runs/fc2_digits.pt" --arch fc2 --bond-dim 16 -o "$runs/fc2_digits_d16.safetensors" --force
-python "$here/quickstart.py" evaluate "$runs/fc2_digits_d16.safetensors"
+mpocompress train --arch fc2 --data digits --epochs 10 -o "$runs/fc2_digits.safetensors" --force
+mpocompress analyze "$runs/fc2_digits.safetensors"
+mpocompress convert "$runs/fc2_digits.safetensors" --bond-dim 16 -o "$runs/fc2_digits_d16.safetensors" --force
+mpocompress finetune "$runs/fc2_digits_d16.safetensors" --data digits --distill-from "$runs/fc2_digits.safetensors" \
+    -o "$runs/fc2_digits_d16_ft.safetensors" --force
+mpocompress evaluate "$runs/fc2_digits_d16_ft.safetensors" --data digits

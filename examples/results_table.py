@@ -1,0 +1,49 @@
+"""Print the Markdown tables of docs/results.md from the JSON reports of examples/paper_results.sh.
+
+    python examples/results_table.py runs/results
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def pct(rep: dict) -> str:
+    s = f"{100 * rep['accuracy']:.2f}"
+    if rep.get("accuracy_std") is not None:
+        s += f" ± {100 * rep['accuracy_std']:.2f}"
+    return s
+
+
+def main(folder: Path) -> None:
+    def get(name: str) -> dict | None:
+        p = folder / f"{name}.json"
+        return json.loads(p.read_text()) if p.is_file() and p.stat().st_size else None
+
+    print("| network | D | test accuracy (%) | rho | parameters | epochs | wall time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, d in [("fc2_dense", "-"), *[(f"fc2_mpo_D{D}", str(D)) for D in (2, 4, 8, 16)], ("lenet5_dense", "-"), ("lenet5_mpo", "paper")]:
+        rep = get(name)
+        if rep:
+            kind = f"{rep['arch']}{' MPO-Net' if rep.get('mpo') else ' dense'} ({rep['n_runs']} runs)"
+            print(f"| {kind} | {d} | {pct(rep)} | {rep['rho']:.4f} | {rep['params_model_after']:,} | {rep['epochs']} | {rep['wall_time_s']:.0f} |")
+    print()
+    print("| model | D | rel. error (first MPO) | accuracy before conversion | right after | after fine-tuning (per epoch) | rho |")
+    print("|---|---|---|---|---|---|---|")
+    for net in ("fc2", "lenet5"):
+        dense = get(f"{net}_dense")
+        for D in (4, 16):
+            conv = get(f"{net}_convert_D{D}")
+            for kind in ("finetune", "distill"):
+                ft = get(f"{net}_{kind}_D{D}")
+                if not (dense and conv and ft):
+                    continue
+                per_epoch = ", ".join(f"{100 * h['test_accuracy']:.2f}" for h in ft["runs"][0]["history"])
+                label = f"{net}, {'plain' if kind == 'finetune' else 'distilled'}"
+                first = dense["runs"][0]["accuracy"]
+                print(f"| {label} | {D} | {conv['layers'][0]['rel_error']:.3f} | {100 * first:.2f} | "
+                      f"{100 * ft['accuracy_before']:.2f} | {per_epoch} | {ft['rho']:.4f} |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/results"))
