@@ -130,8 +130,14 @@ def run_all(job: Job, console: Console) -> list[RunOutcome]:
                     highlight=False,
                 )
 
-            result = fit(model, job.train_set, job.test_set, config, teacher=job.teacher, device=job.device,
-                         resume_state=resume_state, save_state=save_state, on_batch=on_batch, on_epoch=on_epoch, env=job.env)  # fmt: skip
+            try:
+                result = fit(model, job.train_set, job.test_set, config, teacher=job.teacher, device=job.device,
+                             resume_state=resume_state, save_state=save_state, on_batch=on_batch, on_epoch=on_epoch,
+                             env=job.env)  # fmt: skip
+            except KeyboardInterrupt:
+                if ckpt is not None and ckpt.exists() and job.env.is_main:
+                    console.print(f"interrupted: {ckpt} holds the last finished epoch; add --resume to continue", highlight=False)
+                raise
         model = model.cpu()
         if out is not None and job.env.is_main:
             extra = {"source_format": job.command, "training": {**job.describe, "config": config.to_dict(),
