@@ -201,7 +201,7 @@ def _model_from_state(state: Mapping[str, torch.Tensor], path: Path, arch: str |
     if arch is None:
         raise MPOCompressError(
             f"{path} holds a state_dict (weights only); say which architecture it belongs to with "
-            "--arch NAME (built-in: fc2, lenet5) or --arch package.module:callable"
+            "--arch NAME (built-in: fc2, lenet5, vgg16, vgg19, resnet, densenet) or --arch package.module:callable"
         )
     model = build_model(arch)
     _fit_state_dict(model, state, path, arch)
