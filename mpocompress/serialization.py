@@ -26,7 +26,8 @@ from torch import nn
 from mpocompress import __version__
 from mpocompress.errors import MPOCompressError
 from mpocompress.layers import MPO_LAYERS, layer_from_spec
-from mpocompress.zoo import ArchSpec, build_model, parse_arch
+from mpocompress.surgery import set_module
+from mpocompress.zoo import ARCHITECTURES, ArchSpec, build_model, parse_arch
 
 FORMAT = "mpocompress"
 FORMAT_VERSION = 1
@@ -201,7 +202,7 @@ def _model_from_state(state: Mapping[str, torch.Tensor], path: Path, arch: str |
     if arch is None:
         raise MPOCompressError(
             f"{path} holds a state_dict (weights only); say which architecture it belongs to with "
-            "--arch NAME (built-in: fc2, lenet5, vgg16, vgg19, resnet, densenet) or --arch package.module:callable"
+            f"--arch NAME (built-in: {', '.join(sorted(ARCHITECTURES))}) or --arch package.module:callable"
         )
     model = build_model(arch)
     _fit_state_dict(model, state, path, arch)
@@ -257,8 +258,7 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None) -> LoadedMo
                 raise MPOCompressError(f"{path}: metadata of layer {name!r} is incomplete ({_short(e)})") from None
             except MPOCompressError as e:
                 raise MPOCompressError(f"{path}: metadata of layer {name!r} is invalid: {e}") from None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, made[id(old)])
+        set_module(model, name, made[id(old)])
     try:
         state = load_file(str(path))
     except Exception as e:

@@ -411,10 +411,15 @@ def _build(p: _Plan, dec: TTDecomposition) -> nn.Module:
     return new.train(old.training)
 
 
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` at the dotted path `name` of `model` (e.g. 'features.conv5_1.linear')."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
 def _swap(model: nn.Module, names: list[str], new: nn.Module) -> None:
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        set_module(model, name, new)
 
 
 def compress_(

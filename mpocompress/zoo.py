@@ -28,6 +28,7 @@ from torch import nn
 from mpocompress.errors import MPOCompressError
 from mpocompress.layers import MPOConv2d, MPOLinear
 from mpocompress.shapes import factorize
+from mpocompress.surgery import set_module
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -396,8 +397,7 @@ def _replace(model: nn.Module, p: MPOLayerPlan) -> None:
                         padding_mode=old.padding_mode, in_modes=p.in_modes, out_modes=p.out_modes)  # fmt: skip
     else:  # pragma: no cover - the plans name Linear and Conv2d layers only
         raise MPOCompressError(f"cannot place an MPO at {p.name} ({type(old).__name__})")
-    parent, _, child = p.name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
+    set_module(model, p.name, new)
 
 
 def arch_accepts(arch: ArchSpec | str) -> set[str]:

@@ -57,9 +57,7 @@ def train(
     dev = resolve_device(device, env)
     train_set, test_set = load_data(data, data_dir, augment)
     spec = adapt_arch(arch, train_set.image_shape, train_set.num_classes)
-    build_model(spec)  # a clear error for a bad spec before anything else
-    if mpo:
-        build_mpo_net(spec, d, per_layer)
+    build_mpo_net(spec, d, per_layer) if mpo else build_model(spec)  # a bad spec fails now, before any work
 
     def make_model(seed: int):
         if mpo:
