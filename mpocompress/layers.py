@@ -1,8 +1,11 @@
 """MPO layers: drop-in replacements for nn.Linear and nn.Conv2d whose weight is an MPO.
 
 Each layer holds its cores as parameters and calls the pure functions of `mpocompress.mpo`. The
-forward pass either contracts the input through the cores or rebuilds W and calls the dense op,
-whichever the multiply-add count says is cheaper for the batch at hand (`forward_strategy`).
+forward pass follows a contraction plan chosen per input shape and cached (`plan_for`): rebuild W
+and call the dense op, contract the input through the cores, or merge consecutive cores into
+groups and contract through those, whichever the cost model of `mpocompress.mpo` says is fastest.
+While no gradient is needed for the cores (eval, `torch.no_grad()`), the merged groups (W itself
+for the dense plan) are cached and reused until the cores change (`cache_weights`).
 """
 
 from __future__ import annotations
@@ -17,20 +20,22 @@ from torch import nn
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.mpo import (
+    ContractionPlan,
     bond_caps,
     bond_dims_for,
-    contract_macs,
+    choose_plan,
+    merge_cores,
     mpo_contract,
     mpo_param_count,
     mpo_to_matrix,
     random_cores,
-    rebuild_macs,
     tt_svd,
 )
 from mpocompress.shapes import check_modes, factorize
 
-Strategy = Literal["auto", "contract", "dense"]
-STRATEGIES = ("auto", "contract", "dense")
+Strategy = Literal["auto", "contract", "merged", "dense"]
+STRATEGIES = ("auto", "contract", "merged", "dense")
+_MAX_PLANS = 64  # plans cached per layer (one per input row count and mode)
 
 
 def mpo_notation(in_modes: Sequence[int], out_modes: Sequence[int], bond_dims: Sequence[int]) -> str:
@@ -90,6 +95,14 @@ class _MPOBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.forward_strategy: Strategy = "auto"
+        self.cache_weights = True
+        self._plans: dict[tuple[Any, ...], ContractionPlan] = {}
+        self._merged: dict[tuple[int, ...], tuple[tuple[Any, ...], list[torch.Tensor]]] = {}
+        self._fast: tuple[int, list[int], torch.Tensor] | None = None  # (rows, core versions, cached W)
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles never carry caches
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_plans": {}, "_merged": {}, "_fast": None}
 
     def _init_random(
         self, nx: int, ny: int, bond_dim: int | Sequence[int], in_modes: Sequence[int] | None,
@@ -126,23 +139,86 @@ class _MPOBase(nn.Module):
         return mpo_to_matrix(list(self.cores))
 
     def set_forward_strategy(self, strategy: Strategy) -> None:
+        """Force a kind of plan: "contract" (one core at a time), "merged" (the best plan that
+        merges cores into 2..n-1 groups), "dense" (rebuild W) or "auto" (the fastest estimate)."""
         if strategy not in STRATEGIES:
             raise MPOCompressError(f"unknown forward strategy {strategy!r}; choose one of {STRATEGIES}")
         self.forward_strategy = strategy
+        self._plans.clear()
+        self._fast = None
 
-    def strategy_for(self, rows: int) -> Literal["contract", "dense"]:
-        """The path forward takes for `rows` input vectors (batch x positions for a conv)."""
-        if self.forward_strategy != "auto":
-            return self.forward_strategy  # type: ignore[return-value]
-        bonds = self.bond_dims
-        contract = contract_macs(self.in_modes, self.out_modes, bonds, rows)
-        dense = rebuild_macs(self.in_modes, self.out_modes, bonds) + rows * self.weight_numel
-        return "contract" if contract <= dense else "dense"
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:  # .to(), .cuda(), .half(): new tensors
+        self._merged.clear()
+        self._plans.clear()
+        self._fast = None
+        return super()._apply(fn, *args, **kwargs)
 
-    def _matmul(self, rows: torch.Tensor, strategy: str) -> torch.Tensor:
-        if strategy == "dense":
-            return rows @ self.weight_matrix().T
-        return mpo_contract(rows, list(self.cores))
+    def clear_weight_cache(self) -> None:
+        """Drop the cached merged cores (and W); they are rebuilt on the next no-grad call."""
+        self._merged.clear()
+        self._fast = None
+
+    def _core_params(self) -> list[torch.Tensor]:
+        return list(self.cores._parameters.values())  # faster than iterating the ParameterList
+
+    def _cache_allowed(self) -> bool:
+        """Cached merged cores may stand in for the cores when no gradient must reach them."""
+        if not self.cache_weights:
+            return False
+        return not (torch.is_grad_enabled() and any(c.requires_grad for c in self._core_params()))
+
+    def plan_for(self, rows: int, backward: bool = False, cached: bool = False) -> ContractionPlan:
+        """The contraction plan for `rows` input vectors (batch x positions for a conv): chosen
+        once per (rows, backward, cached) by the cost model, then reused."""
+        key = (rows, backward, cached, self.forward_strategy)
+        plan = self._plans.get(key)
+        if plan is None:
+            kind = None if self.forward_strategy == "auto" else self.forward_strategy
+            plan = choose_plan(self.in_modes, self.out_modes, self.bond_dims, rows, cached, backward, kind)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def strategy_for(self, rows: int) -> str:
+        """The kind of plan ("dense", "contract" or "merged") a training step with `rows` inputs takes."""
+        return self.plan_for(rows, backward=True).kind
+
+    def _groups(self, sizes: tuple[int, ...], use_cache: bool) -> list[torch.Tensor]:
+        """The cores merged into consecutive groups of the given sizes (cached when allowed)."""
+        cores = self._core_params()
+        if use_cache:  # valid while no core is written in place (its version counter moves)
+            stamp = tuple([c._version for c in cores])
+            hit = self._merged.get(sizes)
+            if hit is not None and hit[0] == stamp:
+                return hit[1]
+        groups, k = [], 0
+        for m in sizes:
+            groups.append(merge_cores(cores[k : k + m]))
+            k += m
+        if use_cache:
+            self._merged[sizes] = (stamp, [g.detach() for g in groups])
+        return groups
+
+    def _plan_call(self, n_rows: int, x: torch.Tensor) -> tuple[ContractionPlan, bool]:
+        """This call's plan and whether it may use cached merged cores."""
+        if torch.is_grad_enabled():
+            core_grad = any(c.requires_grad for c in self._core_params())
+            use_cache, backward = self.cache_weights and not core_grad, core_grad or x.requires_grad
+        else:
+            use_cache, backward = self.cache_weights, False
+        plan = self._plans.get((n_rows, backward, use_cache, self.forward_strategy))
+        return plan or self.plan_for(n_rows, backward, use_cache), use_cache
+
+    def _contract(self, rows: torch.Tensor, plan: ContractionPlan, use_cache: bool) -> torch.Tensor:
+        """y = W rows + bias through the plan's merged groups."""
+        y = mpo_contract(rows, self._groups(plan.sizes, use_cache), plan.forms)
+        return y + self.bias if self.bias is not None else y
+
+    def _weight(self, use_cache: bool) -> torch.Tensor:
+        """W (N_y x N_x) for the dense plan, cached when allowed."""
+        merged = self._groups((len(self.cores),), use_cache)[0]
+        return merged.view(merged.shape[1], merged.shape[2])
 
 
 class MPOLinear(_MPOBase):
@@ -230,12 +306,23 @@ class MPOLinear(_MPOBase):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self._fast  # eval fast path: same row count, no grad, cores unchanged since W was cached
+        if (
+            fast is not None and x.dim() == 2 and x.shape[0] == fast[0] and self.cache_weights
+            and not torch.is_grad_enabled() and fast[1] == [c._version for c in self.cores._parameters.values()]
+        ):  # fmt: skip
+            return F.linear(x, fast[2], self.bias)
         lead = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features)  # (B, N_x)
-        y = self._matmul(rows, self.strategy_for(rows.shape[0]))  # (B, N_y)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (B, N_x)
+        plan, use_cache = self._plan_call(rows.shape[0], x)
+        if plan.kind == "dense":
+            w = self._weight(use_cache)
+            if use_cache and not torch.is_grad_enabled():
+                self._fast = (rows.shape[0], [c._version for c in self._core_params()], w)
+            y = F.linear(rows, w, self.bias)
+        else:
+            y = self._contract(rows, plan, use_cache)  # (B, N_y)
+        return y if x.dim() == 2 else y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.notation()}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -428,15 +515,14 @@ class MPOConv2d(_MPOBase):
         b = x.shape[0]
         xp, pad = self._padded(x)
         oh, ow = self._output_hw(xp, pad)
-        strategy = self.strategy_for(b * oh * ow)
-        if strategy == "dense":
-            y = F.conv2d(xp, self.kernel(), self.bias, self.stride, pad, self.dilation)
+        plan, use_cache = self._plan_call(b * oh * ow, x)
+        if plan.kind == "dense":
+            kernel = self._weight(use_cache).reshape(self.out_channels, self.in_channels, *self.kernel_size)
+            y = F.conv2d(xp, kernel, self.bias, self.stride, pad, self.dilation)
         else:
             cols = F.unfold(xp, self.kernel_size, dilation=self.dilation, padding=pad, stride=self.stride)  # (B, Nx, L)
             rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B L, Nx)
-            y = self._matmul(rows, "contract")  # (B L, C_out)
-            if self.bias is not None:
-                y = y + self.bias
+            y = self._contract(rows, plan, use_cache)  # (B L, C_out)
             y = y.reshape(b, oh * ow, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, oh, ow)
         return y if batched else y.squeeze(0)
 

@@ -9,6 +9,7 @@ TT-matrix layout, with the matrix rows being the outputs.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,6 +106,86 @@ def _check_truncation(max_bond: int | None, eps: float | None) -> None:
         raise MPOCompressError(f"relative error eps must lie strictly between 0 and 1, got {eps!r}")
 
 
+_BLOCK = 1 << 20  # elements per float64 block when a Gram matrix is accumulated from a float32 matrix
+_GRAM_FLOOR = 1e-8  # below this share of the energy discarded, a Gram step is redone by exact SVD
+TT_METHODS = ("auto", "svd", "gram")
+
+
+def _gram_rows(a: torch.Tensor) -> torch.Tensor:
+    """A A^T in float64, accumulated over column blocks (A may be float32 and large)."""
+    m, n = a.shape
+    g = torch.zeros(m, m, dtype=torch.float64, device=a.device)
+    step = max(1, _BLOCK // max(m, 1))
+    for c in range(0, n, step):
+        blk = a[:, c : c + step].to(torch.float64)
+        g.addmm_(blk, blk.T)
+    return g
+
+
+def _gram_cols(a: torch.Tensor) -> torch.Tensor:
+    """A^T A in float64, accumulated over row blocks."""
+    return _gram_rows(a.T)
+
+
+def _left_times(u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """U^T A in float64 for a float64 U and a possibly float32 A, by column blocks."""
+    m, n = a.shape
+    out = torch.empty(u.shape[1], n, dtype=torch.float64, device=a.device)
+    step = max(1, _BLOCK // max(m, 1))
+    for c in range(0, n, step):
+        out[:, c : c + step] = u.T @ a[:, c : c + step].to(torch.float64)
+    return out
+
+
+def _eig_desc(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and vectors from a Gram matrix's eigendecomposition."""
+    lam, vec = torch.linalg.eigh(g)
+    return lam.flip(0).clamp_min(0).sqrt(), vec.flip(1)
+
+
+def _split(
+    a: torch.Tensor, max_bond: int | None, delta: float, method: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One TT-SVD step on the unfolding A (m x n): an orthonormal left factor U_r (m x r), the
+    remainder U_r^T A (r x n) and every singular value of A, all float64.
+
+    "svd" is LAPACK's SVD. "gram" diagonalizes the smaller Gram matrix (A A^T or A^T A) in float64,
+    which costs one GEMM and an eigendecomposition of the short side instead of an SVD of A; the
+    kept subspace is the same as the SVD's up to rounding of order 1e-16 ||A||^2 in captured energy.
+    "auto" is "gram", except that a step discarding less than 1e-8 of the energy (a nearly exact
+    factorization, where that rounding could matter) is redone by exact SVD.
+    """
+    m, n = a.shape
+    if method != "svd":
+        if m <= n:
+            s, u_all = _eig_desc(_gram_rows(a))
+            r = _keep(s, max_bond, delta)
+            u, rest = None, None
+            if not (method == "auto" and _nearly_exact(s, r)):
+                u = u_all[:, :r].contiguous()
+                rest = _left_times(u, a)
+        else:
+            s, v_all = _eig_desc(_gram_cols(a))
+            r = _keep(s, max_bond, delta)
+            u, rest = None, None
+            if not (method == "auto" and _nearly_exact(s, r)):
+                v = v_all[:, :r]
+                u, tri = torch.linalg.qr(a.to(torch.float64) @ v)  # A V_r = Q R: Q spans A's top r directions
+                rest = tri @ v.T
+        if u is not None:
+            return u, rest, s
+    u_full, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
+    r = _keep(s, max_bond, delta)
+    return u_full[:, :r], s[:r, None] * vh[:r], s
+
+
+def _nearly_exact(s: torch.Tensor, r: int) -> bool:
+    """Whether truncating to r values discards a positive share of energy below _GRAM_FLOOR."""
+    sq = s.square()
+    tail, total = float(sq[r:].sum()), float(sq.sum())
+    return 0.0 < tail < _GRAM_FLOOR * total
+
+
 def tt_svd(
     matrix: torch.Tensor,
     in_modes: Sequence[int],
@@ -112,8 +193,9 @@ def tt_svd(
     max_bond: int | None = None,
     eps: float | None = None,
     dtype: torch.dtype | None = None,
+    method: str = "auto",
 ) -> TTDecomposition:
-    """Factorize W (N_y x N_x) into an MPO by sequential SVD (TT-SVD), in float64.
+    """Factorize W (N_y x N_x) into an MPO by sequential SVD (TT-SVD), in float64 arithmetic.
 
     Args:
         matrix: the weight matrix W, rows are outputs (Eq. 2: y = W x).
@@ -121,8 +203,14 @@ def tt_svd(
         max_bond: bond dimension D; each bond is also capped at its largest useful value.
         eps: target relative Frobenius error; each of the n-1 SVDs may discard eps*||W||/sqrt(n-1).
         dtype: dtype of the returned cores (default: that of `matrix`).
+        method: how each unfolding is split: "svd" (exact SVD), "gram" (eigendecomposition of the
+            smaller Gram matrix) or "auto" (Gram, with exact SVD where a step is nearly exact);
+            see `_split`. W is never copied whole to float64: the first Gram matrix is
+            accumulated block by block.
     """
     _check_truncation(max_bond, eps)
+    if method not in TT_METHODS:
+        raise MPOCompressError(f"unknown TT-SVD method {method!r}; choose one of {TT_METHODS}")
     in_modes, out_modes = tuple(in_modes), tuple(out_modes)
     n = len(in_modes)
     if len(out_modes) != n:
@@ -134,13 +222,14 @@ def tt_svd(
             f"(they multiply to {math.prod(in_modes)} and {math.prod(out_modes)})"
         )
     out_dtype = dtype or matrix.dtype
-    w = matrix.detach().to(torch.float64)
+    w = matrix.detach()
     if not bool(torch.isfinite(w).all()):
         raise MPOCompressError("cannot factorize a matrix with NaN or Inf entries")
     norm = float(torch.linalg.vector_norm(w))
     delta = eps * norm / math.sqrt(n - 1) if (eps and n > 1) else 0.0
 
-    rest = w.reshape(*out_modes, *in_modes).permute(_interleave_perm(n))  # (J1, I1, ..., Jn, In)
+    # (J1, I1, ..., Jn, In): a copy in W's own dtype; float64 only block by block below
+    rest = w.reshape(*out_modes, *in_modes).permute(_interleave_perm(n)).contiguous()
     cores: list[torch.Tensor] = []
     spectra: list[torch.Tensor] = []
     bonds: list[int] = []
@@ -149,14 +238,14 @@ def tt_svd(
     for k in range(n - 1):
         rows = r_prev * out_modes[k] * in_modes[k]
         unfolding = rest.reshape(rows, -1)  # (D_{k-1} J_k I_k, J_{k+1} I_{k+1} ... Jn In)
-        u, s, vh = torch.linalg.svd(unfolding, full_matrices=False)
-        r = _keep(s, max_bond, delta)
+        u, rest, s = _split(unfolding, max_bond, delta, method)
+        r = u.shape[1]
         discarded_sq += float(s[r:].square().sum())
-        cores.append(u[:, :r].reshape(r_prev, out_modes[k], in_modes[k], r).to(out_dtype).contiguous())
-        rest = s[:r, None] * vh[:r]  # (D_k, remaining)
+        cores.append(u.reshape(r_prev, out_modes[k], in_modes[k], r).to(out_dtype).contiguous())
         spectra.append(s)
         bonds.append(r)
         r_prev = r
+    rest = rest.to(torch.float64)
     cores.append(rest.reshape(r_prev, out_modes[-1], in_modes[-1], 1).to(out_dtype).contiguous())
     rel = math.sqrt(discarded_sq) / norm if norm > 0 else 0.0
     return TTDecomposition(cores=cores, singular_values=spectra, bond_dims=bonds, rel_error=rel)
@@ -227,36 +316,269 @@ def unfolding_spectra(
 # --------------------------------------------------------------------------- contraction
 
 
-def mpo_to_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Rebuild W (N_y x N_x) from the cores (Eq. 5). Differentiable."""
+def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract consecutive cores (D_a, J_k, I_k, D_k) .. (D_{l-1}, J_l, I_l, D_b) into one core
+    (D_a, J_k..J_l, I_k..I_l, D_b) whose mode sizes are the products. Differentiable."""
+    if len(cores) == 1:
+        return cores[0]
+    d_left, d_right = cores[0].shape[0], cores[-1].shape[3]
     out_modes = [c.shape[1] for c in cores]
     in_modes = [c.shape[2] for c in cores]
-    n = len(cores)
-    acc = cores[0].reshape(-1, cores[0].shape[3])  # (J1 I1, D1)
+    acc = cores[0].reshape(-1, cores[0].shape[3])  # (D_a J_k I_k, D_k)
     for core in cores[1:]:
-        acc = acc @ core.reshape(core.shape[0], -1)  # (J1 I1 .. Jk Ik, D_k)
-        acc = acc.reshape(-1, core.shape[3])
-    t = acc.reshape([m for k in range(n) for m in (out_modes[k], in_modes[k])])
-    inv = list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2))  # -> (J1..Jn, I1..In)
-    return t.permute(inv).reshape(math.prod(out_modes), math.prod(in_modes))
+        acc = (acc @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[3])
+    m = len(cores)
+    t = acc.reshape(d_left, *[s for k in range(m) for s in (out_modes[k], in_modes[k])], d_right)
+    perm = [0, *range(1, 2 * m, 2), *range(2, 2 * m + 1, 2), 2 * m + 1]  # -> (D_a, J.., I.., D_b)
+    return t.permute(perm).reshape(d_left, math.prod(out_modes), math.prod(in_modes), d_right)
 
 
-def mpo_contract(x: torch.Tensor, cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """y = W x for a batch of rows x (B, N_x) -> (B, N_y), contracting through the cores one by
-    one without forming W. Differentiable."""
+def mpo_to_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rebuild W (N_y x N_x) from the cores (Eq. 5). Differentiable."""
+    merged = merge_cores(cores)
+    return merged.reshape(merged.shape[1], merged.shape[2])
+
+
+def mpo_contract(
+    x: torch.Tensor, cores: Sequence[torch.Tensor], forms: Sequence[str] | None = None
+) -> torch.Tensor:
+    """y = W x for a batch of rows x (B, N_x) -> (B, N_y), contracting through the cores left to
+    right without forming W. Differentiable.
+
+    Pass merged cores (`merge_cores` over consecutive groups) to contract through fewer, larger
+    factors. Before step k the intermediate is laid out (B J_1..J_{k-1}, D_{k-1} I_k, I_{k+1}..I_n),
+    so no step permutes it: each multiplies every slice by core k seen as the
+    (J_k D_k) x (D_{k-1} I_k) matrix, giving (B J_1..J_k, D_k I_{k+1}, I_{k+2}..I_n). How each step
+    does this is its form: "fold" (one large GEMM, torch transposes the slices in and out) or
+    "bmm" (a batched GEMM over the slices, no copies). The last step, whose slices are vectors, is
+    always one GEMM. `forms` has one entry per core but the last; default "fold".
+    """
     b = x.shape[0]
-    t = x.reshape(b, 1, -1)  # (M, D_0 I_1, I_2 .. I_n) with M = B
     m = b
-    for core in cores:
+    t = x
+    n = len(cores)
+    for k, core in enumerate(cores):
         r0, j, i, r1 = core.shape
-        t = t.reshape(m, r0 * i, -1)  # (M, D_{k-1} I_k, I_{k+1} .. I_n)
+        if k == n - 1:  # the rest is a vector per slice: one GEMM (M, D I) @ (D I, J)
+            t = t.reshape(m, r0 * i) @ core.permute(0, 2, 1, 3).reshape(r0 * i, j * r1)
+            break
+        t = t.reshape(m, r0 * i, -1)
         mat = core.permute(1, 3, 0, 2).reshape(j * r1, r0 * i)  # (J_k D_k, D_{k-1} I_k)
-        t = torch.matmul(mat, t)  # (M, J_k D_k, I_{k+1} .. I_n)
-        m *= j  # M now runs over (B, J_1 .. J_k); the next D_k I_{k+1} group is contiguous
+        if forms is not None and forms[k] == "bmm":
+            t = torch.bmm(mat.expand(m, j * r1, r0 * i), t)
+        else:
+            t = torch.matmul(mat, t)
+        m *= j
     return t.reshape(b, -1)
 
 
 # --------------------------------------------------------------------------- costs and init
+
+
+def group_sizes(n: int) -> list[tuple[int, ...]]:
+    """Every way to split n cores into consecutive groups, as tuples of group sizes (2^(n-1) ways)."""
+    if n <= 1:
+        return [(n,)] if n else []
+    out = []
+    for cuts in range(1 << (n - 1)):
+        sizes, run = [], 1
+        for k in range(n - 1):
+            if cuts >> k & 1:
+                sizes.append(run)
+                run = 1
+            else:
+                run += 1
+        out.append((*sizes, run))
+    return out
+
+
+def grouped_shapes(
+    in_modes: Sequence[int], out_modes: Sequence[int], bond_dims: Sequence[int], sizes: Sequence[int]
+) -> list[tuple[int, int, int, int]]:
+    """Shapes (D_a, J, I, D_b) of the merged cores for a split of the cores into groups."""
+    full = [1, *bond_dims, 1]
+    shapes, k = [], 0
+    for m in sizes:
+        shapes.append((full[k], math.prod(out_modes[k : k + m]), math.prod(in_modes[k : k + m]), full[k + m]))
+        k += m
+    return shapes
+
+
+@dataclass(frozen=True)
+class ContractionPlan:
+    """How an MPO layer computes y = W x: the cores are merged into consecutive groups of the
+    given sizes, then the input is contracted through the groups left to right, each step but
+    the last in the given form ("fold" or "bmm", see `mpo_contract`). One group means rebuilding
+    W and one dense product."""
+
+    sizes: tuple[int, ...]
+    forms: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        if len(self.sizes) == 1:
+            return "dense"
+        return "contract" if all(m == 1 for m in self.sizes) else "merged"
+
+    def describe(self) -> str:
+        if self.kind == "dense":
+            return "dense"
+        forms = sorted(set(self.forms))
+        return f"{self.kind} {'+'.join(map(str, self.sizes))} ({'/'.join(forms)})"
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """A roofline estimate of a plan's time: each kernel costs a fixed launch overhead, its
+    multiply-adds at peak rate, and the bytes it moves through memory when they do not fit in
+    cache; a batched GEMM of small slices runs below peak. The defaults are round figures for a
+    small CPU, checked against measured plan times in benchmarks/; only the ranking matters."""
+
+    macs_per_s: float = 1e11
+    bytes_per_s: float = 5e9
+    cache_bytes: int = 8 << 20
+    overhead_s: float = 8e-6
+    slice_overhead_s: float = 6e-7
+    copy_s_per_element: float = 1.2e-9  # a transposing copy, in cache or not
+    item_bytes: int = 4
+
+    def traffic(self, elements: int) -> float:
+        b = elements * self.item_bytes
+        return b / self.bytes_per_s if b > self.cache_bytes else 0.0
+
+    def gemm(self, m: int, k: int, n: int) -> float:
+        return self.overhead_s + m * k * n / self.macs_per_s + self.traffic(m * n)
+
+    def copy(self, elements: int) -> float:
+        return self.overhead_s + elements * self.copy_s_per_element
+
+    def bmm(self, batch: int, m: int, k: int, n: int) -> float:
+        """`batch` products (m x k) @ (k x n); slices with a small dimension run below peak."""
+        eff = min(1.0, min(m, k, n) / 48)
+        return (
+            self.overhead_s + batch * self.slice_overhead_s + batch * m * k * n / (self.macs_per_s * eff)
+            + self.traffic(batch * m * n)
+        )  # fmt: skip
+
+
+def _merge_time(chain: Sequence[tuple[int, int, int, int]], model: CostModel) -> float:
+    """Estimated time of `merge_cores` on cores of the given shapes."""
+    if len(chain) == 1:
+        return 0.0
+    t, left = 0.0, chain[0][0] * chain[0][1] * chain[0][2]
+    for r0, j, i, r1 in chain[1:]:
+        t += model.gemm(left, r0, j * i * r1)
+        left *= j * i
+    return t + model.copy(left * chain[-1][3])
+
+
+def plan_cost(
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    bond_dims: Sequence[int],
+    plan: ContractionPlan,
+    rows: int,
+    merged_cached: bool = False,
+    backward: bool = False,
+    model: CostModel | None = None,
+) -> float:
+    """Estimated time of y = W x for `rows` inputs under `plan` (and of its backward pass, with
+    `backward`). With `merged_cached` the merged groups are at hand (eval mode) and cost nothing."""
+    model = model or CostModel()
+    full = [1, *bond_dims, 1]
+    chain = [(full[k], out_modes[k], in_modes[k], full[k + 1]) for k in range(len(in_modes))]
+    merge, k = 0.0, 0
+    for m in plan.sizes:
+        merge += 0.0 if merged_cached else _merge_time(chain[k : k + m], model)
+        k += m
+    shapes = grouped_shapes(in_modes, out_modes, bond_dims, plan.sizes)
+    if len(shapes) == 1:
+        _, j, i, _ = shapes[0]
+        fwd = model.gemm(rows, i, j)
+        return merge + fwd + (2 * (merge + fwd) if backward else 0.0)
+    ins = [sh[2] for sh in shapes]
+    fwd = bwd = 0.0
+    m_rows = rows
+    for g, (r0, j, i, r1) in enumerate(shapes):
+        kk, nn = r0 * i, j * r1
+        if g == len(shapes) - 1:
+            step = model.gemm(m_rows, kk, nn)
+            fwd += step
+            bwd += 2 * step
+            break
+        rest = math.prod(ins[g + 1 :])
+        if plan.forms[g] == "bmm":
+            step = model.bmm(m_rows, nn, kk, rest)
+            fwd += step
+            bwd += 2 * step + model.traffic(m_rows * nn * kk)  # the per-slice core gradient, summed
+        else:
+            step = model.copy(m_rows * kk * rest) + model.gemm(m_rows * rest, kk, nn) + model.copy(m_rows * nn * rest)
+            fwd += step
+            bwd += 2 * step
+        m_rows *= j
+    return merge + fwd + (2 * merge + bwd if backward else 0.0)
+
+
+def grouped_macs(
+    in_modes: Sequence[int], out_modes: Sequence[int], bond_dims: Sequence[int], sizes: Sequence[int], rows: int,
+    merged_cached: bool = False,
+) -> int:  # fmt: skip
+    """Multiply-adds of a forward pass for `rows` inputs with the cores merged into groups of the
+    given sizes (the merging itself counted unless cached; one group: rebuild W, dense product)."""
+    full = [1, *bond_dims, 1]
+    total, k = 0, 0
+    if not merged_cached:
+        for m in sizes:
+            left = full[k] * out_modes[k] * in_modes[k]
+            for q in range(k + 1, k + m):
+                total += left * full[q] * out_modes[q] * in_modes[q] * full[q + 1]
+                left *= out_modes[q] * in_modes[q]
+            k += m
+    shapes = grouped_shapes(in_modes, out_modes, bond_dims, sizes)
+    ins = [sh[2] for sh in shapes]
+    j_done = 1
+    for g, (r0, j, i, r1) in enumerate(shapes):
+        total += rows * math.prod(ins[g + 1 :]) * j_done * r0 * i * j * r1
+        j_done *= j
+    return total
+
+
+def candidate_plans(n: int, kind: str | None = None) -> list[ContractionPlan]:
+    """Every plan for n cores (of one kind: "dense", "contract" or "merged", if given)."""
+    plans = []
+    for sizes in group_sizes(n):
+        for forms in itertools.product(("fold", "bmm"), repeat=len(sizes) - 1):
+            plan = ContractionPlan(sizes, forms)
+            if kind is None or plan.kind == kind:
+                plans.append(plan)
+    return plans
+
+
+def choose_plan(
+    in_modes: Sequence[int],
+    out_modes: Sequence[int],
+    bond_dims: Sequence[int],
+    rows: int,
+    merged_cached: bool = False,
+    backward: bool = False,
+    kind: str | None = None,
+    model: CostModel | None = None,
+) -> ContractionPlan:
+    """The plan with the lowest estimated time (ties: fewer groups, then "fold"). With `kind`,
+    the best plan of that kind; "merged" falls back to "contract" for two cores, where there is no
+    plan between contracting and rebuilding W."""
+    n = len(in_modes)
+    cands = candidate_plans(n, kind)
+    if not cands:
+        cands = candidate_plans(n, "contract" if n > 1 else "dense")
+    return min(
+        cands,
+        key=lambda p: (
+            plan_cost(in_modes, out_modes, bond_dims, p, rows, merged_cached, backward, model),
+            len(p.sizes),
+            p.forms.count("bmm"),
+        ),
+    )
 
 
 def contract_macs(

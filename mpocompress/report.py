@@ -25,6 +25,10 @@ class LayerReport:
     rel_error: float  # ||W - W_mpo||_F / ||W||_F
     entropy: list[float]  # entanglement entropy of each inner bond (supplement Eq. 1)
     notation: str  # M^{J..}_{I..}(D=..)
+    rows_per_sample: int | None = None  # input vectors the layer sees per sample (conv: output positions)
+    macs_dense: int | None = None  # multiply-adds per sample of the dense layer
+    macs_mpo: int | None = None  # ... of the MPO layer with its chosen plan (training step, batch `macs_batch`)
+    plan: str = ""  # that plan: dense (rebuild W), contract, or merged groups
 
 
 @dataclass
@@ -51,6 +55,9 @@ class CompressionReport:
     bond_dim: int | None  # the global D asked for; None when none was
     eps: float | None  # the relative error asked for
     applied: bool  # True once the modules have been swapped in the model
+    macs_batch: int = 64  # batch size the MPO plans (and their MACs per sample) are chosen for
+    macs_model_dense: int | None = None  # multiply-adds per sample of every Linear/Conv2d, all dense
+    macs_model_mpo: int | None = None  # ... with the MPO layers as planned
     sweep: list[CompressionReport] = field(default_factory=list)  # analyze without D: one report per D
     notes: list[str] = field(default_factory=list)  # anything the user should know
 

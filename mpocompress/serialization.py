@@ -126,8 +126,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         raise MPOCompressError(
             f"cannot read {path}: it is neither a PyTorch checkpoint (.pt/.pth) nor a safetensors file"
         )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped (private, never written back): weights are paged in as they are read
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=magic == b"PK\x03\x04")
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):  # damaged data, not a pickled class or callable that needs trust
             reason = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), _short(e))
@@ -170,7 +170,9 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> None:
+def _fit_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str, assign: bool = False
+) -> None:
     """load_state_dict(strict=True) with a one-line message saying what does not fit."""
     expected = model.state_dict()
     keys = list(state)
@@ -195,7 +197,7 @@ def _fit_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], path: P
             f"the weights in {path} do not fit architecture {arch}: {'; '.join(problems)}; "
             "check --arch and its arguments, e.g. lenet5(in_channels=3,image_size=32)"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def _model_from_state(state: Mapping[str, torch.Tensor], path: Path, arch: str | None) -> nn.Module:
@@ -204,9 +206,29 @@ def _model_from_state(state: Mapping[str, torch.Tensor], path: Path, arch: str |
             f"{path} holds a state_dict (weights only); say which architecture it belongs to with "
             f"--arch NAME (built-in: {', '.join(sorted(ARCHITECTURES))}) or --arch package.module:callable"
         )
+    model = _skeleton(arch)
+    if model is not None and all(
+        state.get(k) is not None and state[k].dtype == v.dtype for k, v in model.state_dict().items()
+    ):  # fmt: skip
+        _fit_state_dict(model, state, path, arch, assign=True)  # the file's tensors become the weights
+        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            return model
     model = build_model(arch)
     _fit_state_dict(model, state, path, arch)
     return model
+
+
+def _skeleton(arch: str) -> nn.Module | None:
+    """The architecture built on the meta device (no memory, no random init), or None when its
+    code cannot be built there; the loaded tensors are then assigned in place of the parameters,
+    so a checkpoint is held in memory once."""
+    try:
+        with torch.device("meta"):
+            return build_model(arch)
+    except MPOCompressError:
+        raise
+    except Exception:
+        return None
 
 
 def _parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:

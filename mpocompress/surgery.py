@@ -21,6 +21,8 @@ from mpocompress.errors import MPOCompressError
 from mpocompress.layers import MPO_LAYERS, MPOConv2d, MPOLinear, mpo_notation
 from mpocompress.mpo import (
     TTDecomposition,
+    choose_plan,
+    grouped_macs,
     bond_caps,
     bond_dims_for,
     bond_spectra,
@@ -475,6 +477,80 @@ def analyze(
         sub_layers = [_layer_report(p, _decompose(p, p.bond_dim, None)) for p in sub_chosen]
         report.sweep.append(_totals(sub_layers, sub_skipped, before, cfg, applied=False))
     report.notes.append("no --bond-dim given: layers show the exact MPO (bonds at their caps); pick D from the sweep")
+    return report
+
+
+def rows_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """How many input vectors each Linear/Conv2d (or MPO) layer sees per sample: one forward pass
+    of a zero batch of one sample of `input_shape` (e.g. (1, 28, 28)) with hooks."""
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, MPOLinear)):
+            hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: counts.__setitem__(n, o.numel() // o.shape[-1])))
+        elif isinstance(mod, (nn.Conv2d, MPOConv2d)):
+            hooks.append(mod.register_forward_hook(lambda m, i, o, n=name: counts.__setitem__(n, o.numel() // o.shape[-3])))
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as e:
+        raise MPOCompressError(f"the model does not run on an input of shape {tuple(input_shape)} ({e}); check --input-shape") from None
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def add_macs(
+    report: CompressionReport, model: nn.Module, rows: Mapping[str, int] | None, batch: int = 64
+) -> CompressionReport:
+    """Fill in multiply-adds per sample: each reported layer dense and as an MPO with the plan a
+    training step of `batch` samples would take, and the totals over every Linear/Conv2d of the
+    model. Without `rows` (no input shape) a Linear counts one vector per sample and convolutions
+    stay unknown."""
+    modules = dict(model.named_modules())
+
+    def n_rows(name: str) -> int | None:
+        if rows is not None:
+            return rows.get(name)
+        return 1 if isinstance(modules.get(name), (nn.Linear, MPOLinear)) else None
+
+    report.macs_batch = batch
+    by_name = {lr.name: lr for lr in report.layers}
+    total_dense = total_mpo = 0
+    known = True
+    for name, mod in modules.items():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d, *MPO_LAYERS)):
+            continue
+        r = n_rows(name)
+        if r is None:
+            known = False
+            continue
+        if isinstance(mod, MPO_LAYERS):
+            dense = r * mod.weight_numel
+            plan = mod.plan_for(batch * r, backward=True)
+            current = grouped_macs(mod.in_modes, mod.out_modes, mod.bond_dims, plan.sizes, batch * r) // batch
+        else:
+            dense = r * mod.weight.numel()
+            current = dense
+        lr = by_name.get(name)
+        if lr is not None:
+            plan = choose_plan(lr.in_modes, lr.out_modes, lr.bond_dims, batch * r, backward=True)
+            lr.rows_per_sample, lr.plan = r, plan.describe()
+            lr.macs_dense = r * lr.params_original
+            lr.macs_mpo = grouped_macs(lr.in_modes, lr.out_modes, lr.bond_dims, plan.sizes, batch * r) // batch
+            total_dense, total_mpo = total_dense + lr.macs_dense, total_mpo + lr.macs_mpo
+        else:
+            total_dense += dense
+            total_mpo += current
+    if known:
+        report.macs_model_dense, report.macs_model_mpo = total_dense, total_mpo
+    for sub in report.sweep:
+        add_macs(sub, model, rows, batch)
     return report
 
 

@@ -525,3 +525,20 @@ def adapt_arch(arch: ArchSpec | str, image_shape: tuple[int, int, int], num_clas
         if k in accepted and k not in kwargs and defaults.get(k) != v:
             kwargs[k] = v
     return ArchSpec(spec.target, kwargs)
+
+
+def default_input_shape(arch: str | None) -> tuple[int, ...] | None:
+    """One sample's input shape for a built-in architecture spec: (C, H, W) from its
+    in_channels and image_size; None for a user architecture."""
+    if not arch:
+        return None
+    try:
+        spec = parse_arch(arch)
+    except MPOCompressError:
+        return None
+    if spec.target not in ARCHITECTURES:
+        return None
+    kw = {**_defaults(ARCHITECTURES[spec.target]), **spec.kwargs}
+    if "in_channels" not in kw or "image_size" not in kw:
+        return None
+    return (int(kw["in_channels"]), int(kw["image_size"]), int(kw["image_size"]))

@@ -258,3 +258,19 @@ def test_main_turns_usage_errors_into_one_line(capsys):
 def test_module_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "mpocompress", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "analyze" in r.stdout and "convert" in r.stdout
+
+
+def test_analyze_reports_macs_per_layer_and_model(ckpts):
+    """MACs per sample: dense = rows x N_y x N_x per layer; MPO = the planned contraction's count;
+    the model totals add every Linear/Conv2d (LeNet-5's convolutions from its 1x28x28 input)."""
+    r = invoke("analyze", ckpts / "lenet5.pt", "--arch", "lenet5", "--bond-dim", "4", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    conv1 = 6 * 1 * 5 * 5 * 28 * 28  # LeNet-5's conv1 (padding 2) has 28x28 output positions
+    assert d["macs_model_dense"] > conv1
+    assert d["macs_model_mpo"] < d["macs_model_dense"]
+    for layer in d["layers"]:
+        assert layer["macs_dense"] == layer["rows_per_sample"] * layer["params_original"]
+        assert 0 < layer["macs_mpo"] and layer["plan"]
+    bad = invoke("analyze", ckpts / "lenet5.pt", "--arch", "lenet5", "--input-shape", "1,x,28")
+    assert bad.exit_code != 0 and "--input-shape" in bad.output

@@ -1,7 +1,10 @@
 """MPO layers against their dense counterparts, on both forward paths."""
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
@@ -112,16 +115,128 @@ def test_repr_uses_paper_notation():
     assert "M^{2,5,6,2}_{2,10,10,2}(D=4)" in repr(conv) and "kernel_size=(5, 5)" in repr(conv)
 
 
-def test_strategy_choice_follows_the_cost_model():
-    small = MPOLinear(784, 256, bond_dim=16)
-    assert small.strategy_for(1) == "contract"  # rebuilding W costs more than one vector's contraction
-    assert small.strategy_for(8192) == "dense"  # large batches amortise the rebuild
-    wide = MPOLinear(4096, 4096, bond_dim=4)
-    assert wide.strategy_for(64) == "contract"
+def test_plan_choice_follows_the_cost_model():
+    small = MPOLinear(784, 256, bond_dim=4, in_modes=(4, 7, 7, 4), out_modes=(4, 4, 4, 4))
+    assert small.plan_for(1).kind != "dense"  # one vector: rebuilding W costs more than contracting
+    assert small.plan_for(65536).kind == "dense"  # a huge batch amortises the rebuild
+    heavy = MPOLinear(784, 256, bond_dim=16, in_modes=(4, 7, 7, 4), out_modes=(4, 4, 4, 4))
+    assert heavy.plan_for(512).kind == "dense"  # the rebuild is cheap next to 512 products
+    assert heavy.plan_for(64).kind != "dense"  # ... but not next to 64
+    assert heavy.plan_for(64, cached=True).kind == "dense"  # eval mode: the cached W wins
+    wide = MPOLinear(4096, 4096, bond_dim=16, in_modes=(8,) * 4, out_modes=(8,) * 4)
+    assert wide.plan_for(512).sizes == (2, 2)  # halves: half the dense MACs, no rebuild
+    assert wide.plan_for(512, backward=True).sizes == (2, 2)
     small.set_forward_strategy("dense")
-    assert small.strategy_for(1) == "dense"
+    assert small.plan_for(1).kind == "dense"
+    small.set_forward_strategy("merged")
+    assert small.plan_for(1).kind == "merged"
     with pytest.raises(MPOCompressError):
         small.set_forward_strategy("fastest")
+
+
+def test_plans_are_cached_per_shape_not_replanned(monkeypatch):
+    layer = MPOLinear(64, 64, bond_dim=4)
+    calls = []
+    import mpocompress.layers as layers_mod
+
+    real = layers_mod.choose_plan
+    monkeypatch.setattr(layers_mod, "choose_plan", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    x = torch.randn(8, 64)
+    for _ in range(5):
+        layer(x)
+    layer(torch.randn(3, 64))
+    assert calls == [8, 3]  # one plan per row count, reused afterwards
+
+
+def _every_plan(layer):
+    from mpocompress.mpo import candidate_plans
+
+    return candidate_plans(len(layer.cores))
+
+
+@pytest.mark.parametrize(
+    "in_f,out_f,d,modes",
+    [(24, 30, 3, dict(in_modes=(2, 3, 4), out_modes=(5, 3, 2))), (48, 20, 2, dict(in_modes=(2, 2, 3, 4), out_modes=(1, 5, 2, 2)))],
+)
+def test_every_plan_matches_the_dense_product_and_its_gradients(in_f, out_f, d, modes):
+    """Forward and gradients (cores, bias, input) of every plan against F.linear on the rebuilt W,
+    in float64 (tolerance 1e-10)."""
+    torch.manual_seed(0)
+    layer = MPOLinear(in_f, out_f, bond_dim=d, dtype=torch.float64, **modes)
+    x = torch.randn(5, in_f, dtype=torch.float64)
+    gy = torch.randn(5, out_f, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    cores_ref = [c.detach().clone().requires_grad_() for c in layer.cores]
+    bias_ref = layer.bias.detach().clone().requires_grad_()
+    from mpocompress.mpo import mpo_to_matrix
+
+    y_ref = F.linear(xr, mpo_to_matrix(cores_ref), bias_ref)
+    g_ref = torch.autograd.grad(y_ref, [xr, *cores_ref, bias_ref], gy)
+    plans = _every_plan(layer)
+    assert {p.kind for p in plans} == {"dense", "contract", "merged"}
+    assert {f for p in plans for f in p.forms} == {"fold", "bmm"}
+    for plan in plans:
+        layer._plans = {(5, True, False, "auto"): plan}  # force this plan for the call below
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10, msg=plan.describe())
+        g = torch.autograd.grad(y, [xi, *layer.cores, layer.bias], gy)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=plan.describe())
+
+
+@pytest.mark.parametrize("strategy", ["contract", "merged", "dense"])
+def test_conv_plans_match_dense_conv(strategy):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    mpo = MPOConv2d.from_conv(conv, bond_dim=10_000, in_modes=(2, 2, 9), out_modes=(1, 2, 3))
+    mpo.set_forward_strategy(strategy)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+    y = mpo(x)
+    torch.testing.assert_close(y, conv(x), atol=1e-10, rtol=1e-10)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    (gx_ref,) = torch.autograd.grad(conv(x).sum(), [x])
+    torch.testing.assert_close(gx, gx_ref, atol=1e-10, rtol=1e-10)
+
+
+def test_eval_cache_reuses_w_until_the_cores_change():
+    torch.manual_seed(0)
+    layer = MPOLinear(784, 256, bond_dim=16, in_modes=(4, 7, 7, 4), out_modes=(4, 4, 4, 4)).eval()
+    x = torch.randn(64, 784)  # eval, 64 rows: the cached-W plan
+    with torch.no_grad():
+        y1 = layer(x)
+        w_cached = layer._merged[(4,)][1][0]
+        layer(x)
+        assert layer._merged[(4,)][1][0] is w_cached  # reused, not rebuilt
+    torch.testing.assert_close(y1, x @ layer.weight_matrix().detach().T + layer.bias.detach(), **TOL)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer.train()
+    layer(x).square().mean().backward()  # a training step: no cache while gradients are needed
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        y2 = layer(x)
+    assert layer._merged[(4,)][1][0] is not w_cached  # the optimizer step changed the cores
+    torch.testing.assert_close(y2, x @ layer.weight_matrix().detach().T + layer.bias.detach(), **TOL)
+    layer.load_state_dict({k: v * 0.5 for k, v in layer.state_dict().items()})
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.weight_matrix().T + layer.bias, **TOL)
+    layer.cache_weights = False
+    layer.clear_weight_cache()
+    with torch.no_grad():
+        layer(x)
+    assert layer._merged == {}
+    clone = copy.deepcopy(layer)
+    assert clone._merged == {} and clone._plans == {}
+
+
+def test_gradients_still_reach_the_cores_in_eval_mode():
+    layer = MPOLinear(64, 32, bond_dim=4).eval()
+    x = torch.randn(300, 64)
+    with torch.no_grad():
+        layer(x)  # fills the cache
+    layer(x).sum().backward()  # grad enabled, cores require grad: the cache must not be used
+    assert all(c.grad is not None and bool(c.grad.abs().sum() > 0) for c in layer.cores)
 
 
 def test_grouped_convolutions_are_refused():

@@ -210,3 +210,62 @@ def test_random_cores_scale():
     cores = random_cores((4, 7, 7, 4), (4, 4, 4, 4), [8, 8, 8], target, generator=torch.Generator().manual_seed(1))
     std = float(mpo_to_matrix(cores).std())
     assert abs(std / target - 1) < 0.2
+
+
+@pytest.mark.parametrize("method", ["gram", "auto"])
+@pytest.mark.parametrize(
+    "shape,in_modes,out_modes,d",
+    [((64, 96), (4, 4, 6), (4, 4, 4), 5), ((120, 36), (3, 3, 4), (5, 4, 6), 7), ((40, 40), (2, 2, 2, 5), (2, 2, 2, 5), 3)],
+)
+def test_gram_tt_svd_matches_exact_svd(method, shape, in_modes, out_modes, d, monkeypatch):
+    """The Gram path keeps the SVD's subspaces: same bond dims, relative error within 1.001x of the
+    exact TT-SVD's, orthonormal left cores, and the same singular values (float64)."""
+    import mpocompress.mpo as mpo_mod
+
+    monkeypatch.setattr(mpo_mod, "_BLOCK", 97)  # force the block-by-block Gram accumulation
+    torch.manual_seed(0)
+    w = torch.randn(*shape)
+    exact = tt_svd(w, in_modes, out_modes, max_bond=d, method="svd")
+    fast = tt_svd(w, in_modes, out_modes, max_bond=d, method=method)
+    assert fast.bond_dims == exact.bond_dims
+    err = float(torch.linalg.norm(mpo_to_matrix(fast.cores).double() - w.double()) / torch.linalg.norm(w.double()))
+    assert err <= 1.001 * exact.rel_error
+    assert fast.rel_error == pytest.approx(err, rel=1e-4)
+    for s_fast, s_exact in zip(fast.singular_values, exact.singular_values):
+        torch.testing.assert_close(s_fast[: d + 2], s_exact[: d + 2], rtol=1e-6, atol=1e-9)
+    for core in fast.cores[:-1]:
+        u = core.double().reshape(-1, core.shape[3])
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_auto_falls_back_to_exact_svd_for_nearly_exact_factorizations():
+    """A matrix that is an MPO of bond 3 plus 1e-7 noise: 'auto' must keep the exact SVD's tiny
+    error, which a float64 Gram matrix cannot resolve."""
+    torch.manual_seed(0)
+    cores = random_cores((4, 4, 4), (4, 4, 4), [3, 3], 1.0, dtype=torch.float64)
+    w = mpo_to_matrix(cores) + 1e-9 * torch.randn(64, 64, dtype=torch.float64)
+    exact = tt_svd(w, (4, 4, 4), (4, 4, 4), max_bond=3, method="svd")
+    auto = tt_svd(w, (4, 4, 4), (4, 4, 4), max_bond=3, method="auto")
+    gram = tt_svd(w, (4, 4, 4), (4, 4, 4), max_bond=3, method="gram")
+    assert not all(torch.equal(a, b) for a, b in zip(gram.cores, exact.cores))  # Gram rounds differently
+    assert all(torch.equal(a, b) for a, b in zip(auto.cores, exact.cores))  # auto took the exact SVD
+    err = float(torch.linalg.norm(mpo_to_matrix(auto.cores) - w) / torch.linalg.norm(w))
+    assert err <= 1.001 * exact.rel_error
+
+
+def test_unknown_tt_method_is_an_error():
+    with pytest.raises(MPOCompressError, match="method"):
+        tt_svd(torch.randn(4, 4), (2, 2), (2, 2), max_bond=2, method="qr")
+
+
+def test_grouped_macs_and_merge_cores_agree_with_the_dense_matrix():
+    torch.manual_seed(0)
+    from mpocompress.mpo import grouped_macs, merge_cores
+
+    cores = random_cores((2, 3, 4), (3, 2, 2), [2, 3], 1.0, dtype=torch.float64)
+    w = mpo_to_matrix(cores)
+    merged = merge_cores(cores[:2])
+    assert merged.shape == (1, 6, 6, 3)
+    torch.testing.assert_close(mpo_to_matrix([merged, cores[2]]), w)
+    assert grouped_macs((2, 3, 4), (3, 2, 2), [2, 3], (3,), 5, merged_cached=True) == 5 * 24 * 12
+    assert grouped_macs((2, 3, 4), (3, 2, 2), [2, 3], (1, 1, 1), 7) == contract_macs((2, 3, 4), (3, 2, 2), [2, 3], 7)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import typer
 
 from mpocompress.cli import app
 from mpocompress.cli.common import (
     ARCH_OPT, BOND_OPT, CORES_OPT, EPS_OPT, EXCLUDE_OPT, JSON_OPT, LAYERS_OPT, MODEL_ARG, SHAPE_OPT, TRUST_OPT,
-    build_config, handle_errors, print_json,
+    build_config, handle_errors, parse_input_shape, print_json,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, render_report
 from mpocompress.serialization import load_model
+from mpocompress.surgery import add_macs, rows_per_sample
 from mpocompress.surgery import analyze as analyze_model
+from mpocompress.zoo import default_input_shape
 
 
 @app.command()
@@ -28,15 +31,23 @@ def analyze(
     cores: str = CORES_OPT,
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
+    input_shape: str | None = typer.Option(
+        None, "--input-shape", metavar="C,H,W",
+        help="Shape of one input sample, to count multiply-adds of convolutions (default: from a built-in --arch).",
+    ),
 ) -> None:
     """Show the heaviest layers and what an MPO of bond dimension D would cost and lose.
 
     Without --bond-dim or --eps: the exact MPO of each candidate layer and a sweep over
-    D = 2, 4, 8, 16, 32. The model file is only read.
+    D = 2, 4, 8, 16, 32. Multiply-adds per sample are shown dense and as MPO with the plan a
+    training step of batch 64 takes. The model file is only read.
     """
     config = build_config(bond_dim, shape, layers, exclude, eps, cores)
+    sample = parse_input_shape(input_shape)
     loaded = load_model(model, arch, trust_pickle)
     report = analyze_model(loaded.model, config)
+    sample = sample or default_input_shape(loaded.arch)
+    add_macs(report, loaded.model, rows_per_sample(loaded.model, sample) if sample else None)
     if json_out:
         print_json({"model": str(model), "arch": loaded.arch, **report.to_dict()})
     else:

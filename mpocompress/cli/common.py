@@ -146,3 +146,16 @@ EPS_OPT = typer.Option(None, "--eps", metavar="E", help="Target relative Frobeni
 CORES_OPT = typer.Option("4", "--cores", metavar="N", help="Number of MPO cores n for layers without --shape.")
 TRUST_OPT = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled model. Unpickling can run arbitrary code: only for files you trust.")
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+
+
+def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
+    """'1,28,28' -> (1, 28, 28); None stays None."""
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise MPOCompressError(f"--input-shape must be positive whole numbers like 1,28,28 (C,H,W), got {text!r}")
+    return dims

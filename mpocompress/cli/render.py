@@ -49,7 +49,14 @@ def layers_table(report: CompressionReport, title: str) -> Table:
     t.add_column("rho", justify="right")
     t.add_column("rel. error", justify="right")
     t.add_column("entropy per bond")
+    macs = any(lr.macs_dense is not None for lr in report.layers)
+    if macs:
+        t.add_column("MACs/sample dense", justify="right")
+        t.add_column(f"MACs/sample MPO (plan, batch {report.macs_batch})", justify="right")
     for lr in report.layers:
+        extra = (
+            [_fmt_int(lr.macs_dense), f"{_fmt_int(lr.macs_mpo)} ({lr.plan})"] if lr.macs_dense is not None else ["-", "-"]
+        ) if macs else []  # fmt: skip
         t.add_row(
             lr.name,
             lr.kind,
@@ -61,9 +68,18 @@ def layers_table(report: CompressionReport, title: str) -> Table:
             f"{lr.rho:.4g}",
             _fmt_err(lr.rel_error),
             ",".join(f"{s:.2f}" for s in lr.entropy),
+            *extra,
         )
     t.add_section()
-    t.add_row("total", "", "", "", "", _fmt_int(report.params_original), _fmt_int(report.params_mpo), f"{report.rho:.4g}", "", "")
+    totals = ["total", "", "", "", "", _fmt_int(report.params_original), _fmt_int(report.params_mpo), f"{report.rho:.4g}", "", ""]
+    if macs:
+        known = report.macs_model_dense is not None
+        totals += [_fmt_int(report.macs_model_dense) if known else "?", _fmt_int(report.macs_model_mpo) if known else "?"]
+    t.add_row(*totals)
+    if macs:
+        t.caption = "MAC totals are over every Linear/Conv2d of the model" + (
+            "" if report.macs_model_dense is not None else "; convolutions need --input-shape C,H,W"
+        )
     for col in t.columns:
         col.overflow = "fold"
     return t
