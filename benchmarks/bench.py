@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpocompress.layers import MPOLinear
-from mpocompress.mpo import tt_svd, mpo_to_matrix
+from mpocompress.mpo import mpo_to_matrix, tt_svd
 from mpocompress.zoo import build_model, build_mpo_net
 
 LAYERS = [  # (in, out, in_modes, out_modes, D)
@@ -143,28 +143,19 @@ def bench_layers(budget: float, batches: tuple[int, ...], configs: list[tuple]) 
                 times = {}
                 for impl in impls:
                     m = impl.module
-                    if mode == "forward":
-                        if impl.name == "mpocompress":
-                            mpo.cache_weights = False
-                        m.train()
-
-                        def fn(m=m):
-                            with torch.no_grad():
-                                m(x)
-                    elif mode.startswith("forward (eval"):
-                        if impl.name == "mpocompress":
-                            mpo.cache_weights = True
-                        m.eval()
-
-                        def fn(m=m):
-                            with torch.no_grad():
-                                m(x)
-                    else:
+                    if mode == "forward+backward":
                         m.train()
                         inputs = [xg, *impl.params]
 
                         def fn(m=m, inputs=inputs):
                             torch.autograd.grad(m(xg), inputs, gy)
+                    else:  # plain forward: training mode, no weight cache; eval: the cache may be used
+                        mpo.cache_weights = mode != "forward"
+                        m.train(mode == "forward")
+
+                        def fn(m=m):
+                            with torch.no_grad():
+                                m(x)
 
                     times[impl.name] = median_time(fn, budget)
                 mpo.cache_weights = True
@@ -299,10 +290,6 @@ def markdown(result: dict[str, Any]) -> str:
             res = r["results"]
             tl = res.get("tensorly")
             out.append(
-                f"| {r['matrix']} | {r['D']} | {res['mpocompress']['time_s']:.3f} | {res['exact SVD']['time_s']:.3f} | "
-                f"{tl['time_s']:.3f} | " if tl else "- | "
-            )
-            out[-1] = (
                 f"| {r['matrix']} | {r['D']} | {res['mpocompress']['time_s']:.3f} | {res['exact SVD']['time_s']:.3f} | "
                 + (f"{tl['time_s']:.3f}" if tl else "-")
                 + f" | {r['exact_over_ours']:.2f} | "

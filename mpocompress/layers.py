@@ -98,11 +98,10 @@ class _MPOBase(nn.Module):
         self.cache_weights = True
         self._plans: dict[tuple[Any, ...], ContractionPlan] = {}
         self._merged: dict[tuple[int, ...], tuple[tuple[Any, ...], list[torch.Tensor]]] = {}
-        self._fast: tuple[int, list[int], torch.Tensor] | None = None  # (rows, core versions, cached W)
+        self._fast: tuple[int, tuple[int, ...], torch.Tensor] | None = None  # (rows, core versions, cached W)
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles never carry caches
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_plans": {}, "_merged": {}, "_fast": None}
+        return {**self.__dict__, "_plans": {}, "_merged": {}, "_fast": None}
 
     def _init_random(
         self, nx: int, ny: int, bond_dim: int | Sequence[int], in_modes: Sequence[int] | None,
@@ -161,11 +160,9 @@ class _MPOBase(nn.Module):
     def _core_params(self) -> list[torch.Tensor]:
         return list(self.cores._parameters.values())  # faster than iterating the ParameterList
 
-    def _cache_allowed(self) -> bool:
-        """Cached merged cores may stand in for the cores when no gradient must reach them."""
-        if not self.cache_weights:
-            return False
-        return not (torch.is_grad_enabled() and any(c.requires_grad for c in self._core_params()))
+    def _versions(self) -> tuple[int, ...]:
+        """The cores' version counters: a cache built from them is valid while these are unchanged."""
+        return tuple([c._version for c in self.cores._parameters.values()])
 
     def plan_for(self, rows: int, backward: bool = False, cached: bool = False) -> ContractionPlan:
         """The contraction plan for `rows` input vectors (batch x positions for a conv): chosen
@@ -187,8 +184,8 @@ class _MPOBase(nn.Module):
     def _groups(self, sizes: tuple[int, ...], use_cache: bool) -> list[torch.Tensor]:
         """The cores merged into consecutive groups of the given sizes (cached when allowed)."""
         cores = self._core_params()
-        if use_cache:  # valid while no core is written in place (its version counter moves)
-            stamp = tuple([c._version for c in cores])
+        if use_cache:
+            stamp = self._versions()
             hit = self._merged.get(sizes)
             if hit is not None and hit[0] == stamp:
                 return hit[1]
@@ -201,14 +198,14 @@ class _MPOBase(nn.Module):
         return groups
 
     def _plan_call(self, n_rows: int, x: torch.Tensor) -> tuple[ContractionPlan, bool]:
-        """This call's plan and whether it may use cached merged cores."""
+        """This call's plan and whether it may use cached merged cores (only when no gradient
+        must reach the cores)."""
         if torch.is_grad_enabled():
             core_grad = any(c.requires_grad for c in self._core_params())
             use_cache, backward = self.cache_weights and not core_grad, core_grad or x.requires_grad
         else:
             use_cache, backward = self.cache_weights, False
-        plan = self._plans.get((n_rows, backward, use_cache, self.forward_strategy))
-        return plan or self.plan_for(n_rows, backward, use_cache), use_cache
+        return self.plan_for(n_rows, backward, use_cache), use_cache
 
     def _contract(self, rows: torch.Tensor, plan: ContractionPlan, use_cache: bool) -> torch.Tensor:
         """y = W rows + bias through the plan's merged groups."""
@@ -309,7 +306,7 @@ class MPOLinear(_MPOBase):
         fast = self._fast  # eval fast path: same row count, no grad, cores unchanged since W was cached
         if (
             fast is not None and x.dim() == 2 and x.shape[0] == fast[0] and self.cache_weights
-            and not torch.is_grad_enabled() and fast[1] == [c._version for c in self.cores._parameters.values()]
+            and not torch.is_grad_enabled() and fast[1] == self._versions()
         ):  # fmt: skip
             return F.linear(x, fast[2], self.bias)
         lead = x.shape[:-1]
@@ -318,7 +315,7 @@ class MPOLinear(_MPOBase):
         if plan.kind == "dense":
             w = self._weight(use_cache)
             if use_cache and not torch.is_grad_enabled():
-                self._fast = (rows.shape[0], [c._version for c in self._core_params()], w)
+                self._fast = (rows.shape[0], self._versions(), w)
             y = F.linear(rows, w, self.bias)
         else:
             y = self._contract(rows, plan, use_cache)  # (B, N_y)

@@ -122,11 +122,6 @@ def _gram_rows(a: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def _gram_cols(a: torch.Tensor) -> torch.Tensor:
-    """A^T A in float64, accumulated over row blocks."""
-    return _gram_rows(a.T)
-
-
 def _left_times(u: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """U^T A in float64 for a float64 U and a possibly float32 A, by column blocks."""
     m, n = a.shape
@@ -157,23 +152,15 @@ def _split(
     """
     m, n = a.shape
     if method != "svd":
-        if m <= n:
-            s, u_all = _eig_desc(_gram_rows(a))
-            r = _keep(s, max_bond, delta)
-            u, rest = None, None
-            if not (method == "auto" and _nearly_exact(s, r)):
-                u = u_all[:, :r].contiguous()
-                rest = _left_times(u, a)
-        else:
-            s, v_all = _eig_desc(_gram_cols(a))
-            r = _keep(s, max_bond, delta)
-            u, rest = None, None
-            if not (method == "auto" and _nearly_exact(s, r)):
-                v = v_all[:, :r]
-                u, tri = torch.linalg.qr(a.to(torch.float64) @ v)  # A V_r = Q R: Q spans A's top r directions
-                rest = tri @ v.T
-        if u is not None:
-            return u, rest, s
+        s, vecs = _eig_desc(_gram_rows(a) if m <= n else _gram_rows(a.T))
+        r = _keep(s, max_bond, delta)
+        if not (method == "auto" and _nearly_exact(s, r)):
+            if m <= n:  # vecs are A's left singular vectors
+                u = vecs[:, :r].contiguous()
+                return u, _left_times(u, a), s
+            v = vecs[:, :r]  # right singular vectors: A V_r = Q R, and Q spans A's top r directions
+            u, tri = torch.linalg.qr(a.to(torch.float64) @ v)
+            return u, tri @ v.T, s
     u_full, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
     r = _keep(s, max_bond, delta)
     return u_full[:, :r], s[:r, None] * vh[:r], s
@@ -584,25 +571,14 @@ def choose_plan(
 def contract_macs(
     in_modes: Sequence[int], out_modes: Sequence[int], bond_dims: Sequence[int], batch: int
 ) -> int:
-    """Multiply-adds of `mpo_contract` for `batch` rows: at step k every (b, j_<k, i_>k) slice
-    multiplies a D_{k-1} I_k vector by a (D_{k-1} I_k) x (J_k D_k) matrix."""
-    full = [1, *bond_dims, 1]
-    total = 0
-    for k in range(len(in_modes)):
-        left_j = math.prod(out_modes[:k])
-        right_i = math.prod(in_modes[k + 1 :])
-        total += batch * left_j * right_i * full[k] * in_modes[k] * out_modes[k] * full[k + 1]
-    return total
+    """Multiply-adds of `mpo_contract` through the unmerged cores for `batch` rows: at step k every
+    (b, j_<k, i_>k) slice multiplies a D_{k-1} I_k vector by a (D_{k-1} I_k) x (J_k D_k) matrix."""
+    return grouped_macs(in_modes, out_modes, bond_dims, (1,) * len(in_modes), batch)
 
 
 def rebuild_macs(in_modes: Sequence[int], out_modes: Sequence[int], bond_dims: Sequence[int]) -> int:
     """Multiply-adds of `mpo_to_matrix`."""
-    full = [1, *bond_dims, 1]
-    total, left = 0, in_modes[0] * out_modes[0]
-    for k in range(1, len(in_modes)):
-        total += left * full[k] * in_modes[k] * out_modes[k] * full[k + 1]
-        left *= in_modes[k] * out_modes[k]
-    return total
+    return grouped_macs(in_modes, out_modes, bond_dims, (len(in_modes),), 0)
 
 
 def random_cores(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +21,13 @@ from mpocompress.errors import MPOCompressError
 from mpocompress.layers import MPO_LAYERS, MPOConv2d, MPOLinear, mpo_notation
 from mpocompress.mpo import (
     TTDecomposition,
-    choose_plan,
-    grouped_macs,
     bond_caps,
     bond_dims_for,
     bond_spectra,
+    choose_plan,
     compression_ratio,
     entanglement_entropy,
+    grouped_macs,
     mpo_param_count,
     tt_round,
     tt_svd,
@@ -505,6 +505,15 @@ def rows_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str,
     return counts
 
 
+def _mpo_macs(
+    in_modes: Sequence[int], out_modes: Sequence[int], bond_dims: Sequence[int], rows: int, batch: int
+) -> tuple[int, str]:
+    """Multiply-adds per sample of an MPO seeing `rows` vectors per sample, with the plan a
+    training step of `batch` samples takes, and that plan."""
+    plan = choose_plan(in_modes, out_modes, bond_dims, batch * rows, backward=True)
+    return grouped_macs(in_modes, out_modes, bond_dims, plan.sizes, batch * rows) // batch, plan.describe()
+
+
 def add_macs(
     report: CompressionReport, model: nn.Module, rows: Mapping[str, int] | None, batch: int = 64
 ) -> CompressionReport:
@@ -530,23 +539,18 @@ def add_macs(
         if r is None:
             known = False
             continue
-        if isinstance(mod, MPO_LAYERS):
-            dense = r * mod.weight_numel
-            plan = mod.plan_for(batch * r, backward=True)
-            current = grouped_macs(mod.in_modes, mod.out_modes, mod.bond_dims, plan.sizes, batch * r) // batch
-        else:
-            dense = r * mod.weight.numel()
-            current = dense
         lr = by_name.get(name)
-        if lr is not None:
-            plan = choose_plan(lr.in_modes, lr.out_modes, lr.bond_dims, batch * r, backward=True)
-            lr.rows_per_sample, lr.plan = r, plan.describe()
+        if lr is not None:  # a layer the report writes as an MPO
+            lr.rows_per_sample = r
             lr.macs_dense = r * lr.params_original
-            lr.macs_mpo = grouped_macs(lr.in_modes, lr.out_modes, lr.bond_dims, plan.sizes, batch * r) // batch
-            total_dense, total_mpo = total_dense + lr.macs_dense, total_mpo + lr.macs_mpo
+            lr.macs_mpo, lr.plan = _mpo_macs(lr.in_modes, lr.out_modes, lr.bond_dims, r, batch)
+            dense, current = lr.macs_dense, lr.macs_mpo
+        elif isinstance(mod, MPO_LAYERS):  # already an MPO, left as it is
+            dense = r * mod.weight_numel
+            current = _mpo_macs(mod.in_modes, mod.out_modes, mod.bond_dims, r, batch)[0]
         else:
-            total_dense += dense
-            total_mpo += current
+            dense = current = r * mod.weight.numel()
+        total_dense, total_mpo = total_dense + dense, total_mpo + current
     if known:
         report.macs_model_dense, report.macs_model_mpo = total_dense, total_mpo
     for sub in report.sweep:

@@ -54,9 +54,10 @@ def layers_table(report: CompressionReport, title: str) -> Table:
         t.add_column("MACs/sample dense", justify="right")
         t.add_column(f"MACs/sample MPO (plan, batch {report.macs_batch})", justify="right")
     for lr in report.layers:
-        extra = (
-            [_fmt_int(lr.macs_dense), f"{_fmt_int(lr.macs_mpo)} ({lr.plan})"] if lr.macs_dense is not None else ["-", "-"]
-        ) if macs else []  # fmt: skip
+        extra = []
+        if macs:
+            known = lr.macs_dense is not None
+            extra = [_fmt_int(lr.macs_dense), f"{_fmt_int(lr.macs_mpo)} ({lr.plan})"] if known else ["-", "-"]
         t.add_row(
             lr.name,
             lr.kind,
