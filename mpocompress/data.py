@@ -429,30 +429,32 @@ def _tensor_file(path: Path, split: str, seed: int) -> ImageSet:
     if "x_train" in t or "x_test" in t:
         if not all(k in t for k in ("x_train", "y_train", "x_test", "y_test")):
             raise MPOCompressError(f"dataset file {path} must hold x_train, y_train, x_test and y_test together")
-        xs = {s: _as_images(t[f"x_{s}"], str(path)) for s in ("train", "test")}
-        ys = {s: t[f"y_{s}"] for s in ("train", "test")}
-        x_train, x, y = xs["train"], xs[split], ys[split]
+        pairs = {s: (t[f"x_{s}"], t[f"y_{s}"]) for s in ("train", "test")}
     elif "x" in t and "y" in t:
-        x_all, y_all = _as_images(t["x"], str(path)), t["y"]
-        _check_count(x_all, y_all, str(path))
+        pairs = {"all": (t["x"], t["y"])}
+    else:
+        raise MPOCompressError(f"dataset file {path} holds {', '.join(sorted(t)) or 'nothing'}; it needs tensors x and y")
+    for x, y in pairs.values():  # the whole file is checked, whichever split is asked for
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
+            raise MPOCompressError(f"{path}: labels y must be a 1-D tensor of class indices, got {y.dtype} {tuple(y.shape)}")
+        if not (x.dtype == torch.uint8 or x.dtype.is_floating_point):
+            raise MPOCompressError(f"{path}: x must be uint8 or floating point, got {x.dtype}")
+        _check_count(_as_images(x, str(path)), y, str(path))
+        if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+            raise MPOCompressError(f"{path}: x holds NaN or Inf values; remove or repair those examples")
+        if int(y.min()) < 0:
+            raise MPOCompressError(f"{path}: labels must be class indices >= 0, found {int(y.min())}")
+    num_classes = max(int(y.max()) for _, y in pairs.values()) + 1
+    if "all" in pairs:
+        x_all, y_all = _as_images(pairs["all"][0], str(path)), pairs["all"][1]
         train_idx, test_idx = _split(len(y_all), seed)
         x_train = x_all[train_idx]
         idx = train_idx if split == "train" else test_idx
         x, y = x_all[idx], y_all[idx]
     else:
-        raise MPOCompressError(f"dataset file {path} holds {', '.join(sorted(t)) or 'nothing'}; it needs tensors x and y")
-    if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
-        raise MPOCompressError(f"{path}: labels y must be a 1-D tensor of class indices, got {y.dtype} {tuple(y.shape)}")
-    if not (x.dtype == torch.uint8 or x.dtype.is_floating_point):
-        raise MPOCompressError(f"{path}: x must be uint8 or floating point, got {x.dtype}")
+        x_train = _as_images(pairs["train"][0], str(path))
+        x, y = _as_images(pairs[split][0], str(path)), pairs[split][1]
     y = y.to(torch.int64)
-    _check_count(x, y, str(path))
-    if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
-        raise MPOCompressError(f"{path}: x holds NaN or Inf values")
-    num_classes = int(max(t[k].max() for k in t if k.startswith("y"))) + 1
-    _check_labels(y, num_classes, str(path))
-    if int(y.min()) < 0:
-        raise MPOCompressError(f"{path}: labels must be class indices >= 0")
     ref = x_train.float() / 255.0 if x_train.dtype == torch.uint8 else x_train.float()
     dims = (0, 2, 3)
     mean = tuple(float(v) for v in ref.mean(dims))

@@ -8,3 +8,19 @@ class MPOCompressError(ValueError):
 
     The command-line interface prints the message on one line and exits with status 2.
     """
+
+
+class Interrupted(Exception):
+    """A run stopped on request (Ctrl-C or SIGTERM) after saving what it needs to resume.
+
+    The command-line interface prints the message on one line and exits with 128 + the signal
+    number: 130 for SIGINT, 143 for SIGTERM.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -8,11 +8,14 @@ format version), written atomically.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import pickle
 import sys
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +29,13 @@ from torch import nn
 from mpocompress import __version__
 from mpocompress.errors import MPOCompressError
 from mpocompress.layers import MPO_LAYERS, layer_from_spec
+from mpocompress.mpo import bond_caps
 from mpocompress.surgery import set_module
 from mpocompress.zoo import ARCHITECTURES, ArchSpec, build_model, parse_arch
 
 FORMAT = "mpocompress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the metadata records tensors_sha256 (version 1 files are still read)
+DIGEST_KEY = "tensors_sha256"
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 
 
@@ -104,12 +109,15 @@ def load_model(
             state = load_file(str(path))
         except Exception as e:
             raise MPOCompressError(f"{path} is not a readable safetensors file ({_short(e)})") from None
+        check_finite(state, path)
         return LoadedModel(_model_from_state(state, path, arch_text), arch_text, "state_dict", path)
 
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
+        check_finite(obj.state_dict(), path)
         return LoadedModel(obj, arch_text, "pickled_module", path)
     state = _unwrap_state_dict(obj, path)
+    check_finite(state, path)
     return LoadedModel(_model_from_state(state, path, arch_text), arch_text, "state_dict", path)
 
 
@@ -126,6 +134,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         raise MPOCompressError(
             f"cannot read {path}: it is neither a PyTorch checkpoint (.pt/.pth) nor a safetensors file"
         )
+    if magic == b"PK\x03\x04":
+        _check_zip(path)
     try:  # memory-mapped (private, never written back): weights are paged in as they are read
         return torch.load(path, map_location="cpu", weights_only=True, mmap=magic == b"PK\x03\x04")
     except pickle.UnpicklingError as e:
@@ -134,8 +144,8 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             raise MPOCompressError(f"cannot read {path} as a PyTorch checkpoint; it may be damaged ({reason})") from None
         if not trust_pickle:
             raise MPOCompressError(
-                f"{path} holds pickled Python objects (a whole model?) and unpickling can run arbitrary code; "
-                "if you trust the file pass --trust-pickle, or save model.state_dict() and pass --arch"
+                f"{path} holds pickled Python objects (a whole model?) and needs trust: unpickling can run "
+                "arbitrary code; if you trust the file pass --trust-pickle, or save model.state_dict() and pass --arch"
             ) from None
     except Exception as e:
         raise MPOCompressError(f"cannot read {path} as a PyTorch checkpoint ({_short(e)})") from None
@@ -152,6 +162,22 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     finally:
         if added:
             sys.path.remove(cwd)
+
+
+def _check_zip(path: Path) -> None:
+    """Check every member of a PyTorch zip checkpoint against the CRC-32 its zip directory records
+    (torch.load itself does not): a truncated or bit-flipped file is named as damaged, not loaded."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise MPOCompressError(
+            f"{path} is damaged: not a complete PyTorch zip checkpoint ({_short(e)}); it may be truncated, get a fresh copy"
+        ) from None
+    if bad is not None:
+        raise MPOCompressError(
+            f"{path} is corrupt: its entry {bad} fails the CRC-32 check of the zip format; get a fresh copy of the file"
+        )
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -264,29 +290,120 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None) -> LoadedMo
                 "load it (mpocompress never imports code named in a file)"
             )
         arch = file_arch
-    model = build_model(arch)
-    made: dict[int, nn.Module] = {}
     for name, spec in info["layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise MPOCompressError(
-                f"{path} has an MPO layer {name!r} that architecture {arch} lacks; pass the --arch it was made from"
-            ) from None
-        if id(old) not in made:
-            try:
-                made[id(old)] = layer_from_spec(spec)
-            except (KeyError, TypeError) as e:
-                raise MPOCompressError(f"{path}: metadata of layer {name!r} is incomplete ({_short(e)})") from None
-            except MPOCompressError as e:
-                raise MPOCompressError(f"{path}: metadata of layer {name!r} is invalid: {e}") from None
-        set_module(model, name, made[id(old)])
+        _check_layer_spec(path, name, spec)  # before anything is built from it
     try:
         state = load_file(str(path))
     except Exception as e:
         raise MPOCompressError(f"{path} is not a readable safetensors file ({_short(e)})") from None
+    if info["format_version"] >= 2:
+        recorded = meta.get(DIGEST_KEY)
+        if recorded is None:
+            raise MPOCompressError(f"{path} is corrupt: its metadata lacks the {DIGEST_KEY} every file of format 2 records")
+        if tensors_digest(state) != recorded:
+            raise MPOCompressError(
+                f"{path} is corrupt: its tensors do not match the SHA-256 recorded in its metadata "
+                "(damaged on disk or in transit, or edited); get a fresh copy or write it again"
+            )
+    check_finite(state, path)
+
+    def assemble(model: nn.Module, on_meta: bool) -> nn.Module:
+        made: dict[int, nn.Module] = {}
+        for name, spec in info["layers"].items():
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise MPOCompressError(
+                    f"{path} has an MPO layer {name!r} that architecture {arch} lacks; pass the --arch it was made from"
+                ) from None
+            if id(old) not in made:
+                try:
+                    with torch.device("meta" if on_meta else "cpu"):
+                        made[id(old)] = layer_from_spec(spec)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise MPOCompressError(f"{path}: metadata of MPO layer {name!r} is invalid ({_short(e)})") from None
+            set_module(model, name, made[id(old)])
+        return model
+
+    skeleton = _skeleton(arch)
+    if skeleton is not None:  # shapes checked on the meta device, then the file's tensors become the weights
+        model = assemble(skeleton, on_meta=True)
+        _fit_state_dict(model, state, path, arch, assign=True)
+        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            return LoadedModel(model, arch, "mpocompress", path, info)
+    model = assemble(build_model(arch), on_meta=False)
     _fit_state_dict(model, state, path, arch)
     return LoadedModel(model, arch, "mpocompress", path, info)
+
+
+def _check_layer_spec(path: Path, name: str, spec: Mapping[str, Any]) -> None:
+    """Validate one MPO layer's metadata before anything is built from it: known kind, whole-number
+    sizes, modes that multiply to the layer's dimensions, n-1 bond dims each within [1, its cap]."""
+
+    def bad(why: str) -> MPOCompressError:
+        return MPOCompressError(f"{path}: metadata of MPO layer {name!r} is invalid: {why}; the file is damaged or was edited")
+
+    def whole(key: str) -> int:
+        v = spec.get(key)
+        if type(v) is not int or v < 1:
+            raise bad(f"{key} must be a whole number >= 1, got {v!r}")
+        return v
+
+    def whole_list(key: str) -> list[int]:
+        v = spec.get(key)
+        if not isinstance(v, list) or not all(type(x) is int and x >= 1 for x in v):
+            raise bad(f"{key} must be a list of whole numbers >= 1, got {v!r}")
+        return v
+
+    kind = spec.get("kind")
+    if kind == "linear":
+        nx, ny = whole("in_features"), whole("out_features")
+    elif kind == "conv2d":
+        kernel = whole_list("kernel_size")
+        if len(kernel) != 2:
+            raise bad(f"kernel_size must hold 2 numbers, got {kernel}")
+        nx, ny = whole("in_channels") * kernel[0] * kernel[1], whole("out_channels")
+    else:
+        raise bad(f"unknown layer kind {kind!r} (known: linear, conv2d)")
+    in_modes, out_modes, bonds = whole_list("in_modes"), whole_list("out_modes"), spec.get("bond_dims")
+    if not in_modes or len(in_modes) != len(out_modes):
+        raise bad(f"{len(in_modes)} input modes but {len(out_modes)} output modes")
+    if math.prod(in_modes) != nx or math.prod(out_modes) != ny:
+        raise bad(f"modes {in_modes} -> {out_modes} multiply to {math.prod(in_modes)} -> {math.prod(out_modes)}, "
+                  f"not the layer's {nx} -> {ny}")  # fmt: skip
+    caps = bond_caps(in_modes, out_modes)
+    if not isinstance(bonds, list) or len(bonds) != len(caps) or not all(
+        type(b) is int and 1 <= b <= c for b, c in zip(bonds, caps)
+    ):  # fmt: skip
+        raise bad(f"bond_dims must be {len(caps)} whole numbers within their caps {caps}, got {bonds!r}")
+    if type(spec.get("bias")) is not bool:
+        raise bad(f"bias must be true or false, got {spec.get('bias')!r}")
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over tensors in name order: each name, dtype, shape and raw bytes (as stored by
+    safetensors, little-endian). Recorded in every file mpocompress writes and checked on load."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse a model whose floating-point tensors hold NaN or Inf (checked in slices, so a large
+    layer costs no large temporary)."""
+    for name, t in tensors.items():
+        if not (t.is_floating_point() or t.is_complex()) or t.is_meta:
+            continue
+        for part in t.detach().reshape(-1).split(1 << 22):
+            if not bool(torch.isfinite(part).all()):
+                raise MPOCompressError(
+                    f"{path}: tensor {name} holds NaN or Inf values (a damaged checkpoint or a diverged training run); "
+                    "use an earlier or a repaired checkpoint"
+                )
 
 
 # --------------------------------------------------------------------------- saving
@@ -352,6 +469,7 @@ def save(
     for k, v in (extra_metadata or {}).items():
         metadata[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     tensors = _tensors_for_saving(model)
+    metadata[DIGEST_KEY] = tensors_digest(tensors)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
@@ -384,24 +502,47 @@ def checkpoint_path_for(output: str | os.PathLike) -> Path:
     return output.with_name(output.name + ".ckpt")
 
 
+def _nested_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor inside nested dicts / lists, by its path ("model/fc1.weight", "optimizer/state/0/...")."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in items:
+        out.update(_nested_tensors(v, f"{prefix}/{k}" if prefix else str(k)))
+    return out
+
+
 def save_train_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
-    """Write a resumable training state (tensors, numbers, strings, lists, dicts) atomically."""
+    """Write a resumable training state (tensors, numbers, strings, lists, dicts) atomically, with
+    the SHA-256 of its tensors."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+    state = {k: v for k, v in state.items() if k != DIGEST_KEY}
+    state[DIGEST_KEY] = tensors_digest(_nested_tensors(state))
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a state written by `save_train_state`. Loaded with weights_only=True: a state file can
-    hold tensors and plain values only, never code."""
+    """Read a state written by `save_train_state`, checked against its CRC-32s and SHA-256. Loaded
+    with weights_only=True: a state file can hold tensors and plain values only, never code."""
     path = Path(path)
     if not path.exists():
         raise MPOCompressError(f"no checkpoint to resume from at {path}; run without --resume to start afresh")
     _check_readable(path)
+    fresh = "; delete it and start afresh without --resume"
     try:
+        _check_zip(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except MPOCompressError as e:
+        raise MPOCompressError(f"checkpoint {e}{fresh}") from None
     except Exception as e:
-        raise MPOCompressError(f"cannot read checkpoint {path}; it is damaged ({_short(e)}); start afresh without --resume") from None
+        raise MPOCompressError(f"cannot read checkpoint {path}; it is damaged ({_short(e)}){fresh}") from None
     if not isinstance(state, dict) or state.get("format") != "mpocompress-train-state":
         raise MPOCompressError(f"{path} is not an mpocompress training checkpoint")
+    recorded = state.pop(DIGEST_KEY, None)
+    if recorded is None and int(state.get("version", 1)) >= 2:
+        raise MPOCompressError(f"checkpoint {path} is corrupt: it lacks its {DIGEST_KEY}{fresh}")
+    if recorded is not None and tensors_digest(_nested_tensors(state)) != recorded:
+        raise MPOCompressError(f"checkpoint {path} is corrupt: its tensors do not match their recorded SHA-256{fresh}")
     return state

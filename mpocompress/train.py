@@ -5,9 +5,11 @@ knowledge distillation, partial freezing of MPOs, resumable state and Distribute
 progress goes to the `on_batch` / `on_epoch` callbacks, and the resumable state to `save_state`,
 which the caller writes where it likes (the CLI uses `serialization.save_train_state`).
 
-Resuming from the state saved after epoch e gives the same weights as an uninterrupted run (bit for
-bit on CPU): the data order and augmentation of each epoch are seeded by (seed, epoch), and the
-global RNG, optimizer state and step count are restored.
+Resuming from a saved state gives the same weights as an uninterrupted run (bit for bit on CPU),
+whether the state was saved after an epoch or mid-epoch on a stop request (`should_stop`, e.g. a
+signal caught by `StopOnSignal`): the data order of each epoch is seeded by (seed, epoch), the
+augmentation of each batch by (seed, epoch, rank, batch), and the global RNG, optimizer state,
+step count and the epoch's running loss and accuracy are restored.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,14 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpocompress.data import ImageSet, batch_indices
-from mpocompress.errors import MPOCompressError
+from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.layers import MPO_LAYERS
 from mpocompress.mpo import balance_cores
 
 SCHEDULES = ("cosine", "step", "constant")
 FREEZE_PARTS = ("central", "dense")
 STATE_FORMAT = "mpocompress-train-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: mid-epoch states ("batch", "partial"); version 1 states (epoch ends) are still read
 
 
 # --------------------------------------------------------------------------- configuration
@@ -268,6 +272,46 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True) * t * t
 
 
+# --------------------------------------------------------------------------- stopping on a signal
+
+
+class StopOnSignal:
+    """While active, SIGINT (Ctrl-C) and SIGTERM do not kill the process: they are recorded, and
+    `fit(..., should_stop=stop)` stops after the current step with a resumable state. A second
+    signal interrupts at once (KeyboardInterrupt). Handlers are installed only in the main thread
+    and restored on exit.
+
+        with StopOnSignal() as stop:
+            fit(model, train, test, config, save_state=..., should_stop=stop)
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self) -> int:
+        """The signal received (0 while none was)."""
+        return self.signum
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.signum = signum
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -289,6 +333,7 @@ def fit(
     on_batch: BatchCallback | None = None,
     on_epoch: EpochCallback | None = None,
     env: DistEnv | None = None,
+    should_stop: Callable[[], int] | None = None,
 ) -> FitResult:
     """Train `model` in place: SGD with momentum and L2 weight decay on cross-entropy (plus the
     distillation term when a `teacher` is given), for `config.epochs` epochs.
@@ -298,9 +343,13 @@ def fit(
         save_state: called after every epoch with a state that `resume_state` accepts.
         on_batch, on_epoch: progress callbacks (rank 0 only in distributed runs).
         env: the torchrun environment (read from the environment variables by default).
+        should_stop: polled after every optimizer step; a non-zero value (a signal number) stops
+            the run there: the state, mid-epoch, goes to `save_state` and `Interrupted` is raised.
+            In a distributed run the processes agree on the step to stop at.
 
     Raises:
         MPOCompressError: when the loss becomes NaN or Inf (the last saved state is kept).
+        Interrupted: when `should_stop` asked for a stop (after the state was saved).
     """
     env = env or dist_env()
     device = torch.device(device)
@@ -320,30 +369,52 @@ def fit(
         raise MPOCompressError("the model has no trainable parameters")
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / env.world_size) / local_batch)
-    start_epoch, history = 0, []
+    start_epoch, skip, partial, history = 0, 0, None, []
     if resume_state is not None:
-        start_epoch, history = _restore(model, optimizer, resume_state, device)
+        start_epoch, skip, partial, history = _restore(model, optimizer, resume_state, device)
     net: nn.Module = model
     if env.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if start_epoch == 0:  # a clear error now if the model does not fit the data, not a traceback later
+    if start_epoch == 0 and skip == 0:  # a clear error now if the model does not fit the data, not a traceback later
         with torch.no_grad():
             _forward(model.eval(), train_set.batch(torch.arange(min(2, len(train_set))), device)[0], train_set)
 
+    def stop_requested() -> int:
+        if should_stop is None:
+            return 0
+        flag = int(should_stop() or 0)
+        if env.distributed:  # every process stops at the same step, or the collectives would hang
+            t = torch.tensor([flag], device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t)
+        return flag
+
+    def check_loss(avg: float, epoch: int, batch: int) -> None:
+        if not math.isfinite(avg):
+            raise MPOCompressError(
+                f"the training loss became {avg} in epoch {epoch + 1} (step {batch}); lower --lr "
+                f"(now {config.lr:g}) or check the data; the last good checkpoint was kept"
+            )
+
     t_start = time.perf_counter()
-    step = start_epoch * steps_per_epoch
+    step = start_epoch * steps_per_epoch + skip
+    lr = lr_at(config, max(step - 1, 0), steps_per_epoch)
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         net.train()
-        gen = torch.Generator().manual_seed(_mix(config.seed, epoch, env.rank))
         batches = batch_indices(len(train_set), local_batch, True, config.seed, epoch, env.rank, env.world_size)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.int64)
         seen = 0
+        if skip:  # resuming mid-epoch: the epoch's first `skip` batches are done, their sums restored
+            loss_sum, correct, seen = partial["loss_sum"].to(device), partial["correct"].to(device), int(partial["seen"])
         for i, idx in enumerate(batches):
+            if i < skip:
+                continue
             lr = lr_at(config, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            gen = torch.Generator().manual_seed(_mix(config.seed, epoch, env.rank, i))
             x, y = train_set.batch(idx, device, gen)
             logits = net(x)
             loss = F.cross_entropy(logits, y)
@@ -361,13 +432,20 @@ def fit(
             seen += len(y)
             if (i + 1) % 20 == 0 or i + 1 == len(batches):
                 avg = float(loss_sum) / seen
-                if not math.isfinite(avg):
-                    raise MPOCompressError(
-                        f"the training loss became {avg} in epoch {epoch + 1} (step {i + 1}); lower --lr "
-                        f"(now {config.lr:g}) or check the data; the last good checkpoint was kept"
-                    )
+                check_loss(avg, epoch, i + 1)
                 if on_batch is not None and env.is_main:
                     on_batch(epoch + 1, i + 1, len(batches), avg, int(correct) / seen)
+            signum = stop_requested()
+            if signum:
+                check_loss(float(loss_sum) / seen, epoch, i + 1)  # never replace a good checkpoint by a diverged one
+                if save_state is not None and env.is_main:
+                    partial = {"loss_sum": loss_sum.detach().cpu().clone(), "correct": correct.cpu().clone(), "seen": seen}
+                    save_state(_state(model, optimizer, epoch, history, batch=i + 1, partial=partial))
+                raise Interrupted(
+                    f"interrupted by {_signal_name(signum)} in epoch {epoch + 1}/{config.epochs} "
+                    f"after batch {i + 1}/{len(batches)}", signum,
+                )  # fmt: skip
+        skip = 0
         test_acc, test_loss = evaluate(model, test_set, device, config.eval_batch_size)
         stats = EpochStats(epoch + 1, float(loss_sum) / max(seen, 1), int(correct) / max(seen, 1), test_loss, test_acc,
                            lr, time.perf_counter() - t0)  # fmt: skip
@@ -376,6 +454,9 @@ def fit(
             save_state(_state(model, optimizer, epoch + 1, history))
         if on_epoch is not None and env.is_main:
             on_epoch(stats)
+        signum = stop_requested() if epoch + 1 < config.epochs else 0
+        if signum:
+            raise Interrupted(f"interrupted by {_signal_name(signum)} after epoch {epoch + 1}/{config.epochs}", signum)
     if history:
         acc, loss = history[-1].test_accuracy, history[-1].test_loss
     else:
@@ -383,15 +464,29 @@ def fit(
     return FitResult(acc, loss, len(history), time.perf_counter() - t_start, history)
 
 
-def _mix(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63)
+def _mix(seed: int, epoch: int, rank: int, batch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729 + batch * 15_485_863) % (2**63)
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list[EpochStats]) -> dict[str, Any]:
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list[EpochStats],
+    batch: int = 0, partial: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A resumable state: `epoch` epochs done, plus `batch` batches of the next one (with the
+    running sums `partial` of its loss and accuracy)."""
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "epoch": epoch,
+        "batch": batch,
+        "partial": partial or {},
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "optimizer": copy.deepcopy(optimizer.state_dict()),  # a snapshot: training goes on updating the buffers
         "rng": torch.get_rng_state(),
@@ -402,7 +497,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, histo
 
 def _restore(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any], device: torch.device
-) -> tuple[int, list[EpochStats]]:
+) -> tuple[int, int, dict[str, Any] | None, list[EpochStats]]:
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -410,14 +505,17 @@ def _restore(
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         history = [EpochStats(**h) for h in state["history"]]
-        epoch = int(state["epoch"])
+        epoch, batch = int(state["epoch"]), int(state.get("batch", 0))
+        partial = dict(state["partial"]) if batch else None
+        if partial is not None and not {"loss_sum", "correct", "seen"} <= set(partial):
+            raise KeyError("partial")
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         raise MPOCompressError(f"the checkpoint to resume from does not fit this run ({str(e).splitlines()[0]})") from None
     for st in optimizer.state.values():  # momentum buffers onto the training device
         for k, v in st.items():
             if isinstance(v, torch.Tensor):
                 st[k] = v.to(device)
-    return epoch, history
+    return epoch, batch, partial, history
 
 
 @torch.no_grad()

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import sys
@@ -46,7 +47,14 @@ def test_metadata_describes_the_model(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
-    assert meta["format"] == "mpocompress" and meta["format_version"] == "1" and meta["arch"] == "lenet5"
+        tensors = {k: f.get_tensor(k) for k in keys}
+    assert meta["format"] == "mpocompress" and meta["format_version"] == "2" and meta["arch"] == "lenet5"
+    # the digest is SHA-256 over name, dtype, shape and bytes of each tensor in name order (hashlib, recomputed here)
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(f"{k}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode() + t.numpy().tobytes())
+    assert meta["tensors_sha256"] == h.hexdigest()
     layers = json.loads(meta["layers"])
     assert set(layers) == {"conv3", "fc1"}
     assert layers["conv3"]["kind"] == "conv2d" and layers["conv3"]["in_modes"] == list(model.conv3.in_modes)
@@ -198,3 +206,35 @@ def test_shared_tensors_are_saved(tmp_path):
     path = save(model, tmp_path / "s.safetensors", arch=None)
     with safe_open(str(path), framework="pt") as f:
         assert {"0.cores.0", "2.cores.0"} <= set(f.keys())
+
+
+def test_tensor_digest_is_verified_and_version_1_files_still_load(tmp_path):
+    model = _compressed("fc2")
+    path = save(model, tmp_path / "m.safetensors", arch="fc2")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["fc1.cores.0"] = tensors["fc1.cores.0"] * (1 + 1e-7)  # a change no shape or NaN check can see
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=meta)
+    with pytest.raises(MPOCompressError, match=r"edited.safetensors is corrupt: its tensors do not match the SHA-256"):
+        load(tmp_path / "edited.safetensors")
+    old = {k: v for k, v in meta.items() if k != "tensors_sha256"} | {"format_version": "1"}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=old)  # written before digests existed
+    assert torch.equal(load(tmp_path / "v1.safetensors").fc1.cores[0], tensors["fc1.cores.0"])
+
+
+def test_training_checkpoints_carry_a_verified_digest(tmp_path):
+    state = {"format": "mpocompress-train-state", "version": 2, "epoch": 1, "model": {"w": torch.arange(100_000.0)},
+             "optimizer": {"state": {0: {"momentum_buffer": torch.ones(3)}}, "param_groups": []}}  # fmt: skip
+    path = ser.save_train_state(tmp_path / "run.ckpt", state)
+    loaded = ser.load_train_state(path)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and "tensors_sha256" not in loaded
+    raw = torch.load(path, weights_only=True)
+    raw["optimizer"]["state"][0]["momentum_buffer"][1] = 5.0  # edited behind the digest's back, rewritten validly
+    torch.save(raw, tmp_path / "edited.ckpt")
+    with pytest.raises(MPOCompressError, match="edited.ckpt is corrupt: its tensors do not match"):
+        ser.load_train_state(tmp_path / "edited.ckpt")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (tmp_path / "flipped.ckpt").write_bytes(bytes(data))
+    with pytest.raises(MPOCompressError, match="flipped.ckpt is (corrupt|damaged)"):
+        ser.load_train_state(tmp_path / "flipped.ckpt")

@@ -1,6 +1,7 @@
 """The training loop: schedule, Eqs. 10-11, freezing, gauge balancing, distillation, resume, NaN stop."""
 
 import math
+import signal
 import statistics
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mpocompress.data import load_dataset
-from mpocompress.errors import MPOCompressError
+from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.layers import MPOLinear
 from mpocompress.mpo import balance_cores, mpo_to_matrix, random_cores, tt_svd
 from mpocompress.train import (
@@ -155,3 +156,31 @@ def test_distillation_run_uses_the_teacher(digits_sets):
     r = fit(student, train, test, TrainConfig(epochs=2, lr=0.02, distill_alpha=1.0), teacher=teacher)
     assert r.accuracy > 0.5 and not any(p.requires_grad for p in teacher.parameters())
     assert math.isfinite(r.loss)
+
+
+def test_stop_request_saves_mid_epoch_and_resume_is_bit_identical(digits_sets):
+    """fit polls should_stop after every step; on a request it saves a mid-epoch state and raises
+    Interrupted. Resuming from that state ends where the uninterrupted run ends, bit for bit."""
+    train, test = digits_sets
+    config = TrainConfig(epochs=2, lr=0.05, seed=2, batch_size=32)  # 45 steps per epoch
+    torch.manual_seed(1)
+    a, _, _ = build_mpo_net("fc2", bond_dim=3)
+    full = fit(a, train, test, config)
+    calls, states = [], []
+
+    def stop_at_call_50():  # 45 steps + 1 check at the end of epoch 1, then 4 steps of epoch 2
+        calls.append(1)
+        return signal.SIGTERM if len(calls) == 50 else 0
+
+    torch.manual_seed(1)
+    b, _, _ = build_mpo_net("fc2", bond_dim=3)
+    with pytest.raises(Interrupted, match="SIGTERM in epoch 2/2 after batch 4/45") as e:
+        fit(b, train, test, config, save_state=states.append, should_stop=stop_at_call_50)
+    assert e.value.exit_code == 143
+    assert [(s["epoch"], s["batch"]) for s in states] == [(1, 0), (1, 4)] and states[-1]["partial"]["seen"] == 4 * 32
+    torch.manual_seed(99)
+    c, _, _ = build_mpo_net("fc2", bond_dim=3)
+    resumed = fit(c, train, test, config, resume_state=states[-1])
+    for (name, pa), pc in zip(a.state_dict().items(), c.state_dict().values()):
+        assert torch.equal(pa, pc), name
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in full.history]

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from mpocompress.errors import MPOCompressError
+from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.shapes import parse_shape_spec
 from mpocompress.surgery import CompressionConfig
 
@@ -41,6 +41,8 @@ def handle_errors(fn: F) -> F:
             raise
         except MPOCompressError as e:
             fail(str(e))
+        except Interrupted as e:  # a stop on SIGINT / SIGTERM, after saving a resumable checkpoint
+            fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
         except Exception as e:  # noqa: BLE001 - last line of defence for the user

@@ -12,6 +12,7 @@ from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, han
 from mpocompress.cli.render import make_console
 from mpocompress.cli.training import DATA_DIR_OPT, DATA_OPT, DEVICE_OPT
 from mpocompress.data import load_dataset
+from mpocompress.errors import MPOCompressError
 from mpocompress.serialization import load_model
 from mpocompress.surgery import summarize
 from mpocompress.train import evaluate as evaluate_model
@@ -32,7 +33,7 @@ def evaluate(
 ) -> None:
     """Top-1 accuracy and loss on the test split, with the model's parameters and rho."""
     if batch_size < 1:
-        raise typer.BadParameter(f"must be at least 1, got {batch_size}", param_hint="--batch-size")
+        raise MPOCompressError(f"--batch-size must be at least 1, got {batch_size}")
     dev = resolve_device(device)
     loaded = load_model(model, arch, trust_pickle)
     test_set = load_dataset(data, "test", data_dir)

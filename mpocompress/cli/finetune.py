@@ -63,6 +63,7 @@ def finetune(
     env = dist_env()
     dev = resolve_device(device, env)
     inputs = (model,) + ((distill_from,) if distill_from else ())
+    check_outputs("finetune", output, runs, force or resume, env, inputs)
     loaded = load_model(model, arch, trust_pickle)  # errors about the model before the data is read
     teacher = None
     if distill_from is not None:
@@ -81,7 +82,6 @@ def finetune(
     job = Job("finetune", make_model, train_set, test_set, config, runs, output, force, resume, dev, env,
               describe={"data": train_set.name, "model": str(model), "freeze": list(parts), "balance": balance,
                         "distill_from": str(distill_from) if distill_from else None}, teacher=teacher)  # fmt: skip
-    check_outputs(job, inputs)
     init_distributed(dev, env)
     outcomes = run_all(job, make_err_console())
     if not env.is_main:

@@ -55,6 +55,7 @@ def train(
         fail("--bond-dim sets the bond dimensions of an MPO-Net: add --mpo (or train dense and use `mpocompress convert`)")
     env = dist_env()
     dev = resolve_device(device, env)
+    check_outputs("train", output, runs, force or resume, env)
     train_set, test_set = load_data(data, data_dir, augment)
     spec = adapt_arch(arch, train_set.image_shape, train_set.num_classes)
     build_mpo_net(spec, d, per_layer) if mpo else build_model(spec)  # a bad spec fails now, before any work
@@ -68,7 +69,6 @@ def train(
 
     job = Job("train", make_model, train_set, test_set, config, runs, output, force, resume, dev, env,
               describe={"data": train_set.name, "mpo": mpo})  # fmt: skip
-    check_outputs(job, ())
     init_distributed(dev, env)
     outcomes = run_all(job, make_err_console())
     if not env.is_main:

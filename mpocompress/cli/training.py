@@ -17,12 +17,14 @@ from rich.table import Table
 from torch import nn
 
 from mpocompress.data import ImageSet, load_dataset
-from mpocompress.errors import MPOCompressError
+from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.serialization import (
     check_output_path, checkpoint_path_for, load_train_state, mpo_layer_specs, save, save_train_state,
 )  # fmt: skip
 from mpocompress.surgery import summarize
-from mpocompress.train import DistEnv, EpochStats, FitResult, TrainConfig, count_params, fit, mean_std
+from mpocompress.train import (
+    DistEnv, EpochStats, FitResult, StopOnSignal, TrainConfig, count_params, fit, mean_std,
+)  # fmt: skip
 
 # ----------------------------------------------------------------------------- shared options
 
@@ -86,65 +88,76 @@ class Job:
     teacher: nn.Module | None = None
 
 
-def check_outputs(job: Job, inputs: tuple[Path, ...]) -> None:
-    """Fail before any training when an output cannot or must not be written."""
-    if job.runs < 1:
-        raise MPOCompressError(f"--runs must be at least 1, got {job.runs}")
-    if job.output is None:
-        raise MPOCompressError(f"{job.command} needs an output file: add -o OUT.safetensors")
-    if job.env.is_main:
-        for r in range(job.runs):
-            check_output_path(run_output(job.output, r), job.force or job.resume, inputs)
+def check_outputs(
+    command: str, output: Path | None, runs: int, overwrite: bool, env: DistEnv, inputs: tuple[Path, ...] = ()
+) -> None:
+    """Fail before any loading or training when an output cannot or must not be written."""
+    if runs < 1:
+        raise MPOCompressError(f"--runs must be at least 1, got {runs}")
+    if output is None:
+        raise MPOCompressError(f"{command} needs an output file: add -o OUT.safetensors")
+    if env.is_main:
+        for r in range(runs):
+            check_output_path(run_output(output, r), overwrite, inputs)
 
 
 def run_all(job: Job, console: Console) -> list[RunOutcome]:
-    """Train job.runs models, each with its own seed, checkpoint and output file."""
-    outcomes = []
-    for r in range(job.runs):
-        seed = job.config.seed + r
-        config = replace(job.config, seed=seed)
-        torch.manual_seed(seed)
-        model, arch, trainable = job.make_model(seed)
-        out = run_output(job.output, r) if job.output is not None else None
-        ckpt = checkpoint_path_for(out) if out is not None else None
-        identity = json.loads(json.dumps({**job.describe, "command": job.command, "arch": arch, "config": config.to_dict(),
-                                          "mpo_layers": mpo_layer_specs(model)}, sort_keys=True, default=str))  # fmt: skip
-        resume_state = _resume_state(ckpt, identity, first=(r == 0)) if (job.resume and ckpt is not None) else None
+    """Train job.runs models, each with its own seed, checkpoint and output file. SIGINT / SIGTERM
+    stop the run after the current step with a resumable checkpoint (`Interrupted`)."""
+    with StopOnSignal() as stop:
+        return [_one_run(job, r, console, stop) for r in range(job.runs)]
 
-        def save_state(state: dict[str, Any], ckpt: Path | None = ckpt, identity: dict[str, Any] = identity) -> None:
-            if ckpt is not None:
-                save_train_state(ckpt, {**state, "job": json.dumps(identity, sort_keys=True)})
 
-        label = f"run {r + 1}/{job.runs} (seed {seed})" if job.runs > 1 else f"seed {seed}"
-        with _progress(console, job.env) as progress:
-            task = progress.add_task(label, total=None, stats="")
+def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutcome:
+    seed = job.config.seed + r
+    config = replace(job.config, seed=seed)
+    torch.manual_seed(seed)
+    model, arch, trainable = job.make_model(seed)
+    out = run_output(job.output, r) if job.output is not None else None
+    ckpt = checkpoint_path_for(out) if out is not None else None
+    identity = json.loads(json.dumps({**job.describe, "command": job.command, "arch": arch, "config": config.to_dict(),
+                                      "mpo_layers": mpo_layer_specs(model)}, sort_keys=True, default=str))  # fmt: skip
+    resume_state = _resume_state(ckpt, identity, first=(r == 0)) if (job.resume and ckpt is not None) else None
 
-            def on_batch(epoch: int, step: int, steps: int, loss: float, acc: float) -> None:
-                progress.update(task, description=f"{label} epoch {epoch}/{config.epochs}", completed=step, total=steps,
-                                stats=f"loss {loss:.4f}  acc {acc:.2%}")  # fmt: skip
+    def save_state(state: dict[str, Any]) -> None:
+        if ckpt is not None:
+            save_train_state(ckpt, {**state, "job": json.dumps(identity, sort_keys=True)})
 
-            def on_epoch(s: EpochStats) -> None:
-                progress.console.print(
-                    f"{label} epoch {s.epoch}/{config.epochs}: train loss {s.train_loss:.4f} acc {s.train_accuracy:.2%} | "
-                    f"test loss {s.test_loss:.4f} acc {s.test_accuracy:.2%} | lr {s.lr:.3g} | {s.time_s:.1f} s",
-                    highlight=False,
-                )
+    label = f"run {r + 1}/{job.runs} (seed {seed})" if job.runs > 1 else f"seed {seed}"
+    with _progress(console, job.env) as progress:
+        task = progress.add_task(label, total=None, stats="")
 
-            try:
-                result = fit(model, job.train_set, job.test_set, config, teacher=job.teacher, device=job.device,
-                             resume_state=resume_state, save_state=save_state, on_batch=on_batch, on_epoch=on_epoch,
-                             env=job.env)  # fmt: skip
-            except KeyboardInterrupt:
-                if ckpt is not None and ckpt.exists() and job.env.is_main:
-                    console.print(f"interrupted: {ckpt} holds the last finished epoch; add --resume to continue", highlight=False)
-                raise
-        model = model.cpu()
-        if out is not None and job.env.is_main:
-            extra = {"source_format": job.command, "training": {**job.describe, "config": config.to_dict(),
-                     "accuracy": result.accuracy, "loss": result.loss, "epochs": result.epochs}}  # fmt: skip
-            save(model, out, arch, force=True, extra_metadata=extra)
-        outcomes.append(RunOutcome(seed, result, out, summarize(model), trainable))
-    return outcomes
+        def on_batch(epoch: int, step: int, steps: int, loss: float, acc: float) -> None:
+            progress.update(task, description=f"{label} epoch {epoch}/{config.epochs}", completed=step, total=steps,
+                            stats=f"loss {loss:.4f}  acc {acc:.2%}")  # fmt: skip
+
+        def on_epoch(s: EpochStats) -> None:
+            progress.console.print(
+                f"{label} epoch {s.epoch}/{config.epochs}: train loss {s.train_loss:.4f} acc {s.train_accuracy:.2%} | "
+                f"test loss {s.test_loss:.4f} acc {s.test_accuracy:.2%} | lr {s.lr:.3g} | {s.time_s:.1f} s",
+                highlight=False,
+            )
+
+        try:
+            result = fit(model, job.train_set, job.test_set, config, teacher=job.teacher, device=job.device,
+                         resume_state=resume_state, save_state=save_state, on_batch=on_batch, on_epoch=on_epoch,
+                         env=job.env, should_stop=stop)  # fmt: skip
+        except Interrupted as e:
+            where = f"{ckpt} holds the run" if ckpt is not None and ckpt.exists() else "nothing was saved"
+            raise Interrupted(f"{e} ({label}); {where}; rerun the same command with --resume to continue", e.signum) from None
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once, the last checkpoint stays
+            if ckpt is not None and ckpt.exists() and job.env.is_main:
+                console.print(f"interrupted: {ckpt} holds the last checkpoint; add --resume to continue", highlight=False)
+            raise
+    model = model.cpu()
+    if out is not None and job.env.is_main:
+        extra = {"source_format": job.command, "training": {**job.describe, "config": config.to_dict(),
+                 "accuracy": result.accuracy, "loss": result.loss, "epochs": result.epochs}}  # fmt: skip
+        save(model, out, arch, force=True, extra_metadata=extra)
+    if stop() and r + 1 < job.runs:
+        raise Interrupted(f"interrupted after run {r + 1}/{job.runs}: {out} is complete; rerun the same command "
+                          "with --resume for the remaining runs", stop())  # fmt: skip
+    return RunOutcome(seed, result, out, summarize(model), trainable)
 
 
 def _resume_state(ckpt: Path, identity: dict[str, Any], first: bool) -> dict[str, Any] | None:
