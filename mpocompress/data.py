@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler, TensorDataset
 
 from mpocompress.errors import MPOCompressError
+from mpocompress.mpo import all_finite
 
 DIGITS_TEST_FRACTION = 0.2
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn")
@@ -440,7 +441,7 @@ def _tensor_file(path: Path, split: str, seed: int) -> ImageSet:
         if not (x.dtype == torch.uint8 or x.dtype.is_floating_point):
             raise MPOCompressError(f"{path}: x must be uint8 or floating point, got {x.dtype}")
         _check_count(_as_images(x, str(path)), y, str(path))
-        if x.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise MPOCompressError(f"{path}: x holds NaN or Inf values; remove or repair those examples")
         if int(y.min()) < 0:
             raise MPOCompressError(f"{path}: labels must be class indices >= 0, found {int(y.min())}")

@@ -82,6 +82,23 @@ class TTDecomposition:
     rel_error: float
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether a tensor holds no NaN or Inf, checked in slices: torch.isfinite on a whole tensor
+    makes temporaries as large as the tensor (|x| among them), which a large layer cannot afford."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    return all(bool(torch.isfinite(part).all()) for part in t.detach().reshape(-1).split(chunk))
+
+
+def frobenius_norm(t: torch.Tensor, row: int = 1 << 16) -> float:
+    """||t||_F accurate to about 1e-7 in any dtype: float32 norms of rows of 65,536 numbers, summed
+    in float64. (A single float32 reduction over 10^8 numbers is off by about 1 %.)"""
+    flat = t.detach().reshape(-1)
+    k = flat.numel() // row
+    sq = float(torch.linalg.vector_norm(flat[: k * row].view(k, row), dim=1).double().square().sum()) if k else 0.0
+    return math.sqrt(sq + float(torch.linalg.vector_norm(flat[k * row :]).double()) ** 2)
+
+
 def _interleave_perm(n: int) -> list[int]:
     # (J_1..J_n, I_1..I_n) -> (J_1, I_1, J_2, I_2, ..., J_n, I_n)
     return [p for k in range(n) for p in (k, n + k)]
@@ -166,6 +183,57 @@ def _split(
     return u_full[:, :r], s[:r, None] * vh[:r], s
 
 
+def _split_first(
+    w: torch.Tensor, out_modes: tuple[int, ...], in_modes: tuple[int, ...], max_bond: int | None, delta: float,
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:  # fmt: skip
+    """The first TT-SVD step ("gram"/"auto") read straight from W, without the permuted copy of W.
+
+    The first unfolding A has rows (j1, i1) and columns (j2, i2, ..., jn, in). Its Gram matrix does
+    not depend on the order of the columns, so it is accumulated from blocks of W viewed as
+    (J1, J', I1, I'), J' = (j2..jn), I' = (i2..in); so is U^T A, whose columns are put in the
+    interleaved order at the end (r x N_y N_x / (J1 I1) numbers, small). Returns None where `_split`
+    must do the step (exact SVD asked for or needed, or A taller than wide).
+    """
+    j1, i1 = out_modes[0], in_modes[0]
+    ny, nx = w.shape
+    jr, ir = ny // j1, nx // i1
+    m = j1 * i1
+    if method == "svd" or m > jr * ir:
+        return None
+    w4 = w.contiguous().view(j1, jr, i1, ir)
+    step = max(1, _BLOCK // (m * ir))
+
+    def block(start: int, count: int) -> torch.Tensor:  # columns (J' in [start, start+count), I') of A, float64
+        part = w4[:, start : start + count]
+        out = torch.empty(j1, i1, part.shape[1], ir, dtype=torch.float64, device=w.device)
+        out.copy_(part.permute(0, 2, 1, 3))
+        return out.view(m, -1)
+
+    g = torch.zeros(m, m, dtype=torch.float64, device=w.device)
+    for start in range(0, jr, step):
+        b = block(start, step)
+        g.addmm_(b, b.T)
+    s, vecs = _eig_desc(g)
+    r = _keep(s, max_bond, delta)
+    if method == "auto" and _nearly_exact(s, r):
+        return None
+    u = vecs[:, :r].contiguous()
+    # U^T A, written straight into the interleaved layout (r, j2, i2, ..., jn, in) one j2 slab at a
+    # time: a slab is (r, j3..jn, i2..in), put in the order (r, i2, j3, i3, ..., jn, in)
+    n = len(out_modes)
+    rest = torch.empty(r, *[d for k in range(1, n) for d in (out_modes[k], in_modes[k])], dtype=torch.float64, device=w.device)
+    per_slab = jr // out_modes[1]
+    to_slab = [0, n - 1] + [x for k in range(n - 2) for x in (1 + k, n + k)]
+    for a in range(out_modes[1]):
+        slab = torch.empty(r, per_slab, ir, dtype=torch.float64, device=w.device)
+        for start in range(0, per_slab, step):
+            count = min(step, per_slab - start)
+            slab[:, start : start + count] = (u.T @ block(a * per_slab + start, count)).view(r, count, ir)
+        rest[:, a] = slab.view(r, *out_modes[2:], *in_modes[1:]).permute(to_slab)
+    return u, rest.view(r, -1), s
+
+
 def _nearly_exact(s: torch.Tensor, r: int) -> bool:
     """Whether truncating to r values discards a positive share of energy below _GRAM_FLOOR."""
     sq = s.square()
@@ -210,22 +278,26 @@ def tt_svd(
         )
     out_dtype = dtype or matrix.dtype
     w = matrix.detach()
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         raise MPOCompressError("cannot factorize a matrix with NaN or Inf entries")
-    norm = float(torch.linalg.vector_norm(w))
+    norm = frobenius_norm(w)
     delta = eps * norm / math.sqrt(n - 1) if (eps and n > 1) else 0.0
 
-    # (J1, I1, ..., Jn, In): a copy in W's own dtype; float64 only block by block below
-    rest = w.reshape(*out_modes, *in_modes).permute(_interleave_perm(n)).contiguous()
     cores: list[torch.Tensor] = []
     spectra: list[torch.Tensor] = []
     bonds: list[int] = []
     discarded_sq = 0.0
     r_prev = 1
+    first = _split_first(w, out_modes, in_modes, max_bond, delta, method) if n > 1 else None
+    if first is None:  # (J1, I1, ..., Jn, In): a copy in W's own dtype; float64 only block by block
+        rest = w.reshape(*out_modes, *in_modes).permute(_interleave_perm(n)).contiguous()
     for k in range(n - 1):
-        rows = r_prev * out_modes[k] * in_modes[k]
-        unfolding = rest.reshape(rows, -1)  # (D_{k-1} J_k I_k, J_{k+1} I_{k+1} ... Jn In)
-        u, rest, s = _split(unfolding, max_bond, delta, method)
+        if k == 0 and first is not None:
+            u, rest, s = first
+        else:
+            rows = r_prev * out_modes[k] * in_modes[k]
+            unfolding = rest.reshape(rows, -1)  # (D_{k-1} J_k I_k, J_{k+1} I_{k+1} ... Jn In)
+            u, rest, s = _split(unfolding, max_bond, delta, method)
         r = u.shape[1]
         discarded_sq += float(s[r:].square().sum())
         cores.append(u.reshape(r_prev, out_modes[k], in_modes[k], r).to(out_dtype).contiguous())
@@ -252,7 +324,7 @@ def tt_round(
     _check_truncation(max_bond, eps)
     out_dtype = cores[0].dtype
     cs = [c.detach().to(torch.float64) for c in cores]
-    if not all(bool(torch.isfinite(c).all()) for c in cs):
+    if not all(all_finite(c) for c in cs):
         raise MPOCompressError("cannot round an MPO with NaN or Inf entries")
     n = len(cs)
     # right-orthogonalize: cores 1..n-1 become right-orthonormal, the norm moves into core 0

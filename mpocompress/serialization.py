@@ -29,7 +29,7 @@ from torch import nn
 from mpocompress import __version__
 from mpocompress.errors import MPOCompressError
 from mpocompress.layers import MPO_LAYERS, layer_from_spec
-from mpocompress.mpo import bond_caps
+from mpocompress.mpo import all_finite, bond_caps
 from mpocompress.surgery import set_module
 from mpocompress.zoo import ARCHITECTURES, ArchSpec, build_model, parse_arch
 
@@ -87,7 +87,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
 
 
 def load_model(
-    path: str | os.PathLike, arch: str | ArchSpec | None = None, trust_pickle: bool = False
+    path: str | os.PathLike, arch: str | ArchSpec | None = None, trust_pickle: bool = False, check_values: bool = True
 ) -> LoadedModel:
     """Read a model from any supported file.
 
@@ -97,14 +97,18 @@ def load_model(
             architecture, which is imported only because the caller names it here.
         trust_pickle: allow unpickling arbitrary objects (a whole nn.Module). Never set this for a
             file you did not make: unpickling can run any code.
+        check_values: refuse NaN or Inf in any tensor now. This reads every weight, so a
+            memory-mapped checkpoint becomes resident at once; `convert` passes False and relies on
+            the checks of the layers it factorizes and of `save`, which reads every tensor anyway.
     """
     path = Path(path)
+    check_finite = _check_finite if check_values else _no_check
     _check_readable(path)
     arch_text = str(arch) if arch is not None else None
     if _is_safetensors(path):
         meta = read_metadata(path)
         if meta is not None and meta.get("format") == FORMAT:
-            return _load_own(path, meta, arch_text)
+            return _load_own(path, meta, arch_text, check_finite)
         try:
             state = load_file(str(path))
         except Exception as e:
@@ -276,7 +280,7 @@ def _parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
             "mpocompress_version": meta.get("mpocompress_version"), "source_format": meta.get("source_format")}  # fmt: skip
 
 
-def _load_own(path: Path, meta: Mapping[str, str], arch: str | None) -> LoadedModel:
+def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_finite: Any) -> LoadedModel:
     info = _parse_own_metadata(path, meta)
     file_arch = info["arch"]
     if arch is None:
@@ -392,18 +396,18 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Refuse a model whose floating-point tensors hold NaN or Inf (checked in slices, so a large
-    layer costs no large temporary)."""
+def _no_check(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    return None
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse a model whose floating-point tensors hold NaN or Inf."""
     for name, t in tensors.items():
-        if not (t.is_floating_point() or t.is_complex()) or t.is_meta:
-            continue
-        for part in t.detach().reshape(-1).split(1 << 22):
-            if not bool(torch.isfinite(part).all()):
-                raise MPOCompressError(
-                    f"{path}: tensor {name} holds NaN or Inf values (a damaged checkpoint or a diverged training run); "
-                    "use an earlier or a repaired checkpoint"
-                )
+        if not t.is_meta and not all_finite(t):
+            raise MPOCompressError(
+                f"{path}: tensor {name} holds NaN or Inf values (a damaged checkpoint or a diverged training run); "
+                "use an earlier or a repaired checkpoint"
+            )
 
 
 # --------------------------------------------------------------------------- saving
@@ -469,6 +473,7 @@ def save(
     for k, v in (extra_metadata or {}).items():
         metadata[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     tensors = _tensors_for_saving(model)
+    _check_finite(tensors, "the model to save")  # reads every tensor, as the digest does
     metadata[DIGEST_KEY] = tensors_digest(tensors)
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path

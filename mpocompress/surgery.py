@@ -21,6 +21,7 @@ from mpocompress.errors import MPOCompressError
 from mpocompress.layers import MPO_LAYERS, MPOConv2d, MPOLinear, mpo_notation
 from mpocompress.mpo import (
     TTDecomposition,
+    all_finite,
     bond_caps,
     bond_dims_for,
     bond_spectra,
@@ -317,7 +318,7 @@ def _current_mpo(p: _Plan) -> MPOLinear | MPOConv2d | None:
 
 
 def _check_finite(p: _Plan, tensors: list[torch.Tensor]) -> None:
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+    if not all(all_finite(t) for t in tensors):
         raise MPOCompressError(
             f"layer {p.cand.name} has NaN or Inf weights (a damaged checkpoint or a diverged training run); "
             f"use a good checkpoint or leave the layer dense with --exclude {p.cand.name}"

@@ -95,10 +95,10 @@ def f(tmp_path_factory):
     torch.save([1, 2, 3], d / "list.pt")
     torch.save({}, d / "emptydict.pt")
     torch.save(fc2, d / "whole.pt")
-    for name, value in [("nan", float("nan")), ("inf", float("-inf"))]:
+    for name, value in [("nan", float("nan")), ("inf", float("-inf")), ("nan_dense", float("nan"))]:
         m = build_model("fc2")
         with torch.no_grad():
-            m.fc1.weight[3, 5] = value
+            (m.fc2.bias if name == "nan_dense" else m.fc1.weight)[3] = value
         torch.save(m.state_dict(), d / f"{name}.pt")
     marker = d / "pwned"
     code = (
@@ -291,6 +291,8 @@ def _table():
     rows += [("convert", "output is the input", [*good_sd, "-D", "4", "-o", "{f}/fc2.pt", "--force"], "is the input file")]
     rows += [("convert", "no output", [*good_sd, "-D", "4"], "needs an output file")]
     rows += [("convert", "no truncation", [*good_sd, *out], "needs a truncation")]
+    rows += [("convert", "NaN in a layer left dense", ["{f}/nan_dense.pt", "--arch", "fc2", "--layers", "fc1", "-D", "4", *out],
+              "tensor fc2.bias holds NaN or Inf")]  # fmt: skip
     for cmd in ("finetune", "evaluate"):
         rows += [(cmd, i, [*own, *a, *(out if cmd == "finetune" else [])], m) for i, a, m in DATA_CASES]
     rows += [("finetune", i, [*own, *a], m) for i, a, m in OUTPUT_CASES]

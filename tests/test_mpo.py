@@ -269,3 +269,32 @@ def test_grouped_macs_and_merge_cores_agree_with_the_dense_matrix():
     torch.testing.assert_close(mpo_to_matrix([merged, cores[2]]), w)
     assert grouped_macs((2, 3, 4), (3, 2, 2), [2, 3], (3,), 5, merged_cached=True) == 5 * 24 * 12
     assert grouped_macs((2, 3, 4), (3, 2, 2), [2, 3], (1, 1, 1), 7) == contract_macs((2, 3, 4), (3, 2, 2), [2, 3], 7)
+
+
+@pytest.mark.parametrize("in_modes, out_modes, d", [((4, 7, 7, 4), (4, 4, 4, 4), 4), ((3, 5, 2), (2, 6, 4), 6)])
+def test_first_step_read_from_w_equals_the_step_on_the_permuted_unfolding(in_modes, out_modes, d, monkeypatch):
+    """The first TT-SVD step is computed from blocks of W, without the permuted copy of W: the same
+    spectrum, subspace and remainder as `_split` on the explicitly permuted unfolding."""
+    import mpocompress.mpo as mpo_mod
+
+    monkeypatch.setattr(mpo_mod, "_BLOCK", 211)  # several blocks, the last one partial
+    torch.manual_seed(0)
+    w = torch.randn(math.prod(out_modes), math.prod(in_modes))
+    n = len(in_modes)
+    unfolding = w.reshape(*out_modes, *in_modes).permute(mpo_mod._interleave_perm(n)).reshape(out_modes[0] * in_modes[0], -1)
+    u_ref, rest_ref, s_ref = mpo_mod._split(unfolding, d, 0.0, "gram")
+    u, rest, s = mpo_mod._split_first(w, out_modes, in_modes, d, 0.0, "gram")
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(u @ rest, u_ref @ rest_ref, rtol=1e-10, atol=1e-10)  # the same rank-d projection
+    torch.testing.assert_close(u @ u.T, u_ref @ u_ref.T, rtol=1e-10, atol=1e-10)
+    assert mpo_mod._split_first(w, out_modes, in_modes, d, 0.0, "svd") is None  # exact SVD asked: not this path
+
+
+def test_frobenius_norm_is_float64_accurate_for_large_float32_tensors():
+    from mpocompress.mpo import frobenius_norm
+
+    torch.manual_seed(0)
+    w = torch.randn(3_000_017) * 10  # rows of 65,536 plus a tail
+    exact = float(w.double().norm())
+    assert frobenius_norm(w) == pytest.approx(exact, rel=1e-6)
+    assert frobenius_norm(w[:100]) == pytest.approx(float(w[:100].double().norm()), rel=1e-6)  # tail only
