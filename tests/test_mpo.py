@@ -298,3 +298,23 @@ def test_frobenius_norm_is_float64_accurate_for_large_float32_tensors():
     exact = float(w.double().norm())
     assert frobenius_norm(w) == pytest.approx(exact, rel=1e-6)
     assert frobenius_norm(w[:100]) == pytest.approx(float(w[:100].double().norm()), rel=1e-6)  # tail only
+
+
+def test_shared_bmm_backward_equals_autograd_of_the_expanded_bmm():
+    """The hand-written backward of the bmm step (grad of the shared matrix summed chunk by chunk,
+    here over 3 chunks of 256 slices and a partial one) against autograd's, float64."""
+    from mpocompress.mpo import _SharedBmm
+
+    torch.manual_seed(0)
+    a = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(600, 8, 64, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(600, 64, 64, dtype=torch.float64)
+    out = _SharedBmm.apply(a, t)
+    ga, gt = torch.autograd.grad(out, (a, t), g)
+    ref = torch.bmm(a.expand(600, 64, 8), t)
+    ra, rt = torch.autograd.grad(ref, (a, t), g)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(ga, ra, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(gt, rt, rtol=1e-12, atol=1e-10)
+    (only_t,) = torch.autograd.grad(_SharedBmm.apply(a.detach(), t), (t,), g)  # no gradient asked for a
+    torch.testing.assert_close(only_t, rt, rtol=1e-12, atol=1e-10)
