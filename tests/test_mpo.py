@@ -318,3 +318,22 @@ def test_shared_bmm_backward_equals_autograd_of_the_expanded_bmm():
     torch.testing.assert_close(gt, rt, rtol=1e-12, atol=1e-10)
     (only_t,) = torch.autograd.grad(_SharedBmm.apply(a.detach(), t), (t,), g)  # no gradient asked for a
     torch.testing.assert_close(only_t, rt, rtol=1e-12, atol=1e-10)
+
+
+def test_contraction_in_row_chunks_equals_the_whole_batch(monkeypatch):
+    """On the CPU, mpo_contract takes rows in chunks that keep intermediates in cache: the result
+    and the gradients equal those of one pass over all rows (float64), with a partial last chunk."""
+    import mpocompress.mpo as mpo_mod
+
+    torch.manual_seed(0)
+    cores = [c.requires_grad_() for c in random_cores((4, 3, 5), (2, 6, 3), [4, 5], 1.0, dtype=torch.float64)]
+    x = torch.randn(23, 60, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(23, 36, dtype=torch.float64)
+    whole = mpo_contract(x, cores, ["bmm", "fold"])
+    ref = torch.autograd.grad(whole, [x, *cores], g)
+    assert mpo_mod._largest_intermediate(cores) == max(2 * 4 * 15, 2 * 6 * 5 * 5)
+    monkeypatch.setattr(mpo_mod, "_CHUNK_NUMBERS", 5 * 300)  # 5 rows per chunk: 5 chunks, the last of 3 rows
+    chunked = mpo_contract(x, cores, ["bmm", "fold"])
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(chunked, [x, *cores], g), ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
