@@ -79,7 +79,7 @@ def finetune(
             prepare_finetune_(m)
         return m, loaded.arch, freeze_(m, parts)
 
-    job = Job("finetune", make_model, train_set, test_set, config, runs, output, force, resume, dev, env,
+    job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env,
               describe={"data": train_set.name, "model": str(model), "freeze": list(parts), "balance": balance,
                         "distill_from": str(distill_from) if distill_from else None}, teacher=teacher)  # fmt: skip
     init_distributed(dev, env)

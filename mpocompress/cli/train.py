@@ -67,7 +67,7 @@ def train(
             model, arch_text = build_model(spec), str(spec)
         return model, arch_text, count_trainable(model)
 
-    job = Job("train", make_model, train_set, test_set, config, runs, output, force, resume, dev, env,
+    job = Job("train", make_model, train_set, test_set, config, runs, output, resume, dev, env,
               describe={"data": train_set.name, "mpo": mpo})  # fmt: skip
     init_distributed(dev, env)
     outcomes = run_all(job, make_err_console())

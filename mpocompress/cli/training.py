@@ -79,8 +79,7 @@ class Job:
     test_set: ImageSet
     config: TrainConfig
     runs: int
-    output: Path | None
-    force: bool
+    output: Path | None  # checked beforehand by check_outputs
     resume: bool
     device: torch.device
     env: DistEnv
