@@ -158,11 +158,17 @@ class _MPOBase(nn.Module):
         self._fast = None
 
     def _core_params(self) -> list[torch.Tensor]:
-        return list(self.cores._parameters.values())  # faster than iterating the ParameterList
+        return list(self._modules["cores"]._parameters.values())  # self.cores, without the ParameterList iterator
 
     def _versions(self) -> tuple[int, ...]:
-        """The cores' version counters: a cache built from them is valid while these are unchanged."""
-        return tuple([c._version for c in self.cores._parameters.values()])
+        """The cores' identities and version counters: a cache built from them is valid while these
+        are unchanged (in-place updates bump a counter; new Parameter objects change an identity)."""
+        cores = self._modules["cores"]._parameters.values()  # what self.cores gives, without nn.Module's __getattr__
+        return tuple([v for c in cores for v in (id(c), c._version)])
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.clear_weight_cache()  # load_state_dict, with assign=True too: new values, old caches go
+        super()._load_from_state_dict(*args, **kwargs)
 
     def plan_for(self, rows: int, backward: bool = False, cached: bool = False) -> ContractionPlan:
         """The contraction plan for `rows` input vectors (batch x positions for a conv): chosen
@@ -308,7 +314,7 @@ class MPOLinear(_MPOBase):
             fast is not None and x.dim() == 2 and x.shape[0] == fast[0] and self.cache_weights
             and not torch.is_grad_enabled() and fast[1] == self._versions()
         ):  # fmt: skip
-            return F.linear(x, fast[2], self.bias)
+            return F.linear(x, fast[2], self._parameters["bias"])  # self.bias, looked up directly
         lead = x.shape[:-1]
         rows = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (B, N_x)
         plan, use_cache = self._plan_call(rows.shape[0], x)

@@ -221,6 +221,16 @@ def test_eval_cache_reuses_w_until_the_cores_change():
     layer.load_state_dict({k: v * 0.5 for k, v in layer.state_dict().items()})
     with torch.no_grad():
         torch.testing.assert_close(layer(x), x @ layer.weight_matrix().T + layer.bias, **TOL)
+    # new Parameter objects whose version counters equal the old ones (assign=True, or set by hand)
+    for k in range(2):
+        other = {n: v + 0.1 * v.std() * torch.randn_like(v) for n, v in layer.state_dict().items()}
+        if k == 0:
+            layer.load_state_dict(other, assign=True)
+        else:
+            for i in range(len(layer.cores)):
+                layer.cores[i] = torch.nn.Parameter(other[f"cores.{i}"])
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), x @ layer.weight_matrix().T + layer.bias, **TOL)
     layer.cache_weights = False
     layer.clear_weight_cache()
     with torch.no_grad():
