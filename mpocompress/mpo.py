@@ -632,7 +632,9 @@ def plan_cost(
         if plan.forms[g] == "bmm":
             step = model.bmm(m_rows, nn, kk, rest)
             fwd += step
-            bwd += 2 * step + model.traffic(m_rows * nn * kk)  # the per-slice core gradient, summed
+            # _SharedBmm's backward: a bmm for the input's gradient; for the core's, chunks of the
+            # output gradient and of the input laid side by side (copies in cache) and one GEMM
+            bwd += step + model.copy(m_rows * nn * rest) + model.copy(m_rows * kk * rest) + model.gemm(nn, m_rows * rest, kk)
         else:
             step = model.copy(m_rows * kk * rest) + model.gemm(m_rows * rest, kk, nn) + model.copy(m_rows * nn * rest)
             fwd += step
