@@ -84,7 +84,7 @@ class TTDecomposition:
     rel_error: float
 
 
-def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+def all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
     """Whether a tensor holds no NaN or Inf, checked in slices: torch.isfinite on a whole tensor
     makes temporaries as large as the tensor (|x| among them), which a large layer cannot afford."""
     if not (t.is_floating_point() or t.is_complex()):
