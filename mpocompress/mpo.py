@@ -125,7 +125,7 @@ def _check_truncation(max_bond: int | None, eps: float | None) -> None:
         raise MPOCompressError(f"relative error eps must lie strictly between 0 and 1, got {eps!r}")
 
 
-_BLOCK = 1 << 20  # elements per float64 block when a Gram matrix is accumulated from a float32 matrix
+_BLOCK = 1 << 19  # numbers per float64 block (4 MB) when a Gram matrix or U^T A is accumulated from a float32 matrix
 _GRAM_FLOOR = 1e-8  # below this share of the energy discarded, a Gram step is redone by exact SVD
 TT_METHODS = ("auto", "svd", "gram")
 
