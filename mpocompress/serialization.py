@@ -102,26 +102,28 @@ def load_model(
             the checks of the layers it factorizes and of `save`, which reads every tensor anyway.
     """
     path = Path(path)
-    check_finite = _check_finite if check_values else _no_check
     _check_readable(path)
     arch_text = str(arch) if arch is not None else None
     if _is_safetensors(path):
         meta = read_metadata(path)
         if meta is not None and meta.get("format") == FORMAT:
-            return _load_own(path, meta, arch_text, check_finite)
+            return _load_own(path, meta, arch_text, check_values)
         try:
             state = load_file(str(path))
         except Exception as e:
             raise MPOCompressError(f"{path} is not a readable safetensors file ({_short(e)})") from None
-        check_finite(state, path)
+        if check_values:
+            _check_finite(state, path)
         return LoadedModel(_model_from_state(state, path, arch_text), arch_text, "state_dict", path)
 
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
-        check_finite(obj.state_dict(), path)
+        if check_values:
+            _check_finite(obj.state_dict(), path)
         return LoadedModel(obj, arch_text, "pickled_module", path)
     state = _unwrap_state_dict(obj, path)
-    check_finite(state, path)
+    if check_values:
+        _check_finite(state, path)
     return LoadedModel(_model_from_state(state, path, arch_text), arch_text, "state_dict", path)
 
 
@@ -280,7 +282,7 @@ def _parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
             "mpocompress_version": meta.get("mpocompress_version"), "source_format": meta.get("source_format")}  # fmt: skip
 
 
-def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_finite: Any) -> LoadedModel:
+def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_values: bool) -> LoadedModel:
     info = _parse_own_metadata(path, meta)
     file_arch = info["arch"]
     if arch is None:
@@ -309,7 +311,8 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_finit
                 f"{path} is corrupt: its tensors do not match the SHA-256 recorded in its metadata "
                 "(damaged on disk or in transit, or edited); get a fresh copy or write it again"
             )
-    check_finite(state, path)
+    if check_values:
+        _check_finite(state, path)
 
     def assemble(model: nn.Module, on_meta: bool) -> nn.Module:
         made: dict[int, nn.Module] = {}
@@ -394,10 +397,6 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-def _no_check(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    return None
 
 
 def _check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
