@@ -414,7 +414,7 @@ def fit(
             lr = lr_at(config, step, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            gen = torch.Generator().manual_seed(_mix(config.seed, epoch, env.rank, i))
+            gen = torch.Generator().manual_seed(_mix(config.seed, epoch, env.rank, i)) if train_set.augment else None
             x, y = train_set.batch(idx, device, gen)
             logits = net(x)
             loss = F.cross_entropy(logits, y)
