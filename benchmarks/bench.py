@@ -5,7 +5,7 @@
     python benchmarks/bench.py --sections layers --out benchmarks/results
 
 Sections:
-  layers   forward (with and without the eval-mode weight cache) and forward+backward (gradients
+  layers   forward (computed from the cores, and materialized in eval mode) and forward+backward (gradients
            for cores, bias and input) of an MPOLinear against: nn.Linear with the rebuilt weight,
            tensorly-torch's FactorizedLinear (blocktt, `factorized` and `reconstructed`) and
            torch-mpo's TT linear layer when installed. All hold the same cores; outputs are checked
@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpocompress.layers import MPOLinear
-from mpocompress.mpo import mpo_to_matrix, tt_svd
-from mpocompress.zoo import build_model, build_mpo_net
+from mpocompress.models import build_model, build_mpo_net
+from mpocompress.nn import MPOLinear
+from mpocompress.tensors import mpo_to_matrix, tt_svd
 
 LAYERS = [  # (in, out, in_modes, out_modes, D)
     *[(784, 256, (4, 7, 7, 4), (4, 4, 4, 4), d) for d in (2, 4, 8, 16)],
@@ -149,8 +149,11 @@ def bench_layers(budget: float, batches: tuple[int, ...], configs: list[tuple]) 
 
                         def fn(m=m, inputs=inputs):
                             torch.autograd.grad(m(xg), inputs, gy)
-                    else:  # plain forward: training mode, no weight cache; eval: the cache may be used
-                        mpo.cache_weights = mode != "forward"
+                    else:  # plain forward: training mode, no weight cache; eval: the layer is materialized
+                        if mode == "forward":
+                            mpo.release()
+                        else:
+                            mpo.materialize()
                         m.train(mode == "forward")
 
                         def fn(m=m):
@@ -158,7 +161,7 @@ def bench_layers(budget: float, batches: tuple[int, ...], configs: list[tuple]) 
                                 m(x)
 
                     times[impl.name] = median_time(fn, budget)
-                mpo.cache_weights = True
+                mpo.release()
                 plan = mpo.plan_for(b, backward=mode == "forward+backward", cached=mode.startswith("forward (eval"))
                 ours = times["mpocompress"]
                 peers = {k: v for k, v in times.items() if k not in ("mpocompress", "dense")}

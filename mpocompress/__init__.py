@@ -1,16 +1,23 @@
 """mpocompress: compress PyTorch models by writing their heaviest layers as matrix product operators.
 
 Method: Gao et al., "Compressing deep neural networks by matrix product operators".
+The package map is docs/architecture.md.
 """
 
 __version__ = "0.1.0"
 
+from mpocompress.compress import (  # noqa: E402
+    CompressionConfig,
+    CompressionReport,
+    LayerReport,
+    SkippedLayer,
+    analyze,
+    compress_,
+)
 from mpocompress.errors import MPOCompressError  # noqa: E402
-from mpocompress.layers import MPOConv2d, MPOLinear  # noqa: E402
-from mpocompress.report import CompressionReport, LayerReport, SkippedLayer  # noqa: E402
-from mpocompress.serialization import load, load_model, save  # noqa: E402
-from mpocompress.surgery import CompressionConfig, analyze, compress_  # noqa: E402
-from mpocompress.zoo import ARCHITECTURES, build_model, register_arch  # noqa: E402
+from mpocompress.io import load, load_model, save  # noqa: E402
+from mpocompress.models import ARCHITECTURES, build_model, register_arch  # noqa: E402
+from mpocompress.nn import MPOConv2d, MPOLayer, MPOLinear, materialized  # noqa: E402
 
 __all__ = [
     "ARCHITECTURES",
@@ -19,6 +26,7 @@ __all__ = [
     "LayerReport",
     "MPOCompressError",
     "MPOConv2d",
+    "MPOLayer",
     "MPOLinear",
     "SkippedLayer",
     "analyze",
@@ -26,6 +34,7 @@ __all__ = [
     "compress_",
     "load",
     "load_model",
+    "materialized",
     "register_arch",
     "save",
 ]

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mpocompress import CompressionConfig, build_model, compress_, save
-from mpocompress.serialization import tensors_digest
+from mpocompress.io import tensors_digest
 from test_cli_train import invoke
 
 # ----------------------------------------------------------------------------- the broken files

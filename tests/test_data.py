@@ -2,7 +2,7 @@ import os
 
 import torch
 
-from mpocompress.data import digits
+from mpocompress.io.data import digits
 
 
 def test_digits_is_served_as_28x28_with_a_fixed_split():
@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import safetensors.torch  # noqa: E402
 
-from mpocompress.data import ImageSet, _crop_flip, batch_indices, load_dataset  # noqa: E402
+from mpocompress.io.data import ImageSet, batch_indices, load_dataset
+from mpocompress.io.data.images import _crop_flip  # noqa: E402
 from mpocompress.errors import MPOCompressError  # noqa: E402
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import mpocompress
-from mpocompress.data import load_dataset
+from mpocompress.io.data import load_dataset
 from mpocompress.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import torch
 
 import mpocompress.cli.training as cli_training
 from mpocompress import load
-from mpocompress.serialization import checkpoint_path_for, load_train_state
+from mpocompress.io import checkpoint_path_for, load_train_state
 from mpocompress.train import StopOnSignal
 from mpocompress.train import fit as real_fit
 from test_cli_train import invoke, run_json

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.layers import MPOConv2d, MPOLinear, layer_from_spec
+from mpocompress.nn import MPOConv2d, MPOLinear, layer_from_spec
 
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32
 
@@ -137,10 +137,10 @@ def test_plan_choice_follows_the_cost_model():
 def test_plans_are_cached_per_shape_not_replanned(monkeypatch):
     layer = MPOLinear(64, 64, bond_dim=4)
     calls = []
-    import mpocompress.layers as layers_mod
+    import mpocompress.nn.mpo_base as layers_mod
 
     real = layers_mod.choose_plan
-    monkeypatch.setattr(layers_mod, "choose_plan", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    monkeypatch.setattr(layers_mod, "choose_plan", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     x = torch.randn(8, 64)
     for _ in range(5):
         layer(x)
@@ -149,7 +149,7 @@ def test_plans_are_cached_per_shape_not_replanned(monkeypatch):
 
 
 def _every_plan(layer):
-    from mpocompress.mpo import candidate_plans
+    from mpocompress.tensors import candidate_plans
 
     return candidate_plans(len(layer.cores))
 
@@ -168,7 +168,7 @@ def test_every_plan_matches_the_dense_product_and_its_gradients(in_f, out_f, d, 
     xr = x.clone().requires_grad_()
     cores_ref = [c.detach().clone().requires_grad_() for c in layer.cores]
     bias_ref = layer.bias.detach().clone().requires_grad_()
-    from mpocompress.mpo import mpo_to_matrix
+    from mpocompress.tensors import mpo_to_matrix
 
     y_ref = F.linear(xr, mpo_to_matrix(cores_ref), bias_ref)
     g_ref = torch.autograd.grad(y_ref, [xr, *cores_ref, bias_ref], gy)
@@ -199,15 +199,15 @@ def test_conv_plans_match_dense_conv(strategy):
     torch.testing.assert_close(gx, gx_ref, atol=1e-10, rtol=1e-10)
 
 
-def test_eval_cache_reuses_w_until_the_cores_change():
+def test_materialized_layer_reuses_w_until_the_cores_change():
     torch.manual_seed(0)
-    layer = MPOLinear(784, 256, bond_dim=16, in_modes=(4, 7, 7, 4), out_modes=(4, 4, 4, 4)).eval()
+    layer = MPOLinear(784, 256, bond_dim=16, in_modes=(4, 7, 7, 4), out_modes=(4, 4, 4, 4)).eval().materialize()
     x = torch.randn(64, 784)  # eval, 64 rows: the cached-W plan
     with torch.no_grad():
         y1 = layer(x)
-        w_cached = layer._merged[(4,)][1][0]
+        w_cached = layer._groups((4,), use_cache=True)[0]
         layer(x)
-        assert layer._merged[(4,)][1][0] is w_cached  # reused, not rebuilt
+        assert layer._groups((4,), use_cache=True)[0] is w_cached  # reused, not rebuilt
     torch.testing.assert_close(y1, x @ layer.weight_matrix().detach().T + layer.bias.detach(), **TOL)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer.train()
@@ -216,7 +216,7 @@ def test_eval_cache_reuses_w_until_the_cores_change():
     layer.eval()
     with torch.no_grad():
         y2 = layer(x)
-    assert layer._merged[(4,)][1][0] is not w_cached  # the optimizer step changed the cores
+        assert layer._groups((4,), use_cache=True)[0] is not w_cached  # the optimizer step changed the cores
     torch.testing.assert_close(y2, x @ layer.weight_matrix().detach().T + layer.bias.detach(), **TOL)
     layer.load_state_dict({k: v * 0.5 for k, v in layer.state_dict().items()})
     with torch.no_grad():
@@ -231,20 +231,59 @@ def test_eval_cache_reuses_w_until_the_cores_change():
                 layer.cores[i] = torch.nn.Parameter(other[f"cores.{i}"])
         with torch.no_grad():
             torch.testing.assert_close(layer(x), x @ layer.weight_matrix().T + layer.bias, **TOL)
-    layer.cache_weights = False
-    layer.clear_weight_cache()
+    # vector_to_parameters gives the cores new storage: seen by the stamp
+    vec = torch.nn.utils.parameters_to_vector(layer.parameters())
+    torch.nn.utils.vector_to_parameters(vec * 1.5, layer.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ layer.weight_matrix().T + layer.bias, **TOL)
+    layer.release()
     with torch.no_grad():
         layer(x)
-    assert layer._merged == {}
-    clone = copy.deepcopy(layer)
-    assert clone._merged == {} and clone._plans == {}
+    assert len(layer.weight_cache) == 0
+    clone = copy.deepcopy(layer.materialize())
+    assert len(clone.weight_cache) == 0 and clone._plans == {}
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_writes_through_data_are_seen_when_not_materialized(batch):
+    """The default keeps no cache: a write through .data (which bypasses version counters) and
+    vector_to_parameters change the output at once, in eval and under no_grad."""
+    torch.manual_seed(0)
+    layer = MPOLinear(784, 256, bond_dim=4).eval()
+    x = torch.randn(batch, 784)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+        layer.cores[0].data.mul_(2)
+        torch.testing.assert_close(layer(x), x @ layer.weight_matrix().T + layer.bias, **TOL)
+        vec = torch.nn.utils.parameters_to_vector(layer.parameters())
+        torch.nn.utils.vector_to_parameters(vec * 0.5, layer.parameters())
+        torch.testing.assert_close(layer(x), x @ layer.weight_matrix().T + layer.bias, **TOL)
+    assert len(layer.weight_cache) == 0
+
+
+def test_materialized_context_caches_only_inside_and_restores_the_state():
+    from mpocompress.nn import materialized
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MPOLinear(64, 32, bond_dim=4), torch.nn.ReLU(), MPOLinear(32, 8, bond_dim=2)).eval()
+    model[2].materialize()
+    x = torch.randn(5, 64)
+    with torch.no_grad(), materialized(model):
+        y = model(x)
+        assert len(model[0].weight_cache) > 0 and len(model[2].weight_cache) > 0
+    assert not model[0].weight_cache.enabled and len(model[0].weight_cache) == 0  # back to the default
+    assert model[2].weight_cache.enabled  # it was materialized before the block: it stays so
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), y)
 
 
 def test_gradients_still_reach_the_cores_in_eval_mode():
-    layer = MPOLinear(64, 32, bond_dim=4).eval()
+    layer = MPOLinear(64, 32, bond_dim=4).eval().materialize()
     x = torch.randn(300, 64)
     with torch.no_grad():
         layer(x)  # fills the cache
+    assert len(layer.weight_cache) > 0
     layer(x).sum().backward()  # grad enabled, cores require grad: the cache must not be used
     assert all(c.grad is not None and bool(c.grad.abs().sum() > 0) for c in layer.cores)
 

@@ -9,7 +9,7 @@ from tensorly.decomposition import tensor_train_matrix
 from tensorly.tt_matrix import tt_matrix_to_matrix
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.mpo import (
+from mpocompress.tensors import (
     bond_caps,
     bond_dims_for,
     bond_spectra,
@@ -17,7 +17,7 @@ from mpocompress.mpo import (
     contract_macs,
     entanglement_entropy,
     mpo_contract,
-    mpo_param_count,
+    MPOShape,
     mpo_to_matrix,
     random_cores,
     rebuild_macs,
@@ -130,9 +130,9 @@ def test_paper_parameter_counts_fc2():
     """Sec. III A 1: M^{4,4,4,4}_{4,7,7,4}(2) + M^{1,1,10,1}_{4,4,4,4}(4) has 1024 weights; D=16 gives 15,584."""
     l1 = ((4, 7, 7, 4), (4, 4, 4, 4))
     l2 = ((4, 4, 4, 4), (1, 1, 10, 1))
-    n2 = mpo_param_count(*l2, bond_dims_for(*l2, 4))
-    assert mpo_param_count(*l1, bond_dims_for(*l1, 2)) + n2 == 1024
-    n16 = mpo_param_count(*l1, bond_dims_for(*l1, 16)) + n2
+    n2 = MPOShape.uniform(*l2, 4).param_count
+    assert MPOShape.uniform(*l1, 2).param_count + n2 == 1024
+    n16 = MPOShape.uniform(*l1, 16).param_count + n2
     assert n16 == 15584
     assert compression_ratio(n16, 784 * 256 + 256 * 10) < 0.08
 
@@ -140,7 +140,7 @@ def test_paper_parameter_counts_fc2():
 def test_paper_parameter_counts_lenet5():
     """Sec. III A 2: the three MPOs of LeNet-5 give rho ~ 0.05."""
     layers = [((2, 10, 10, 2), (2, 5, 6, 2), 4), ((2, 5, 6, 2), (2, 3, 7, 2), 4), ((2, 3, 7, 2), (1, 5, 2, 1), 2)]
-    n_mpo = sum(mpo_param_count(i, j, bond_dims_for(i, j, d)) for i, j, d in layers)
+    n_mpo = sum(MPOShape.uniform(i, j, d).param_count for i, j, d in layers)
     rho = compression_ratio(n_mpo, 48000 + 10080 + 840)
     assert 0.045 < rho < 0.055
 
@@ -150,7 +150,7 @@ def test_eq6_for_uniform_bonds():
     i, j, d = (5, 6, 7, 8), (4, 5, 6, 7), 6
     assert bond_dims_for(i, j, d) == [d] * 3
     eq6 = sum(i[k] * j[k] * d * d for k in (1, 2)) + i[0] * j[0] * d + i[3] * j[3] * d
-    assert mpo_param_count(i, j, [d] * 3) == eq6
+    assert MPOShape(i, j, (d,) * 3).param_count == eq6
 
 
 def test_entropy_matches_definition_and_bounds():
@@ -191,7 +191,7 @@ def test_tt_round_equals_tt_svd_of_the_rebuilt_matrix():
 
 @pytest.mark.parametrize("in_modes, out_modes", SHAPES)
 def test_contraction_equals_dense_product(in_modes, out_modes):
-    cores = random_cores(in_modes, out_modes, bond_dims_for(in_modes, out_modes, 3), 1.0, dtype=torch.float64)
+    cores = random_cores(MPOShape.uniform(in_modes, out_modes, 3), 1.0, dtype=torch.float64)
     x = torch.randn(7, math.prod(in_modes), dtype=torch.float64)
     torch.testing.assert_close(mpo_contract(x, cores), x @ mpo_to_matrix(cores).T, atol=1e-10, rtol=1e-10)
 
@@ -200,14 +200,15 @@ def test_cost_model_counts():
     i, j, b = (4, 7, 7, 4), (4, 4, 4, 4), [16, 16, 16]
     # step by step by hand: B * prod(J_<k) * prod(I_>k) * D_{k-1} I_k J_k D_k
     by_hand = 196 * 1 * 4 * 4 * 16 + 4 * 28 * 16 * 7 * 4 * 16 + 16 * 4 * 16 * 7 * 4 * 16 + 64 * 16 * 4 * 4
-    assert contract_macs(i, j, b, 1) == by_hand
-    assert contract_macs(i, j, b, 10) == 10 * by_hand
-    assert rebuild_macs(i, j, b) == 16 * 16 * 28 * 16 + 16 * 28 * 16 * 28 * 16 + 16 * 28 * 28 * 16 * 16
+    shape = MPOShape(i, j, b)
+    assert contract_macs(shape, 1) == by_hand
+    assert contract_macs(shape, 10) == 10 * by_hand
+    assert rebuild_macs(shape) == 16 * 16 * 28 * 16 + 16 * 28 * 16 * 28 * 16 + 16 * 28 * 28 * 16 * 16
 
 
 def test_random_cores_scale():
     target = 0.05
-    cores = random_cores((4, 7, 7, 4), (4, 4, 4, 4), [8, 8, 8], target, generator=torch.Generator().manual_seed(1))
+    cores = random_cores(MPOShape((4, 7, 7, 4), (4, 4, 4, 4), (8, 8, 8)), target, generator=torch.Generator().manual_seed(1))
     std = float(mpo_to_matrix(cores).std())
     assert abs(std / target - 1) < 0.2
 
@@ -220,7 +221,7 @@ def test_random_cores_scale():
 def test_gram_tt_svd_matches_exact_svd(method, shape, in_modes, out_modes, d, monkeypatch):
     """The Gram path keeps the SVD's subspaces: same bond dims, relative error within 1.001x of the
     exact TT-SVD's, orthonormal left cores, and the same singular values (float64)."""
-    import mpocompress.mpo as mpo_mod
+    import mpocompress.tensors.decompose as mpo_mod
 
     monkeypatch.setattr(mpo_mod, "_BLOCK", 97)  # force the block-by-block Gram accumulation
     torch.manual_seed(0)
@@ -242,7 +243,7 @@ def test_auto_falls_back_to_exact_svd_for_nearly_exact_factorizations():
     """A matrix that is an MPO of bond 3 plus 1e-7 noise: 'auto' must keep the exact SVD's tiny
     error, which a float64 Gram matrix cannot resolve."""
     torch.manual_seed(0)
-    cores = random_cores((4, 4, 4), (4, 4, 4), [3, 3], 1.0, dtype=torch.float64)
+    cores = random_cores(MPOShape((4, 4, 4), (4, 4, 4), (3, 3)), 1.0, dtype=torch.float64)
     w = mpo_to_matrix(cores) + 1e-9 * torch.randn(64, 64, dtype=torch.float64)
     exact = tt_svd(w, (4, 4, 4), (4, 4, 4), max_bond=3, method="svd")
     auto = tt_svd(w, (4, 4, 4), (4, 4, 4), max_bond=3, method="auto")
@@ -260,22 +261,23 @@ def test_unknown_tt_method_is_an_error():
 
 def test_grouped_macs_and_merge_cores_agree_with_the_dense_matrix():
     torch.manual_seed(0)
-    from mpocompress.mpo import grouped_macs, merge_cores
+    from mpocompress.tensors import grouped_macs, merge_cores
 
-    cores = random_cores((2, 3, 4), (3, 2, 2), [2, 3], 1.0, dtype=torch.float64)
+    shape = MPOShape((2, 3, 4), (3, 2, 2), (2, 3))
+    cores = random_cores(shape, 1.0, dtype=torch.float64)
     w = mpo_to_matrix(cores)
     merged = merge_cores(cores[:2])
     assert merged.shape == (1, 6, 6, 3)
     torch.testing.assert_close(mpo_to_matrix([merged, cores[2]]), w)
-    assert grouped_macs((2, 3, 4), (3, 2, 2), [2, 3], (3,), 5, merged_cached=True) == 5 * 24 * 12
-    assert grouped_macs((2, 3, 4), (3, 2, 2), [2, 3], (1, 1, 1), 7) == contract_macs((2, 3, 4), (3, 2, 2), [2, 3], 7)
+    assert grouped_macs(shape, (3,), 5, merged_cached=True) == 5 * 24 * 12
+    assert grouped_macs(shape, (1, 1, 1), 7) == contract_macs(shape, 7)
 
 
 @pytest.mark.parametrize("in_modes, out_modes, d", [((4, 7, 7, 4), (4, 4, 4, 4), 4), ((3, 5, 2), (2, 6, 4), 6)])
 def test_first_step_read_from_w_equals_the_step_on_the_permuted_unfolding(in_modes, out_modes, d, monkeypatch):
     """The first TT-SVD step is computed from blocks of W, without the permuted copy of W: the same
     spectrum, subspace and remainder as `_split` on the explicitly permuted unfolding."""
-    import mpocompress.mpo as mpo_mod
+    import mpocompress.tensors.decompose as mpo_mod
 
     monkeypatch.setattr(mpo_mod, "_BLOCK", 211)  # several blocks, the last one partial
     torch.manual_seed(0)
@@ -291,7 +293,7 @@ def test_first_step_read_from_w_equals_the_step_on_the_permuted_unfolding(in_mod
 
 
 def test_frobenius_norm_is_float64_accurate_for_large_float32_tensors():
-    from mpocompress.mpo import frobenius_norm
+    from mpocompress.tensors import frobenius_norm
 
     torch.manual_seed(0)
     w = torch.randn(3_000_017) * 10  # rows of 65,536 plus a tail
@@ -303,7 +305,7 @@ def test_frobenius_norm_is_float64_accurate_for_large_float32_tensors():
 def test_shared_bmm_backward_equals_autograd_of_the_expanded_bmm():
     """The hand-written backward of the bmm step (grad of the shared matrix summed chunk by chunk,
     here over 3 chunks of 256 slices and a partial one) against autograd's, float64."""
-    from mpocompress.mpo import _SharedBmm
+    from mpocompress.tensors.contract import _SharedBmm
 
     torch.manual_seed(0)
     a = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
@@ -323,10 +325,10 @@ def test_shared_bmm_backward_equals_autograd_of_the_expanded_bmm():
 def test_contraction_in_row_chunks_equals_the_whole_batch(monkeypatch):
     """On the CPU, mpo_contract takes rows in chunks that keep intermediates in cache: the result
     and the gradients equal those of one pass over all rows (float64), with a partial last chunk."""
-    import mpocompress.mpo as mpo_mod
+    import mpocompress.tensors.contract as mpo_mod
 
     torch.manual_seed(0)
-    cores = [c.requires_grad_() for c in random_cores((4, 3, 5), (2, 6, 3), [4, 5], 1.0, dtype=torch.float64)]
+    cores = [c.requires_grad_() for c in random_cores(MPOShape((4, 3, 5), (2, 6, 3), (4, 5)), 1.0, dtype=torch.float64)]
     x = torch.randn(23, 60, dtype=torch.float64, requires_grad=True)
     g = torch.randn(23, 36, dtype=torch.float64)
     whole = mpo_contract(x, cores, ["bmm", "fold"])

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import mpocompress.serialization as ser
+import mpocompress.io as ser
 from mpocompress import CompressionConfig, MPOLinear, build_model, compress_, load, load_model, save
 from mpocompress.errors import MPOCompressError
 
@@ -191,7 +191,9 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ser, "save_file", boom)
+    import mpocompress.io.model_files as model_files
+
+    monkeypatch.setattr(model_files, "save_file", boom)
     with pytest.raises(OSError):
         save(model, tmp_path / "new.safetensors", arch="fc2")
     with pytest.raises(OSError):

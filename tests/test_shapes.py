@@ -3,7 +3,7 @@ import math
 import pytest
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.shapes import check_modes, factorize, parse_modes, parse_shape_spec
+from mpocompress.tensors import check_modes, factorize, parse_modes, parse_shape_spec
 
 
 @pytest.mark.parametrize(

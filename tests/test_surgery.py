@@ -6,7 +6,7 @@ from torch import nn
 
 from mpocompress import CompressionConfig, MPOConv2d, MPOLinear, analyze, build_model, compress_
 from mpocompress.errors import MPOCompressError
-from mpocompress.mpo import entanglement_entropy, unfolding_spectra
+from mpocompress.tensors import entanglement_entropy, unfolding_spectra
 
 FC2_PAPER = dict(
     shapes={"fc1": ((4, 7, 7, 4), (4, 4, 4, 4)), "fc2": ((4, 4, 4, 4), (1, 1, 10, 1))},

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from mpocompress.data import load_dataset
-from mpocompress.surgery import CompressionConfig, compress_, summarize
+from mpocompress.io.data import load_dataset
+from mpocompress.compress import CompressionConfig, compress_, summarize
 from mpocompress.train import TrainConfig, fit, prepare_finetune_
-from mpocompress.zoo import build_model, build_mpo_net
+from mpocompress.models import build_model, build_mpo_net
 
 pytestmark = pytest.mark.slow
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mpocompress.data import load_dataset
+from mpocompress.io.data import load_dataset
 from mpocompress.errors import Interrupted, MPOCompressError
-from mpocompress.layers import MPOLinear
-from mpocompress.mpo import balance_cores, mpo_to_matrix, random_cores, tt_svd
+from mpocompress.nn import MPOLinear
+from mpocompress.tensors import MPOShape, balance_cores, mpo_to_matrix, random_cores, tt_svd
 from mpocompress.train import (
     TrainConfig, central_core_index, count_params, distillation_loss, evaluate, fit, freeze_, lr_at, mean_std,
     prepare_finetune_,
 )  # fmt: skip
-from mpocompress.zoo import build_model, build_mpo_net
+from mpocompress.models import build_model, build_mpo_net
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_balance_cores_keeps_the_matrix_and_evens_the_norms():
 
 
 def test_prepare_finetune_keeps_outputs():
-    layer = MPOLinear.from_cores(random_cores((4, 7, 7, 4), (4, 4, 4, 4), [4, 4, 4], 0.3), torch.randn(256))
+    layer = MPOLinear.from_cores(random_cores(MPOShape((4, 7, 7, 4), (4, 4, 4, 4), (4, 4, 4)), 0.3), torch.randn(256))
     x = torch.randn(5, 784)
     before = layer(x)
     prepare_finetune_(layer)

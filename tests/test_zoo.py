@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.zoo import build_model, parse_arch
+from mpocompress.models import build_model, parse_arch
 
 
 def _weights(model):
@@ -67,9 +67,9 @@ def test_user_arch_imports_from_working_directory(tmp_path, monkeypatch):
 
 from torch import nn  # noqa: E402
 
-from mpocompress.layers import MPOConv2d, MPOLinear  # noqa: E402
-from mpocompress.surgery import summarize  # noqa: E402
-from mpocompress.zoo import adapt_arch, build_mpo_net  # noqa: E402
+from mpocompress.nn import MPOConv2d, MPOLinear  # noqa: E402
+from mpocompress.compress import summarize  # noqa: E402
+from mpocompress.models import adapt_arch, build_mpo_net  # noqa: E402
 
 
 def _linear_weights(model):

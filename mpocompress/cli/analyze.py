@@ -12,10 +12,10 @@ from mpocompress.cli.common import (
     build_config, handle_errors, parse_input_shape, print_json,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, render_report
-from mpocompress.serialization import load_model
-from mpocompress.surgery import add_macs, rows_per_sample
-from mpocompress.surgery import analyze as analyze_model
-from mpocompress.zoo import default_input_shape
+from mpocompress.io import load_model
+from mpocompress.compress import add_macs, rows_per_sample
+from mpocompress.compress import analyze as analyze_model
+from mpocompress.models import default_input_shape
 
 
 @app.command()

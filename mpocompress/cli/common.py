@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import typer
 
 from mpocompress.errors import Interrupted, MPOCompressError
-from mpocompress.shapes import parse_shape_spec
-from mpocompress.surgery import CompressionConfig
+from mpocompress.tensors import parse_shape_spec
+from mpocompress.compress import CompressionConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -12,8 +12,8 @@ from mpocompress.cli.common import (
     build_config, fail, handle_errors, print_json,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, render_report
-from mpocompress.serialization import check_output_path, load_model, save
-from mpocompress.surgery import compress_
+from mpocompress.io import check_output_path, load_model, save
+from mpocompress.compress import compress_
 
 
 @app.command()

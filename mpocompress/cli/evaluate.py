@@ -11,10 +11,10 @@ from mpocompress.cli import app
 from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, handle_errors, print_json
 from mpocompress.cli.render import make_console
 from mpocompress.cli.training import DATA_DIR_OPT, DATA_OPT, DEVICE_OPT
-from mpocompress.data import load_dataset
+from mpocompress.io.data import load_dataset
 from mpocompress.errors import MPOCompressError
-from mpocompress.serialization import load_model
-from mpocompress.surgery import summarize
+from mpocompress.io import load_model
+from mpocompress.compress import summarize
 from mpocompress.train import evaluate as evaluate_model
 from mpocompress.train import resolve_device
 

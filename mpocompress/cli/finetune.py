@@ -14,7 +14,7 @@ from mpocompress.cli.training import (
     RUNS_OPT, SCHEDULE_OPT, SEED_OPT, WARMUP_OPT, WD_OPT, Job, check_outputs, load_data, output_option, render,
     report, run_all,
 )  # fmt: skip
-from mpocompress.serialization import load_model
+from mpocompress.io import load_model
 from mpocompress.train import (
     FINETUNE_DEFAULTS, TrainConfig, dist_env, evaluate, freeze_, init_distributed, prepare_finetune_, resolve_device,
 )  # fmt: skip

@@ -22,7 +22,7 @@ def make_err_console() -> Console:
 def _table(title: str) -> Table:
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
 
-from mpocompress.report import CompressionReport
+from mpocompress.compress import CompressionReport
 
 
 def _fmt_int(n: int) -> str:

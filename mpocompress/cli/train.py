@@ -15,7 +15,7 @@ from mpocompress.cli.training import (
     output_option, render, report, run_all,
 )  # fmt: skip
 from mpocompress.train import TrainConfig, dist_env, init_distributed, resolve_device
-from mpocompress.zoo import adapt_arch, build_model, build_mpo_net
+from mpocompress.models import adapt_arch, build_model, build_mpo_net
 
 
 @app.command()

@@ -16,12 +16,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from mpocompress.data import ImageSet, load_dataset
+from mpocompress.io.data import ImageSet, load_dataset
 from mpocompress.errors import Interrupted, MPOCompressError
-from mpocompress.serialization import (
+from mpocompress.io import (
     check_output_path, checkpoint_path_for, load_train_state, mpo_layer_specs, save, save_train_state,
 )  # fmt: skip
-from mpocompress.surgery import summarize
+from mpocompress.compress import summarize
 from mpocompress.train import (
     DistEnv, EpochStats, FitResult, StopOnSignal, TrainConfig, count_params, fit, mean_std,
 )  # fmt: skip

@@ -1,0 +1,135 @@
+"""What `compress_` would do, without changing the model: reports at a truncation or, without one,
+the exact MPO of each selected layer and a sweep over D; and multiply-adds per sample."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from mpocompress.compress.config import CompressionConfig
+from mpocompress.compress.convert import (
+    LayerTarget, check_finite, current_cores, decompose, report_for, select_targets, weight_of,
+)  # fmt: skip
+from mpocompress.compress.registry import converter_for
+from mpocompress.compress.report import CompressionReport, LayerReport, count_params, layer_report, totals
+from mpocompress.compress.select import FilterFn
+from mpocompress.errors import MPOCompressError
+from mpocompress.nn import MPOLayer
+from mpocompress.tensors import MPOShape, bond_spectra, choose_plan, grouped_macs, unfolding_spectra
+
+SWEEP_BOND_DIMS = (2, 4, 8, 16, 32)
+
+
+def _exact_report(t: LayerTarget) -> LayerReport:
+    """The untruncated MPO: for a dense layer every bond at its cap, with the spectra of W's
+    unfoldings; for an MPO layer its own bonds and spectra."""
+    c = t.cand
+    cores = current_cores(t)
+    if cores is not None:
+        check_finite(t, cores)
+        shape = MPOShape.of_cores(cores)
+        return layer_report(c.name, c.kind, c.ny, c.nx, shape, bond_spectra(cores), 0.0)
+    spectra = unfolding_spectra(weight_of(t), t.in_modes, t.out_modes)
+    return layer_report(c.name, c.kind, c.ny, c.nx, MPOShape.exact(t.in_modes, t.out_modes), spectra, 0.0)
+
+
+def analyze(
+    model: nn.Module,
+    config: CompressionConfig = CompressionConfig(),
+    filter_fn: FilterFn | None = None,
+    sweep_bond_dims: tuple[int, ...] = SWEEP_BOND_DIMS,
+) -> CompressionReport:
+    """What `compress_` would do, without changing the model.
+
+    With a bond dimension or eps in `config`: the report at that truncation. Without either: the
+    exact MPO of each selected layer (bonds at their caps, with their entanglement entropies),
+    and in `sweep` one report for each D in `sweep_bond_dims`.
+    """
+    before = count_params(model)
+    chosen, skipped = select_targets(model, config, filter_fn)
+    if config.settings.has_global_truncation or all(t.bond_dim is not None for t in chosen):
+        layers = [report_for(t, decompose(t, t.bond_dim, t.eps)) for t in chosen]
+        return totals(layers, skipped, before, config.bond_dim, config.eps, applied=False)
+    report = totals([_exact_report(t) for t in chosen], skipped, before, config.bond_dim, config.eps, applied=False)
+    for d in sweep_bond_dims:
+        cfg = config.with_bond_dim(d)
+        sub_chosen, sub_skipped = select_targets(model, cfg, filter_fn)
+        sub_layers = [report_for(t, decompose(t, t.bond_dim, None)) for t in sub_chosen]
+        report.sweep.append(totals(sub_layers, sub_skipped, before, cfg.bond_dim, cfg.eps, applied=False))
+    report.notes.append("no --bond-dim given: layers show the exact MPO (bonds at their caps); pick D from the sweep")
+    return report
+
+
+def rows_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """How many input vectors each convertible layer sees per sample: one forward pass of a zero
+    batch of one sample of `input_shape` (e.g. (1, 28, 28)) with hooks."""
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        conv = converter_for(mod)
+        if conv is not None:
+            hooks.append(mod.register_forward_hook(
+                lambda m, i, o, n=name, c=conv: counts.__setitem__(n, c.rows_per_output(o))
+            ))  # fmt: skip
+    param = next(model.parameters(), None)
+    x = torch.zeros(1, *input_shape, dtype=param.dtype if param is not None else torch.float32)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as e:
+        raise MPOCompressError(f"the model does not run on an input of shape {tuple(input_shape)} ({e}); check --input-shape") from None
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def _mpo_macs(shape: MPOShape, rows: int, batch: int) -> tuple[int, str]:
+    """Multiply-adds per sample of an MPO seeing `rows` vectors per sample, with the plan a
+    training step of `batch` samples takes, and that plan."""
+    plan = choose_plan(shape, batch * rows, backward=True)
+    return grouped_macs(shape, plan.sizes, batch * rows) // batch, plan.describe()
+
+
+def add_macs(
+    report: CompressionReport, model: nn.Module, rows: Mapping[str, int] | None, batch: int = 64
+) -> CompressionReport:
+    """Fill in multiply-adds per sample: each reported layer dense and as an MPO with the plan a
+    training step of `batch` samples would take, and the totals over every convertible layer of
+    the model. Without `rows` (no input shape) a Linear counts one vector per sample and
+    convolutions stay unknown."""
+    modules = dict(model.named_modules())
+    report.macs_batch = batch
+    by_name = {lr.name: lr for lr in report.layers}
+    total_dense = total_mpo = 0
+    known = True
+    for name, mod in modules.items():
+        conv = converter_for(mod)
+        if conv is None:
+            continue
+        r = rows.get(name) if rows is not None else (1 if conv.kind == "linear" else None)
+        if r is None:
+            known = False
+            continue
+        lr = by_name.get(name)
+        if lr is not None:  # a layer the report writes as an MPO
+            lr.rows_per_sample = r
+            lr.macs_dense = r * lr.params_original
+            shape = MPOShape(tuple(lr.in_modes), tuple(lr.out_modes), tuple(lr.bond_dims))
+            lr.macs_mpo, lr.plan = _mpo_macs(shape, r, batch)
+            dense, current = lr.macs_dense, lr.macs_mpo
+        elif isinstance(mod, MPOLayer):  # already an MPO, left as it is
+            dense = r * mod.weight_numel
+            current = _mpo_macs(mod.shape, r, batch)[0]
+        else:
+            dense = current = r * mod.weight.numel()
+        total_dense, total_mpo = total_dense + dense, total_mpo + current
+    if known:
+        report.macs_model_dense, report.macs_model_mpo = total_dense, total_mpo
+    for sub in report.sweep:
+        add_macs(sub, model, rows, batch)
+    return report

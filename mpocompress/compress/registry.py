@@ -1,0 +1,95 @@
+"""The registry from module type to converter: how a module of each type becomes a factorized
+layer. Adding a structure or a source type is one `register_converter` call; nothing else in
+`mpocompress.compress` looks at module types.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mpocompress.nn import MPOConv2d, MPOLayer, MPOLinear, conv_geometry
+
+
+@dataclass(frozen=True)
+class Converter:
+    """How modules of one type are read and replaced.
+
+    Attributes:
+        kind: "linear" or "conv2d": the report's kind, and how outputs count input vectors.
+        dims: (N_y, N_x) of the module's weight matrix.
+        weight: that matrix, dense (differentiable where the module is).
+        build: the MPO layer holding the given cores, with the module's bias and geometry.
+        problem: why the module cannot be converted (None when it can).
+        cores: for a module that is already an MPO, its cores (it is then rounded, W never formed).
+    """
+
+    kind: str
+    dims: Callable[[nn.Module], tuple[int, int]]
+    weight: Callable[[nn.Module], torch.Tensor]
+    build: Callable[[nn.Module, list[torch.Tensor]], nn.Module]
+    problem: Callable[[nn.Module], str | None] = lambda m: None
+    cores: Callable[[nn.Module], list[torch.Tensor]] | None = None
+
+    def rows_per_output(self, out: torch.Tensor) -> int:
+        """Input vectors a call handled, from its output: positions for a conv, rows for a linear."""
+        return out.numel() // (out.shape[-3] if self.kind == "conv2d" else out.shape[-1])
+
+
+CONVERTERS: dict[type[nn.Module], Converter] = {}
+
+
+def register_converter(module_type: type[nn.Module], converter: Converter) -> None:
+    """Make modules of `module_type` (and its subclasses) convertible."""
+    CONVERTERS[module_type] = converter
+
+
+def converter_for(module: nn.Module) -> Converter | None:
+    """The converter of the module's type or of its nearest registered base class."""
+    for cls in type(module).__mro__:
+        if cls in CONVERTERS:
+            return CONVERTERS[cls]
+    return None
+
+
+def build_like(old: nn.Module, new: nn.Module) -> nn.Module:
+    """`new` in `old`'s training mode, keeping an MPO layer's forward strategy."""
+    if isinstance(old, MPOLayer) and isinstance(new, MPOLayer):
+        new.forward_strategy = old.forward_strategy
+    return new.train(old.training)
+
+
+def _grouped_problem(m: nn.Module) -> str | None:
+    return f"grouped convolution (groups={m.groups}); only groups=1 can become an MPO" if m.groups != 1 else None
+
+
+def _mpo_cores(m: nn.Module) -> list[torch.Tensor]:
+    return list(m.cores)
+
+
+def _linear_build(m: nn.Module, cores: list[torch.Tensor]) -> nn.Module:
+    return MPOLinear.from_cores(cores, m.bias)
+
+
+def _conv_build(m: nn.Module, cores: list[torch.Tensor]) -> nn.Module:
+    return MPOConv2d.from_cores(cores, bias=m.bias, **conv_geometry(m))
+
+
+register_converter(nn.Linear, Converter(
+    "linear", lambda m: (m.out_features, m.in_features), lambda m: m.weight, _linear_build,
+))  # fmt: skip
+register_converter(MPOLinear, Converter(
+    "linear", lambda m: (m.out_features, m.in_features), lambda m: m.weight_matrix(), _linear_build, cores=_mpo_cores,
+))  # fmt: skip
+register_converter(nn.Conv2d, Converter(
+    "conv2d", lambda m: (m.out_channels, m.weight[0].numel()), lambda m: m.weight.reshape(m.out_channels, -1),
+    _conv_build, problem=_grouped_problem,
+))  # fmt: skip
+register_converter(MPOConv2d, Converter(
+    "conv2d", lambda m: (m.out_channels, math.prod(m.in_modes)), lambda m: m.weight_matrix(), _conv_build,
+    cores=_mpo_cores,
+))  # fmt: skip

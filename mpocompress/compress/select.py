@@ -1,0 +1,187 @@
+"""Which layers to convert: the candidates a model offers (every module with a converter), layer
+patterns, and the default selection by weight coverage. Nothing here decides how a layer is
+factorized; `reject` lets the caller veto a layer of the default selection (e.g. an MPO that
+would not be smaller).
+
+Layer patterns are exact full names, shell globs (`features.*`) or regexes prefixed with `re:`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from mpocompress.compress.config import LayerSelection
+from mpocompress.compress.registry import Converter, converter_for
+from mpocompress.compress.report import SkippedLayer
+from mpocompress.errors import MPOCompressError
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def match(pattern: str, name: str) -> bool:
+    """Whether a layer name matches a pattern: exact name, shell glob, or 're:' + regex."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def first_match(table: Mapping[str, Any], names: Iterable[str]) -> Any:
+    """The value of the first pattern in `table` matching the first name (in order) that any matches."""
+    for name in names:
+        for pattern, value in table.items():
+            if match(pattern, name):
+                return value
+    return None
+
+
+@dataclass
+class Candidate:
+    """A module that could become an MPO."""
+
+    names: list[str]  # every full name the module is reachable under (first is the canonical one)
+    module: nn.Module
+    converter: Converter
+    ny: int
+    nx: int
+    problem: str | None = None  # why it cannot become an MPO, if it cannot
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def kind(self) -> str:
+        return self.converter.kind
+
+    @property
+    def numel(self) -> int:
+        return self.ny * self.nx
+
+
+def candidates(model: nn.Module, filter_fn: FilterFn | None = None) -> list[Candidate]:
+    """Every module of `model` that a registered converter handles, once each."""
+    by_id: dict[int, Candidate] = {}
+    parents = dict(model.named_modules(remove_duplicate=False))
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if id(mod) in by_id:
+            by_id[id(mod)].names.append(name)
+            continue
+        conv = converter_for(mod)
+        if conv is None:
+            continue
+        ny, nx = conv.dims(mod)
+        c = Candidate([name], mod, conv, ny, nx, conv.problem(mod))
+        if isinstance(parents.get(name.rpartition(".")[0]), nn.MultiheadAttention):
+            c.problem = "used by nn.MultiheadAttention, which reads its weight directly"
+        if name == "":
+            c.problem = "the model is this single layer; wrap it in a module to convert it"
+        if filter_fn is not None and not filter_fn(mod, name):
+            continue
+        by_id[id(mod)] = c
+    return list(by_id.values())
+
+
+def check_patterns(patterns: Iterable[str], what: str, cands: list[Candidate], model: nn.Module) -> None:
+    """Every pattern the user gave must pick at least one convertible layer."""
+    names = [n for c in cands for n in c.names]
+    for pattern in patterns:
+        if any(match(pattern, n) for n in names):
+            continue
+        others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and match(pattern, n)]
+        if others:
+            raise MPOCompressError(
+                f"{what} {pattern!r} matches only {', '.join(others[:3])}: only Linear and Conv2d layers can become MPOs"
+            )
+        hint = ", ".join(c.name for c in sorted(cands, key=lambda c: -c.numel)[:5])
+        raise MPOCompressError(
+            f"{what} {pattern!r} matches no layer; layers that can be converted include: {hint or '(none)'}"
+        )
+
+
+def select_layers(
+    model: nn.Module,
+    selection: LayerSelection,
+    named: Mapping[str, Iterable[str]],
+    only_named: bool,
+    filter_fn: FilterFn | None = None,
+    reject: Callable[[Candidate], str | None] | None = None,
+) -> tuple[list[Candidate], list[SkippedLayer]]:
+    """The layers to convert, in order, and the ones left dense with the reason.
+
+    Args:
+        selection: --layers / --exclude patterns and the coverage of the default selection.
+        named: further patterns that name layers (by what they set, for error messages); a layer
+            they name is selected.
+        only_named: no global setting was given: exactly the named layers are meant.
+        reject: for a layer of the default selection, a reason to leave it dense (or None).
+    """
+    cands = candidates(model, filter_fn)
+    check_patterns(selection.layers, "--layers pattern", cands, model)
+    check_patterns(selection.exclude, "--exclude pattern", cands, model)
+    for what, patterns in named.items():
+        check_patterns(patterns, what, cands, model)
+    naming = [p for patterns in named.values() for p in patterns]
+
+    def hit(patterns: Iterable[str], c: Candidate) -> bool:
+        return any(match(p, n) for p in patterns for n in c.names)
+
+    explicit = [c for c in cands if hit(selection.layers, c) or hit(naming, c)]
+    excluded = {id(c.module) for c in cands if hit(selection.exclude, c)}
+    chosen: list[Candidate] = []
+    for c in explicit:
+        if id(c.module) in excluded:
+            continue
+        if c.problem:
+            raise MPOCompressError(f"cannot convert {c.name}: {c.problem}; exclude it with --exclude {c.name}")
+        chosen.append(c)
+    taken = {id(c.module) for c in chosen} | excluded
+    only_named = bool(explicit) and only_named
+    if not selection.layers and not only_named:
+        skipped = _by_coverage(cands, chosen, taken, excluded, selection.coverage, reject)
+    else:
+        skipped = [
+            SkippedLayer(c.name, c.kind, c.numel, "excluded" if id(c.module) in excluded else "not named")
+            for c in cands
+            if id(c.module) not in taken or id(c.module) in excluded
+        ]
+    if not chosen:
+        raise MPOCompressError(
+            "no layer selected for conversion: "
+            + ("; ".join(f"{s.name}: {s.reason}" for s in skipped[:4]) or "the model has no Linear or Conv2d layer")
+        )
+    return chosen, skipped
+
+
+def _by_coverage(
+    cands: list[Candidate], chosen: list[Candidate], taken: set[int], excluded: set[int], coverage: float,
+    reject: Callable[[Candidate], str | None] | None,
+) -> list[SkippedLayer]:  # fmt: skip
+    """The default selection, appended to `chosen`: heaviest layers first until they hold
+    `coverage` of the weights of all candidates. Returns the layers left dense."""
+    skipped: list[SkippedLayer] = []
+    total = sum(c.numel for c in cands)
+    covered = sum(c.numel for c in chosen)
+    for c in sorted(cands, key=lambda c: -c.numel):
+        if id(c.module) in taken:
+            if id(c.module) in excluded:
+                skipped.append(SkippedLayer(c.name, c.kind, c.numel, "excluded"))
+            continue
+        if covered >= coverage * total:
+            skipped.append(SkippedLayer(c.name, c.kind, c.numel, f"light: heavier layers already hold {coverage:.0%} of weights"))
+            continue
+        if c.problem:
+            skipped.append(SkippedLayer(c.name, c.kind, c.numel, c.problem))
+            continue
+        reason = reject(c) if reject is not None else None
+        if reason:
+            skipped.append(SkippedLayer(c.name, c.kind, c.numel, reason))
+            continue
+        chosen.append(c)
+        covered += c.numel
+    return skipped

@@ -1,0 +1,282 @@
+"""Reading and writing model files.
+
+Inputs: a state_dict (`.pt`, `.pth` or `.safetensors`) with an architecture spec; a whole pickled
+nn.Module, only when the caller trusts it; or a file mpocompress wrote. Outputs: safetensors with
+metadata describing how to rebuild the model (architecture spec, every MPO layer's geometry,
+format version, digest), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mpocompress import __version__
+from mpocompress.errors import MPOCompressError
+from mpocompress.io.metadata import (
+    DIGEST_KEY, FORMAT, FORMAT_VERSION, check_finite, check_layer_spec, parse_own_metadata, tensors_digest,
+)  # fmt: skip
+from mpocompress.io.paths import atomic_write, check_output_path, check_readable
+from mpocompress.io.pickles import torch_load, unwrap_state_dict
+from mpocompress.models import ARCHITECTURES, ArchSpec, build_model, parse_arch
+from mpocompress.nn import MPOLayer, layer_from_spec
+from mpocompress.utils import set_module, short_error
+
+
+@dataclass
+class LoadedModel:
+    """A model read from a file, with what is known of where it came from."""
+
+    model: nn.Module
+    arch: str | None  # the architecture spec, if one is known
+    source: str  # "state_dict", "pickled_module" or "mpocompress"
+    path: Path
+    metadata: dict[str, Any] | None = None  # parsed metadata of an mpocompress file
+
+
+def is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
+    """The raw safetensors metadata of a file, or None when it is not a safetensors file."""
+    path = Path(path)
+    check_readable(path)
+    if not is_safetensors(path):
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise MPOCompressError(f"{path} is not a readable safetensors file ({short_error(e)})") from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(
+    path: str | os.PathLike, arch: str | ArchSpec | None = None, trust_pickle: bool = False, check_values: bool = True
+) -> LoadedModel:
+    """Read a model from any supported file.
+
+    Args:
+        path: the checkpoint.
+        arch: architecture spec; needed for state_dicts and for mpocompress files made from a user
+            architecture, which is imported only because the caller names it here.
+        trust_pickle: allow unpickling arbitrary objects (a whole nn.Module). Never set this for a
+            file you did not make: unpickling can run any code.
+        check_values: refuse NaN or Inf in any tensor now. This reads every weight, so a
+            memory-mapped checkpoint becomes resident at once; `convert` passes False and relies on
+            the checks of the layers it factorizes and of `save`, which reads every tensor anyway.
+    """
+    path = Path(path)
+    check_readable(path)
+    arch_text = str(arch) if arch is not None else None
+    if is_safetensors(path):
+        meta = read_metadata(path)
+        if meta is not None and meta.get("format") == FORMAT:
+            return _load_own(path, meta, arch_text, check_values)
+        try:
+            state = load_file(str(path))
+        except Exception as e:
+            raise MPOCompressError(f"{path} is not a readable safetensors file ({short_error(e)})") from None
+        if check_values:
+            check_finite(state, path)
+        return LoadedModel(_model_from_state(state, path, arch_text), arch_text, "state_dict", path)
+
+    obj = torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        if check_values:
+            check_finite(obj.state_dict(), path)
+        return LoadedModel(obj, arch_text, "pickled_module", path)
+    state = unwrap_state_dict(obj, path)
+    if check_values:
+        check_finite(state, path)
+    return LoadedModel(_model_from_state(state, path, arch_text), arch_text, "state_dict", path)
+
+
+def load(path: str | os.PathLike, arch: str | ArchSpec | None = None, trust_pickle: bool = False) -> nn.Module:
+    """A working nn.Module in eval mode from a file; see `load_model`. For a file mpocompress wrote
+    from a built-in architecture, the file alone suffices."""
+    return load_model(path, arch, trust_pickle).model.eval()
+
+
+def _fit_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str, assign: bool = False
+) -> None:
+    """load_state_dict(strict=True) with a one-line message saying what does not fit."""
+    expected = model.state_dict()
+    keys = list(state)
+    if keys and all(k.startswith("module.") for k in keys) and not any(k.startswith("module.") for k in expected):
+        state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel / DDP
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} is {tuple(state[k].shape)} in the file but {tuple(expected[k].shape)} in the model"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    if wrong:
+        problems.append(wrong[0] + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    if problems:
+        raise MPOCompressError(
+            f"the weights in {path} do not fit architecture {arch}: {'; '.join(problems)}; "
+            "check --arch and its arguments, e.g. lenet5(in_channels=3,image_size=32)"
+        )
+    model.load_state_dict(state, strict=True, assign=assign)
+
+
+def _model_from_state(state: Mapping[str, torch.Tensor], path: Path, arch: str | None) -> nn.Module:
+    if arch is None:
+        raise MPOCompressError(
+            f"{path} holds a state_dict (weights only); say which architecture it belongs to with "
+            f"--arch NAME (built-in: {', '.join(sorted(ARCHITECTURES))}) or --arch package.module:callable"
+        )
+    model = _skeleton(arch)
+    if model is not None and all(
+        state.get(k) is not None and state[k].dtype == v.dtype for k, v in model.state_dict().items()
+    ):  # fmt: skip
+        _fit_state_dict(model, state, path, arch, assign=True)  # the file's tensors become the weights
+        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            return model
+    model = build_model(arch)
+    _fit_state_dict(model, state, path, arch)
+    return model
+
+
+def _skeleton(arch: str) -> nn.Module | None:
+    """The architecture built on the meta device (no memory, no random init), or None when its
+    code cannot be built there; the loaded tensors are then assigned in place of the parameters,
+    so a checkpoint is held in memory once."""
+    try:
+        with torch.device("meta"):
+            return build_model(arch)
+    except MPOCompressError:
+        raise
+    except Exception:
+        return None
+
+
+def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_values: bool) -> LoadedModel:
+    info = parse_own_metadata(path, meta)
+    file_arch = info["arch"]
+    if arch is None:
+        if file_arch is None:
+            raise MPOCompressError(
+                f"{path} does not record its architecture (it was converted from a pickled model); pass --arch"
+            )
+        if not parse_arch(file_arch).is_builtin:
+            raise MPOCompressError(
+                f"{path} was made from the user architecture {file_arch}; pass --arch {file_arch!r} again to "
+                "load it (mpocompress never imports code named in a file)"
+            )
+        arch = file_arch
+    for name, spec in info["layers"].items():
+        check_layer_spec(path, name, spec)  # before anything is built from it
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise MPOCompressError(f"{path} is not a readable safetensors file ({short_error(e)})") from None
+    if info["format_version"] >= 2:
+        recorded = meta.get(DIGEST_KEY)
+        if recorded is None:
+            raise MPOCompressError(f"{path} is corrupt: its metadata lacks the {DIGEST_KEY} every file of format 2 records")
+        if tensors_digest(state) != recorded:
+            raise MPOCompressError(
+                f"{path} is corrupt: its tensors do not match the SHA-256 recorded in its metadata "
+                "(damaged on disk or in transit, or edited); get a fresh copy or write it again"
+            )
+    if check_values:
+        check_finite(state, path)
+
+    def assemble(model: nn.Module, on_meta: bool) -> nn.Module:
+        made: dict[int, nn.Module] = {}
+        for name, spec in info["layers"].items():
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise MPOCompressError(
+                    f"{path} has an MPO layer {name!r} that architecture {arch} lacks; pass the --arch it was made from"
+                ) from None
+            if id(old) not in made:
+                try:
+                    with torch.device("meta" if on_meta else "cpu"):
+                        made[id(old)] = layer_from_spec(spec)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise MPOCompressError(f"{path}: metadata of MPO layer {name!r} is invalid ({short_error(e)})") from None
+            set_module(model, name, made[id(old)])
+        return model
+
+    skeleton = _skeleton(arch)
+    if skeleton is not None:  # shapes checked on the meta device, then the file's tensors become the weights
+        model = assemble(skeleton, on_meta=True)
+        _fit_state_dict(model, state, path, arch, assign=True)
+        if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            return LoadedModel(model, arch, "mpocompress", path, info)
+    model = assemble(build_model(arch), on_meta=False)
+    _fit_state_dict(model, state, path, arch)
+    return LoadedModel(model, arch, "mpocompress", path, info)
+
+
+def _tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if key in seen or not v.is_contiguous():
+            v = v.clone().contiguous()  # safetensors refuses shared or strided tensors
+        seen.add(key)
+        out[k] = v.cpu()
+    return out
+
+
+def mpo_layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Geometry of every MPO layer, by every full name it is reachable under."""
+    return {name: m.spec() for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MPOLayer)}
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    arch: str | ArchSpec | None,
+    force: bool = False,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `model` as safetensors with the metadata `load` needs, atomically.
+
+    The file appears complete or not at all: it is written under a temporary name in the same
+    folder and renamed into place. An existing file is replaced only with `force=True`.
+    """
+    path = check_output_path(path, force)
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "mpocompress_version": __version__,
+        "torch_version": torch.__version__,
+        "arch": str(arch) if arch is not None else "",
+        "layers": json.dumps(mpo_layer_specs(model), sort_keys=True),
+    }
+    for k, v in (extra_metadata or {}).items():
+        metadata[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+    tensors = _tensors_for_saving(model)
+    check_finite(tensors, "the model to save")  # reads every tensor, as the digest does
+    metadata[DIGEST_KEY] = tensors_digest(tensors)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path

@@ -1,0 +1,33 @@
+"""Factorized layers: drop-in modules whose weights are MPOs, one module per structure, and the
+registry from a layer kind in file metadata to its class.
+
+Adding a structure: write its module here (a subclass of `MPOLayer`, or any nn.Module with
+`spec`/`spec_dims`/`from_spec`), add it to `LAYER_KINDS`, and register its converter in
+`mpocompress.compress.convert`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.nn.cache import WeightCache, cached_layers, materialized
+from mpocompress.nn.mpo_base import STRATEGIES, MPOLayer, Strategy
+from mpocompress.nn.mpo_conv import MPOConv2d, conv_geometry
+from mpocompress.nn.mpo_linear import MPOLinear
+
+LAYER_KINDS: dict[str, type[MPOLayer]] = {cls.kind: cls for cls in (MPOLinear, MPOConv2d)}
+
+
+def layer_from_spec(spec: dict[str, Any]) -> MPOLayer:
+    """An MPO layer skeleton (random values) with the shapes a checkpoint's metadata describes."""
+    cls = LAYER_KINDS.get(spec.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        raise MPOCompressError(f"unknown MPO layer kind {spec.get('kind')!r} in checkpoint metadata")
+    return cls.from_spec(spec)
+
+
+__all__ = [
+    "LAYER_KINDS", "STRATEGIES", "MPOConv2d", "MPOLayer", "MPOLinear", "Strategy", "WeightCache", "cached_layers",
+    "conv_geometry", "layer_from_spec", "materialized",
+]  # fmt: skip

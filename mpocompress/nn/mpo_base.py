@@ -1,0 +1,195 @@
+"""What every MPO layer shares: its cores as parameters, its shape, the contraction plan per input
+size, and the explicit weight cache (`mpocompress.nn.cache`).
+
+The forward pass follows a contraction plan chosen per input row count by the cost model of
+`mpocompress.tensors.cost` and remembered (`plan_for`): rebuild W and call the dense op, contract
+the input through the cores, or merge consecutive cores into groups and contract through those.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.nn.cache import WeightCache, stamp
+from mpocompress.tensors import ContractionPlan, MPOShape, choose_plan, merge_cores, mpo_contract, mpo_to_matrix
+from mpocompress.tensors import random_cores, resolve_bonds, resolve_modes
+
+Strategy = Literal["auto", "contract", "merged", "dense"]
+STRATEGIES = ("auto", "contract", "merged", "dense")
+_MAX_PLANS = 64  # plans remembered per layer (one per input row count and mode)
+
+
+def copied(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous, detached copies of the cores (what a layer built from given cores holds)."""
+    return [c.detach().clone(memory_format=torch.contiguous_format) for c in cores]
+
+
+def whole_field(spec: dict[str, Any], key: str) -> int:
+    """A metadata field that must be a whole number >= 1 (ValueError with the reason otherwise)."""
+    v = spec.get(key)
+    if type(v) is not int or v < 1:
+        raise ValueError(f"{key} must be a whole number >= 1, got {v!r}")
+    return v
+
+
+class MPOLayer(nn.Module):
+    """Base of MPOLinear and MPOConv2d: a dense map from N_x inputs to N_y outputs whose weight
+    matrix is an MPO with cores (D_{k-1}, J_k, I_k, D_k), plus an optional bias."""
+
+    kind: ClassVar[str]  # the layer's name in file metadata ("linear", "conv2d")
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+
+    def _set_params(self, cores: Sequence[torch.Tensor], bias: torch.Tensor | None) -> None:
+        self.in_modes = tuple(int(c.shape[2]) for c in cores)
+        self.out_modes = tuple(int(c.shape[1]) for c in cores)
+        self.cores = nn.ParameterList([nn.Parameter(c) for c in cores])
+        if bias is not None:
+            self.bias = nn.Parameter(bias)
+        else:
+            self.register_parameter("bias", None)
+        self.forward_strategy: Strategy = "auto"
+        self.weight_cache = WeightCache()
+        self._plans: dict[tuple[Any, ...], ContractionPlan] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles never carry remembered plans
+        return {**self.__dict__, "_plans": {}}
+
+    def _init_random(
+        self, nx: int, ny: int, bond_dim: int | Sequence[int], in_modes: Sequence[int] | None,
+        out_modes: Sequence[int] | None, n_cores: int, bias: bool, device: Any, dtype: torch.dtype | None,
+    ) -> None:  # fmt: skip
+        """Random cores and bias at the scale of PyTorch's default init for a layer of fan-in nx:
+        weights of std 1/sqrt(3 nx) (those of U(-1/sqrt(nx), 1/sqrt(nx))), bias U(-1/sqrt(nx), 1/sqrt(nx))."""
+        in_modes, out_modes = resolve_modes(nx, ny, in_modes, out_modes, n_cores)
+        shape = resolve_bonds(in_modes, out_modes, bond_dim)
+        dtype = dtype or torch.get_default_dtype()
+        cores = random_cores(shape, 1.0 / math.sqrt(3 * nx), dtype=dtype, device=device)
+        bound = 1.0 / math.sqrt(nx)
+        b = torch.empty(ny, device=device, dtype=dtype).uniform_(-bound, bound) if bias else None
+        self._set_params(cores, b)
+
+    # ------------------------------------------------------------------ shape
+
+    @property
+    def bond_dims(self) -> list[int]:
+        return [int(c.shape[3]) for c in self.cores][:-1]
+
+    @property
+    def shape(self) -> MPOShape:
+        return MPOShape(self.in_modes, self.out_modes, tuple(self.bond_dims))
+
+    @property
+    def num_mpo_params(self) -> int:
+        return self.shape.param_count
+
+    @property
+    def weight_numel(self) -> int:
+        """Number of weights of the dense layer this MPO stands for."""
+        return math.prod(self.in_modes) * math.prod(self.out_modes)
+
+    def notation(self) -> str:
+        return self.shape.notation()
+
+    def weight_matrix(self) -> torch.Tensor:
+        """W (N_y x N_x) rebuilt from the cores; differentiable."""
+        return mpo_to_matrix(list(self.cores))
+
+    # ------------------------------------------------------------------ plans and cache
+
+    def set_forward_strategy(self, strategy: Strategy) -> None:
+        """Force a kind of plan: "contract" (one core at a time), "merged" (the best plan that
+        merges cores into 2..n-1 groups), "dense" (rebuild W) or "auto" (the fastest estimate)."""
+        if strategy not in STRATEGIES:
+            raise MPOCompressError(f"unknown forward strategy {strategy!r}; choose one of {STRATEGIES}")
+        self.forward_strategy = strategy
+        self._plans.clear()
+
+    def materialize(self) -> MPOLayer:
+        """Keep the merged cores (W for the dense plan) between calls that need no gradient for the
+        cores, until `release()`. Do not write the cores through `.data` meanwhile (see
+        `mpocompress.nn.cache`)."""
+        self.weight_cache.enabled = True
+        return self
+
+    def release(self) -> MPOLayer:
+        """Stop caching and free what was cached: every call computes from the cores again."""
+        self.weight_cache.enabled = False
+        self.weight_cache.clear()
+        return self
+
+    def _core_params(self) -> list[torch.Tensor]:
+        return list(self._modules["cores"]._parameters.values())  # self.cores, without the ParameterList iterator
+
+    def plan_for(self, rows: int, backward: bool = False, cached: bool = False) -> ContractionPlan:
+        """The contraction plan for `rows` input vectors (batch x positions for a conv): chosen
+        once per (rows, backward, cached) by the cost model, then reused."""
+        key = (rows, backward, cached, self.forward_strategy)
+        plan = self._plans.get(key)
+        if plan is None:
+            kind = None if self.forward_strategy == "auto" else self.forward_strategy
+            plan = choose_plan(self.shape, rows, cached, backward, kind)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _groups(self, sizes: tuple[int, ...], use_cache: bool) -> list[torch.Tensor]:
+        """The cores merged into consecutive groups of the given sizes (cached when allowed)."""
+        cores = self._core_params()
+        if use_cache:
+            current = stamp(cores)
+            hit = self.weight_cache.get(sizes, current)
+            if hit is not None:
+                return hit
+        groups, k = [], 0
+        for m in sizes:
+            groups.append(merge_cores(cores[k : k + m]))
+            k += m
+        if use_cache:
+            self.weight_cache.put(sizes, current, [g.detach() for g in groups])
+        return groups
+
+    def _plan_call(self, n_rows: int, x: torch.Tensor) -> tuple[ContractionPlan, bool]:
+        """This call's plan and whether it may use cached merged cores (only when materialized and
+        no gradient must reach the cores)."""
+        enabled = self.weight_cache.enabled
+        if torch.is_grad_enabled():
+            core_grad = any(c.requires_grad for c in self._core_params())
+            use_cache, backward = enabled and not core_grad, core_grad or x.requires_grad
+        else:
+            use_cache, backward = enabled, False
+        return self.plan_for(n_rows, backward, use_cache), use_cache
+
+    def _contract(self, rows: torch.Tensor, plan: ContractionPlan, use_cache: bool) -> torch.Tensor:
+        """y = W rows + bias through the plan's merged groups."""
+        y = mpo_contract(rows, self._groups(plan.sizes, use_cache), plan.forms)
+        return y + self.bias if self.bias is not None else y
+
+    def _weight(self, use_cache: bool) -> torch.Tensor:
+        """W (N_y x N_x) for the dense plan, cached when allowed."""
+        merged = self._groups((len(self.cores),), use_cache)[0]
+        return merged.view(merged.shape[1], merged.shape[2])
+
+    # ------------------------------------------------------------------ metadata
+
+    def spec(self) -> dict[str, Any]:
+        """Everything needed to rebuild this layer's skeleton (for checkpoints)."""
+        raise NotImplementedError
+
+    @classmethod
+    def spec_dims(cls, spec: dict[str, Any]) -> tuple[int, int]:
+        """(N_x, N_y) that a metadata spec of this kind describes, after checking its own fields;
+        raises ValueError with the reason when a field is invalid."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> MPOLayer:
+        """A skeleton (random values) with the shapes a checkpoint's metadata describes."""
+        raise NotImplementedError

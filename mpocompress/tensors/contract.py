@@ -1,0 +1,132 @@
+"""Contraction of an input through the cores of an MPO, without forming W: merging consecutive
+cores, rebuilding W (Eq. 5), and the batched products with a hand-written backward. Pure tensor
+math: no modules, no I/O. Core layout (D_{k-1}, J_k, I_k, D_k) as in `mpocompress.tensors.decompose`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+
+def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Contract consecutive cores (D_a, J_k, I_k, D_k) .. (D_{l-1}, J_l, I_l, D_b) into one core
+    (D_a, J_k..J_l, I_k..I_l, D_b) whose mode sizes are the products. Differentiable."""
+    if len(cores) == 1:
+        return cores[0]
+    d_left, d_right = cores[0].shape[0], cores[-1].shape[3]
+    out_modes = [c.shape[1] for c in cores]
+    in_modes = [c.shape[2] for c in cores]
+    acc = cores[0].reshape(-1, cores[0].shape[3])  # (D_a J_k I_k, D_k)
+    for core in cores[1:]:
+        acc = (acc @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[3])
+    m = len(cores)
+    t = acc.reshape(d_left, *[s for k in range(m) for s in (out_modes[k], in_modes[k])], d_right)
+    perm = [0, *range(1, 2 * m, 2), *range(2, 2 * m + 1, 2), 2 * m + 1]  # -> (D_a, J.., I.., D_b)
+    return t.permute(perm).reshape(d_left, math.prod(out_modes), math.prod(in_modes), d_right)
+
+
+def mpo_to_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Rebuild W (N_y x N_x) from the cores (Eq. 5). Differentiable."""
+    merged = merge_cores(cores)
+    return merged.reshape(merged.shape[1], merged.shape[2])
+
+
+class _SharedBmm(torch.autograd.Function):
+    """out[s] = A @ T[s] for every slice s: a batched GEMM with one shared matrix A (P x R).
+
+    Autograd's backward of bmm(A.expand(...), T) forms A's gradient slice by slice, G[s] @ T[s]^T,
+    as an (S, P, R) tensor and then sums it: for a 4096x4096 layer at batch 512 that tensor is
+    134 MB of writes and reads. Here the sum over slices is folded into GEMMs instead: chunks of
+    about 2^20 numbers of G and T are laid side by side (copies that stay in cache), so
+    grad A = sum over chunks of G_c (P x cQ) @ T_c^T (cQ x R), with a long inner dimension.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, t)
+        return torch.bmm(a.expand(t.shape[0], *a.shape), t)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, t = ctx.saved_tensors
+        grad_a = grad_t = None
+        if ctx.needs_input_grad[0]:
+            s, p, q = g.shape
+            r = a.shape[1]
+            step = max(1, (1 << 20) // max(p * q, 1))
+            grad_a = torch.zeros_like(a)
+            for c in range(0, s, step):
+                gc = g[c : c + step].permute(1, 0, 2).reshape(p, -1)  # (P, c Q)
+                tc = t[c : c + step].permute(1, 0, 2).reshape(r, -1)  # (R, c Q)
+                grad_a.addmm_(gc, tc.T)
+        if ctx.needs_input_grad[1]:
+            grad_t = torch.bmm(a.T.expand(g.shape[0], *a.T.shape), g)
+        return grad_a, grad_t
+
+
+def mpo_contract(
+    x: torch.Tensor, cores: Sequence[torch.Tensor], forms: Sequence[str] | None = None
+) -> torch.Tensor:
+    """y = W x for a batch of rows x (B, N_x) -> (B, N_y), contracting through the cores left to
+    right without forming W. Differentiable.
+
+    Pass merged cores (`merge_cores` over consecutive groups) to contract through fewer, larger
+    factors. Before step k the intermediate is laid out (B J_1..J_{k-1}, D_{k-1} I_k, I_{k+1}..I_n),
+    so no step permutes it: each multiplies every slice by core k seen as the
+    (J_k D_k) x (D_{k-1} I_k) matrix, giving (B J_1..J_k, D_k I_{k+1}, I_{k+2}..I_n). How each step
+    does this is its form: "fold" (one large GEMM, torch transposes the slices in and out) or
+    "bmm" (a batched GEMM over the slices, no copies). The last step, whose slices are vectors, is
+    always one GEMM. `forms` has one entry per core but the last; default "fold".
+
+    On the CPU, rows are taken in chunks small enough that the largest intermediate stays within
+    about 2^22 numbers (16 MB in float32, about half of a server's L3), so that the intermediates of
+    a large layer stay in cache (docs/performance.md has the measured effect).
+    """
+    b = x.shape[0]
+    if b > 1 and x.device.type == "cpu":
+        per_row = _largest_intermediate(cores)
+        if per_row * b > _CHUNK_NUMBERS:
+            step = max(1, _CHUNK_NUMBERS // per_row)
+            return torch.cat([_contract_rows(x[r : r + step], cores, forms) for r in range(0, b, step)])
+    return _contract_rows(x, cores, forms)
+
+
+_CHUNK_NUMBERS = 1 << 22
+
+
+def _largest_intermediate(cores: Sequence[torch.Tensor]) -> int:
+    """Numbers per row in the largest intermediate of `mpo_contract`: prod(J_<=k) D_k prod(I_>k)."""
+    left_j, right_i, largest = 1, math.prod(int(c.shape[2]) for c in cores), 0
+    for core in cores[:-1]:
+        _, j, i, r1 = core.shape
+        left_j, right_i = left_j * j, right_i // i
+        largest = max(largest, left_j * r1 * right_i)
+    return largest
+
+
+def _contract_rows(x: torch.Tensor, cores: Sequence[torch.Tensor], forms: Sequence[str] | None) -> torch.Tensor:
+    b = x.shape[0]
+    m = b
+    t = x
+    n = len(cores)
+    for k, core in enumerate(cores):
+        r0, j, i, r1 = core.shape
+        if k == n - 1:  # the rest is a vector per slice: one GEMM (M, D I) @ (D I, J)
+            t = t.reshape(m, r0 * i) @ core.permute(0, 2, 1, 3).reshape(r0 * i, j * r1)
+            break
+        t = t.reshape(m, r0 * i, -1)
+        mat = core.permute(1, 3, 0, 2).reshape(j * r1, r0 * i)  # (J_k D_k, D_{k-1} I_k)
+        if forms is not None and forms[k] == "bmm":
+            t = _SharedBmm.apply(mat, t)
+        else:
+            t = torch.matmul(mat, t)
+        m *= j
+    return t.reshape(b, -1)
+

@@ -1,0 +1,58 @@
+"""Where a process stands in a torchrun launch, and which device it trains on."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mpocompress.errors import MPOCompressError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in a torchrun launch (rank 0 of 1 when run alone)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_env() -> DistEnv:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
+    try:
+        return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise MPOCompressError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (set by torchrun)") from None
+
+
+def resolve_device(name: str, env: DistEnv | None = None) -> torch.device:
+    """'auto' (CUDA when available), 'cpu' or 'cuda' (each torchrun process takes GPU LOCAL_RANK)."""
+    env = env or dist_env()
+    if name not in ("auto", "cpu", "cuda"):
+        raise MPOCompressError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise MPOCompressError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+
+
+def init_distributed(device: torch.device, env: DistEnv | None = None) -> DistEnv:
+    """Join the torchrun process group (gloo on CPU, nccl on GPU) when launched with several processes."""
+    env = env or dist_env()
+    if env.distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return env

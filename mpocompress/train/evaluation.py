@@ -1,0 +1,73 @@
+"""Measuring a classifier: accuracy and loss on a split, the distillation term, and the mean and
+sigma over runs (Eqs. 10-11)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.io.data import ImageSet
+from mpocompress.nn import materialized
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Eqs. 10-11: the mean and the sample standard deviation (None for a single run)."""
+    m = len(values)
+    if m == 0:
+        raise MPOCompressError("no runs to average")
+    mean = sum(values) / m
+    if m == 1:
+        return mean, None
+    return mean, math.sqrt(sum((a - mean) ** 2 for a in values) / (m - 1))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: ImageSet, device: torch.device | str = "cpu", batch_size: int = 1000
+) -> tuple[float, float]:
+    """Top-1 accuracy (a fraction) and mean cross-entropy of `model` on `dataset`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    try:
+        with materialized(model):  # nothing writes the cores during the loop: W is built once per layer
+            for idx in torch.arange(len(dataset)).split(batch_size):
+                x, y = dataset.batch(idx, device)
+                logits = forward_checked(model, x, dataset)
+                loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+                correct += int((logits.argmax(1) == y).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(dataset), loss_sum / len(dataset)
+
+
+def forward_checked(model: nn.Module, x: torch.Tensor, dataset: ImageSet) -> torch.Tensor:
+    """model(x), with a one-line error when the model does not take the dataset's images or
+    gives fewer outputs than it has classes."""
+    try:
+        logits = model(x)
+    except RuntimeError as e:
+        if "shape" in str(e) or "size" in str(e):
+            raise MPOCompressError(
+                f"the model does not take {dataset.name} images of shape {'x'.join(map(str, dataset.image_shape))} "
+                f"({str(e).splitlines()[0]}); pick the architecture's in_channels / image_size to match, "
+                "e.g. --arch 'lenet5(in_channels=3,image_size=32)'"
+            ) from None
+        raise
+    if logits.ndim != 2 or logits.shape[1] < dataset.num_classes:
+        raise MPOCompressError(
+            f"the model gives outputs of shape {tuple(logits.shape)} but {dataset.name} has {dataset.num_classes} "
+            "classes; set num_classes in the architecture"
+        )
+    return logits
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target term: T^2 KL(softmax(teacher/T) || softmax(student/T))."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True) * t * t

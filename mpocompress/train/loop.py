@@ -1,0 +1,245 @@
+"""Training and fine-tuning: the paper's protocol (Eq. 7: cross-entropy + L2, SGD with momentum),
+with knowledge distillation, resumable state and DistributedDataParallel.
+
+`fit(model, train_set, test_set, config)` trains in place and returns a `FitResult`. It is silent:
+progress goes to the `on_batch` / `on_epoch` callbacks, and the resumable state to `save_state`,
+which the caller writes where it likes (the CLI uses `mpocompress.io.save_train_state`).
+
+Resuming from a saved state gives the same weights as an uninterrupted run (bit for bit on CPU),
+whether the state was saved after an epoch or mid-epoch on a stop request (`should_stop`, e.g. a
+signal caught by `StopOnSignal`): the data order of each epoch is seeded by (seed, epoch), the
+augmentation of each batch by (seed, epoch, rank, batch), and the global RNG, optimizer state,
+step count and the epoch's running loss and accuracy are restored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mpocompress.errors import Interrupted, MPOCompressError
+from mpocompress.io.data import ImageSet, batch_indices
+from mpocompress.train.config import TrainConfig, lr_at
+from mpocompress.train.distributed import DistEnv, dist_env
+from mpocompress.train.evaluation import distillation_loss, evaluate, forward_checked
+from mpocompress.train.signals import signal_name
+from mpocompress.train.state import EpochStats, restore_state, snapshot_state
+
+BatchCallback = Callable[[int, int, int, float, float], None]  # (epoch, step, steps, loss, accuracy)
+EpochCallback = Callable[[EpochStats], None]
+StateCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class FitResult:
+    accuracy: float  # top-1 on the test split after the last epoch, in [0, 1]
+    loss: float  # mean cross-entropy on the test split
+    epochs: int
+    wall_time_s: float
+    history: list[EpochStats] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k != "history"}, "history": [asdict(h) for h in self.history]}
+
+
+@dataclass
+class _Sums:
+    """The running loss and accuracy of the epoch in progress."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+
+    def average(self) -> float:
+        return float(self.loss_sum) / self.seen
+
+    def partial(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.detach().cpu().clone(), "correct": self.correct.cpu().clone(), "seen": self.seen}
+
+
+@dataclass
+class _Loop:
+    """The fixed parts of one `fit` call and the steps of its epochs."""
+
+    model: nn.Module
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    train_set: ImageSet
+    config: TrainConfig
+    teacher: nn.Module | None
+    device: torch.device
+    env: DistEnv
+    local_batch: int
+    steps_per_epoch: int
+    history: list[EpochStats]
+    save_state: StateCallback | None
+    on_batch: BatchCallback | None
+    should_stop: Callable[[], int] | None
+    step: int = 0
+
+    def stop_requested(self) -> int:
+        if self.should_stop is None:
+            return 0
+        flag = int(self.should_stop() or 0)
+        if self.env.distributed:  # every process stops at the same step, or the collectives would hang
+            t = torch.tensor([flag], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = int(t)
+        return flag
+
+    def check_loss(self, avg: float, epoch: int, batch: int) -> None:
+        if not math.isfinite(avg):
+            raise MPOCompressError(
+                f"the training loss became {avg} in epoch {epoch + 1} (step {batch}); lower --lr "
+                f"(now {self.config.lr:g}) or check the data; the last good checkpoint was kept"
+            )
+
+    def train_step(self, epoch: int, i: int, idx: torch.Tensor, sums: _Sums) -> float:
+        """One optimizer step on batch i of the epoch; returns its learning rate."""
+        config = self.config
+        lr = lr_at(config, self.step, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        gen = torch.Generator().manual_seed(_mix(config.seed, epoch, self.env.rank, i)) if self.train_set.augment else None
+        x, y = self.train_set.batch(idx, self.device, gen)
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+            a = config.distill_alpha
+            loss = (1 - a) * loss + a * distillation_loss(logits, t_logits, config.distill_temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        sums.loss_sum += loss.detach() * len(y)
+        sums.correct += (logits.detach().argmax(1) == y).sum()
+        sums.seen += len(y)
+        return lr
+
+    def train_epoch(self, epoch: int, skip: int, partial: Mapping[str, Any] | None, lr: float) -> tuple[_Sums, float]:
+        """The epoch's steps after the first `skip` (done before an interruption, with their sums
+        `partial`); a stop request saves the state and raises `Interrupted`."""
+        self.net.train()
+        env = self.env
+        batches = batch_indices(len(self.train_set), self.local_batch, True, self.config.seed, epoch, env.rank, env.world_size)
+        sums = _Sums(torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.int64))
+        if skip:  # resuming mid-epoch: the epoch's first `skip` batches are done, their sums restored
+            sums = _Sums(partial["loss_sum"].to(self.device), partial["correct"].to(self.device), int(partial["seen"]))
+        for i, idx in enumerate(batches):
+            if i < skip:
+                continue
+            lr = self.train_step(epoch, i, idx, sums)
+            if (i + 1) % 20 == 0 or i + 1 == len(batches):
+                avg = sums.average()
+                self.check_loss(avg, epoch, i + 1)
+                if self.on_batch is not None and env.is_main:
+                    self.on_batch(epoch + 1, i + 1, len(batches), avg, int(sums.correct) / sums.seen)
+            signum = self.stop_requested()
+            if signum:
+                self.check_loss(sums.average(), epoch, i + 1)  # never replace a good checkpoint by a diverged one
+                if self.save_state is not None and env.is_main:
+                    self.save_state(snapshot_state(self.model, self.optimizer, epoch, self.history, i + 1, sums.partial()))
+                raise Interrupted(
+                    f"interrupted by {signal_name(signum)} in epoch {epoch + 1}/{self.config.epochs} "
+                    f"after batch {i + 1}/{len(batches)}", signum,
+                )  # fmt: skip
+        return sums, lr
+
+
+def fit(
+    model: nn.Module,
+    train_set: ImageSet,
+    test_set: ImageSet,
+    config: TrainConfig,
+    *,
+    teacher: nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    resume_state: Mapping[str, Any] | None = None,
+    save_state: StateCallback | None = None,
+    on_batch: BatchCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+    env: DistEnv | None = None,
+    should_stop: Callable[[], int] | None = None,
+) -> FitResult:
+    """Train `model` in place: SGD with momentum and L2 weight decay on cross-entropy (plus the
+    distillation term when a `teacher` is given), for `config.epochs` epochs.
+
+    Args:
+        resume_state: a state passed earlier to `save_state`; training continues after its epoch.
+        save_state: called after every epoch with a state that `resume_state` accepts.
+        on_batch, on_epoch: progress callbacks (rank 0 only in distributed runs).
+        env: the torchrun environment (read from the environment variables by default).
+        should_stop: polled after every optimizer step; a non-zero value (a signal number) stops
+            the run there: the state, mid-epoch, goes to `save_state` and `Interrupted` is raised.
+            In a distributed run the processes agree on the step to stop at.
+
+    Raises:
+        MPOCompressError: when the loss becomes NaN or Inf (the last saved state is kept).
+        Interrupted: when `should_stop` asked for a stop (after the state was saved).
+    """
+    env = env or dist_env()
+    device = torch.device(device)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    if config.batch_size % env.world_size:
+        raise MPOCompressError(
+            f"batch size {config.batch_size} does not split evenly over {env.world_size} processes; "
+            f"use a multiple of {env.world_size}"
+        )
+    local_batch = config.batch_size // env.world_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise MPOCompressError("the model has no trainable parameters")
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / env.world_size) / local_batch)
+    start_epoch, skip, partial, history = 0, 0, None, []
+    if resume_state is not None:
+        start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device)
+    net: nn.Module = model
+    if env.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if start_epoch == 0 and skip == 0:  # a clear error now if the model does not fit the data, not a traceback later
+        with torch.no_grad():
+            forward_checked(model.eval(), train_set.batch(torch.arange(min(2, len(train_set))), device)[0], train_set)
+
+    loop = _Loop(model, net, optimizer, train_set, config, teacher, device, env, local_batch, steps_per_epoch,
+                 history, save_state, on_batch, should_stop, step=start_epoch * steps_per_epoch + skip)  # fmt: skip
+    t_start = time.perf_counter()
+    lr = lr_at(config, max(loop.step - 1, 0), steps_per_epoch)
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        sums, lr = loop.train_epoch(epoch, skip, partial, lr)
+        skip = 0
+        test_acc, test_loss = evaluate(model, test_set, device, config.eval_batch_size)
+        stats = EpochStats(epoch + 1, float(sums.loss_sum) / max(sums.seen, 1), int(sums.correct) / max(sums.seen, 1),
+                           test_loss, test_acc, lr, time.perf_counter() - t0)  # fmt: skip
+        history.append(stats)
+        if save_state is not None and env.is_main:
+            save_state(snapshot_state(model, optimizer, epoch + 1, history))
+        if on_epoch is not None and env.is_main:
+            on_epoch(stats)
+        signum = loop.stop_requested() if epoch + 1 < config.epochs else 0
+        if signum:
+            raise Interrupted(f"interrupted by {signal_name(signum)} after epoch {epoch + 1}/{config.epochs}", signum)
+    if history:
+        acc, loss = history[-1].test_accuracy, history[-1].test_loss
+    else:
+        acc, loss = evaluate(model, test_set, device, config.eval_batch_size)
+    return FitResult(acc, loss, len(history), time.perf_counter() - t_start, history)
+
+
+def _mix(seed: int, epoch: int, rank: int, batch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729 + batch * 15_485_863) % (2**63)

@@ -1,0 +1,71 @@
+"""The resumable state of a training run: what `fit` hands to `save_state` and takes back as
+`resume_state`."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpocompress.errors import MPOCompressError
+
+STATE_FORMAT = "mpocompress-train-state"
+STATE_VERSION = 2  # 2: mid-epoch states ("batch", "partial"); version 1 states (epoch ends) are still read
+
+
+@dataclass
+class EpochStats:
+    epoch: int  # 1-based
+    train_loss: float
+    train_accuracy: float
+    test_loss: float
+    test_accuracy: float
+    lr: float  # learning rate at the epoch's last step
+    time_s: float
+
+
+def snapshot_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, history: list[EpochStats],
+    batch: int = 0, partial: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A resumable state: `epoch` epochs done, plus `batch` batches of the next one (with the
+    running sums `partial` of its loss and accuracy)."""
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "epoch": epoch,
+        "batch": batch,
+        "partial": partial or {},
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),  # a snapshot: training goes on updating the buffers
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "history": [asdict(h) for h in history],
+    }
+
+
+def restore_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any], device: torch.device
+) -> tuple[int, int, dict[str, Any] | None, list[EpochStats]]:
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history = [EpochStats(**h) for h in state["history"]]
+        epoch, batch = int(state["epoch"]), int(state.get("batch", 0))
+        partial = dict(state["partial"]) if batch else None
+        if partial is not None and not {"loss_sum", "correct", "seen"} <= set(partial):
+            raise KeyError("partial")
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        raise MPOCompressError(f"the checkpoint to resume from does not fit this run ({str(e).splitlines()[0]})") from None
+    for st in optimizer.state.values():  # momentum buffers onto the training device
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                st[k] = v.to(device)
+    return epoch, batch, partial, history
