@@ -4,8 +4,7 @@ Method: Gao et al., "Compressing deep neural networks by matrix product operator
 The package map is docs/architecture.md.
 """
 
-__version__ = "0.1.0"
-
+from mpocompress._version import __version__
 from mpocompress.compress import (  # noqa: E402
     CompressionConfig,
     CompressionReport,
@@ -20,6 +19,7 @@ from mpocompress.models import ARCHITECTURES, build_model, register_arch  # noqa
 from mpocompress.nn import MPOConv2d, MPOLayer, MPOLinear, materialized  # noqa: E402
 
 __all__ = [
+    "__version__",
     "ARCHITECTURES",
     "CompressionConfig",
     "CompressionReport",

@@ -10,7 +10,7 @@ from torch import nn
 
 from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.convert import (
-    LayerTarget, check_finite, current_cores, decompose, report_for, select_targets, weight_of,
+    LayerTarget, check_layer_finite, current_cores, decompose, report_for, select_targets, weight_of,
 )  # fmt: skip
 from mpocompress.compress.registry import converter_for
 from mpocompress.compress.report import CompressionReport, LayerReport, count_params, layer_report, totals
@@ -28,7 +28,7 @@ def _exact_report(t: LayerTarget) -> LayerReport:
     c = t.cand
     cores = current_cores(t)
     if cores is not None:
-        check_finite(t, cores)
+        check_layer_finite(t, cores)
         shape = MPOShape.of_cores(cores)
         return layer_report(c.name, c.kind, c.ny, c.nx, shape, bond_spectra(cores), 0.0)
     spectra = unfolding_spectra(weight_of(t), t.in_modes, t.out_modes)

@@ -72,7 +72,7 @@ def select_targets(
     return [target_for(c, settings) for c in chosen], skipped
 
 
-def check_finite(t: LayerTarget, tensors: list[torch.Tensor]) -> None:
+def check_layer_finite(t: LayerTarget, tensors: list[torch.Tensor]) -> None:
     if not all(all_finite(x) for x in tensors):
         raise MPOCompressError(
             f"layer {t.cand.name} has NaN or Inf weights (a damaged checkpoint or a diverged training run); "
@@ -91,14 +91,14 @@ def current_cores(t: LayerTarget) -> list[torch.Tensor] | None:
 def weight_of(t: LayerTarget) -> torch.Tensor:
     """The layer's dense weight matrix (N_y, N_x), checked for NaN and Inf."""
     w = t.cand.converter.weight(t.cand.module).detach().reshape(t.cand.ny, t.cand.nx)
-    check_finite(t, [w])
+    check_layer_finite(t, [w])
     return w
 
 
 def decompose(t: LayerTarget, bond_dim: int | None, eps: float | None) -> TTDecomposition:
     cores = current_cores(t)
     if cores is not None:
-        check_finite(t, cores)
+        check_layer_finite(t, cores)
         return tt_round(cores, max_bond=bond_dim, eps=eps)  # round the MPO, never forming W
     return tt_svd(weight_of(t), t.in_modes, t.out_modes, max_bond=bond_dim, eps=eps)
 

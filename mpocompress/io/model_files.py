@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mpocompress import __version__
+from mpocompress._version import __version__
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.metadata import (
     DIGEST_KEY, FORMAT, FORMAT_VERSION, check_finite, check_layer_spec, parse_own_metadata, tensors_digest,

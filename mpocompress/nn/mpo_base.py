@@ -18,16 +18,29 @@ from torch import nn
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn.cache import WeightCache, stamp
 from mpocompress.tensors import ContractionPlan, MPOShape, choose_plan, merge_cores, mpo_contract, mpo_to_matrix
-from mpocompress.tensors import random_cores, resolve_bonds, resolve_modes
+from mpocompress.tensors import random_cores, resolve_bonds, resolve_modes, tt_svd
 
 Strategy = Literal["auto", "contract", "merged", "dense"]
 STRATEGIES = ("auto", "contract", "merged", "dense")
 _MAX_PLANS = 64  # plans remembered per layer (one per input row count and mode)
+_NOMINAL_ROWS = 64  # the row count a plan is chosen for when the real one is symbolic
 
 
 def copied(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Contiguous, detached copies of the cores (what a layer built from given cores holds)."""
     return [c.detach().clone(memory_format=torch.contiguous_format) for c in cores]
+
+
+def factorized_cores(
+    w: torch.Tensor, bond_dim: int | None, eps: float | None, in_modes: Sequence[int] | None,
+    out_modes: Sequence[int] | None, n_cores: int,
+) -> list[torch.Tensor]:  # fmt: skip
+    """Cores of the N_y x N_x matrix w by TT-SVD truncated at bond dim D and/or relative error eps,
+    with given modes or balanced splits into `n_cores` modes."""
+    if bond_dim is None and eps is None:
+        raise MPOCompressError("give a bond dimension or a relative error eps to factorize a layer")
+    in_modes, out_modes = resolve_modes(w.shape[1], w.shape[0], in_modes, out_modes, n_cores)
+    return tt_svd(w, in_modes, out_modes, max_bond=bond_dim, eps=eps).cores
 
 
 def whole_field(spec: dict[str, Any], key: str) -> int:
@@ -130,6 +143,8 @@ class MPOLayer(nn.Module):
     def plan_for(self, rows: int, backward: bool = False, cached: bool = False) -> ContractionPlan:
         """The contraction plan for `rows` input vectors (batch x positions for a conv): chosen
         once per (rows, backward, cached) by the cost model, then reused."""
+        if not isinstance(rows, int):  # a symbolic size (torch.export, torch.compile): plan for a typical batch
+            rows = _NOMINAL_ROWS
         key = (rows, backward, cached, self.forward_strategy)
         plan = self._plans.get(key)
         if plan is None:

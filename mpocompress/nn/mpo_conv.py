@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.nn.mpo_base import MPOLayer, copied, whole_field
-from mpocompress.tensors import resolve_modes, tt_svd
+from mpocompress.nn.mpo_base import MPOLayer, copied, factorized_cores, whole_field
 
 
 def conv_geometry(conv: nn.Module) -> dict[str, Any]:
@@ -131,12 +130,8 @@ class MPOConv2d(MPOLayer):
             raise MPOCompressError(
                 f"cannot convert a convolution with groups={conv.groups}: only groups=1 is supported; leave it dense"
             )
-        if bond_dim is None and eps is None:
-            raise MPOCompressError("give a bond dimension or a relative error eps to factorize a layer")
-        w = conv.weight.reshape(conv.out_channels, -1)
-        in_modes, out_modes = resolve_modes(w.shape[1], w.shape[0], in_modes, out_modes, n_cores)
-        dec = tt_svd(w, in_modes, out_modes, max_bond=bond_dim, eps=eps)
-        return cls.from_cores(dec.cores, bias=conv.bias, **conv_geometry(conv))
+        cores = factorized_cores(conv.weight.reshape(conv.out_channels, -1), bond_dim, eps, in_modes, out_modes, n_cores)
+        return cls.from_cores(cores, bias=conv.bias, **conv_geometry(conv))
 
     def kernel(self) -> torch.Tensor:
         """The dense kernel (C_out, C_in, kh, kw) rebuilt from the cores; differentiable."""

@@ -10,10 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpocompress.errors import MPOCompressError
 from mpocompress.nn.cache import stamp
-from mpocompress.nn.mpo_base import MPOLayer, copied, whole_field
-from mpocompress.tensors import resolve_modes, tt_svd
+from mpocompress.nn.mpo_base import MPOLayer, copied, factorized_cores, whole_field
 
 
 class MPOLinear(MPOLayer):
@@ -71,11 +69,7 @@ class MPOLinear(MPOLayer):
         n_cores: int = 4,
     ) -> MPOLinear:
         """Factorize a dense nn.Linear by TT-SVD truncated at bond dim D and/or relative error eps."""
-        if bond_dim is None and eps is None:
-            raise MPOCompressError("give a bond dimension or a relative error eps to factorize a layer")
-        in_modes, out_modes = resolve_modes(linear.in_features, linear.out_features, in_modes, out_modes, n_cores)
-        dec = tt_svd(linear.weight, in_modes, out_modes, max_bond=bond_dim, eps=eps)
-        return cls.from_cores(dec.cores, linear.bias)
+        return cls.from_cores(factorized_cores(linear.weight, bond_dim, eps, in_modes, out_modes, n_cores), linear.bias)
 
     def to_dense(self) -> nn.Linear:
         """The equivalent dense nn.Linear."""

@@ -191,19 +191,9 @@ def fit(
     device = torch.device(device)
     model.to(device)
     if teacher is not None:
-        teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    if config.batch_size % env.world_size:
-        raise MPOCompressError(
-            f"batch size {config.batch_size} does not split evenly over {env.world_size} processes; "
-            f"use a multiple of {env.world_size}"
-        )
-    local_batch = config.batch_size // env.world_size
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise MPOCompressError("the model has no trainable parameters")
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        _freeze_teacher(teacher, device)
+    local_batch = _local_batch(config, env)
+    optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / env.world_size) / local_batch)
     start_epoch, skip, partial, history = 0, 0, None, []
     if resume_state is not None:
@@ -239,6 +229,30 @@ def fit(
     else:
         acc, loss = evaluate(model, test_set, device, config.eval_batch_size)
     return FitResult(acc, loss, len(history), time.perf_counter() - t_start, history)
+
+
+def _freeze_teacher(teacher: nn.Module, device: torch.device) -> None:
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+
+def _local_batch(config: TrainConfig, env: DistEnv) -> int:
+    """Each process's share of the global batch."""
+    if config.batch_size % env.world_size:
+        raise MPOCompressError(
+            f"batch size {config.batch_size} does not split evenly over {env.world_size} processes; "
+            f"use a multiple of {env.world_size}"
+        )
+    return config.batch_size // env.world_size
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum and L2 weight decay (Eq. 7) over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise MPOCompressError("the model has no trainable parameters")
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
 def _mix(seed: int, epoch: int, rank: int, batch: int) -> int:
