@@ -1,4 +1,4 @@
-"""Command-line interface: `mpocompress analyze`, `convert`, `train`, `finetune` and `evaluate`.
+"""Command-line interface: `mpocompress analyze`, `convert`, `train`, `finetune`, `evaluate` and `export`.
 
 Only this package imports typer and rich. Each command parses its options, calls one library
 function and renders the returned report.
@@ -32,6 +32,7 @@ app = typer.Typer(
 from mpocompress.cli import analyze as _analyze  # noqa: E402,F401  (registers the command)
 from mpocompress.cli import convert as _convert  # noqa: E402,F401
 from mpocompress.cli import evaluate as _evaluate  # noqa: E402,F401
+from mpocompress.cli import export as _export  # noqa: E402,F401
 from mpocompress.cli import finetune as _finetune  # noqa: E402,F401
 from mpocompress.cli import train as _train  # noqa: E402,F401
 

@@ -138,8 +138,8 @@ def _json_default(o: Any) -> Any:
 
 # ----------------------------------------------------------------------------- shared options
 
-MODEL_ARG = typer.Argument(..., metavar="MODEL", help="Model file: a state_dict (.pt/.pth/.safetensors, with --arch), a file mpocompress wrote, or a pickled model (with --trust-pickle).", show_default=False)
-ARCH_OPT = typer.Option(None, "--arch", metavar="SPEC", help="Architecture: a built-in name (fc2, lenet5, vgg16, vgg19, resnet, densenet), optionally with arguments like lenet5(in_channels=3,image_size=32), or package.module:callable importable from the working directory.")
+MODEL_ARG = typer.Argument(..., metavar="MODEL", help="Model: a state_dict (.pt/.pth/.safetensors, with --arch), a file mpocompress wrote, a Hugging Face model folder (config.json with its weights), or a pickled model (with --trust-pickle).", show_default=False)
+ARCH_OPT = typer.Option(None, "--arch", metavar="SPEC", help="Architecture: a built-in name (fc2, lenet5, vgg16, vgg19, resnet, densenet), optionally with arguments like lenet5(in_channels=3,image_size=32), package.module:callable importable from the working directory, or hf:CLASS (e.g. hf:AutoModelForSequenceClassification) for a Hugging Face folder.")
 BOND_OPT = typer.Option([], "--bond-dim", "-D", metavar="D|NAME=D", help="Bond dimension D for every selected layer, or NAME=D for one layer (repeatable).", show_default=False)
 SHAPE_OPT = typer.Option([], "--shape", metavar="NAME=IxI..:JxJ..", help="Modes of a layer: NAME=I1xI2x..:J1xJ2x.. (input modes, then output modes; repeatable).", show_default=False)
 LAYERS_OPT = typer.Option([], "--layers", metavar="PATTERN", help="Convert only these layers: exact name, glob (features.*) or re:REGEX (repeatable).", show_default=False)

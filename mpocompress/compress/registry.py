@@ -26,6 +26,7 @@ class Converter:
         build: the MPO layer holding the given cores, with the module's bias and geometry.
         problem: why the module cannot be converted (None when it can).
         cores: for a module that is already an MPO, its cores (it is then rounded, W never formed).
+        transposed: the module stores its weight as (N_x, N_y) (transformers' Conv1D).
     """
 
     kind: str
@@ -34,25 +35,34 @@ class Converter:
     build: Callable[[nn.Module, list[torch.Tensor]], nn.Module]
     problem: Callable[[nn.Module], str | None] = lambda m: None
     cores: Callable[[nn.Module], list[torch.Tensor]] | None = None
+    transposed: bool = False
+
+    def set_dense(self, module: nn.Module, w: torch.Tensor) -> None:
+        """Write the dense matrix w (N_y, N_x) into a dense module of this type, in its own layout."""
+        with torch.no_grad():
+            module.weight.copy_((w.T if self.transposed else w).reshape(module.weight.shape))
 
     def rows_per_output(self, out: torch.Tensor) -> int:
         """Input vectors a call handled, from its output: positions for a conv, rows for a linear."""
         return out.numel() // (out.shape[-3] if self.kind == "conv2d" else out.shape[-1])
 
 
-CONVERTERS: dict[type[nn.Module], Converter] = {}
+CONVERTERS: dict[type[nn.Module] | str, Converter] = {}
 
 
-def register_converter(module_type: type[nn.Module], converter: Converter) -> None:
-    """Make modules of `module_type` (and its subclasses) convertible."""
+def register_converter(module_type: type[nn.Module] | str, converter: Converter) -> None:
+    """Make modules of `module_type` (and its subclasses) convertible. A type from an optional
+    package is named by its qualified name ("package.module.Class"), so the package is never imported
+    here: the converter applies when such modules turn up."""
     CONVERTERS[module_type] = converter
 
 
 def converter_for(module: nn.Module) -> Converter | None:
     """The converter of the module's type or of its nearest registered base class."""
     for cls in type(module).__mro__:
-        if cls in CONVERTERS:
-            return CONVERTERS[cls]
+        conv = CONVERTERS.get(cls) or CONVERTERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if conv is not None:
+            return conv
     return None
 
 
@@ -92,4 +102,8 @@ register_converter(nn.Conv2d, Converter(
 register_converter(MPOConv2d, Converter(
     "conv2d", lambda m: (m.out_channels, math.prod(m.in_modes)), lambda m: m.weight_matrix(), _conv_build,
     cores=_mpo_cores,
+))  # fmt: skip
+# transformers' Conv1D (GPT-2 and relatives): y = x @ weight + bias with weight (N_x, N_y)
+register_converter("transformers.pytorch_utils.Conv1D", Converter(
+    "linear", lambda m: (m.weight.shape[1], m.weight.shape[0]), lambda m: m.weight.T, _linear_build, transposed=True,
 ))  # fmt: skip

@@ -142,7 +142,10 @@ def select_layers(
         chosen.append(c)
     taken = {id(c.module) for c in chosen} | excluded
     only_named = bool(explicit) and only_named
-    if not selection.layers and not only_named:
+    blocks = transformer_blocks(model)
+    if not selection.layers and not only_named and blocks:
+        skipped = _in_blocks(cands, chosen, taken, excluded, blocks, reject)
+    elif not selection.layers and not only_named:
         skipped = _by_coverage(cands, chosen, taken, excluded, selection.coverage, reject)
     else:
         skipped = [
@@ -156,6 +159,41 @@ def select_layers(
             + ("; ".join(f"{s.name}: {s.reason}" for s in skipped[:4]) or "the model has no Linear or Conv2d layer")
         )
     return chosen, skipped
+
+
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """For a transformers model (one with a config naming its model_type), the names of its stacks of
+    blocks: the ModuleLists of two or more modules of one class (BERT's encoder.layer, GPT-2's h).
+    Empty for any other model, whose default selection goes by weight coverage."""
+    if not isinstance(getattr(getattr(model, "config", None), "model_type", None), str):
+        return []
+    return [
+        name for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1
+    ]  # fmt: skip
+
+
+def _in_blocks(
+    cands: list[Candidate], chosen: list[Candidate], taken: set[int], excluded: set[int], blocks: list[str],
+    reject: Callable[[Candidate], str | None] | None,
+) -> list[SkippedLayer]:  # fmt: skip
+    """The default selection of a transformer, appended to `chosen`: every projection inside its
+    stacks of blocks, all of them alike; embeddings, pooler and head stay dense unless named."""
+    skipped: list[SkippedLayer] = []
+    for c in cands:
+        if id(c.module) in taken:
+            if id(c.module) in excluded:
+                skipped.append(SkippedLayer(c.name, c.kind, c.numel, "excluded"))
+            continue
+        if not any(n.startswith(b + ".") for n in c.names for b in blocks):
+            skipped.append(SkippedLayer(c.name, c.kind, c.numel, "outside the transformer blocks; name it with --layers to convert it"))
+            continue
+        reason = c.problem or (reject(c) if reject is not None else None)
+        if reason:
+            skipped.append(SkippedLayer(c.name, c.kind, c.numel, reason))
+            continue
+        chosen.append(c)
+    return skipped
 
 
 def _by_coverage(

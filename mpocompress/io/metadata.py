@@ -37,8 +37,15 @@ def parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
         assert isinstance(layers, dict) and all(isinstance(v, dict) for v in layers.values())
     except (ValueError, AssertionError):
         raise MPOCompressError(f"{path} has unreadable layer metadata; the file is damaged") from None
+    tokenizer = None
+    if meta.get("hf_tokenizer"):
+        try:
+            tokenizer = json.loads(meta["hf_tokenizer"])
+        except ValueError:
+            raise MPOCompressError(f"{path} has an unreadable recorded tokenizer; the file is damaged") from None
     return {"format_version": version, "arch": meta.get("arch") or None, "layers": layers,
-            "mpocompress_version": meta.get("mpocompress_version"), "source_format": meta.get("source_format")}  # fmt: skip
+            "mpocompress_version": meta.get("mpocompress_version"), "source_format": meta.get("source_format"),
+            "hf_config": meta.get("hf_config"), "hf_tokenizer": tokenizer}  # fmt: skip
 
 
 def check_layer_spec(path: Path, name: str, spec: Mapping[str, Any]) -> None:

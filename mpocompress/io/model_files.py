@@ -25,9 +25,11 @@ from mpocompress.errors import MPOCompressError
 from mpocompress.io.metadata import (
     DIGEST_KEY, FORMAT, FORMAT_VERSION, check_finite, check_layer_spec, parse_own_metadata, tensors_digest,
 )  # fmt: skip
+from mpocompress.io.hf import decode_tokenizer_files, is_hf_dir, load_hf_dir
 from mpocompress.io.paths import atomic_write, check_output_path, check_readable
 from mpocompress.io.pickles import torch_load, unwrap_state_dict
 from mpocompress.models import ARCHITECTURES, ArchSpec, build_model, parse_arch
+from mpocompress.models.hf import HF_PREFIX, build_hf, hf_arch, hf_config_json, is_hf_model
 from mpocompress.nn import MPOLayer, layer_from_spec
 from mpocompress.utils import set_module, short_error
 
@@ -38,7 +40,7 @@ class LoadedModel:
 
     model: nn.Module
     arch: str | None  # the architecture spec, if one is known
-    source: str  # "state_dict", "pickled_module" or "mpocompress"
+    source: str  # "state_dict", "pickled_module", "mpocompress" or "huggingface"
     path: Path
     metadata: dict[str, Any] | None = None  # parsed metadata of an mpocompress file
 
@@ -81,8 +83,19 @@ def load_model(
             the checks of the layers it factorizes and of `save`, which reads every tensor anyway.
     """
     path = Path(path)
-    check_readable(path)
     arch_text = str(arch) if arch is not None else None
+    if path.is_dir():
+        if not is_hf_dir(path):
+            raise MPOCompressError(
+                f"{path} is a folder without config.json; give a model file, or a Hugging Face model folder "
+                "(config.json beside model.safetensors or pytorch_model.bin)"
+            )
+        model, spec, tokenizer = load_hf_dir(path, arch_text)
+        if check_values:
+            check_finite(model.state_dict(), path)
+        remember(model, spec, tokenizer)
+        return LoadedModel(model, spec, "huggingface", path)
+    check_readable(path)
     if is_safetensors(path):
         meta = read_metadata(path)
         if meta is not None and meta.get("format") == FORMAT:
@@ -107,9 +120,32 @@ def load_model(
 
 
 def load(path: str | os.PathLike, arch: str | ArchSpec | None = None, trust_pickle: bool = False) -> nn.Module:
-    """A working nn.Module in eval mode from a file; see `load_model`. For a file mpocompress wrote
-    from a built-in architecture, the file alone suffices."""
+    """A working nn.Module in eval mode from a file or a Hugging Face folder; see `load_model`. For a
+    file mpocompress wrote from a built-in architecture or a Hugging Face model, the file alone suffices."""
     return load_model(path, arch, trust_pickle).model.eval()
+
+
+def remember(model: nn.Module, arch: str | None, tokenizer: Mapping[str, str] | None = None) -> None:
+    """Record on the model what `save` will write without being told: its architecture spec and
+    (for a text model) its tokenizer files."""
+    if arch is not None:
+        model.mpocompress_arch = arch
+    if tokenizer:
+        model.mpocompress_tokenizer = dict(tokenizer)
+
+
+def infer_arch(model: nn.Module) -> str:
+    """The architecture spec of a model: the one it was built or loaded with, or hf:CLASS for a
+    transformers model; a one-line error when neither is known."""
+    arch = getattr(model, "mpocompress_arch", None)
+    if isinstance(arch, str) and arch:
+        return arch
+    if is_hf_model(model):
+        return hf_arch(model)
+    raise MPOCompressError(
+        f"cannot tell which architecture this {type(model).__name__} is; pass arch= (a built-in spec such as "
+        "'lenet5(in_channels=3)', or 'package.module:callable' for your own)"
+    )
 
 
 def _fit_state_dict(
@@ -148,6 +184,11 @@ def _model_from_state(state: Mapping[str, torch.Tensor], path: Path, arch: str |
             f"{path} holds a state_dict (weights only); say which architecture it belongs to with "
             f"--arch NAME (built-in: {', '.join(sorted(ARCHITECTURES))}) or --arch package.module:callable"
         )
+    if arch.startswith(HF_PREFIX):
+        raise MPOCompressError(
+            f"--arch {arch} builds a Hugging Face model from its folder (config.json with the weights); give that "
+            f"folder instead of {path}"
+        )
     model = _skeleton(arch)
     if model is not None and all(
         state.get(k) is not None and state[k].dtype == v.dtype for k, v in model.state_dict().items()
@@ -160,13 +201,25 @@ def _model_from_state(state: Mapping[str, torch.Tensor], path: Path, arch: str |
     return model
 
 
-def _skeleton(arch: str) -> nn.Module | None:
+def _build(arch: str, hf_config: str | None = None, on_meta: bool = False) -> nn.Module:
+    """The architecture `arch`, randomly initialised (or on the meta device); an hf:CLASS spec is
+    built from the recorded Hugging Face config."""
+    if arch.startswith(HF_PREFIX):
+        if hf_config is None:
+            raise MPOCompressError(f"architecture {arch} needs the Hugging Face config the file should record; the file is damaged")
+        return build_hf(hf_config, arch, on_meta=on_meta)
+    if on_meta:
+        with torch.device("meta"):
+            return build_model(arch)
+    return build_model(arch)
+
+
+def _skeleton(arch: str, hf_config: str | None = None) -> nn.Module | None:
     """The architecture built on the meta device (no memory, no random init), or None when its
     code cannot be built there; the loaded tensors are then assigned in place of the parameters,
     so a checkpoint is held in memory once."""
     try:
-        with torch.device("meta"):
-            return build_model(arch)
+        return _build(arch, hf_config, on_meta=True)
     except MPOCompressError:
         raise
     except Exception:
@@ -181,7 +234,7 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_value
             raise MPOCompressError(
                 f"{path} does not record its architecture (it was converted from a pickled model); pass --arch"
             )
-        if not parse_arch(file_arch).is_builtin:
+        if not file_arch.startswith(HF_PREFIX) and not parse_arch(file_arch).is_builtin:
             raise MPOCompressError(
                 f"{path} was made from the user architecture {file_arch}; pass --arch {file_arch!r} again to "
                 "load it (mpocompress never imports code named in a file)"
@@ -223,14 +276,20 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_value
             set_module(model, name, made[id(old)])
         return model
 
-    skeleton = _skeleton(arch)
+    hf_config = info["hf_config"] if arch.startswith(HF_PREFIX) else None
+    tokenizer = info["hf_tokenizer"]
+    if tokenizer:
+        decode_tokenizer_files(tokenizer, str(path))  # checked before anything uses it
+    skeleton = _skeleton(arch, hf_config)
     if skeleton is not None:  # shapes checked on the meta device, then the file's tensors become the weights
         model = assemble(skeleton, on_meta=True)
         _fit_state_dict(model, state, path, arch, assign=True)
         if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            remember(model, arch, tokenizer)
             return LoadedModel(model, arch, "mpocompress", path, info)
-    model = assemble(build_model(arch), on_meta=False)
+    model = assemble(_build(arch, hf_config), on_meta=False)
     _fit_state_dict(model, state, path, arch)
+    remember(model, arch, tokenizer)
     return LoadedModel(model, arch, "mpocompress", path, info)
 
 
@@ -252,18 +311,26 @@ def mpo_layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {name: m.spec() for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MPOLayer)}
 
 
+_INFER = "infer"
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike,
-    arch: str | ArchSpec | None,
+    arch: str | ArchSpec | None = _INFER,
     force: bool = False,
     extra_metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `model` as safetensors with the metadata `load` needs, atomically.
 
-    The file appears complete or not at all: it is written under a temporary name in the same
-    folder and renamed into place. An existing file is replaced only with `force=True`.
+    `arch` defaults to what the model is known to be (`infer_arch`: the spec it was built or
+    loaded with, or hf:CLASS for a transformers model, whose config and tokenizer are recorded
+    too); None records no architecture (then loading needs --arch). The file appears complete or
+    not at all: it is written under a temporary name in the same folder and renamed into place.
+    An existing file is replaced only with `force=True`.
     """
+    if isinstance(arch, str) and arch == _INFER:
+        arch = infer_arch(model)
     path = check_output_path(path, force)
     metadata = {
         "format": FORMAT,
@@ -273,6 +340,11 @@ def save(
         "arch": str(arch) if arch is not None else "",
         "layers": json.dumps(mpo_layer_specs(model), sort_keys=True),
     }
+    if arch is not None and str(arch).startswith(HF_PREFIX):
+        metadata["hf_config"] = hf_config_json(model)
+        tokenizer = getattr(model, "mpocompress_tokenizer", None)
+        if tokenizer:
+            metadata["hf_tokenizer"] = json.dumps(tokenizer, sort_keys=True)
     for k, v in (extra_metadata or {}).items():
         metadata[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     tensors = _tensors_for_saving(model)

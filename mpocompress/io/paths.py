@@ -20,13 +20,20 @@ def check_readable(path: Path) -> None:
         raise MPOCompressError(f"{path} is empty (0 bytes); the file was not written completely, save it again")
 
 
-def check_output_path(path: str | os.PathLike, force: bool = False, inputs: tuple[Path, ...] = ()) -> Path:
-    """Fail early, before any work, when `path` cannot or must not be written."""
+def check_output_path(
+    path: str | os.PathLike, force: bool = False, inputs: tuple[Path, ...] = (), folder: bool = False
+) -> Path:
+    """Fail early, before any work, when `path` cannot or must not be written (`folder`: the
+    output is a folder, such as a Hugging Face model folder)."""
     path = Path(path)
     for src in inputs:
         if src.exists() and path.exists() and path.resolve() == src.resolve():
             raise MPOCompressError(f"output {path} is the input file; choose another -o (inputs are never modified)")
-    if path.is_dir():
+        if folder and src.exists() and path.resolve() in src.resolve().parents:
+            raise MPOCompressError(f"output {path} holds the input {src}; choose another -o (inputs are never modified)")
+    if folder and path.exists() and not path.is_dir():
+        raise MPOCompressError(f"output {path} is a file, but this format writes a folder; choose another -o")
+    if not folder and path.is_dir():
         raise MPOCompressError(f"output {path} is a folder; give a file name such as {path / 'model.safetensors'}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():

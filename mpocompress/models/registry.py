@@ -135,6 +135,11 @@ def build_model(spec: ArchSpec | str) -> nn.Module:
     """Instantiate an architecture. A 'package.module:callable' target is imported from the current
     working directory or the installed packages."""
     spec = parse_arch(spec) if isinstance(spec, str) else spec
+    if spec.target.startswith("hf:"):
+        raise MPOCompressError(
+            f"architecture {spec.target} is a Hugging Face class: it is built from a model folder (config.json and "
+            "weights), so give the folder as MODEL"
+        )
     if spec.is_builtin:
         if spec.target not in ARCHITECTURES:
             raise MPOCompressError(
@@ -152,6 +157,7 @@ def build_model(spec: ArchSpec | str) -> nn.Module:
         raise MPOCompressError(f"cannot build architecture {spec}: {e}") from None
     if not isinstance(model, nn.Module):
         raise MPOCompressError(f"architecture {spec} returned {type(model).__name__}, not a torch.nn.Module")
+    model.mpocompress_arch = str(spec)  # what `save` records when not told
     return model
 
 

@@ -90,7 +90,7 @@ def mpo_contract(
     a large layer stay in cache (docs/performance.md has the measured effect).
     """
     b = x.shape[0]
-    if b > 1 and x.device.type == "cpu":
+    if b > 1 and x.device.type == "cpu" and not tracing():
         per_row = _largest_intermediate(cores)
         if per_row * b > _CHUNK_NUMBERS:
             step = max(1, _CHUNK_NUMBERS // per_row)
@@ -99,6 +99,13 @@ def mpo_contract(
 
 
 _CHUNK_NUMBERS = 1 << 22
+
+
+def tracing() -> bool:
+    """Whether the call is being traced, exported or compiled: then shapes may be symbolic, so the
+    row chunks (a Python loop over the batch) and the hand-written batched step are left out; the
+    result is the same product."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def _largest_intermediate(cores: Sequence[torch.Tensor]) -> int:
@@ -123,7 +130,7 @@ def _contract_rows(x: torch.Tensor, cores: Sequence[torch.Tensor], forms: Sequen
             break
         t = t.reshape(m, r0 * i, -1)
         mat = core.permute(1, 3, 0, 2).reshape(j * r1, r0 * i)  # (J_k D_k, D_{k-1} I_k)
-        if forms is not None and forms[k] == "bmm":
+        if forms is not None and forms[k] == "bmm" and not tracing():
             t = _SharedBmm.apply(mat, t)
         else:
             t = torch.matmul(mat, t)

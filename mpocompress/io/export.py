@@ -1,0 +1,279 @@
+"""Exporting a (compressed) model for use without mpocompress: a Hugging Face folder with dense
+weights, an ONNX file, or a `torch.export` program. Each export is checked after writing: its
+outputs must agree with the model's on a probe batch (relative error <= 1e-4), or nothing is left
+at the output path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import logging
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpocompress.compress import converter_for
+from mpocompress.errors import MPOCompressError
+from mpocompress.io.hf import decode_tokenizer_files, quiet_transformers, save_pretrained_quietly, write_files
+from mpocompress.models.hf import build_hf, hf_config_json, is_hf_model, probe_inputs, transformers_module
+from mpocompress.nn import MPOLayer
+from mpocompress.utils import short_error
+
+FORMATS = ("hf", "onnx", "pt2")
+TOLERANCE = 1e-4
+ONNX_HINT = "install the ONNX extra: pip install -e '.[onnx]' (onnx, onnxscript, onnxruntime)"
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote and how closely it agrees with the model."""
+
+    output: str
+    format: str
+    rel_error: float  # ||export(probe) - model(probe)|| / ||model(probe)|| on the probe batch
+    probe_shapes: dict[str, list[int]]
+    params: int  # parameters of the exported model (dense for hf)
+    dynamic: bool  # batch (and sequence) sizes free; False: fixed to the probe's shapes
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """The main output of a model call: itself for a tensor, the first entry of a tuple or a
+    Hugging Face ModelOutput (the last hidden state of an encoder, the logits of a classifier)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    if isinstance(out, (tuple, list)):
+        return first_output(out[0])
+    return out[0]
+
+
+def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    if a.shape != ref.shape:
+        return math.inf
+    denom = float(torch.linalg.vector_norm(ref))
+    return float(torch.linalg.vector_norm(a - ref)) / (denom if denom > 0 else 1.0)
+
+
+def probe_for(model: nn.Module, input_shape: tuple[int, ...] | None) -> dict[str, torch.Tensor]:
+    """The probe batch: token inputs for a transformers model, else two random samples of
+    `input_shape` (one sample's shape, e.g. (1, 28, 28))."""
+    if is_hf_model(model):
+        return probe_inputs(model)
+    if input_shape is None:
+        raise MPOCompressError("cannot tell the shape of one input for the probe batch; pass --input-shape C,H,W (or F)")
+    g = torch.Generator().manual_seed(0)
+    param = next(model.parameters(), None)
+    return {"x": torch.randn(2, *input_shape, generator=g, dtype=param.dtype if param is not None else torch.float32)}
+
+
+def _call(model: Callable[..., Any], probe: Mapping[str, torch.Tensor], hf: bool) -> torch.Tensor:
+    with torch.no_grad():
+        return first_output(model(**probe) if hf else model(*probe.values()))
+
+
+@contextlib.contextmanager
+def _staging(out: Path, is_dir: bool) -> Iterator[Path]:
+    """A temporary path in a hidden folder beside `out`; it replaces `out` (by a rename) only when
+    the block succeeds, and the folder is removed in any case."""
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        staged = tmpdir / out.name
+        if is_dir:
+            staged.mkdir()
+        yield staged
+        if is_dir and out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _check(rel: float, fmt: str) -> None:
+    if not rel <= TOLERANCE:
+        raise MPOCompressError(
+            f"the {fmt} export does not reproduce the model: relative output error {rel:.3g} on the probe batch "
+            f"(allowed {TOLERANCE:g}); nothing was written"
+        )
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def dense_hf_model(model: nn.Module, arch: str) -> nn.Module:
+    """A plain transformers model computing what `model` computes: the same config, every factorized
+    layer multiplied out into the dense module it replaced (in that module's own weight layout)."""
+    dense = build_hf(hf_config_json(model), arch)
+    state = model.state_dict()
+    mpo_prefixes = []
+    for name, m in model.named_modules():
+        if isinstance(m, MPOLayer):
+            target = dense.get_submodule(name)
+            conv = converter_for(target)
+            if conv is None:
+                raise MPOCompressError(f"cannot multiply out {name}: the dense model has a {type(target).__name__} there")
+            conv.set_dense(target, m.weight_matrix().detach())
+            if m.bias is not None:
+                with torch.no_grad():
+                    target.bias.copy_(m.bias)
+            mpo_prefixes.append(name + ".")
+    rest = {k: v for k, v in state.items() if not any(k.startswith(p) for p in mpo_prefixes)}
+    missing, unexpected = dense.load_state_dict(rest, strict=False)
+    expected_missing = {k for k in dense.state_dict() if any(k.startswith(p) for p in mpo_prefixes)}
+    if set(unexpected) or set(missing) - expected_missing:
+        raise MPOCompressError(f"the model's weights do not fit its Hugging Face class: missing {sorted(set(missing) - expected_missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    if hasattr(dense, "tie_weights"):
+        dense.tie_weights()
+    return dense.eval()
+
+
+def _export_hf(model: nn.Module, arch: str, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor) -> tuple[float, int, bool]:
+    if not arch.startswith("hf:"):
+        raise MPOCompressError(
+            f"--format hf writes a Hugging Face folder, but this model is {arch}; use --format onnx or pt2"
+        )
+    dense = dense_hf_model(model, arch)
+    tokenizer = getattr(model, "mpocompress_tokenizer", None)
+    with _staging(out, is_dir=True) as tmp:
+        save_pretrained_quietly(dense, tmp)
+        if tokenizer:
+            write_files(tmp, decode_tokenizer_files(tokenizer, "the model"))
+        transformers = transformers_module()
+        cls = getattr(transformers, arch[3:])
+        with quiet_transformers():
+            back = cls.from_pretrained(str(tmp), local_files_only=True).eval()
+        rel = relative_error(_call(back, probe, True), ref)
+        _check(rel, "hf")
+    return rel, sum(p.numel() for p in dense.parameters()), True
+
+
+def _export_onnx(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor, hf: bool) -> tuple[float, int, bool]:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise MPOCompressError(f"--format onnx needs onnxruntime to check the export; {ONNX_HINT}") from None
+    names = list(probe)
+    wrapper = _Positional(model, names, hf).eval()  # a fresh module is in training mode: dropout on
+    dims = _dynamic_dims(model, hf)
+    with _staging(out, is_dir=False) as tmp:
+        try:
+            with _quiet_exporters():
+                try:  # batch (and sequence) sizes left free; a model whose code pins them is exported as it is
+                    torch.onnx.export(wrapper, tuple(probe.values()), str(tmp), input_names=names, output_names=["output"],
+                                      dynamic_shapes=(tuple(dims for _ in names),), dynamo=True, external_data=False)  # fmt: skip
+                    dynamic = True
+                except Exception:  # noqa: BLE001
+                    torch.onnx.export(wrapper, tuple(probe.values()), str(tmp), input_names=names, output_names=["output"], dynamo=True, external_data=False)
+                    dynamic = False
+        except MPOCompressError:
+            raise
+        except Exception as e:  # noqa: BLE001 - exporters raise many kinds
+            raise MPOCompressError(f"the ONNX exporter failed on this model ({short_error(e)})") from None
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = session.run(None, {n: v.numpy() for n, v in probe.items()})[0]
+        rel = relative_error(torch.from_numpy(got), ref)
+        _check(rel, "onnx")
+    return rel, sum(p.numel() for p in model.parameters()), dynamic
+
+
+def _export_pt2(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor, hf: bool) -> tuple[float, int, bool]:
+    names = list(probe)
+    wrapper = _Positional(model, names, hf).eval()  # a fresh module is in training mode: dropout on
+    dims = _dynamic_dims(model, hf)
+    with _staging(out, is_dir=False) as tmp:
+        try:
+            with _quiet_exporters():
+                try:  # batch (and sequence) sizes left free; a model whose code pins them is exported as it is
+                    program = torch.export.export(wrapper, tuple(probe.values()), dynamic_shapes=(tuple(dims for _ in names),))
+                    dynamic = True
+                except Exception:  # noqa: BLE001
+                    program = torch.export.export(wrapper, tuple(probe.values()))
+                    dynamic = False
+            torch.export.save(program, str(tmp))
+        except Exception as e:  # noqa: BLE001
+            raise MPOCompressError(f"torch.export failed on this model ({short_error(e)})") from None
+        back = torch.export.load(str(tmp)).module()
+        with torch.no_grad():
+            rel = relative_error(first_output(back(*probe.values())), ref)
+        _check(rel, "pt2")
+    return rel, sum(p.numel() for p in model.parameters()), dynamic
+
+
+def _dynamic_dims(model: nn.Module, hf: bool) -> dict[int, Any]:
+    """torch.export dimensions: the batch, and for a text model the sequence up to its positions."""
+    dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
+    if hf:
+        cfg = model.config
+        longest = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 512)
+        dims[1] = torch.export.Dim("sequence", min=2, max=longest)
+    return dims
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """The exporters' warnings, log lines and prints stay off the user's terminal."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(_io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+class _Positional(nn.Module):
+    """The model called with positional tensors in the probe's order, returning its main output."""
+
+    def __init__(self, model: nn.Module, names: list[str], hf: bool) -> None:
+        super().__init__()
+        self.model, self.names, self.hf = model, names, hf
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.hf:
+            return first_output(self.model(**dict(zip(self.names, args))))
+        return first_output(self.model(*args))
+
+
+def export_model(
+    model: nn.Module, out: Path, fmt: str, arch: str | None, input_shape: tuple[int, ...] | None = None
+) -> ExportReport:
+    """Write `model` to `out` in format `fmt` (hf, onnx or pt2) and check the result against it."""
+    if fmt not in FORMATS:
+        raise MPOCompressError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    was_training = model.training
+    model.eval()
+    try:
+        return _export(model, out, fmt, arch, input_shape)
+    finally:
+        model.train(was_training)
+
+
+def _export(model: nn.Module, out: Path, fmt: str, arch: str | None, input_shape: tuple[int, ...] | None) -> ExportReport:
+    hf = is_hf_model(model)
+    probe = probe_for(model, input_shape)
+    ref = _call(model, probe, hf)
+    if fmt == "hf":
+        rel, params, dynamic = _export_hf(model, arch or "", out, probe, ref)
+    elif fmt == "onnx":
+        rel, params, dynamic = _export_onnx(model, out, probe, ref, hf)
+    else:
+        rel, params, dynamic = _export_pt2(model, out, probe, ref, hf)
+    return ExportReport(str(out), fmt, rel, {k: list(v.shape) for k, v in probe.items()}, params, dynamic)

@@ -1,0 +1,156 @@
+"""Hugging Face model folders: reading one (config.json plus model.safetensors or pytorch_model.bin,
+offline, never with remote code), the tokenizer files beside it, and writing one.
+
+A tokenizer travels inside mpocompress's own files: its files are recorded in the metadata
+(`hf_tokenizer`, base64 by file name), so a converted model can tokenize text without its original
+folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io as _io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.models.hf import check_config, hf_class, transformers_module
+from mpocompress.utils import short_error
+
+CONFIG_FILE = "config.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+)  # fmt: skip
+MAX_TOKENIZER_BYTES = 32 << 20
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json of a model folder, checked (see `models.hf.check_config`)."""
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise MPOCompressError(f"{path / CONFIG_FILE} is not readable JSON ({short_error(e)}); the folder is damaged") from None
+    return check_config(config, str(path))
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own log lines and warnings stay off stderr while we load (errors are ours)."""
+    transformers = transformers_module()
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        logger.setLevel(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def load_hf_dir(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str, str]]:
+    """The model in a Hugging Face folder, in eval mode, with its spec (hf:CLASS) and its tokenizer
+    files. Weights load offline; a .bin file is read with weights_only=True."""
+    config = read_config(path)
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise MPOCompressError(
+            f"{path} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])}); copy the model's weights beside it"
+        )
+    cls = hf_class(config, arch, str(path))
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if cls.__name__.startswith("Auto"):
+        kwargs["trust_remote_code"] = False
+    try:
+        with quiet_transformers():
+            model = cls.from_pretrained(str(path), **kwargs)
+    except MPOCompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or truncated file surfaces as many exception types
+        raise MPOCompressError(
+            f"cannot load the Hugging Face model in {path} ({short_error(e)}); the weights may be truncated or damaged"
+        ) from None
+    return model.eval(), "hf:" + type(model).__name__, read_tokenizer_files(path)
+
+
+def read_tokenizer_files(path: Path) -> dict[str, str]:
+    """The tokenizer files of a folder, base64 by name (empty when it has none)."""
+    out, total = {}, 0
+    for name in TOKENIZER_FILES:
+        f = path / name
+        if f.is_file():
+            data = f.read_bytes()
+            total += len(data)
+            if total > MAX_TOKENIZER_BYTES:
+                raise MPOCompressError(f"{path}: tokenizer files over {MAX_TOKENIZER_BYTES >> 20} MB; is this a tokenizer?")
+            out[name] = base64.b64encode(data).decode("ascii")
+    return out
+
+
+def decode_tokenizer_files(recorded: Any, source: str) -> dict[str, bytes]:
+    """Tokenizer files recorded in a file's metadata, checked: plain file names, base64 contents."""
+    if not isinstance(recorded, Mapping):
+        raise MPOCompressError(f"{source}: the recorded tokenizer is not a mapping of files; the file is damaged")
+    out = {}
+    for name, data in recorded.items():
+        if name not in TOKENIZER_FILES or not isinstance(data, str):
+            raise MPOCompressError(f"{source}: the recorded tokenizer holds an unexpected entry {name!r}; the file is damaged")
+        try:
+            out[name] = base64.b64decode(data, validate=True)
+        except ValueError:
+            raise MPOCompressError(f"{source}: the recorded tokenizer file {name} is not base64; the file is damaged") from None
+    return out
+
+
+def write_files(folder: Path, files: Mapping[str, bytes]) -> None:
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+
+
+def load_tokenizer(files: Mapping[str, bytes], source: str) -> Any:
+    """A transformers tokenizer from its files (written to a temporary folder, removed after)."""
+    if not files:
+        raise MPOCompressError(
+            f"{source} has no tokenizer (no tokenizer.json or vocabulary files); text data needs the model's tokenizer: "
+            "convert from the model's Hugging Face folder with its tokenizer files beside config.json"
+        )
+    transformers = transformers_module("tokenizing text")
+    with tempfile.TemporaryDirectory(prefix="mpocompress-tok-") as tmp:
+        write_files(Path(tmp), files)
+        try:
+            with quiet_transformers():
+                return transformers.AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise MPOCompressError(f"cannot build the tokenizer of {source} ({short_error(e)})") from None
+
+
+def save_pretrained_quietly(model: nn.Module, folder: Path) -> None:
+    """model.save_pretrained(folder) as safetensors, with transformers' messages kept off stderr."""
+    with quiet_transformers(), contextlib.redirect_stdout(_io.StringIO()):
+        model.save_pretrained(str(folder), safe_serialization=True)
+
+
+def hf_offline() -> None:
+    """Make sure nothing transformers does reaches the network (the default for every command)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,0 +1,275 @@
+"""Hugging Face models in and out, on tiny randomly initialised models built from configs (no
+download): a 2-layer BERT with a tokenizer, and a 2-layer GPT-2 (whose projections are Conv1D).
+
+Loading a folder, the default selection of a transformer, the Conv1D converter against the dense
+layer, save/load without an architecture, the three export formats checked against the model, and
+broken folders.
+"""
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import mpocompress
+from mpocompress import CompressionConfig, MPOCompressError, MPOLinear, compress_, load, load_model, save
+from mpocompress.io.export import export_model
+from mpocompress.models.hf import probe_inputs
+from test_cli_train import invoke, run_json
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(100)], "the", "a", "model", "is", "."]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    bert_cfg = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    transformers.BertModel(bert_cfg).eval().save_pretrained(d / "bert")
+    (d / "bert" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(d / "bert" / "vocab.txt")).save_pretrained(d / "bert")
+    gpt_cfg = transformers.GPT2Config(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2Model(gpt_cfg).eval().save_pretrained(d / "gpt2")
+    return d
+
+
+def _out(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def test_a_folder_loads_offline_as_the_class_its_config_names(folders):
+    loaded = load_model(folders / "bert")
+    assert loaded.arch == "hf:BertModel" and loaded.source == "huggingface" and not loaded.model.training
+    ref = transformers.BertModel.from_pretrained(folders / "bert", local_files_only=True).eval()
+    x = probe_inputs(ref)
+    assert torch.equal(_out(loaded.model, x), _out(ref, x))
+    assert set(loaded.model.mpocompress_tokenizer) >= {"tokenizer.json", "vocab.txt"}
+    # --arch hf:CLASS picks another head on the same weights
+    seq = load_model(folders / "bert", arch="hf:AutoModelForSequenceClassification").model
+    assert type(seq).__name__ == "BertForSequenceClassification"
+
+
+def test_default_selection_takes_every_projection_of_the_blocks_alike(folders):
+    bert = load(folders / "bert")
+    rep = compress_(bert, CompressionConfig(bond_dim=4))
+    names = [lr.name for lr in rep.layers]
+    assert len(names) == 12 and all(n.startswith("encoder.layer.") for n in names)  # 6 per block, both blocks
+    assert {n.rsplit(".", 1)[-1] for n in names} >= {"query", "key", "value", "dense"}
+    assert [(s.name, s.reason.split(";")[0]) for s in rep.skipped] == [("pooler.dense", "outside the transformer blocks")]
+    gpt = load(folders / "gpt2")
+    rep = compress_(gpt, CompressionConfig(bond_dim=4))
+    assert sorted(lr.name for lr in rep.layers) == sorted(f"h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert all(isinstance(gpt.get_submodule(lr.name), MPOLinear) for lr in rep.layers)
+
+
+def test_conv1d_becomes_an_mpo_of_its_transposed_weight(folders):
+    """GPT-2's Conv1D computes x @ weight + bias with weight (N_x, N_y): at full bond the MPO layer
+    reproduces it, and the whole model, to float64 rounding."""
+    gpt = load(folders / "gpt2").double()
+    x = probe_inputs(gpt)
+    ref = _out(gpt, x)
+    conv = gpt.h[0].mlp.c_fc
+    rows = torch.randn(5, conv.weight.shape[0], dtype=torch.float64)
+    ref_rows = conv(rows)
+    compress_(gpt, CompressionConfig(bond_dim=10_000, layers=("h.*",)))  # every bond at its cap: exact
+    torch.testing.assert_close(gpt.h[0].mlp.c_fc(rows), ref_rows, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(_out(gpt, x), ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_save_needs_no_arch_and_load_rebuilds_bit_identically(folders, tmp_path, name):
+    model = load(folders / name)
+    compress_(model, CompressionConfig(bond_dim=3))
+    path = save(model, tmp_path / "c.safetensors")  # no arch: inferred, config recorded
+    back = load(path)
+    assert type(back) is type(model)
+    x = probe_inputs(model)
+    assert torch.equal(_out(back, x), _out(model, x))
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (getattr(back, "mpocompress_tokenizer", None) is not None) == (name == "bert")
+
+
+def test_save_asks_for_an_arch_only_when_it_cannot_tell(tmp_path):
+    with pytest.raises(MPOCompressError, match="pass arch="):
+        save(torch.nn.Sequential(torch.nn.Linear(4, 2)), tmp_path / "m.safetensors")
+    model = mpocompress.build_model("lenet5(in_channels=3,image_size=32)")
+    back = load(save(model, tmp_path / "l.safetensors"))  # built-in: the spec it was built with
+    assert back.conv1.in_channels == 3
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def compressed(folders, tmp_path_factory):
+    d = tmp_path_factory.mktemp("compressed")
+    out = {}
+    for name in ("bert", "gpt2"):
+        m = load(folders / name)
+        compress_(m, CompressionConfig(bond_dim=4))
+        out[name] = save(m, d / f"{name}.safetensors")
+    return out
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_export_hf_loads_with_plain_transformers_without_warnings(compressed, tmp_path):
+    model = load(compressed["bert"])
+    rep = export_model(model, tmp_path / "out", "hf", model.mpocompress_arch)
+    assert rep.rel_error <= 1e-4 and rep.params == sum(p.numel() for p in transformers.BertModel(model.config).parameters())
+    handler = _Records()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plain = transformers.AutoModel.from_pretrained(tmp_path / "out").eval()
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert handler.records == [] and [w for w in caught if "weight" in str(w.message).lower()] == []
+    assert type(plain).__name__ == "BertModel" and not any(isinstance(m, MPOLinear) for m in plain.modules())
+    x = probe_inputs(model, batch=3, length=11, seed=1)
+    assert float((_out(plain, x) - _out(model, x)).abs().max()) <= 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok("the model is")["input_ids"][0] == VOCAB.index("[CLS]")
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_export_onnx_takes_the_tokenizer_inputs_and_runs_in_onnxruntime(compressed, tmp_path, name):
+    import onnxruntime as ort
+
+    model = load(compressed[name])
+    rep = export_model(model, tmp_path / "m.onnx", "onnx", model.mpocompress_arch)
+    assert rep.rel_error <= 1e-4 and rep.dynamic
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    expected = ["input_ids", "attention_mask"] + (["token_type_ids"] if name == "bert" else [])
+    assert [i.name for i in session.get_inputs()] == expected
+    x = probe_inputs(model, batch=3, length=11, seed=1)  # other batch and sequence sizes than the probe's
+    got = session.run(None, {k: v.numpy() for k, v in x.items()})[0]
+    assert np.abs(got - _out(model, x).numpy()).max() <= 1e-4  # the first output is the last hidden state
+
+
+def test_export_pt2_keeps_the_mpo_layers_and_free_batch_and_sequence(compressed, tmp_path):
+    model = load(compressed["gpt2"])
+    rep = export_model(model, tmp_path / "m.pt2", "pt2", model.mpocompress_arch)
+    assert rep.rel_error <= 1e-4 and rep.dynamic
+    program = torch.export.load(str(tmp_path / "m.pt2"))
+    n_params = sum(v.numel() for v in program.state_dict.values())
+    assert n_params == sum(p.numel() for p in model.parameters())  # cores, not dense weights
+    x = probe_inputs(model, batch=3, length=11, seed=1)
+    with torch.no_grad():
+        assert float((program.module()(*x.values()) - _out(model, x)).abs().max()) <= 1e-4
+
+
+def test_the_papers_networks_export_too(tmp_path):
+    model = mpocompress.build_model("lenet5")
+    compress_(model, CompressionConfig(bond_dim=4))
+    for fmt in ("onnx", "pt2"):
+        rep = export_model(model.eval(), tmp_path / f"l.{fmt}", fmt, "lenet5", (1, 28, 28))
+        assert rep.rel_error <= 1e-4 and (tmp_path / f"l.{fmt}").is_file()
+    with pytest.raises(MPOCompressError, match="--format onnx or pt2"):
+        export_model(model, tmp_path / "hfout", "hf", "lenet5", (1, 28, 28))
+
+
+def test_an_export_that_disagrees_is_refused_and_leaves_nothing(compressed, tmp_path, monkeypatch):
+    import mpocompress.io.export as export_mod
+
+    monkeypatch.setattr(export_mod, "TOLERANCE", -1.0)  # nothing can pass
+    model = load(compressed["bert"])
+    for fmt, out in [("hf", tmp_path / "out"), ("onnx", tmp_path / "m.onnx"), ("pt2", tmp_path / "m.pt2")]:
+        with pytest.raises(MPOCompressError, match="does not reproduce the model"):
+            export_model(model, out, fmt, model.mpocompress_arch)
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary
+
+
+def test_cli_convert_and_export_a_folder(folders, tmp_path):
+    rep = run_json("convert", folders / "bert", "--bond-dim", "4", "-o", tmp_path / "c.safetensors")
+    assert rep["arch"] == "hf:BertModel" and len(rep["layers"]) == 12
+    assert [s["name"] for s in rep["skipped"]] == ["pooler.dense"]
+    rep = run_json("export", tmp_path / "c.safetensors", "--format", "hf", "-o", tmp_path / "dense")
+    assert rep["rel_error"] <= 1e-4 and (tmp_path / "dense" / "config.json").is_file()
+    r = invoke("export", tmp_path / "c.safetensors", "--format", "hf", "-o", tmp_path / "dense")
+    assert r.exit_code == 2 and "already exists" in r.stderr
+    rep = run_json("export", tmp_path / "c.safetensors", "--format", "onnx", "-o", tmp_path / "c.onnx")
+    assert rep["format"] == "onnx" and rep["probe_shapes"]["input_ids"] == [2, 8]
+    rep = run_json("analyze", folders / "gpt2", "--bond-dim", "4")
+    assert rep["arch"] == "hf:GPT2Model" and len(rep["layers"]) == 8
+
+
+# ----------------------------------------------------------------------------- broken folders
+
+
+def _broken(folders, tmp_path):
+    """Broken copies of the BERT folder, by case."""
+    def copy(name):
+        shutil.copytree(folders / "bert", tmp_path / name)
+        return tmp_path / name
+
+    def edit_config(name, edit):
+        d = copy(name)
+        cfg = json.loads((d / "config.json").read_text())
+        edit(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    (tmp_path / "noconfig").mkdir(parents=True)
+    shutil.copy(folders / "bert" / "model.safetensors", tmp_path / "noconfig")
+    edit_config("unknown", lambda c: c.update(model_type="no-such-model-type"))
+    edit_config("remote", lambda c: c.update(auto_map={"AutoModel": "modeling_evil.EvilModel"}))
+    edit_config("noarch", lambda c: c.pop("architectures"))
+    d = copy("truncated")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    d = copy("noweights")
+    (d / "model.safetensors").unlink()
+    d = copy("badjson")
+    (d / "config.json").write_text("{not json")
+    return tmp_path
+
+
+BROKEN = [
+    ("noconfig", [], "folder without config.json"),
+    ("unknown", [], "no-such-model-type"),
+    ("remote", [], "custom code"),
+    ("noarch", [], "names no architecture"),
+    ("truncated", [], "truncated or damaged"),
+    ("noweights", [], "no weights"),
+    ("badjson", [], "not readable JSON"),
+    ("bert", ["--arch", "hf:NoSuchModelClass"], "no model class"),
+    ("bert", ["--arch", "fc2"], "hf:CLASS"),
+]
+
+
+@pytest.mark.parametrize("case, extra, fragment", BROKEN, ids=[c + (" " + " ".join(e) if e else "") for c, e, _ in BROKEN])
+@pytest.mark.parametrize("command", ["analyze", "convert", "export"])
+def test_broken_folders_are_one_line_errors(folders, tmp_path, case, extra, fragment, command):
+    root = _broken(folders, tmp_path / "in")
+    src = root / case if case != "bert" else folders / "bert"
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    args = {"analyze": [], "convert": ["-D", "4", "-o", tmp_path / "o.safetensors"], "export": ["--format", "pt2", "-o", tmp_path / "o.pt2"]}[command]
+    r = invoke(command, src, *extra, *args)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.stderr
+    assert r.stdout == "" and not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.pt2").exists()
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_without_transformers_a_folder_names_the_extra(folders, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
+    with pytest.raises(MPOCompressError, match=r"pip install -e '\.\[hf\]'"):
+        load_model(folders / "bert")
