@@ -233,7 +233,9 @@ DATA_CASES = [  # finetune, evaluate and train
     ("labels beyond the model's classes", ["--data", "{f}/classes12.npz"], "12 classes"),
     ("negative labels", ["--data", "{f}/negative.npz"], "labels"),
     ("NaN images", ["--data", "{f}/nan_images.npz"], "NaN or Inf"),
-    ("tensors file without y", ["--data", "{f}/no_y.npz"], "needs tensors x and y"),
+    # data without labels: training needs labels; finetune distils (with a teacher); evaluate measures agreement (with a reference)
+    ("tensors file without y", ["--data", "{f}/no_y.npz"],
+     {"train": "needs tensors x and y", "finetune": "add --distill-from", "evaluate": "add --reference"}),
     ("tensors file missing", ["--data", "{f}/none.npz"], "not found"),
 ]
 
@@ -294,14 +296,14 @@ def _table():
     rows += [("convert", "NaN in a layer left dense", ["{f}/nan_dense.pt", "--arch", "fc2", "--layers", "fc1", "-D", "4", *out],
               "tensor fc2.bias holds NaN or Inf")]  # fmt: skip
     for cmd in ("finetune", "evaluate"):
-        rows += [(cmd, i, [*own, *a, *(out if cmd == "finetune" else [])], m) for i, a, m in DATA_CASES]
+        rows += [(cmd, i, [*own, *a, *(out if cmd == "finetune" else [])], m[cmd] if isinstance(m, dict) else m) for i, a, m in DATA_CASES]
     rows += [("finetune", i, [*own, *a], m) for i, a, m in OUTPUT_CASES]
     rows += [("finetune", i, [*own, *a, *out], m) for i, a, m in TRAINING_CASES]
     rows += [("finetune", i, [*own, *a] + (out if "-o" not in a and i != "no output" else []), m) for i, a, m in FINETUNE_ONLY]
     rows += [("evaluate", "--batch-size 0", [*own, "--batch-size", "0"], "at least 1"),
              ("evaluate", "--device unknown", [*own, "--device", "tpu"], "unknown device 'tpu'")]  # fmt: skip
     fc2 = ["--arch", "fc2"]
-    rows += [("train", i, [*fc2, *a, *out], m) for i, a, m in DATA_CASES if "model's classes" not in i]  # train adapts to them
+    rows += [("train", i, [*fc2, *a, *out], m["train"] if isinstance(m, dict) else m) for i, a, m in DATA_CASES if "model's classes" not in i]  # train adapts to them
     rows += [("train", i, [*fc2, *a], m) for i, a, m in OUTPUT_CASES]
     rows += [("train", i, [*fc2, *a, *out], m) for i, a, m in TRAINING_CASES]
     rows += [("train", i, [*a] + (out if i != "no output" else []), m) for i, a, m in TRAIN_ONLY]

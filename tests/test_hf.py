@@ -273,3 +273,122 @@ def test_without_transformers_a_folder_names_the_extra(folders, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
     with pytest.raises(MPOCompressError, match=r"pip install -e '\.\[hf\]'"):
         load_model(folders / "bert")
+
+
+# ----------------------------------------------------------------------------- distillation without labels
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory):
+    """400 'sentences' of the tiny vocabulary (the tokenizer knows every word)."""
+    g = np.random.default_rng(0)
+    words = VOCAB[5:]
+    lines = [" ".join(g.choice(words, size=int(g.integers(4, 20)))) for _ in range(400)]
+    path = tmp_path_factory.mktemp("text") / "s.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _text_sets(model, path):
+    from mpocompress.io.data.unlabelled import load_unlabelled
+    from mpocompress.io.hf import decode_tokenizer_files, load_tokenizer
+
+    tok = load_tokenizer(decode_tokenizer_files(model.mpocompress_tokenizer, "m"), "m")
+    return [load_unlabelled(f"text:{path}", split, tok, 32) for split in ("train", "test")]
+
+
+def test_label_free_distillation_reduces_the_output_error(folders, sentences):
+    from mpocompress.train.distill import DistillConfig, agreement, distill
+
+    teacher = load(folders / "bert")
+    student = load(folders / "bert")
+    compress_(student, CompressionConfig(bond_dim=2))
+    train, test = _text_sets(teacher, sentences)
+    assert (len(train), len(test)) == (320, 80)
+    before = agreement(student, teacher, test)
+    result = distill(student, train, test, DistillConfig(epochs=3, lr=3e-3, batch_size=16), teacher=teacher)
+    after = agreement(student, teacher, test)
+    assert after["output_rel_error"] < 0.5 * before["output_rel_error"]
+    assert after["agreement_cosine"] >= before["agreement_cosine"] and after["top1_agreement"] is None
+    assert result.accuracy == pytest.approx(after["agreement_cosine"]) and result.loss == pytest.approx(after["output_rel_error"])
+    same = agreement(teacher, teacher, test)
+    assert same["agreement_cosine"] == pytest.approx(1.0, abs=1e-6) and same["output_rel_error"] == 0.0
+
+
+def test_distillation_resumes_bit_identically_after_a_stop(folders, sentences):
+    from mpocompress.errors import Interrupted
+    from mpocompress.train.distill import DistillConfig, distill
+
+    teacher = load(folders / "bert")
+    config = DistillConfig(epochs=2, lr=3e-3, batch_size=32)
+
+    def student():
+        m = load(folders / "bert")
+        compress_(m, CompressionConfig(bond_dim=2))
+        return m
+
+    train, test = _text_sets(teacher, sentences)
+    torch.manual_seed(0)
+    full = student()
+    distill(full, train, test, config, teacher=teacher)
+    torch.manual_seed(0)
+    part, states, calls = student(), [], []
+
+    def stop():
+        calls.append(1)
+        return 15 if len(calls) == 13 else 0  # SIGTERM after step 13 of 20, mid-way through epoch 2
+
+    with pytest.raises(Interrupted):
+        distill(part, train, test, config, teacher=teacher, save_state=states.append, should_stop=stop)
+    resumed = student()
+    distill(resumed, train, test, config, teacher=teacher, resume_state=states[-1])
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_cli_finetune_distils_on_text_and_evaluate_measures_agreement(folders, sentences, tmp_path):
+    run_json("convert", folders / "bert", "-D", "2", "-o", tmp_path / "c.safetensors")
+    rep = run_json("finetune", tmp_path / "c.safetensors", "--data", f"text:{sentences}", "--distill-from", folders / "bert",
+                   "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--eval-every", "10", "-o", tmp_path / "ft.safetensors")
+    assert rep["metric"] == "agreement_cosine" and rep["accuracy"] is None and rep["loss_kind"] == "match"
+    assert rep["output_rel_error"] < rep["output_rel_error_before"]
+    assert [c["step"] for c in rep["runs"][0]["curve"]] == [10, 20, 30, 40]
+    assert rep["runs"][0]["curve"][-1]["agreement_cosine"] == pytest.approx(rep["agreement_cosine"])
+    ev = run_json("evaluate", tmp_path / "ft.safetensors", "--data", f"text:{sentences}", "--reference", folders / "bert")
+    assert {"agreement_cosine", "agreement_cosine_min", "output_rel_error", "top1_agreement"} <= set(ev)
+    assert ev["output_rel_error"] == pytest.approx(rep["output_rel_error"], rel=1e-5) and ev["top1_agreement"] is None
+
+
+def test_cli_distils_a_classifier_on_inputs_without_labels(tmp_path):
+    """FC2 on digits: a tensors file with x only; the metric is top-1 agreement with the teacher."""
+    run_json("train", "--arch", "fc2", "--data", "digits", "--epochs", "2", "-o", tmp_path / "fc2.safetensors")
+    run_json("convert", tmp_path / "fc2.safetensors", "-D", "2", "--layers", "fc1", "-o", tmp_path / "c.safetensors")
+    x = mpocompress.io.data.load_dataset("digits", "train").tensors()[0]
+    np.savez(tmp_path / "x.npz", x=x.numpy())
+    rep = run_json("finetune", tmp_path / "c.safetensors", "--data", tmp_path / "x.npz", "--distill-from", tmp_path / "fc2.safetensors",
+                   "--epochs", "3", "--lr", "1e-2", "-o", tmp_path / "ft.safetensors")
+    assert rep["metric"] == "top1_agreement" and rep["top1_agreement"] >= rep["top1_agreement_before"]
+    ev = run_json("evaluate", tmp_path / "ft.safetensors", "--data", "digits", "--reference", tmp_path / "fc2.safetensors")
+    assert ev["accuracy"] is not None and 0 <= ev["top1_agreement"] <= 1
+
+
+@pytest.mark.parametrize(
+    "make, args, fragment",
+    [
+        ("gpt2", ["--data", "text:{text}", "--distill-from", "{gpt2}"], "tokenizer"),
+        ("bert", ["--data", "text:{empty}", "--distill-from", "{bert}"], "0 non-empty lines"),
+        ("bert", ["--data", "text:{text}"], "add --distill-from"),
+        ("bert", ["--data", "text:{text}", "--distill-from", "{bert}", "--loss", "ce"], "has no labels"),
+        ("bert", ["--data", "text:{text}", "--distill-from", "{bert}", "--loss", "mse"], "unknown --loss"),
+        ("bert", ["--data", "text:{text}", "--distill-from", "{bert}", "--max-length", "1"], "--max-length"),
+        ("bert", ["--data", "text:{nofile}", "--distill-from", "{bert}"], "not found"),
+    ],
+)
+def test_broken_text_data_is_a_one_line_error(folders, sentences, tmp_path, make, args, fragment):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    fill = {"text": sentences, "empty": tmp_path / "empty.txt", "nofile": tmp_path / "none.txt", "bert": folders / "bert", "gpt2": folders / "gpt2"}
+    r = invoke("finetune", folders / make, *[a.format(**fill) for a in args], "-o", tmp_path / "o.safetensors")
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], r.stderr
+    assert not (tmp_path / "o.safetensors").exists()

@@ -10,7 +10,9 @@ from rich.table import Table
 from mpocompress.cli import app
 from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, handle_errors, print_json
 from mpocompress.cli.render import make_console
-from mpocompress.cli.training import DATA_DIR_OPT, DATA_OPT, DEVICE_OPT
+from mpocompress.cli.training import DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, load_unlabelled_data
+from mpocompress.io.data.unlabelled import FeatureSet, is_unlabelled
+from mpocompress.train.distill import agreement
 from mpocompress.io.data import load_dataset
 from mpocompress.errors import MPOCompressError
 from mpocompress.io import load_model
@@ -28,39 +30,54 @@ def evaluate(
     data_dir: Path | None = DATA_DIR_OPT,
     batch_size: int = typer.Option(1000, "--batch-size", metavar="B", help="Images per forward pass."),
     device: str = DEVICE_OPT,
+    reference: Path | None = typer.Option(None, "--reference", metavar="ORIGINAL", help="Also measure agreement with this model (usually the uncompressed original): cosine of pooled outputs, relative output error, top-1 agreement for classifiers.", show_default=False),
+    reference_arch: str | None = typer.Option(None, "--reference-arch", metavar="SPEC", help="Architecture of ORIGINAL when it is a state_dict (default: that of MODEL).", show_default=False),
+    max_length: int = typer.Option(128, "--max-length", metavar="N", help="Tokens per sample for text:FILE data."),
+    max_samples: int | None = typer.Option(None, "--max-samples", metavar="N", help="Use at most the first N samples of text:FILE or x-only data (before the 80/20 split; the held-out 20 % is measured).", show_default=False),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Top-1 accuracy and loss on the test split, with the model's parameters and rho."""
+    """Top-1 accuracy and loss on the test split, with the model's parameters and rho; with
+    --reference, agreement with the original (also on data without labels: text:FILE, x-only files)."""
     if batch_size < 1:
         raise MPOCompressError(f"--batch-size must be at least 1, got {batch_size}")
+    if max_samples is not None and max_samples < 2:
+        raise MPOCompressError(f"--max-samples must be at least 2, got {max_samples}")
     dev = resolve_device(device)
     loaded = load_model(model, arch, trust_pickle)
-    test_set = load_dataset(data, "test", data_dir)
-    accuracy, loss = evaluate_model(loaded.model, test_set, dev, batch_size)
+    ref_model = load_model(reference, reference_arch or loaded.arch, trust_pickle).model if reference else None
+    rep: dict = {"model": str(model), "arch": loaded.arch}
+    if is_unlabelled(data):
+        if ref_model is None:
+            raise MPOCompressError(f"{data} has no labels to measure accuracy on; add --reference ORIGINAL to measure agreement")
+        test_set = load_unlabelled_data(data, loaded.model, ref_model, max_length, max_samples)[1]
+        rep.update(data=test_set.name, examples=len(test_set), accuracy=None, loss=None)
+        probe_set = test_set
+    else:
+        images = load_dataset(data, "test", data_dir)
+        accuracy, loss = evaluate_model(loaded.model, images, dev, batch_size)
+        rep.update(data=images.name, examples=len(images), accuracy=accuracy, loss=loss)
+        probe_set = FeatureSet(images.name, "test", images.tensors()[0]) if ref_model is not None else None
+    if ref_model is not None:
+        rep.update(reference=str(reference), **agreement(loaded.model, ref_model, probe_set, dev, batch_size))
     s = summarize(loaded.model)
-    rep = {
-        "model": str(model),
-        "arch": loaded.arch,
-        "data": test_set.name,
-        "examples": len(test_set),
-        "accuracy": accuracy,
-        "loss": loss,
-        "rho": s["rho"],
-        "params_model_after": s["params_model"],
-        "params_model_dense": s["params_model_dense"],
-        "params_mpo": s["params_mpo"],
-        "mpo_layers": s["mpo_layers"],
-    }
+    rep.update(rho=s["rho"], params_model_after=s["params_model"], params_model_dense=s["params_model_dense"],
+               params_mpo=s["params_mpo"], mpo_layers=s["mpo_layers"])  # fmt: skip
     if json_out:
         print_json(rep)
         return
-    t = Table(title=f"{model} on {test_set.name} (test split, {len(test_set):,} images)", title_justify="left",
+    t = Table(title=f"{model} on {rep['data']} (test split, {rep['examples']:,} {'images' if rep['accuracy'] is not None else 'samples'})", title_justify="left",
               show_header=False, box=None, pad_edge=False)  # fmt: skip
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("test accuracy", f"{accuracy:.2%}")
-    t.add_row("test loss", f"{loss:.4f}")
+    if rep["accuracy"] is not None:
+        t.add_row("test accuracy", f"{rep['accuracy']:.2%}")
+        t.add_row("test loss", f"{rep['loss']:.4f}")
+    if ref_model is not None:
+        t.add_row("agreement: mean cosine", f"{rep['agreement_cosine']:.4f} (min {rep['agreement_cosine_min']:.4f})")
+        t.add_row("relative output error", f"{rep['output_rel_error']:.4f}")
+        if rep["top1_agreement"] is not None:
+            t.add_row("top-1 agreement", f"{rep['top1_agreement']:.2%}")
     t.add_row("parameters", f"{s['params_model']:,} (dense equivalent {s['params_model_dense']:,})")
     t.add_row("rho (MPO layers)", f"{s['rho']:.4g}")
     t.add_row("MPO layers", ", ".join(f"{m['name']} {m['notation']}" for m in s["mpo_layers"]) or "none")

@@ -7,19 +7,21 @@ from pathlib import Path
 import typer
 
 from mpocompress.cli import app
-from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, handle_errors, print_json
+from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, fail, handle_errors, print_json
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
     AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, MOMENTUM_OPT, RESUME_OPT,
-    RUNS_OPT, SCHEDULE_OPT, SEED_OPT, WARMUP_OPT, WD_OPT, Job, check_outputs, load_data, output_option, render,
-    report, run_all,
+    RUNS_OPT, SEED_OPT, Job, check_outputs, load_data, load_unlabelled_data, output_option, render, report, run_all,
 )  # fmt: skip
 from mpocompress.io import load_model
+from mpocompress.io.data.unlabelled import is_unlabelled
+from mpocompress.train.distill import DistillConfig, agreement, distill, metric_name
 from mpocompress.train import (
     FINETUNE_DEFAULTS, TrainConfig, dist_env, evaluate, freeze_, init_distributed, prepare_finetune_, resolve_device,
 )  # fmt: skip
 
 _D = FINETUNE_DEFAULTS
+_DD = DistillConfig()
 
 
 @app.command()
@@ -38,11 +40,16 @@ def finetune(
     freeze: list[str] = typer.Option([], "--freeze", metavar="central|dense", help="Train only part of the model: 'central' freezes the central core of every MPO, 'dense' every layer that is not an MPO (repeatable).", show_default=False),
     epochs: int = typer.Option(_D.epochs, "--epochs", metavar="N", help=EPOCHS_HELP),
     batch_size: int = BATCH_OPT,
-    lr: float = typer.Option(_D.lr, "--lr", metavar="LR", help="Peak learning rate of SGD."),
+    lr: float | None = typer.Option(None, "--lr", metavar="LR", help=f"Peak learning rate (default: {_D.lr:g} for SGD on labels, {_DD.lr:g} for AdamW when distilling without labels).", show_default=False),
     momentum: float = MOMENTUM_OPT,
-    weight_decay: float = WD_OPT,
-    schedule: str = SCHEDULE_OPT,
-    warmup: float = typer.Option(_D.warmup_epochs, "--warmup", metavar="EPOCHS", help=WARMUP_OPT.help),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", metavar="L", help=f"L2 coefficient lambda of Eq. 7 for SGD (default {_D.weight_decay:g}); AdamW's decoupled decay when distilling (default {_DD.weight_decay:g}).", show_default=False),
+    schedule: str | None = typer.Option(None, "--schedule", metavar="NAME", help="Learning rate over the run: cosine|step|constant for SGD (default cosine), linear|cosine|constant for AdamW (default linear).", show_default=False),
+    warmup: float | None = typer.Option(None, "--warmup", metavar="EPOCHS", help=f"Linear learning-rate warm-up, in epochs (default: {_D.warmup_epochs:g} for SGD, {_DD.warmup:g} of the run when distilling).", show_default=False),
+    loss: str = typer.Option("auto", "--loss", metavar="auto|ce|kd|match", help="ce: cross-entropy on labels (plus soft targets with --distill-from); kd: soft targets only; match: reproduce the teacher's outputs (an encoder's hidden states and pooled embedding, a classifier's logits). auto: ce for labelled data, match without labels."),
+    max_length: int = typer.Option(128, "--max-length", metavar="N", help="Tokens per sample for text:FILE data (longer samples are cut)."),
+    max_samples: int | None = typer.Option(None, "--max-samples", metavar="N", help="Use at most the first N samples of text:FILE or x-only data (before the 80/20 split).", show_default=False),
+    match_blocks: float = typer.Option(_DD.layer_weight, "--match-blocks", metavar="W", help="When matching an encoder, also match every block's output with this weight."),
+    eval_every: int = typer.Option(0, "--eval-every", metavar="STEPS", help="When distilling, also measure the held-out agreement every this many steps (a learning curve in the JSON's runs)."),
     balance: bool = typer.Option(True, "--balance/--no-balance", help="Before training, spread each bond's singular values evenly over the two cores it joins (a canonical gauge: the same matrix, better-conditioned gradients)."),
     seed: int = SEED_OPT,
     runs: int = RUNS_OPT,
@@ -57,9 +64,30 @@ def finetune(
     Reports the test accuracy before and after, rho, and the number of trainable parameters.
     The input file is never modified.
     """
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         schedule=schedule, warmup_epochs=warmup, seed=seed, distill_alpha=distill_alpha,
-                         distill_temperature=distill_temperature)  # fmt: skip
+    if loss not in ("auto", "ce", "kd", "match"):
+        fail(f"unknown --loss {loss!r}; choose auto, ce, kd or match")
+    unlabelled = is_unlabelled(data)
+    distilling = unlabelled or loss in ("kd", "match")
+    if distilling and distill_from is None:
+        fail(f"{'data without labels' if unlabelled else '--loss ' + loss} trains the model to reproduce a teacher: add --distill-from ORIGINAL")
+    if unlabelled and loss == "ce":
+        fail(f"{data} has no labels for cross-entropy; use --loss match (or kd) with --distill-from ORIGINAL")
+    if max_samples is not None and max_samples < 2:
+        fail(f"--max-samples must be at least 2, got {max_samples}")
+    if eval_every < 0:
+        fail(f"--eval-every must be >= 0, got {eval_every}")
+    if distilling:
+        config: TrainConfig | DistillConfig = DistillConfig(
+            epochs=epochs, batch_size=batch_size, lr=_DD.lr if lr is None else lr,
+            weight_decay=_DD.weight_decay if weight_decay is None else weight_decay,
+            warmup=_DD.warmup if warmup is None else warmup / epochs, schedule=schedule or _DD.schedule, seed=seed,
+            loss="kd" if loss == "kd" else "match", layer_weight=match_blocks, temperature=distill_temperature,
+        )  # fmt: skip
+    else:
+        config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=_D.lr if lr is None else lr, momentum=momentum,
+                             weight_decay=_D.weight_decay if weight_decay is None else weight_decay,
+                             schedule=schedule or _D.schedule, warmup_epochs=_D.warmup_epochs if warmup is None else warmup,
+                             seed=seed, distill_alpha=distill_alpha, distill_temperature=distill_temperature)  # fmt: skip
     env = dist_env()
     dev = resolve_device(device, env)
     inputs = (model,) + ((distill_from,) if distill_from else ())
@@ -68,8 +96,6 @@ def finetune(
     teacher = None
     if distill_from is not None:
         teacher = load_model(distill_from, teacher_arch or loaded.arch, trust_pickle).model
-    train_set, test_set = load_data(data, data_dir, augment)
-    accuracy_before, loss_before = evaluate(loaded.model, test_set, dev)
     parts = tuple(dict.fromkeys(freeze))
     freeze_(loaded.model.cpu(), parts)  # validates --freeze now
 
@@ -79,15 +105,28 @@ def finetune(
             prepare_finetune_(m)
         return m, loaded.arch, freeze_(m, parts)
 
-    job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env,
-              describe={"data": train_set.name, "model": str(model), "freeze": list(parts), "balance": balance,
-                        "distill_from": str(distill_from) if distill_from else None}, teacher=teacher)  # fmt: skip
+    describe = {"model": str(model), "freeze": list(parts), "balance": balance,
+                "distill_from": str(distill_from) if distill_from else None}  # fmt: skip
+    if distilling:
+        train_set, test_set = load_unlabelled_data(data, loaded.model, teacher, max_length, max_samples)
+        metric = metric_name(teacher, test_set)
+        before = agreement(loaded.model, teacher, test_set, dev)
+        extra = {f"{metric}_before": before["top1_agreement"] if metric == "top1_agreement" else before["agreement_cosine"],
+                 "output_rel_error_before": before["output_rel_error"], "loss_kind": config.loss}  # fmt: skip
+        job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env,
+                  describe={**describe, "data": data, "max_length": max_length, "max_samples": max_samples},
+                  teacher=teacher, trainer=distill, metric=metric, eval_every=eval_every)  # fmt: skip
+    else:
+        train_set, test_set = load_data(data, data_dir, augment)
+        accuracy_before, loss_before = evaluate(loaded.model, test_set, dev)
+        extra = {"accuracy_before": accuracy_before, "loss_before": loss_before}
+        job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env,
+                  describe={"data": train_set.name, **describe}, teacher=teacher)  # fmt: skip
     init_distributed(dev, env)
     outcomes = run_all(job, make_err_console())
     if not env.is_main:
         return
-    rep = report(job, outcomes, {"model": str(model), "arch": loaded.arch, "data": train_set.name,
-                                 "accuracy_before": accuracy_before, "loss_before": loss_before,
+    rep = report(job, outcomes, {"model": str(model), "arch": loaded.arch, "data": train_set.name, **extra,
                                  "params_model_before": sum(p.numel() for p in loaded.model.parameters()),
                                  "distill_from": str(distill_from) if distill_from else None, "freeze": list(parts),
                                  "device": str(dev), "world_size": env.world_size})  # fmt: skip

@@ -17,13 +17,15 @@ from rich.table import Table
 from torch import nn
 
 from mpocompress.io.data import ImageSet, load_dataset
+from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, load_unlabelled, read_lines
+from mpocompress.io.hf import decode_tokenizer_files, load_tokenizer
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io import (
     check_output_path, checkpoint_path_for, load_train_state, mpo_layer_specs, save, save_train_state,
 )  # fmt: skip
 from mpocompress.compress import summarize
 from mpocompress.train import (
-    DistEnv, EpochStats, FitResult, StopOnSignal, TrainConfig, count_params, fit, mean_std,
+    DistEnv, EpochStats, FitResult, StopOnSignal, count_params, fit, mean_std,
 )  # fmt: skip
 
 # ----------------------------------------------------------------------------- shared options
@@ -52,6 +54,24 @@ def load_data(data: str, data_dir: Path | None, augment: bool | None) -> tuple[I
     return load_dataset(data, "train", data_dir, augment), load_dataset(data, "test", data_dir, augment)
 
 
+def load_unlabelled_data(
+    data: str, model: nn.Module, teacher: nn.Module | None, max_length: int, max_samples: int | None
+) -> tuple[TokenSet | FeatureSet, TokenSet | FeatureSet]:
+    """The train and held-out splits of text:FILE (tokenized with the model's tokenizer, else the
+    teacher's) or of a tensors file holding x only."""
+    tokenizer = None
+    if data.startswith(TEXT_PREFIX):
+        read_lines(Path(data[len(TEXT_PREFIX) :]), max_samples)  # a missing or empty file is named first
+        files = getattr(model, "mpocompress_tokenizer", None) or getattr(teacher, "mpocompress_tokenizer", None)
+        if not files:
+            raise MPOCompressError(
+                "text data needs the model's tokenizer, and neither the model nor the teacher records one; convert "
+                "from a Hugging Face folder that has its tokenizer files (tokenizer.json or vocab files) beside config.json"
+            )
+        tokenizer = load_tokenizer(decode_tokenizer_files(files, "the model"), "the model")
+    return tuple(load_unlabelled(data, split, tokenizer, max_length, 0, max_samples) for split in ("train", "test"))  # type: ignore[return-value]
+
+
 def run_output(out: Path, run: int) -> Path:
     """OUT for run 1, OUT's stem + .runI + suffix for the others."""
     return out if run == 0 else out.with_name(f"{out.stem}.run{run + 1}{out.suffix}")
@@ -67,6 +87,7 @@ class RunOutcome:
     output: Path | None
     summary: dict[str, Any]
     trainable: int
+    curve: list[dict[str, float]] = field(default_factory=list)  # (step, metric, loss) every job.eval_every steps
 
 
 @dataclass
@@ -75,9 +96,9 @@ class Job:
 
     command: str  # "train" or "finetune"
     make_model: Callable[[int], tuple[nn.Module, str | None, int]]  # seed -> (model, arch, trainable params)
-    train_set: ImageSet
-    test_set: ImageSet
-    config: TrainConfig
+    train_set: ImageSet | TokenSet | FeatureSet
+    test_set: ImageSet | TokenSet | FeatureSet
+    config: Any  # TrainConfig, or DistillConfig for distillation
     runs: int
     output: Path | None  # checked beforehand by check_outputs
     resume: bool
@@ -85,6 +106,9 @@ class Job:
     env: DistEnv
     describe: dict[str, Any] = field(default_factory=dict)  # what must match for --resume (data, arch, ...)
     teacher: nn.Module | None = None
+    trainer: Callable[..., FitResult] | None = None  # None: fit (labels); or train.distill.distill (matching the teacher)
+    metric: str = "accuracy"  # what the result's accuracy measures: accuracy, agreement_cosine or top1_agreement
+    eval_every: int = 0  # distillation: also measure the agreement every this many steps (the curve)
 
 
 def check_outputs(
@@ -131,16 +155,25 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
                             stats=f"loss {loss:.4f}  acc {acc:.2%}")  # fmt: skip
 
         def on_epoch(s: EpochStats) -> None:
-            progress.console.print(
-                f"{label} epoch {s.epoch}/{config.epochs}: train loss {s.train_loss:.4f} acc {s.train_accuracy:.2%} | "
-                f"test loss {s.test_loss:.4f} acc {s.test_accuracy:.2%} | lr {s.lr:.3g} | {s.time_s:.1f} s",
-                highlight=False,
-            )
+            if job.metric == "accuracy":
+                text = (f"train loss {s.train_loss:.4f} acc {s.train_accuracy:.2%} | test loss {s.test_loss:.4f} "
+                        f"acc {s.test_accuracy:.2%}")  # fmt: skip
+            else:
+                text = f"train loss {s.train_loss:.4f} | held-out {job.metric} {s.test_accuracy:.4f}, output error {s.test_loss:.4f}"
+            progress.console.print(f"{label} epoch {s.epoch}/{config.epochs}: {text} | lr {s.lr:.3g} | {s.time_s:.1f} s", highlight=False)
 
+        curve: list[dict[str, float]] = []
+
+        def on_eval(step: int, metric: float, loss: float) -> None:
+            curve.append({"step": step, job.metric: metric, "output_rel_error": loss})
+            progress.console.print(f"{label} step {step}: {job.metric} {metric:.4f}, output error {loss:.4f}", highlight=False)
+
+        extra = {"eval_every": job.eval_every, "on_eval": on_eval} if job.eval_every else {}
         try:
-            result = fit(model, job.train_set, job.test_set, config, teacher=job.teacher, device=job.device,
-                         resume_state=resume_state, save_state=save_state, on_batch=on_batch, on_epoch=on_epoch,
-                         env=job.env, should_stop=stop)  # fmt: skip
+            trainer = job.trainer or fit
+            result = trainer(model, job.train_set, job.test_set, config, teacher=job.teacher, device=job.device,
+                                 resume_state=resume_state, save_state=save_state, on_batch=on_batch, on_epoch=on_epoch,
+                                 env=job.env, should_stop=stop, **extra)  # fmt: skip
         except Interrupted as e:
             where = f"{ckpt} holds the run" if ckpt is not None and ckpt.exists() else "nothing was saved"
             raise Interrupted(f"{e} ({label}); {where}; rerun the same command with --resume to continue", e.signum) from None
@@ -156,7 +189,7 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
     if stop() and r + 1 < job.runs:
         raise Interrupted(f"interrupted after run {r + 1}/{job.runs}: {out} is complete; rerun the same command "
                           "with --resume for the remaining runs", stop())  # fmt: skip
-    return RunOutcome(seed, result, out, summarize(model), trainable)
+    return RunOutcome(seed, result, out, summarize(model), trainable, curve)
 
 
 def _resume_state(ckpt: Path, identity: dict[str, Any], first: bool) -> dict[str, Any] | None:
@@ -194,12 +227,15 @@ def report(job: Job, outcomes: list[RunOutcome], extra: dict[str, Any]) -> dict[
     acc, std = mean_std(accs)
     loss, _ = mean_std([o.result.loss for o in outcomes])
     s = outcomes[0].summary
+    if job.metric == "accuracy":
+        measured = {"accuracy": acc, "accuracy_std": std, "loss": loss}
+    else:  # distillation without labels: agreement with the teacher on the held-out split
+        measured = {"accuracy": None, "accuracy_std": None, "metric": job.metric, job.metric: acc,
+                    f"{job.metric}_std": std, "output_rel_error": loss}  # fmt: skip
     return {
         "command": job.command,
         **extra,
-        "accuracy": acc,
-        "accuracy_std": std,
-        "loss": loss,
+        **measured,
         "rho": s["rho"],
         "params_model_after": s["params_model"],
         "params_model_dense": s["params_model_dense"],
@@ -212,8 +248,10 @@ def report(job: Job, outcomes: list[RunOutcome], extra: dict[str, Any]) -> dict[
         "mpo_layers": s["mpo_layers"],
         "config": job.config.to_dict(),
         "runs": [
-            {"seed": o.seed, "output": str(o.output) if o.output else None, **o.result.to_dict()} for o in outcomes
-        ],
+            {"seed": o.seed, "output": str(o.output) if o.output else None, **o.result.to_dict(),
+             **({"curve": o.curve} if job.eval_every else {})}
+            for o in outcomes
+        ],  # fmt: skip
     }
 
 
@@ -221,15 +259,21 @@ def render(console: Console, rep: dict[str, Any]) -> None:
     t = Table(title=f"mpocompress {rep['command']}", title_justify="left", show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
-    acc = f"{rep['accuracy']:.2%}"
-    if rep["accuracy_std"] is not None:
-        acc += f" +- {rep['accuracy_std']:.2%} over {rep['n_runs']} runs"
     rows = []
-    if "accuracy_before" in rep:
-        rows.append(("test accuracy before", f"{rep['accuracy_before']:.2%}"))
+    metric = rep.get("metric", "accuracy")
+    if metric == "accuracy":
+        acc = f"{rep['accuracy']:.2%}"
+        if rep["accuracy_std"] is not None:
+            acc += f" +- {rep['accuracy_std']:.2%} over {rep['n_runs']} runs"
+        if "accuracy_before" in rep:
+            rows.append(("test accuracy before", f"{rep['accuracy_before']:.2%}"))
+        rows += [("test accuracy", acc), ("test loss", f"{rep['loss']:.4f}")]
+    else:
+        value = f"{rep[metric]:.4f}" + (f" +- {rep[metric + '_std']:.4f} over {rep['n_runs']} runs" if rep[metric + "_std"] is not None else "")
+        if f"{metric}_before" in rep:
+            rows.append((f"held-out {metric} before", f"{rep[metric + '_before']:.4f}"))
+        rows += [(f"held-out {metric}", value), ("held-out output error", f"{rep['output_rel_error']:.4f}")]
     rows += [
-        ("test accuracy", acc),
-        ("test loss", f"{rep['loss']:.4f}"),
         ("parameters", f"{rep['params_model_after']:,} (dense equivalent {rep['params_model_dense']:,})"),
         ("trainable parameters", f"{rep['trainable_params']:,}"),
         ("rho (MPO layers)", f"{rep['rho']:.4g}"),

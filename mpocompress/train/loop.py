@@ -50,9 +50,13 @@ class FitResult:
         return {**{k: v for k, v in asdict(self).items() if k != "history"}, "history": [asdict(h) for h in self.history]}
 
 
+Objective = Callable[[nn.Module, int, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor, int]]
+"""(net, epoch, batch number, indices) -> (loss, the batch's metric sum, examples): what a step minimises."""
+
+
 @dataclass
 class _Sums:
-    """The running loss and accuracy of the epoch in progress."""
+    """The running loss and metric (correct predictions, or summed agreement) of the epoch in progress."""
 
     loss_sum: torch.Tensor
     correct: torch.Tensor
@@ -66,24 +70,32 @@ class _Sums:
 
 
 @dataclass
-class _Loop:
-    """The fixed parts of one `fit` call and the steps of its epochs."""
+class Loop:
+    """The fixed parts of one training run and the steps of its epochs: `fit` (classification) and
+    `train.distill.distill` (matching a teacher) differ only in the objective, optimizer, learning
+    rate and evaluation they give it."""
 
     model: nn.Module
     net: nn.Module  # the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
-    train_set: ImageSet
-    config: TrainConfig
-    teacher: nn.Module | None
+    train_set: Any  # len() and batches by index: an ImageSet, a TokenSet, ...
+    objective: Objective
+    lr_fn: Callable[[int], float]  # learning rate at optimizer step k
+    epochs: int
+    seed: int
     device: torch.device
     env: DistEnv
     local_batch: int
-    steps_per_epoch: int
     history: list[EpochStats]
     save_state: StateCallback | None
     on_batch: BatchCallback | None
     should_stop: Callable[[], int] | None
     step: int = 0
+    metric_dtype: torch.dtype = torch.int64
+    train_mode: bool = True  # False: dropout off and batch-norm statistics frozen while training (distillation)
+    eval_every: int = 0  # also evaluate every this many optimizer steps (0: after each epoch only)
+    on_eval: Callable[[int, float, float], None] | None = None  # (step, metric, loss) of those evaluations
+    evaluate_fn: Callable[[], tuple[float, float]] | None = None
 
     def stop_requested(self) -> int:
         if self.should_stop is None:
@@ -99,61 +111,87 @@ class _Loop:
         if not math.isfinite(avg):
             raise MPOCompressError(
                 f"the training loss became {avg} in epoch {epoch + 1} (step {batch}); lower --lr "
-                f"(now {self.config.lr:g}) or check the data; the last good checkpoint was kept"
+                f"(now {self.lr_fn(self.step):g} at this step) or check the data; the last good checkpoint was kept"
             )
 
     def train_step(self, epoch: int, i: int, idx: torch.Tensor, sums: _Sums) -> float:
         """One optimizer step on batch i of the epoch; returns its learning rate."""
-        config = self.config
-        lr = lr_at(config, self.step, self.steps_per_epoch)
+        lr = self.lr_fn(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        gen = torch.Generator().manual_seed(_mix(config.seed, epoch, self.env.rank, i)) if self.train_set.augment else None
-        x, y = self.train_set.batch(idx, self.device, gen)
-        logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_logits = self.teacher(x)
-            a = config.distill_alpha
-            loss = (1 - a) * loss + a * distillation_loss(logits, t_logits, config.distill_temperature)
+        loss, metric, n = self.objective(self.net, epoch, i, idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.step += 1
-        sums.loss_sum += loss.detach() * len(y)
-        sums.correct += (logits.detach().argmax(1) == y).sum()
-        sums.seen += len(y)
+        sums.loss_sum += loss.detach() * n
+        sums.correct += metric
+        sums.seen += n
         return lr
 
     def train_epoch(self, epoch: int, skip: int, partial: Mapping[str, Any] | None, lr: float) -> tuple[_Sums, float]:
         """The epoch's steps after the first `skip` (done before an interruption, with their sums
         `partial`); a stop request saves the state and raises `Interrupted`."""
-        self.net.train()
+        self.net.train(self.train_mode)
         env = self.env
-        batches = batch_indices(len(self.train_set), self.local_batch, True, self.config.seed, epoch, env.rank, env.world_size)
-        sums = _Sums(torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=torch.int64))
+        batches = batch_indices(len(self.train_set), self.local_batch, True, self.seed, epoch, env.rank, env.world_size)
+        sums = _Sums(torch.zeros((), device=self.device), torch.zeros((), device=self.device, dtype=self.metric_dtype))
         if skip:  # resuming mid-epoch: the epoch's first `skip` batches are done, their sums restored
             sums = _Sums(partial["loss_sum"].to(self.device), partial["correct"].to(self.device), int(partial["seen"]))
         for i, idx in enumerate(batches):
             if i < skip:
                 continue
             lr = self.train_step(epoch, i, idx, sums)
+            if self.eval_every and self.step % self.eval_every == 0 and self.evaluate_fn is not None:
+                metric, loss = self.evaluate_fn()
+                self.net.train(self.train_mode)
+                if self.on_eval is not None and env.is_main:
+                    self.on_eval(self.step, metric, loss)
             if (i + 1) % 20 == 0 or i + 1 == len(batches):
                 avg = sums.average()
                 self.check_loss(avg, epoch, i + 1)
                 if self.on_batch is not None and env.is_main:
-                    self.on_batch(epoch + 1, i + 1, len(batches), avg, int(sums.correct) / sums.seen)
+                    self.on_batch(epoch + 1, i + 1, len(batches), avg, float(sums.correct) / sums.seen)
             signum = self.stop_requested()
             if signum:
                 self.check_loss(sums.average(), epoch, i + 1)  # never replace a good checkpoint by a diverged one
                 if self.save_state is not None and env.is_main:
                     self.save_state(snapshot_state(self.model, self.optimizer, epoch, self.history, i + 1, sums.partial()))
                 raise Interrupted(
-                    f"interrupted by {signal_name(signum)} in epoch {epoch + 1}/{self.config.epochs} "
+                    f"interrupted by {signal_name(signum)} in epoch {epoch + 1}/{self.epochs} "
                     f"after batch {i + 1}/{len(batches)}", signum,
                 )  # fmt: skip
         return sums, lr
+
+    def run(
+        self, start_epoch: int, skip: int, partial: Mapping[str, Any] | None,
+        evaluate_fn: Callable[[], tuple[float, float]], on_epoch: EpochCallback | None,
+    ) -> FitResult:  # fmt: skip
+        """The epochs from `start_epoch` on (the first resumed after `skip` batches), each followed by
+        `evaluate_fn()` -> (metric, loss) on the held-out split, a saved state and `on_epoch`."""
+        t_start = time.perf_counter()
+        self.evaluate_fn = evaluate_fn
+        lr = self.lr_fn(max(self.step - 1, 0))
+        for epoch in range(start_epoch, self.epochs):
+            t0 = time.perf_counter()
+            sums, lr = self.train_epoch(epoch, skip, partial, lr)
+            skip = 0
+            test_metric, test_loss = evaluate_fn()
+            stats = EpochStats(epoch + 1, float(sums.loss_sum) / max(sums.seen, 1), float(sums.correct) / max(sums.seen, 1),
+                               test_loss, test_metric, lr, time.perf_counter() - t0)  # fmt: skip
+            self.history.append(stats)
+            if self.save_state is not None and self.env.is_main:
+                self.save_state(snapshot_state(self.model, self.optimizer, epoch + 1, self.history))
+            if on_epoch is not None and self.env.is_main:
+                on_epoch(stats)
+            signum = self.stop_requested() if epoch + 1 < self.epochs else 0
+            if signum:
+                raise Interrupted(f"interrupted by {signal_name(signum)} after epoch {epoch + 1}/{self.epochs}", signum)
+        if self.history:
+            metric, loss = self.history[-1].test_accuracy, self.history[-1].test_loss
+        else:
+            metric, loss = evaluate_fn()
+        return FitResult(metric, loss, len(self.history), time.perf_counter() - t_start, self.history)
 
 
 def fit(
@@ -191,60 +229,63 @@ def fit(
     device = torch.device(device)
     model.to(device)
     if teacher is not None:
-        _freeze_teacher(teacher, device)
-    local_batch = _local_batch(config, env)
+        freeze_teacher(teacher, device)
+    local_batch = local_batch_size(config.batch_size, env)
     optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / env.world_size) / local_batch)
     start_epoch, skip, partial, history = 0, 0, None, []
     if resume_state is not None:
         start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device)
-    net: nn.Module = model
-    if env.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = wrap_distributed(model, env, device)
     if start_epoch == 0 and skip == 0:  # a clear error now if the model does not fit the data, not a traceback later
         with torch.no_grad():
             forward_checked(model.eval(), train_set.batch(torch.arange(min(2, len(train_set))), device)[0], train_set)
-
-    loop = _Loop(model, net, optimizer, train_set, config, teacher, device, env, local_batch, steps_per_epoch,
-                 history, save_state, on_batch, should_stop, step=start_epoch * steps_per_epoch + skip)  # fmt: skip
-    t_start = time.perf_counter()
-    lr = lr_at(config, max(loop.step - 1, 0), steps_per_epoch)
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        sums, lr = loop.train_epoch(epoch, skip, partial, lr)
-        skip = 0
-        test_acc, test_loss = evaluate(model, test_set, device, config.eval_batch_size)
-        stats = EpochStats(epoch + 1, float(sums.loss_sum) / max(sums.seen, 1), int(sums.correct) / max(sums.seen, 1),
-                           test_loss, test_acc, lr, time.perf_counter() - t0)  # fmt: skip
-        history.append(stats)
-        if save_state is not None and env.is_main:
-            save_state(snapshot_state(model, optimizer, epoch + 1, history))
-        if on_epoch is not None and env.is_main:
-            on_epoch(stats)
-        signum = loop.stop_requested() if epoch + 1 < config.epochs else 0
-        if signum:
-            raise Interrupted(f"interrupted by {signal_name(signum)} after epoch {epoch + 1}/{config.epochs}", signum)
-    if history:
-        acc, loss = history[-1].test_accuracy, history[-1].test_loss
-    else:
-        acc, loss = evaluate(model, test_set, device, config.eval_batch_size)
-    return FitResult(acc, loss, len(history), time.perf_counter() - t_start, history)
+    loop = Loop(model, net, optimizer, train_set, _cross_entropy(train_set, teacher, config, device, env.rank),
+                lambda k: lr_at(config, k, steps_per_epoch), config.epochs, config.seed, device, env, local_batch,
+                history, save_state, on_batch, should_stop, step=start_epoch * steps_per_epoch + skip)  # fmt: skip
+    return loop.run(start_epoch, skip, partial, lambda: evaluate(model, test_set, device, config.eval_batch_size), on_epoch)
 
 
-def _freeze_teacher(teacher: nn.Module, device: torch.device) -> None:
+def _cross_entropy(train_set: ImageSet, teacher: nn.Module | None, config: TrainConfig, device: torch.device, rank: int) -> Objective:
+    """Eq. 7's data term: cross-entropy on the labels, blended with Hinton's soft targets when a
+    teacher is given; the metric is the number of correct predictions."""
+
+    def objective(net: nn.Module, epoch: int, i: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        gen = torch.Generator().manual_seed(_mix(config.seed, epoch, rank, i)) if train_set.augment else None
+        x, y = train_set.batch(idx, device, gen)
+        logits = net(x)
+        loss = F.cross_entropy(logits, y)
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            a = config.distill_alpha
+            loss = (1 - a) * loss + a * distillation_loss(logits, t_logits, config.distill_temperature)
+        return loss, (logits.detach().argmax(1) == y).sum(), len(y)
+
+    return objective
+
+
+def wrap_distributed(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
+    """The model in DistributedDataParallel when several processes train it, else itself."""
+    if env.distributed:
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def freeze_teacher(teacher: nn.Module, device: torch.device) -> None:
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
 
 
-def _local_batch(config: TrainConfig, env: DistEnv) -> int:
+def local_batch_size(batch_size: int, env: DistEnv) -> int:
     """Each process's share of the global batch."""
-    if config.batch_size % env.world_size:
+    if batch_size % env.world_size:
         raise MPOCompressError(
-            f"batch size {config.batch_size} does not split evenly over {env.world_size} processes; "
+            f"batch size {batch_size} does not split evenly over {env.world_size} processes; "
             f"use a multiple of {env.world_size}"
         )
-    return config.batch_size // env.world_size
+    return batch_size // env.world_size
 
 
 def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

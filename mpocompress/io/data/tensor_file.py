@@ -18,7 +18,7 @@ TENSOR_FILE_SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 # --------------------------------------------------------------------------- tensors file
 
 
-def _read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise MPOCompressError(f"dataset file {path} not found; give a .pt, .npz or .safetensors file holding x and y")
     suffix = path.suffix.lower()
@@ -49,7 +49,7 @@ def _as_images(x: torch.Tensor, source: str) -> torch.Tensor:
 
 
 def tensor_file_set(path: Path, split: str, seed: int) -> ImageSet:
-    t = _read_tensor_file(path)
+    t = read_tensor_file(path)
     if "x_train" in t or "x_test" in t:
         if not all(k in t for k in ("x_train", "y_train", "x_test", "y_test")):
             raise MPOCompressError(f"dataset file {path} must hold x_train, y_train, x_test and y_test together")

@@ -1,0 +1,119 @@
+"""Data without labels, for distillation and agreement: text (one sample per line, tokenized with
+the model's tokenizer) and tensors files holding inputs `x` only.
+
+Both serve batches as keyword arguments of the model: a `TokenSet` gives input_ids, attention_mask
+(and token_type_ids), trimmed to the longest sequence of the batch; a `FeatureSet` gives {"x": ...},
+which is passed positionally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.io.data.images import seeded_split
+from mpocompress.io.data.tensor_file import read_tensor_file
+from mpocompress.tensors import all_finite
+
+TEXT_PREFIX = "text:"
+MAX_TEXT_BYTES = 1 << 30
+
+
+@dataclass
+class TokenSet:
+    """Tokenized text, padded to the longest sample (at most max_length tokens)."""
+
+    name: str
+    split: str
+    inputs: dict[str, torch.Tensor]  # (N, L) each: input_ids, attention_mask, token_type_ids
+    augment: bool = False
+
+    def __len__(self) -> int:
+        return int(self.inputs["input_ids"].shape[0])
+
+    def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu", generator: Any = None) -> dict[str, torch.Tensor]:
+        mask = self.inputs["attention_mask"][idx]
+        longest = max(int(mask.sum(1).max()), 1)
+        return {k: v[idx, :longest].to(device) for k, v in self.inputs.items()}
+
+
+@dataclass
+class FeatureSet:
+    """Inputs without labels, (N, ...) as the model takes them."""
+
+    name: str
+    split: str
+    x: torch.Tensor
+    augment: bool = False
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def batch(self, idx: torch.Tensor, device: torch.device | str = "cpu", generator: Any = None) -> dict[str, torch.Tensor]:
+        x = self.x[idx].to(device)
+        return {"x": x.float() / 255.0 if x.dtype == torch.uint8 else x.float()}
+
+
+def is_unlabelled(spec: str) -> bool:
+    """Whether a --data value names data without labels: text:FILE, or a tensors file without y."""
+    if spec.startswith(TEXT_PREFIX):
+        return True
+    path = Path(spec)
+    if path.suffix.lower() in (".pt", ".pth", ".npz", ".safetensors") and path.is_file():
+        keys = set(read_tensor_file(path))
+        return "x" in keys and "y" not in keys and "y_train" not in keys
+    return False
+
+
+def read_lines(path: Path, limit: int | None = None) -> list[str]:
+    """Non-empty lines of a UTF-8 text file (at most `limit`)."""
+    if not path.is_file():
+        raise MPOCompressError(f"text file {path} not found; give text:FILE with one sample per line")
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        raise MPOCompressError(f"text file {path} is over {MAX_TEXT_BYTES >> 30} GB; give a smaller sample")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MPOCompressError(f"text file {path} is not UTF-8 (byte {e.start}); convert it to UTF-8") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if len(lines) < 2:
+        raise MPOCompressError(
+            f"text file {path} holds {len(lines)} non-empty line{'s' if len(lines) != 1 else ''}; give at least 2 samples, one per line"
+        )
+    return lines[:limit] if limit else lines
+
+
+def load_unlabelled(
+    spec: str, split: str, tokenizer: Any = None, max_length: int = 128, seed: int = 0, limit: int | None = None
+) -> TokenSet | FeatureSet:
+    """One split (seeded 80/20) of text:FILE (tokenized with `tokenizer`) or of a tensors file with x only."""
+    if split not in ("train", "test"):
+        raise MPOCompressError(f"split must be 'train' or 'test', got {split!r}")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise MPOCompressError(f"--max-length must be a whole number >= 2, got {max_length!r}")
+    if spec.startswith(TEXT_PREFIX):
+        path = Path(spec[len(TEXT_PREFIX) :])
+        lines = read_lines(path, limit)
+        if tokenizer is None:
+            raise MPOCompressError("text data needs the model's tokenizer, and this model has none; give a model with one")
+        train_idx, test_idx = seeded_split(len(lines), seed)
+        chosen = [lines[i] for i in (train_idx if split == "train" else test_idx).tolist()]
+        enc = tokenizer(chosen, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        return TokenSet(path.name, split, inputs)
+    path = Path(spec)
+    t = read_tensor_file(path)
+    x = t.get("x")
+    if x is None:
+        raise MPOCompressError(f"dataset file {path} holds {', '.join(sorted(t)) or 'nothing'}; data without labels needs a tensor x")
+    if x.ndim < 2 or x.shape[0] < 2:
+        raise MPOCompressError(f"{path}: x must hold at least 2 samples, got shape {tuple(x.shape)}")
+    if not (x.dtype == torch.uint8 or x.dtype.is_floating_point) or not all_finite(x):
+        raise MPOCompressError(f"{path}: x must be uint8 or floating point without NaN or Inf")
+    x = x[:limit] if limit else x
+    train_idx, test_idx = seeded_split(x.shape[0], seed)
+    return FeatureSet(path.name, split, x[train_idx if split == "train" else test_idx].contiguous())
