@@ -392,3 +392,71 @@ def test_broken_text_data_is_a_one_line_error(folders, sentences, tmp_path, make
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0], r.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_bin_weights_load_with_weights_only_and_a_pickle_payload_is_refused(folders, tmp_path):
+    """pytorch_model.bin loads like model.safetensors; a .bin whose unpickling would create a file is
+    refused with one line, and the file is never created."""
+    model = transformers.BertModel.from_pretrained(folders / "bert", local_files_only=True)
+    (tmp_path / "bin").mkdir()
+    shutil.copy(folders / "bert" / "config.json", tmp_path / "bin")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # the older format, a zip pickle
+    x = probe_inputs(model)
+    assert torch.equal(_out(load(tmp_path / "bin"), x), _out(model.eval(), x))
+    shutil.copytree(tmp_path / "bin", tmp_path / "evil")
+    torch.save({"weight": _Evil(str(tmp_path / "pwned"))}, tmp_path / "evil" / "pytorch_model.bin")
+    (tmp_path / "pwned").unlink(missing_ok=True)  # torch.save itself does not run it; make sure
+    r = invoke("analyze", tmp_path / "evil")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "pwned").exists()
+
+
+def _png_folder(folder, n=40, size=28, odd=None):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    x = mpocompress.io.data.load_dataset("digits", "train").x[:n]  # float images in [0, 1], 1x28x28
+    for i, img in enumerate(x):
+        arr = (img[0].numpy() * 255).clip(0, 255).astype("uint8")
+        Image.fromarray(arr, mode="L").resize((size, size)).save(folder / f"{i:03d}.png")
+    if odd is not None:
+        Image.fromarray(np.zeros((odd, odd), dtype="uint8"), mode="L").save(folder / "odd.png")
+    return folder
+
+
+def test_cli_distils_on_a_folder_of_images(tmp_path):
+    run_json("train", "--arch", "fc2", "--data", "digits", "--epochs", "1", "-o", tmp_path / "fc2.safetensors")
+    run_json("convert", tmp_path / "fc2.safetensors", "-D", "2", "--layers", "fc1", "-o", tmp_path / "c.safetensors")
+    folder = _png_folder(tmp_path / "imgs")
+    rep = run_json("finetune", tmp_path / "c.safetensors", "--data", folder, "--distill-from", tmp_path / "fc2.safetensors",
+                   "--epochs", "2", "--lr", "1e-2", "--batch-size", "8", "-o", tmp_path / "ft.safetensors")
+    assert rep["metric"] == "top1_agreement" and rep["data"] == "imgs" and 0 <= rep["top1_agreement"] <= 1
+    from mpocompress.io.data.unlabelled import load_unlabelled
+
+    train, test = (load_unlabelled(str(folder), s) for s in ("train", "test"))
+    assert (len(train), len(test)) == (32, 8) and tuple(train.x.shape[1:]) == (1, 28, 28) and train.x.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("case, fragment", [("sizes", "differ in size"), ("corrupt", "cannot read image"), ("empty", "holds 0 images")])
+def test_broken_image_folders_are_one_line_errors(tmp_path, case, fragment):
+    run_json("train", "--arch", "fc2", "--data", "digits", "--epochs", "1", "-o", tmp_path / "fc2.safetensors")
+    folder = tmp_path / "imgs"
+    if case == "sizes":
+        _png_folder(folder, n=3, odd=32)
+    elif case == "corrupt":
+        _png_folder(folder, n=3)
+        (folder / "001.png").write_bytes((folder / "001.png").read_bytes()[:40])
+    else:
+        folder.mkdir()
+    r = invoke("finetune", tmp_path / "fc2.safetensors", "--data", folder, "--distill-from", tmp_path / "fc2.safetensors",
+               "-o", tmp_path / "o.safetensors")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.output
+    assert not (tmp_path / "o.safetensors").exists()

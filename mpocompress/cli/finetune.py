@@ -64,18 +64,7 @@ def finetune(
     Reports the test accuracy before and after, rho, and the number of trainable parameters.
     The input file is never modified.
     """
-    if loss not in ("auto", "ce", "kd", "match"):
-        fail(f"unknown --loss {loss!r}; choose auto, ce, kd or match")
-    unlabelled = is_unlabelled(data)
-    distilling = unlabelled or loss in ("kd", "match")
-    if distilling and distill_from is None:
-        fail(f"{'data without labels' if unlabelled else '--loss ' + loss} trains the model to reproduce a teacher: add --distill-from ORIGINAL")
-    if unlabelled and loss == "ce":
-        fail(f"{data} has no labels for cross-entropy; use --loss match (or kd) with --distill-from ORIGINAL")
-    if max_samples is not None and max_samples < 2:
-        fail(f"--max-samples must be at least 2, got {max_samples}")
-    if eval_every < 0:
-        fail(f"--eval-every must be >= 0, got {eval_every}")
+    distilling = _distilling(loss, data, distill_from, max_samples, eval_every)
     if distilling:
         config: TrainConfig | DistillConfig = DistillConfig(
             epochs=epochs, batch_size=batch_size, lr=_DD.lr if lr is None else lr,
@@ -134,3 +123,21 @@ def finetune(
         print_json(rep)
     else:
         render(make_console(), rep)
+
+
+def _distilling(loss: str, data: str, distill_from: Path | None, max_samples: int | None, eval_every: int) -> bool:
+    """Whether this run distils (no labels, or --loss kd|match) rather than training on labels; the
+    options that go with it are checked."""
+    if loss not in ("auto", "ce", "kd", "match"):
+        fail(f"unknown --loss {loss!r}; choose auto, ce, kd or match")
+    unlabelled = is_unlabelled(data)
+    distilling = unlabelled or loss in ("kd", "match")
+    if distilling and distill_from is None:
+        fail(f"{'data without labels' if unlabelled else '--loss ' + loss} trains the model to reproduce a teacher: add --distill-from ORIGINAL")
+    if unlabelled and loss == "ce":
+        fail(f"{data} has no labels for cross-entropy; use --loss match (or kd) with --distill-from ORIGINAL")
+    if max_samples is not None and max_samples < 2:
+        fail(f"--max-samples must be at least 2, got {max_samples}")
+    if eval_every < 0:
+        fail(f"--eval-every must be >= 0, got {eval_every}")
+    return distilling

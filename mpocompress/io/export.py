@@ -171,14 +171,11 @@ def _export_onnx(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor],
     dims = _dynamic_dims(model, hf)
     with _staging(out, is_dir=False) as tmp:
         try:
-            with _quiet_exporters():
-                try:  # batch (and sequence) sizes left free; a model whose code pins them is exported as it is
-                    torch.onnx.export(wrapper, tuple(probe.values()), str(tmp), input_names=names, output_names=["output"],
-                                      dynamic_shapes=(tuple(dims for _ in names),), dynamo=True, external_data=False)  # fmt: skip
-                    dynamic = True
-                except Exception:  # noqa: BLE001
-                    torch.onnx.export(wrapper, tuple(probe.values()), str(tmp), input_names=names, output_names=["output"], dynamo=True, external_data=False)
-                    dynamic = False
+            _, dynamic = _dynamic_or_static(
+                lambda shapes: torch.onnx.export(wrapper, tuple(probe.values()), str(tmp), input_names=names, output_names=["output"],
+                                                 dynamic_shapes=shapes, dynamo=True, external_data=False),
+                (tuple(dims for _ in names),),
+            )  # fmt: skip
         except MPOCompressError:
             raise
         except Exception as e:  # noqa: BLE001 - exporters raise many kinds
@@ -196,13 +193,9 @@ def _export_pt2(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], 
     dims = _dynamic_dims(model, hf)
     with _staging(out, is_dir=False) as tmp:
         try:
-            with _quiet_exporters():
-                try:  # batch (and sequence) sizes left free; a model whose code pins them is exported as it is
-                    program = torch.export.export(wrapper, tuple(probe.values()), dynamic_shapes=(tuple(dims for _ in names),))
-                    dynamic = True
-                except Exception:  # noqa: BLE001
-                    program = torch.export.export(wrapper, tuple(probe.values()))
-                    dynamic = False
+            program, dynamic = _dynamic_or_static(
+                lambda shapes: torch.export.export(wrapper, tuple(probe.values()), dynamic_shapes=shapes), (tuple(dims for _ in names),)
+            )
             torch.export.save(program, str(tmp))
         except Exception as e:  # noqa: BLE001
             raise MPOCompressError(f"torch.export failed on this model ({short_error(e)})") from None
@@ -211,6 +204,16 @@ def _export_pt2(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], 
             rel = relative_error(first_output(back(*probe.values())), ref)
         _check(rel, "pt2")
     return rel, sum(p.numel() for p in model.parameters()), dynamic
+
+
+def _dynamic_or_static(export: Callable[[Any], Any], shapes: Any) -> tuple[Any, bool]:
+    """export(shapes), with batch (and sequence) sizes left free; a model whose code pins them is
+    exported for the probe's shapes instead (export(None)). Returns the result and whether it is dynamic."""
+    with _quiet_exporters():
+        try:
+            return export(shapes), True
+        except Exception:  # noqa: BLE001 - the exporters raise many kinds for a shape they cannot keep free
+            return export(None), False
 
 
 def _dynamic_dims(model: nn.Module, hf: bool) -> dict[int, Any]:

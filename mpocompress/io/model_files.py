@@ -258,39 +258,42 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_value
     if check_values:
         check_finite(state, path)
 
-    def assemble(model: nn.Module, on_meta: bool) -> nn.Module:
-        made: dict[int, nn.Module] = {}
-        for name, spec in info["layers"].items():
-            try:
-                old = model.get_submodule(name)
-            except AttributeError:
-                raise MPOCompressError(
-                    f"{path} has an MPO layer {name!r} that architecture {arch} lacks; pass the --arch it was made from"
-                ) from None
-            if id(old) not in made:
-                try:
-                    with torch.device("meta" if on_meta else "cpu"):
-                        made[id(old)] = layer_from_spec(spec)
-                except (KeyError, TypeError, ValueError) as e:
-                    raise MPOCompressError(f"{path}: metadata of MPO layer {name!r} is invalid ({short_error(e)})") from None
-            set_module(model, name, made[id(old)])
-        return model
-
     hf_config = info["hf_config"] if arch.startswith(HF_PREFIX) else None
     tokenizer = info["hf_tokenizer"]
     if tokenizer:
         decode_tokenizer_files(tokenizer, str(path))  # checked before anything uses it
     skeleton = _skeleton(arch, hf_config)
     if skeleton is not None:  # shapes checked on the meta device, then the file's tensors become the weights
-        model = assemble(skeleton, on_meta=True)
+        model = _assemble(skeleton, info["layers"], path, arch, on_meta=True)
         _fit_state_dict(model, state, path, arch, assign=True)
         if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
             remember(model, arch, tokenizer)
             return LoadedModel(model, arch, "mpocompress", path, info)
-    model = assemble(_build(arch, hf_config), on_meta=False)
+    model = _assemble(_build(arch, hf_config), info["layers"], path, arch, on_meta=False)
     _fit_state_dict(model, state, path, arch)
     remember(model, arch, tokenizer)
     return LoadedModel(model, arch, "mpocompress", path, info)
+
+
+def _assemble(model: nn.Module, layers: Mapping[str, Any], path: Path, arch: str, on_meta: bool) -> nn.Module:
+    """Put an MPO layer skeleton, built from its validated metadata, at every name `layers` lists
+    (once per module: a layer reachable under two names stays one module)."""
+    made: dict[int, nn.Module] = {}
+    for name, spec in layers.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise MPOCompressError(
+                f"{path} has an MPO layer {name!r} that architecture {arch} lacks; pass the --arch it was made from"
+            ) from None
+        if id(old) not in made:
+            try:
+                with torch.device("meta" if on_meta else "cpu"):
+                    made[id(old)] = layer_from_spec(spec)
+            except (KeyError, TypeError, ValueError) as e:
+                raise MPOCompressError(f"{path}: metadata of MPO layer {name!r} is invalid ({short_error(e)})") from None
+        set_module(model, name, made[id(old)])
+    return model
 
 
 def _tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mpocompress.errors import MPOCompressError
@@ -21,6 +22,8 @@ from mpocompress.tensors import all_finite
 
 TEXT_PREFIX = "text:"
 MAX_TEXT_BYTES = 1 << 30
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MAX_IMAGE_PIXELS = 1 << 24  # per image: larger ones are refused before they are decoded
 
 
 @dataclass
@@ -59,10 +62,13 @@ class FeatureSet:
 
 
 def is_unlabelled(spec: str) -> bool:
-    """Whether a --data value names data without labels: text:FILE, or a tensors file without y."""
+    """Whether a --data value names data without labels: text:FILE, a folder of images, or a
+    tensors file without y."""
     if spec.startswith(TEXT_PREFIX):
         return True
     path = Path(spec)
+    if path.is_dir():
+        return True
     if path.suffix.lower() in (".pt", ".pth", ".npz", ".safetensors") and path.is_file():
         keys = set(read_tensor_file(path))
         return "x" in keys and "y" not in keys and "y_train" not in keys
@@ -106,6 +112,10 @@ def load_unlabelled(
         inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
         return TokenSet(path.name, split, inputs)
     path = Path(spec)
+    if path.is_dir():
+        x = read_image_folder(path, limit)
+        train_idx, test_idx = seeded_split(x.shape[0], seed)
+        return FeatureSet(path.name, split, x[train_idx if split == "train" else test_idx].contiguous())
     t = read_tensor_file(path)
     x = t.get("x")
     if x is None:
@@ -117,3 +127,35 @@ def load_unlabelled(
     x = x[:limit] if limit else x
     train_idx, test_idx = seeded_split(x.shape[0], seed)
     return FeatureSet(path.name, split, x[train_idx if split == "train" else test_idx].contiguous())
+
+
+def read_image_folder(path: Path, limit: int | None = None) -> torch.Tensor:
+    """The images of a folder (sorted by name; at most `limit`) as uint8 (N, C, H, W): one channel
+    when every image is greyscale, else RGB. They must share one size."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise MPOCompressError("a folder of images needs Pillow: pip install -e '.[images]' (or pip install pillow)") from None
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())[:limit]
+    if len(files) < 2:
+        raise MPOCompressError(f"folder {path} holds {len(files)} images ({', '.join(IMAGE_SUFFIXES)}); give at least 2")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise MPOCompressError(f"{f} is {img.width}x{img.height} pixels, over {MAX_IMAGE_PIXELS:,}; resize it")
+                img.load()
+                images.append(img.copy())
+        except MPOCompressError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Pillow raises many kinds for a damaged file
+            raise MPOCompressError(f"cannot read image {f} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); remove or repair it") from None
+    sizes = {img.size for img in images}
+    if len(sizes) > 1:
+        (w1, h1), (w2, h2) = sorted(sizes)[:2]
+        raise MPOCompressError(f"images in {path} differ in size ({w1}x{h1} and {w2}x{h2}); resize them to one size")
+    grey = all(img.mode in ("L", "1", "I;16", "I", "F") for img in images)
+    arrays = [np.asarray(img.convert("L" if grey else "RGB"), dtype=np.uint8) for img in images]
+    x = torch.from_numpy(np.stack(arrays))
+    return x.unsqueeze(1) if grey else x.permute(0, 3, 1, 2).contiguous()
