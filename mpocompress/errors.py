@@ -10,6 +10,13 @@ class MPOCompressError(ValueError):
     """
 
 
+def check_all(checks: list[tuple[bool, str]]) -> None:
+    """Raise MPOCompressError with the message of the first failed (ok, message) check."""
+    for ok, message in checks:
+        if not ok:
+            raise MPOCompressError(message)
+
+
 class Interrupted(Exception):
     """A run stopped on request (Ctrl-C or SIGTERM) after saving what it needs to resume.
 

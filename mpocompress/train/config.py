@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mpocompress.errors import MPOCompressError
+from mpocompress.errors import check_all
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -39,9 +39,7 @@ class TrainConfig:
             (0 <= self.distill_alpha <= 1, f"distillation weight must lie in [0, 1], got {self.distill_alpha!r}"),
             (self.distill_temperature > 0, f"distillation temperature must be > 0, got {self.distill_temperature!r}"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise MPOCompressError(message)
+        check_all(checks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpocompress.errors import MPOCompressError
+from mpocompress.errors import MPOCompressError, check_all
 from mpocompress.train.distributed import DistEnv, dist_env
 from mpocompress.train.evaluation import distillation_loss
 from mpocompress.train.loop import (
@@ -71,9 +71,7 @@ class DistillConfig:
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}"),
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"),
         ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise MPOCompressError(message)
+        check_all(checks)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
