@@ -318,3 +318,17 @@ def test_to_dense_round_trip_types():
     assert isinstance(lin.to_dense(), nn.Linear) and lin.to_dense().bias is None
     conv = MPOConv2d(3, 4, 3, bond_dim=2, padding=1)
     assert isinstance(conv.to_dense(), nn.Conv2d) and conv.to_dense().padding == (1, 1)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_an_empty_batch_gives_an_empty_output_as_the_dense_layers_do(grad):
+    lin = MPOLinear(784, 256, bond_dim=4)
+    conv = MPOConv2d(3, 8, 3, bond_dim=2, padding=1)
+    with torch.set_grad_enabled(grad):
+        y = lin(torch.randn(0, 784, requires_grad=grad))
+        z = conv(torch.randn(0, 3, 8, 8))
+    assert y.shape == torch.nn.Linear(784, 256)(torch.randn(0, 784)).shape == (0, 256)
+    assert z.shape == (0, 8, 8, 8)
+    if grad:
+        y.sum().backward()  # the graph is intact: zero gradients reach the cores
+        assert all(c.grad is not None and float(c.grad.abs().sum()) == 0.0 for c in lin.cores)

@@ -339,3 +339,18 @@ def test_contraction_in_row_chunks_equals_the_whole_batch(monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     for a, b in zip(torch.autograd.grad(chunked, [x, *cores], g), ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float16, 400.0), (torch.bfloat16, 1.0), (torch.bfloat16, 1e30)])
+def test_reported_error_is_right_in_half_precision(dtype, scale):
+    """||W|| of a float16 matrix overflows in float16 (it was inf: every bond cut to 1 and a reported
+    error of 0); norms are taken in float32 and summed in float64."""
+    torch.manual_seed(0)
+    w = (torch.randn(256, 784) * scale).to(dtype)
+    from mpocompress.tensors import frobenius_norm
+
+    assert frobenius_norm(w) == pytest.approx(float(torch.linalg.norm(w.double())), rel=1e-5)
+    dec = tt_svd(w, (4, 7, 7, 4), (4, 4, 4, 4), eps=0.5)
+    real = float(torch.linalg.norm(mpo_to_matrix([c.double() for c in dec.cores]) - w.double()) / torch.linalg.norm(w.double()))
+    assert dec.bond_dims != [1, 1, 1] and dec.rel_error <= 0.5
+    assert dec.rel_error == pytest.approx(real, abs=2e-3)  # the cores are rounded to the input's dtype

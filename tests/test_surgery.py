@@ -218,3 +218,18 @@ def test_per_layer_settings_alone_convert_exactly_those_layers():
     # with a global D the default selection applies too, and the per-layer D overrides it
     r = compress_(build_model("fc2"), CompressionConfig(bond_dim=2, bond_dims={"fc2": 4}))
     assert {lr.name: max(lr.bond_dims) for lr in r.layers} == {"fc1": 2, "fc2": 4}
+
+
+def test_analyze_of_a_model_with_mpo_layers_counts_what_they_hold():
+    """FC2 with fc1 already an MPO at D=4, analyzed at D=2: the predicted size is the size the model
+    has after converting it (it was negative, counting fc1 as dense)."""
+    model = build_model("fc2")
+    compress_(model, CompressionConfig(bond_dim=4, layers=("fc1",)))
+    for config in (CompressionConfig(bond_dim=2), CompressionConfig()):
+        report = analyze(model, config)
+        reports = [report] if config.bond_dim else report.sweep
+        for r in reports:
+            copy_ = build_model("fc2")
+            compress_(copy_, CompressionConfig(bond_dim=4, layers=("fc1",)))
+            compress_(copy_, CompressionConfig(bond_dim=r.bond_dim, layers=tuple(lr.name for lr in r.layers)))
+            assert r.params_model_after == sum(p.numel() for p in copy_.parameters()) > 0

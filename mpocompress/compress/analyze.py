@@ -35,6 +35,16 @@ def _exact_report(t: LayerTarget) -> LayerReport:
     return layer_report(c.name, c.kind, c.ny, c.nx, MPOShape.exact(t.in_modes, t.out_modes), spectra, 0.0)
 
 
+def _after(before: int, targets: list[LayerTarget], layers: list[LayerReport]) -> int:
+    """The model's parameters once the targets are written as the reported MPOs: what each layer holds
+    now (its dense weights, or its cores when it is already an MPO) is replaced by the MPO's count."""
+    now = 0
+    for t in targets:
+        cores = t.cand.converter.cores(t.cand.module) if t.cand.converter.cores is not None else None
+        now += sum(c.numel() for c in cores) if cores is not None else t.cand.numel
+    return before - now + sum(lr.params_mpo for lr in layers)
+
+
 def analyze(
     model: nn.Module,
     config: CompressionConfig = CompressionConfig(),
@@ -51,13 +61,15 @@ def analyze(
     chosen, skipped = select_targets(model, config, filter_fn)
     if config.settings.has_global_truncation or all(t.bond_dim is not None for t in chosen):
         layers = [report_for(t, decompose(t, t.bond_dim, t.eps)) for t in chosen]
-        return totals(layers, skipped, before, config.bond_dim, config.eps, applied=False)
-    report = totals([_exact_report(t) for t in chosen], skipped, before, config.bond_dim, config.eps, applied=False)
+        return totals(layers, skipped, before, config.bond_dim, config.eps, False, _after(before, chosen, layers))
+    exact = [_exact_report(t) for t in chosen]
+    report = totals(exact, skipped, before, config.bond_dim, config.eps, False, _after(before, chosen, exact))
     for d in sweep_bond_dims:
         cfg = config.with_bond_dim(d)
         sub_chosen, sub_skipped = select_targets(model, cfg, filter_fn)
         sub_layers = [report_for(t, decompose(t, t.bond_dim, None)) for t in sub_chosen]
-        report.sweep.append(totals(sub_layers, sub_skipped, before, cfg.bond_dim, cfg.eps, applied=False))
+        sub_after = _after(before, sub_chosen, sub_layers)
+        report.sweep.append(totals(sub_layers, sub_skipped, before, cfg.bond_dim, cfg.eps, False, sub_after))
     report.notes.append("no --bond-dim given: layers show the exact MPO (bonds at their caps); pick D from the sweep")
     return report
 

@@ -145,6 +145,8 @@ class MPOLayer(nn.Module):
         once per (rows, backward, cached) by the cost model, then reused."""
         if not isinstance(rows, int):  # a symbolic size (torch.export, torch.compile): plan for a typical batch
             rows = _NOMINAL_ROWS
+        if rows == 0:  # an empty batch: rebuild W and let the dense op return the empty output
+            return ContractionPlan((len(self.in_modes),))
         key = (rows, backward, cached, self.forward_strategy)
         plan = self._plans.get(key)
         if plan is None:
