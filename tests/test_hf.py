@@ -460,3 +460,32 @@ def test_broken_image_folders_are_one_line_errors(tmp_path, case, fragment):
                "-o", tmp_path / "o.safetensors")
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and fragment in r.stderr, r.output
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_torchrun_distils_like_one_process(folders, sentences, tmp_path):
+    """Two gloo processes with batch 16 each distil like one with batch 32 (the same global batches,
+    gradients averaged; the pooler, whose output is not matched, gets no gradient and DDP is told)."""
+    import json as _json
+    import os
+    import subprocess
+
+    run_json("convert", folders / "bert", "-D", "2", "-o", tmp_path / "c.safetensors")
+    common = ["finetune", str(tmp_path / "c.safetensors"), "--data", f"text:{sentences}", "--distill-from", str(folders / "bert"),
+              "--epochs", "2", "--batch-size", "32", "--lr", "3e-3", "--device", "cpu", "--json"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "mpocompress", *common, "-o", str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mpocompress",
+                          *common, "-o", str(tmp_path / "two.safetensors")], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    rep_one, rep_two = _json.loads(one.stdout), _json.loads(two.stdout)
+    assert rep_two["world_size"] == 2 and rep_one["world_size"] == 1
+    assert rep_two["output_rel_error"] == pytest.approx(rep_one["output_rel_error"], rel=1e-2)
+    # the two students compute the same function (parameters whose gradient is nothing but rounding
+    # noise, such as the key biases, which softmax ignores, may differ; AdamW amplifies such noise)
+    from mpocompress.train.distill import agreement
+
+    one_model, two_model = load(tmp_path / "one.safetensors"), load(tmp_path / "two.safetensors")
+    _, test = _text_sets(one_model, sentences)
+    assert agreement(two_model, one_model, test)["output_rel_error"] < 1e-3

@@ -264,7 +264,7 @@ def distill(
     start_epoch, skip, partial, history = 0, 0, None, []
     if resume_state is not None:
         start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device)
-    net = wrap_distributed(model, env, device)
+    net = wrap_distributed(model, env, device, find_unused=True)
     loop = Loop(model, net, optimizer, train_set, _matching(train_set, teacher, config, device),
                 lambda k: lr_at(config, k, total), config.epochs, config.seed, device, env, local_batch, history,
                 save_state, on_batch, should_stop, step=start_epoch * steps_per_epoch + skip,

@@ -265,10 +265,13 @@ def _cross_entropy(train_set: ImageSet, teacher: nn.Module | None, config: Train
     return objective
 
 
-def wrap_distributed(model: nn.Module, env: DistEnv, device: torch.device) -> nn.Module:
-    """The model in DistributedDataParallel when several processes train it, else itself."""
+def wrap_distributed(model: nn.Module, env: DistEnv, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """The model in DistributedDataParallel when several processes train it, else itself.
+    `find_unused`: some parameters may get no gradient from the loss (a pooler whose output is not
+    matched), which DDP must then be told to expect."""
     if env.distributed:
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
     return model
 
 
