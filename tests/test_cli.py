@@ -159,3 +159,15 @@ def test_analyze_reports_macs_per_layer_and_model(ckpts):
         assert 0 < layer["macs_mpo"] and layer["plan"]
     bad = invoke("analyze", ckpts / "lenet5.pt", "--arch", "lenet5", "--input-shape", "1,x,28")
     assert bad.exit_code != 0 and "--input-shape" in bad.output
+
+
+def test_version_and_help_texts():
+    from mpocompress import __version__
+
+    r = invoke("--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"mpocompress {__version__}" and r.stderr == ""
+    for command in ("convert", "train", "finetune", "export"):
+        help_text = " ".join(invoke(command, "--help").stdout.split())
+        assert "-o, --output OUT" in help_text and "[required]" in help_text.split("-o, --output OUT")[1][:200], command
+    evaluate_help = " ".join(invoke("evaluate", "--help").stdout.split())
+    assert "Where to run the model" in evaluate_help and "Where to train" not in evaluate_help

@@ -37,8 +37,18 @@ from mpocompress.cli import finetune as _finetune  # noqa: E402,F401
 from mpocompress.cli import train as _train  # noqa: E402,F401
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from mpocompress._version import __version__
+
+        sys.stdout.write(f"mpocompress {__version__}\n")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
+) -> None:
     """Compress PyTorch models by writing their heaviest layers as matrix product operators (MPOs)."""
 
 

@@ -20,7 +20,7 @@ from mpocompress.compress import compress_
 @handle_errors
 def convert(
     model: Path = MODEL_ARG,
-    output: Path | None = typer.Option(None, "--output", "-o", metavar="OUT", help="Where to write the compressed model (safetensors).", show_default=False),
+    output: Path | None = typer.Option(None, "--output", "-o", metavar="OUT", help="Where to write the compressed model (safetensors). [required]", show_default=False),
     arch: str | None = ARCH_OPT,
     bond_dim: list[str] = BOND_OPT,
     shape: list[str] = SHAPE_OPT,

@@ -10,7 +10,7 @@ from rich.table import Table
 from mpocompress.cli import app
 from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, handle_errors, print_json
 from mpocompress.cli.render import make_console
-from mpocompress.cli.training import DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, load_unlabelled_data
+from mpocompress.cli.training import DATA_DIR_OPT, DATA_OPT, EVAL_DEVICE_OPT, load_unlabelled_data
 from mpocompress.io.data.unlabelled import FeatureSet, is_unlabelled
 from mpocompress.train.distill import agreement
 from mpocompress.io.data import load_dataset
@@ -29,7 +29,7 @@ def evaluate(
     data: str = DATA_OPT,
     data_dir: Path | None = DATA_DIR_OPT,
     batch_size: int = typer.Option(1000, "--batch-size", metavar="B", help="Images per forward pass."),
-    device: str = DEVICE_OPT,
+    device: str = EVAL_DEVICE_OPT,
     reference: Path | None = typer.Option(None, "--reference", metavar="ORIGINAL", help="Also measure agreement with this model (usually the uncompressed original): cosine of pooled outputs, relative output error, top-1 agreement for classifiers.", show_default=False),
     reference_arch: str | None = typer.Option(None, "--reference-arch", metavar="SPEC", help="Architecture of ORIGINAL when it is a state_dict (default: that of MODEL).", show_default=False),
     max_length: int = typer.Option(128, "--max-length", metavar="N", help="Tokens per sample for text:FILE data."),

@@ -19,7 +19,7 @@ from mpocompress.models import default_input_shape
 @handle_errors
 def export(
     model: Path = MODEL_ARG,
-    output: Path | None = typer.Option(None, "--output", "-o", metavar="OUT", help="Where to write: a folder for hf, a file for onnx (.onnx) and pt2 (.pt2).", show_default=False),
+    output: Path | None = typer.Option(None, "--output", "-o", metavar="OUT", help="Where to write: a folder for hf, a file for onnx (.onnx) and pt2 (.pt2). [required]", show_default=False),
     fmt: str = typer.Option(..., "--format", metavar="hf|onnx|pt2", help="hf: a Hugging Face folder with dense weights (factorized layers multiplied out); onnx: an ONNX file; pt2: a torch.export program (factorized layers kept factorized in both).", show_default=False),
     arch: str | None = ARCH_OPT,
     input_shape: str | None = typer.Option(None, "--input-shape", metavar="C,H,W", help="Shape of one input sample for the probe batch of a non-text model (default: from a built-in --arch)."),

@@ -44,10 +44,11 @@ RUNS_OPT = typer.Option(1, "--runs", metavar="M", help="Train M times with seeds
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite OUT if it exists.")
 RESUME_OPT = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.ckpt, the checkpoint written after every epoch.")
 DEVICE_OPT = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where to train: auto takes a CUDA GPU when there is one.")
+EVAL_DEVICE_OPT = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where to run the model: auto takes a CUDA GPU when there is one.")
 
 
 def output_option(help_text: str) -> Any:
-    return typer.Option(None, "--output", "-o", metavar="OUT", help=help_text, show_default=False)
+    return typer.Option(None, "--output", "-o", metavar="OUT", help=f"{help_text} [required]", show_default=False)
 
 
 def load_data(data: str, data_dir: Path | None, augment: bool | None) -> tuple[ImageSet, ImageSet]:
