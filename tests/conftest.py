@@ -4,6 +4,21 @@ from pathlib import Path
 
 import pytest
 import torch
+import atexit
+import shutil
+import tempfile
+
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
+from hypothesis.database import InMemoryExampleDatabase
+
+# tests write nothing into the repository: hypothesis keeps its examples in memory and its other
+# files in a temporary folder (pytest's own cache is off in pyproject.toml)
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="mpocompress-hypothesis-")
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+settings.register_profile("mpocompress", database=InMemoryExampleDatabase())
+settings.load_profile("mpocompress")
 
 
 @pytest.fixture(autouse=True)
