@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -36,3 +38,31 @@ def short_error(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (or its type), at most `limit` characters."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether `model` is a transformers model: it carries a config naming its model_type (a duck
+    test, so transformers is never imported for it)."""
+    return isinstance(getattr(getattr(model, "config", None), "model_type", None), str)
+
+
+def call_with(model: nn.Module, inputs: Mapping[str, torch.Tensor], hidden_states: bool = False) -> Any:
+    """A model called on a batch as the datasets serve it: model(x) for {"x": ...}, model(**inputs)
+    for token inputs (with every block's output when asked)."""
+    if set(inputs) == {"x"}:
+        return model(inputs["x"])
+    return model(**inputs, output_hidden_states=True) if hidden_states else model(**inputs)
+
+
+def main_output(out: Any) -> torch.Tensor:
+    """The main output of a model call: the tensor itself, a Hugging Face output's logits (a
+    classifier) or last hidden state (an encoder), else the first tensor of a mapping or tuple."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        v = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(out, Mapping):
+        return next(v for v in out.values() if isinstance(v, torch.Tensor))
+    return main_output(out[0])

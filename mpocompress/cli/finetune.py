@@ -15,7 +15,7 @@ from mpocompress.cli.training import (
 )  # fmt: skip
 from mpocompress.io import load_model
 from mpocompress.io.data.unlabelled import is_unlabelled
-from mpocompress.train.distill import DistillConfig, agreement, distill, metric_name
+from mpocompress.train.distill import DistillConfig, agreement, distill, metric_of
 from mpocompress.train import (
     FINETUNE_DEFAULTS, TrainConfig, dist_env, evaluate, freeze_, init_distributed, prepare_finetune_, resolve_device,
 )  # fmt: skip
@@ -98,10 +98,9 @@ def finetune(
                 "distill_from": str(distill_from) if distill_from else None}  # fmt: skip
     if distilling:
         train_set, test_set = load_unlabelled_data(data, loaded.model, teacher, max_length, max_samples)
-        metric = metric_name(teacher, test_set)
         before = agreement(loaded.model, teacher, test_set, dev)
-        extra = {f"{metric}_before": before["top1_agreement"] if metric == "top1_agreement" else before["agreement_cosine"],
-                 "output_rel_error_before": before["output_rel_error"], "loss_kind": config.loss}  # fmt: skip
+        metric, value = metric_of(before)
+        extra = {f"{metric}_before": value, "output_rel_error_before": before["output_rel_error"], "loss_kind": config.loss}
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env,
                   describe={**describe, "data": data, "max_length": max_length, "max_samples": max_samples},
                   teacher=teacher, trainer=distill, metric=metric, eval_every=eval_every)  # fmt: skip

@@ -20,6 +20,7 @@ from mpocompress.compress.config import LayerSelection
 from mpocompress.compress.registry import Converter, converter_for
 from mpocompress.compress.report import SkippedLayer
 from mpocompress.errors import MPOCompressError
+from mpocompress.utils import is_hf_model
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -165,7 +166,7 @@ def transformer_blocks(model: nn.Module) -> list[str]:
     """For a transformers model (one with a config naming its model_type), the names of its stacks of
     blocks: the ModuleLists of two or more modules of one class (BERT's encoder.layer, GPT-2's h).
     Empty for any other model, whose default selection goes by weight coverage."""
-    if not isinstance(getattr(getattr(model, "config", None), "model_type", None), str):
+    if not is_hf_model(model):
         return []
     return [
         name for name, m in model.named_modules()

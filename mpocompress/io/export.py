@@ -25,9 +25,9 @@ from torch import nn
 from mpocompress.compress import converter_for
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.hf import decode_tokenizer_files, quiet_transformers, save_pretrained_quietly, write_files
-from mpocompress.models.hf import build_hf, hf_config_json, is_hf_model, probe_inputs, transformers_module
+from mpocompress.models.hf import build_hf, hf_config_json, probe_inputs, transformers_module
 from mpocompress.nn import MPOLayer
-from mpocompress.utils import short_error
+from mpocompress.utils import call_with, is_hf_model, main_output, short_error
 
 FORMATS = ("hf", "onnx", "pt2")
 TOLERANCE = 1e-4
@@ -47,18 +47,6 @@ class ExportReport:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def first_output(out: Any) -> torch.Tensor:
-    """The main output of a model call: itself for a tensor, the first entry of a tuple or a
-    Hugging Face ModelOutput (the last hidden state of an encoder, the logits of a classifier)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping):
-        return next(v for v in out.values() if isinstance(v, torch.Tensor))
-    if isinstance(out, (tuple, list)):
-        return first_output(out[0])
-    return out[0]
 
 
 def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -81,9 +69,9 @@ def probe_for(model: nn.Module, input_shape: tuple[int, ...] | None) -> dict[str
     return {"x": torch.randn(2, *input_shape, generator=g, dtype=param.dtype if param is not None else torch.float32)}
 
 
-def _call(model: Callable[..., Any], probe: Mapping[str, torch.Tensor], hf: bool) -> torch.Tensor:
+def _call(model: Callable[..., Any], probe: Mapping[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
-        return first_output(model(**probe) if hf else model(*probe.values()))
+        return main_output(call_with(model, probe))
 
 
 @contextlib.contextmanager
@@ -156,70 +144,79 @@ def _export_hf(model: nn.Module, arch: str, out: Path, probe: Mapping[str, torch
         cls = getattr(transformers, arch[3:])
         with quiet_transformers():
             back = cls.from_pretrained(str(tmp), local_files_only=True).eval()
-        rel = relative_error(_call(back, probe, True), ref)
+        rel = relative_error(_call(back, probe), ref)
         _check(rel, "hf")
     return rel, sum(p.numel() for p in dense.parameters()), True
 
 
-def _export_onnx(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor, hf: bool) -> tuple[float, int, bool]:
+def _export_traced(
+    model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor, fmt: str, what: str,
+    write: Callable[[nn.Module, tuple[torch.Tensor, ...], list[str], Path, Any], None],
+    run: Callable[[Path], torch.Tensor],
+) -> tuple[float, int, bool]:  # fmt: skip
+    """The ONNX and torch.export paths: the model called positionally in the probe's order, written
+    with batch (and sequence) sizes free where its code allows (`write(wrapper, args, names, path,
+    shapes)`), then run from the file on the probe (`run(path)`) and checked."""
+    names = list(probe)
+    wrapper = _Positional(model, names).eval()  # a fresh module is in training mode: dropout on
+    dims = _dynamic_dims(model)
+    args = tuple(probe.values())
+    with _staging(out, is_dir=False) as tmp:
+        try:
+            dynamic = _dynamic_or_static(lambda shapes: write(wrapper, args, names, tmp, shapes), (tuple(dims for _ in names),))
+        except MPOCompressError:
+            raise
+        except Exception as e:  # noqa: BLE001 - exporters raise many kinds
+            raise MPOCompressError(f"{what} failed on this model ({short_error(e)})") from None
+        rel = relative_error(run(tmp), ref)
+        _check(rel, fmt)
+    return rel, sum(p.numel() for p in model.parameters()), dynamic
+
+
+def _export_onnx(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor) -> tuple[float, int, bool]:
     try:
         import onnxruntime as ort
     except ImportError:
         raise MPOCompressError(f"--format onnx needs onnxruntime to check the export; {ONNX_HINT}") from None
-    names = list(probe)
-    wrapper = _Positional(model, names, hf).eval()  # a fresh module is in training mode: dropout on
-    dims = _dynamic_dims(model, hf)
-    with _staging(out, is_dir=False) as tmp:
-        try:
-            _, dynamic = _dynamic_or_static(
-                lambda shapes: torch.onnx.export(wrapper, tuple(probe.values()), str(tmp), input_names=names, output_names=["output"],
-                                                 dynamic_shapes=shapes, dynamo=True, external_data=False),
-                (tuple(dims for _ in names),),
-            )  # fmt: skip
-        except MPOCompressError:
-            raise
-        except Exception as e:  # noqa: BLE001 - exporters raise many kinds
-            raise MPOCompressError(f"the ONNX exporter failed on this model ({short_error(e)})") from None
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(None, {n: v.numpy() for n, v in probe.items()})[0]
-        rel = relative_error(torch.from_numpy(got), ref)
-        _check(rel, "onnx")
-    return rel, sum(p.numel() for p in model.parameters()), dynamic
+
+    def write(wrapper: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], path: Path, shapes: Any) -> None:
+        torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["output"], dynamic_shapes=shapes,
+                          dynamo=True, external_data=False)  # fmt: skip
+
+    def run(path: Path) -> torch.Tensor:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {n: v.numpy() for n, v in probe.items()})[0])
+
+    return _export_traced(model, out, probe, ref, "onnx", "the ONNX exporter", write, run)
 
 
-def _export_pt2(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor, hf: bool) -> tuple[float, int, bool]:
-    names = list(probe)
-    wrapper = _Positional(model, names, hf).eval()  # a fresh module is in training mode: dropout on
-    dims = _dynamic_dims(model, hf)
-    with _staging(out, is_dir=False) as tmp:
-        try:
-            program, dynamic = _dynamic_or_static(
-                lambda shapes: torch.export.export(wrapper, tuple(probe.values()), dynamic_shapes=shapes), (tuple(dims for _ in names),)
-            )
-            torch.export.save(program, str(tmp))
-        except Exception as e:  # noqa: BLE001
-            raise MPOCompressError(f"torch.export failed on this model ({short_error(e)})") from None
-        back = torch.export.load(str(tmp)).module()
+def _export_pt2(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor) -> tuple[float, int, bool]:
+    def write(wrapper: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], path: Path, shapes: Any) -> None:
+        torch.export.save(torch.export.export(wrapper, args, dynamic_shapes=shapes), str(path))
+
+    def run(path: Path) -> torch.Tensor:
         with torch.no_grad():
-            rel = relative_error(first_output(back(*probe.values())), ref)
-        _check(rel, "pt2")
-    return rel, sum(p.numel() for p in model.parameters()), dynamic
+            return torch.export.load(str(path)).module()(*probe.values())
+
+    return _export_traced(model, out, probe, ref, "pt2", "torch.export", write, run)
 
 
-def _dynamic_or_static(export: Callable[[Any], Any], shapes: Any) -> tuple[Any, bool]:
+def _dynamic_or_static(export: Callable[[Any], None], shapes: Any) -> bool:
     """export(shapes), with batch (and sequence) sizes left free; a model whose code pins them is
-    exported for the probe's shapes instead (export(None)). Returns the result and whether it is dynamic."""
+    exported for the probe's shapes instead (export(None)). Returns whether the export is dynamic."""
     with _quiet_exporters():
         try:
-            return export(shapes), True
+            export(shapes)
+            return True
         except Exception:  # noqa: BLE001 - the exporters raise many kinds for a shape they cannot keep free
-            return export(None), False
+            export(None)
+            return False
 
 
-def _dynamic_dims(model: nn.Module, hf: bool) -> dict[int, Any]:
+def _dynamic_dims(model: nn.Module) -> dict[int, Any]:
     """torch.export dimensions: the batch, and for a text model the sequence up to its positions."""
     dims = {0: torch.export.Dim("batch", min=1, max=1 << 16)}
-    if hf:
+    if is_hf_model(model):
         cfg = model.config
         longest = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 512)
         dims[1] = torch.export.Dim("sequence", min=2, max=longest)
@@ -245,14 +242,12 @@ def _quiet_exporters() -> Iterator[None]:
 class _Positional(nn.Module):
     """The model called with positional tensors in the probe's order, returning its main output."""
 
-    def __init__(self, model: nn.Module, names: list[str], hf: bool) -> None:
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
         super().__init__()
-        self.model, self.names, self.hf = model, names, hf
+        self.model, self.names = model, names
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        if self.hf:
-            return first_output(self.model(**dict(zip(self.names, args))))
-        return first_output(self.model(*args))
+        return main_output(call_with(self.model, dict(zip(self.names, args))))
 
 
 def export_model(
@@ -270,13 +265,12 @@ def export_model(
 
 
 def _export(model: nn.Module, out: Path, fmt: str, arch: str | None, input_shape: tuple[int, ...] | None) -> ExportReport:
-    hf = is_hf_model(model)
     probe = probe_for(model, input_shape)
-    ref = _call(model, probe, hf)
+    ref = _call(model, probe)
     if fmt == "hf":
         rel, params, dynamic = _export_hf(model, arch or "", out, probe, ref)
     elif fmt == "onnx":
-        rel, params, dynamic = _export_onnx(model, out, probe, ref, hf)
+        rel, params, dynamic = _export_onnx(model, out, probe, ref)
     else:
-        rel, params, dynamic = _export_pt2(model, out, probe, ref, hf)
+        rel, params, dynamic = _export_pt2(model, out, probe, ref)
     return ExportReport(str(out), fmt, rel, {k: list(v.shape) for k, v in probe.items()}, params, dynamic)

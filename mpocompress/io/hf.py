@@ -13,7 +13,6 @@ import contextlib
 import io as _io
 import json
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -148,9 +147,3 @@ def save_pretrained_quietly(model: nn.Module, folder: Path) -> None:
     """model.save_pretrained(folder) as safetensors, with transformers' messages kept off stderr."""
     with quiet_transformers(), contextlib.redirect_stdout(_io.StringIO()):
         model.save_pretrained(str(folder), safe_serialization=True)
-
-
-def hf_offline() -> None:
-    """Make sure nothing transformers does reaches the network (the default for every command)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -29,9 +29,9 @@ from mpocompress.io.hf import decode_tokenizer_files, is_hf_dir, load_hf_dir
 from mpocompress.io.paths import atomic_write, check_output_path, check_readable
 from mpocompress.io.pickles import torch_load, unwrap_state_dict
 from mpocompress.models import ARCHITECTURES, ArchSpec, build_model, parse_arch
-from mpocompress.models.hf import HF_PREFIX, build_hf, hf_arch, hf_config_json, is_hf_model
+from mpocompress.models.hf import HF_PREFIX, build_hf, hf_arch, hf_config_json
 from mpocompress.nn import MPOLayer, layer_from_spec
-from mpocompress.utils import set_module, short_error
+from mpocompress.utils import is_hf_model, set_module, short_error
 
 
 @dataclass

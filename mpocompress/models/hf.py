@@ -29,11 +29,6 @@ def transformers_module(what: str = "a Hugging Face model") -> Any:
     return transformers
 
 
-def is_hf_model(model: nn.Module) -> bool:
-    """Whether `model` is a transformers model (it carries a config with a model_type)."""
-    return isinstance(getattr(getattr(model, "config", None), "model_type", None), str) and hasattr(model, "config")
-
-
 def hf_arch(model: nn.Module) -> str:
     """The architecture spec of a transformers model: hf:CLASS."""
     return HF_PREFIX + type(model).__name__

@@ -111,7 +111,8 @@ class MPOLinear(MPOLayer):
         cache = self.weight_cache
         fast = cache.enabled and x.dim() == 2 and not torch.is_grad_enabled()
         if fast:  # materialized, no grad: W of the last dense-plan call, if the cores are unchanged
-            hit = cache.get("fast", stamp(self._core_params()))
+            current = stamp(self._core_params())
+            hit = cache.get("fast", current)
             if hit is not None and hit[0] == x.shape[0]:
                 return F.linear(x, hit[1], self._parameters["bias"])  # self.bias, looked up directly
         lead = x.shape[:-1]
@@ -120,7 +121,7 @@ class MPOLinear(MPOLayer):
         if plan.kind == "dense":
             w = self._weight(use_cache)
             if fast and use_cache:
-                cache.put("fast", stamp(self._core_params()), (rows.shape[0], w))
+                cache.put("fast", current, (rows.shape[0], w))
             y = F.linear(rows, w, self.bias)
         else:
             y = self._contract(rows, plan, use_cache)  # (B, N_y)

@@ -32,6 +32,7 @@ from mpocompress.train.loop import (
     wrap_distributed,
 )  # fmt: skip
 from mpocompress.train.state import restore_state
+from mpocompress.utils import call_with, main_output
 
 LOSSES = ("match", "kd")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -90,24 +91,6 @@ def lr_at(config: DistillConfig, step: int, total: int) -> float:
 
 
 # --------------------------------------------------------------------------- outputs and losses
-
-
-def call(model: nn.Module, inputs: Mapping[str, torch.Tensor], hidden_states: bool = False) -> Any:
-    """model(**inputs) for token inputs (with every block's output when asked), model(x) otherwise."""
-    if set(inputs) == {"x"}:
-        return model(inputs["x"])
-    return model(**inputs, output_hidden_states=True) if hidden_states else model(**inputs)
-
-
-def main_output(out: Any) -> torch.Tensor:
-    """Logits for a classifier, the last hidden state for an encoder, or the tensor itself."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        v = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
-        if isinstance(v, torch.Tensor):
-            return v
-    return out[0]
 
 
 def pooled(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -169,8 +152,8 @@ def _matching(train_set: Any, teacher: nn.Module, config: DistillConfig, device:
         inputs = train_set.batch(idx, device)
         with autocast(config, device):
             with torch.no_grad():
-                t_out = call(teacher, inputs, hidden)
-            s_out = call(net, inputs, hidden)
+                t_out = call_with(teacher, inputs, hidden)
+            s_out = call_with(net, inputs, hidden)
         return distill_loss(s_out, t_out, inputs.get("attention_mask"), config)
 
     return objective
@@ -188,13 +171,14 @@ def agreement(
     over the whole set, real tokens only), and top-1 agreement for classifiers (else None)."""
     was = model.training, reference.training
     model.eval(), reference.eval()
-    cosines, diff2, ref2, same, n = [], 0.0, 0.0, 0, 0
+    cosines, diff2, ref2, same, n, classifier = [], 0.0, 0.0, 0, 0, False
     try:
         for idx in torch.arange(len(dataset)).split(batch_size):
             inputs = dataset.batch(idx, device)
-            a, b = main_output(call(model, inputs)).float(), main_output(call(reference, inputs)).float()
+            a, b = main_output(call_with(model, inputs)).float(), main_output(call_with(reference, inputs)).float()
             mask = inputs.get("attention_mask")
-            if a.ndim == 2:
+            classifier = a.ndim == 2
+            if classifier:
                 same += int((a.argmax(1) == b.argmax(1)).sum())
                 pa, pb = a, b
             else:
@@ -207,7 +191,6 @@ def agreement(
     finally:
         model.train(was[0]), reference.train(was[1])
     cos = torch.cat(cosines)
-    classifier = bool(cosines) and main_output(call(reference, dataset.batch(torch.arange(1), device))).ndim == 2
     return {
         "agreement_cosine": float(cos.mean()),
         "agreement_cosine_min": float(cos.min()),
@@ -216,11 +199,11 @@ def agreement(
     }
 
 
-def metric_name(model: nn.Module, dataset: Any, device: torch.device | str = "cpu") -> str:
-    """What the run's metric measures: top1_agreement for a classifier, agreement_cosine otherwise."""
-    with torch.no_grad():
-        out = main_output(call(model.eval(), dataset.batch(torch.arange(1), device)))
-    return "top1_agreement" if out.ndim == 2 else "agreement_cosine"
+def metric_of(rep: Mapping[str, float | None]) -> tuple[str, float]:
+    """The agreement a run reports: top-1 agreement for a classifier, else the mean cosine."""
+    if rep["top1_agreement"] is not None:
+        return "top1_agreement", float(rep["top1_agreement"])
+    return "agreement_cosine", float(rep["agreement_cosine"])
 
 
 # --------------------------------------------------------------------------- the run
@@ -266,14 +249,13 @@ def distill(
         start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device)
     net = wrap_distributed(model, env, device, find_unused=True)
     loop = Loop(model, net, optimizer, train_set, _matching(train_set, teacher, config, device),
-                lambda k: lr_at(config, k, total), config.epochs, config.seed, device, env, local_batch, history,
+                lambda k: lr_at(config, k, total), config.lr, config.epochs, config.seed, device, env, local_batch, history,
                 save_state, on_batch, should_stop, step=start_epoch * steps_per_epoch + skip,
                 metric_dtype=torch.float64, train_mode=False, eval_every=eval_every, on_eval=on_eval)  # fmt: skip
 
     def evaluate_fn() -> tuple[float, float]:
         rep = agreement(model, teacher, test_set, device, config.eval_batch_size)
-        metric = rep["top1_agreement"] if rep["top1_agreement"] is not None else rep["agreement_cosine"]
-        return float(metric), rep["output_rel_error"]
+        return metric_of(rep)[1], rep["output_rel_error"]
 
     return loop.run(start_epoch, skip, partial, evaluate_fn, on_epoch)
 

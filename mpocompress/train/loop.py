@@ -81,6 +81,7 @@ class Loop:
     train_set: Any  # len() and batches by index: an ImageSet, a TokenSet, ...
     objective: Objective
     lr_fn: Callable[[int], float]  # learning rate at optimizer step k
+    peak_lr: float  # the configured learning rate (named in the divergence message)
     epochs: int
     seed: int
     device: torch.device
@@ -111,7 +112,7 @@ class Loop:
         if not math.isfinite(avg):
             raise MPOCompressError(
                 f"the training loss became {avg} in epoch {epoch + 1} (step {batch}); lower --lr "
-                f"(now {self.lr_fn(self.step):g} at this step) or check the data; the last good checkpoint was kept"
+                f"(now {self.peak_lr:g}) or check the data; the last good checkpoint was kept"
             )
 
     def train_step(self, epoch: int, i: int, idx: torch.Tensor, sums: _Sums) -> float:
@@ -241,7 +242,7 @@ def fit(
         with torch.no_grad():
             forward_checked(model.eval(), train_set.batch(torch.arange(min(2, len(train_set))), device)[0], train_set)
     loop = Loop(model, net, optimizer, train_set, _cross_entropy(train_set, teacher, config, device, env.rank),
-                lambda k: lr_at(config, k, steps_per_epoch), config.epochs, config.seed, device, env, local_batch,
+                lambda k: lr_at(config, k, steps_per_epoch), config.lr, config.epochs, config.seed, device, env, local_batch,
                 history, save_state, on_batch, should_stop, step=start_epoch * steps_per_epoch + skip)  # fmt: skip
     return loop.run(start_epoch, skip, partial, lambda: evaluate(model, test_set, device, config.eval_batch_size), on_epoch)
 
