@@ -59,6 +59,11 @@ def main() -> None:
     ap.add_argument("--layer-weight", type=float, default=0.0)
     ap.add_argument("--train", choices=("all", "mpo", "not-embeddings"), default="not-embeddings",
                     help="which parameters train: all, the MPO layers only, or all but the embeddings")
+    ap.add_argument("--init", choices=("weight", "calibrated"), default="weight",
+                    help="the start: weight (4-core MPO at a uniform D, TT-SVD of the weights) or calibrated "
+                         "(--target-params with 512 calibration sentences of the training lines, --structure auto)")
+    ap.add_argument("--sequential", action="store_true", help="with --init calibrated: the error-correcting sequential fit")
+    ap.add_argument("--steps", type=int, default=None, help="train exactly this many steps (instead of --minutes)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="runs/minilm", help="write OUT.json")
     args = ap.parse_args()
@@ -81,16 +86,27 @@ def main() -> None:
     dense = sum(m.weight.numel() for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder."))
     from mpocompress import analyze
 
-    a, b = analyze(student, CompressionConfig(bond_dim=32)).params_mpo, analyze(student, CompressionConfig(bond_dim=64)).params_mpo
-    d = max(1, round(32 + (args.fraction * dense - a) / ((b - a) / 32)))  # MPO size is linear in D here
     t0 = time.perf_counter()
-    report = compress_(student, CompressionConfig(bond_dim=d))
+    if args.init == "weight":
+        a = analyze(student, CompressionConfig(bond_dim=32)).params_mpo
+        b = analyze(student, CompressionConfig(bond_dim=64)).params_mpo
+        d = max(1, round(32 + (args.fraction * dense - a) / ((b - a) / 32)))  # MPO size is linear in D here
+        report = compress_(student, CompressionConfig(bond_dim=d))
+        share = report.params_mpo / dense
+    else:
+        d = None
+        total = sum(p.numel() for p in student.parameters())
+        target = total - dense + round(args.fraction * dense)
+        calib = tokens(tokenizer, train_lines[:512], "calib", args.max_length)
+        batches = [calib.batch(idx) for idx in torch.arange(len(calib)).split(32)]
+        report = compress_(student, CompressionConfig(target_params=target, layers=("encoder.*",), sequential=args.sequential),
+                           calibration=batches)  # fmt: skip
+        share = (report.params_model_after - (total - dense)) / dense
     convert_s = time.perf_counter() - t0
-    share = report.params_mpo / dense
     if args.train != "all":
-        from mpocompress.nn import MPOLayer
+        from mpocompress.nn import FactorizedLayer
 
-        keep = {id(p) for m in student.modules() if isinstance(m, MPOLayer) for p in m.parameters()}
+        keep = {id(p) for m in student.modules() if isinstance(m, FactorizedLayer) for p in m.parameters()}
         for name, p in student.named_parameters():
             if args.train == "mpo" and id(p) not in keep:
                 p.requires_grad_(False)
@@ -118,7 +134,7 @@ def main() -> None:
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     student.load_state_dict(snapshot)
     budget_s = args.minutes * 60
-    steps = int(budget_s / per_step * 0.95)  # what fits the budget (the curve's evaluations do not count)
+    steps = args.steps or int(budget_s / per_step * 0.95)  # what fits the budget (evaluations do not count)
     # as many passes as the budget allows over at most --train-sentences sentences, the schedule planned
     # for exactly those steps: E passes over n sentences, E * n / batch = steps
     epochs = max(1, math.ceil(steps * args.batch_size / len(train)))
@@ -130,7 +146,7 @@ def main() -> None:
     trained = 0.0
 
     def deadline() -> int:
-        return 15 if time.perf_counter() - t_train - trained > budget_s else 0
+        return 15 if args.steps is None and time.perf_counter() - t_train - trained > budget_s else 0
 
     evals: list[float] = []
 
@@ -156,7 +172,8 @@ def main() -> None:
         "held_out_sentences": len(test_lines), "curve": curve, "final": final}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2))
-    print(f"\nMiniLM, {share:.1%} of the encoder's linear weights (D={d}), {n} sentences x {epochs} passes, {train_s / 60:.1f} min of training")
+    start_desc = f"D={d}" if d is not None else "calibrated allocation"
+    print(f"\nMiniLM, {share:.1%} of the encoder's linear weights ({start_desc}), {n} sentences x {epochs} passes, {train_s / 60:.1f} min of training")
     print(f"held-out stdlib sentences: {len(test_lines)}; mean cosine {final['agreement_cosine']:.4f} "
           f"(start {curve[0]['test_cosine']:.4f}), min {final['agreement_cosine_min']:.4f}")  # fmt: skip
     if math.isnan(final["agreement_cosine"]):

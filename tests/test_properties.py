@@ -63,9 +63,15 @@ def test_conversion_succeeds_exactly_or_fails_with_our_error(case, seed):
     except MPOCompressError:
         event("refused with MPOCompressError")
         return  # refused with a message
+    if not report.layers:  # --eps asked for an MPO no smaller than the layer: it stays dense, with the reason
+        event("kept dense")
+        assert eps is not None and model[0] is layer
+        assert "would not be smaller" in report.skipped[0].reason and report.params_model_after == report.params_model_before
+        return
     event("converted")
     mpo = model[0]
     assert isinstance(mpo, (MPOLinear, MPOConv2d))
+    assert mpo.num_mpo_params < layer.weight.numel() or eps is None
     assert mpo.in_modes == in_modes and mpo.out_modes == out_modes
     if bond is not None:
         assert max(mpo.bond_dims, default=1) <= bond

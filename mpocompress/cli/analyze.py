@@ -8,11 +8,13 @@ import typer
 
 from mpocompress.cli import app
 from mpocompress.cli.common import (
-    ARCH_OPT, BOND_OPT, CORES_OPT, EPS_OPT, EXCLUDE_OPT, JSON_OPT, LAYERS_OPT, MODEL_ARG, SHAPE_OPT, TRUST_OPT,
-    build_config, handle_errors, parse_input_shape, print_json,
+    ARCH_OPT, BOND_OPT, CALIB_DATA_DIR_OPT, CALIB_OPT, CALIB_SAMPLES_OPT, CORES_OPT, EPS_OPT, EXCLUDE_OPT, JSON_OPT,
+    LAYERS_OPT, MAX_ERROR_OPT, MAX_LENGTH_OPT, MODEL_ARG, SHAPE_OPT, STRUCTURE_OPT, TARGET_OPT, TRUST_OPT, build_config,
+    handle_errors, parse_input_shape, print_json,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, render_report
 from mpocompress.io import load_model
+from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.compress import add_macs, rows_per_sample
 from mpocompress.compress import analyze as analyze_model
 from mpocompress.models import default_input_shape
@@ -28,7 +30,14 @@ def analyze(
     layers: list[str] = LAYERS_OPT,
     exclude: list[str] = EXCLUDE_OPT,
     eps: str | None = EPS_OPT,
-    cores: str = CORES_OPT,
+    cores: str | None = CORES_OPT,
+    structure: str = STRUCTURE_OPT,
+    target_params: str | None = TARGET_OPT,
+    max_error: str | None = MAX_ERROR_OPT,
+    calib: str | None = CALIB_OPT,
+    calib_samples: int = CALIB_SAMPLES_OPT,
+    max_length: int = MAX_LENGTH_OPT,
+    data_dir: Path | None = CALIB_DATA_DIR_OPT,
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
     input_shape: str | None = typer.Option(
@@ -39,13 +48,16 @@ def analyze(
     """Show the heaviest layers and what an MPO of bond dimension D would cost and lose.
 
     Without --bond-dim or --eps: the exact MPO of each candidate layer and a sweep over
-    D = 2, 4, 8, 16, 32. Multiply-adds per sample are shown dense and as MPO with the plan a
+    D = 2, 4, 8, 16, 32. With --calib, --target-params or --max-error: each layer's error against
+    its size for every structure (output errors on the calibration data with --calib) and the
+    allocation at the budget. Multiply-adds per sample are shown dense and as MPO with the plan a
     training step of batch 64 takes. The model file is only read.
     """
-    config = build_config(bond_dim, shape, layers, exclude, eps, cores)
+    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error)
     sample = parse_input_shape(input_shape)
     loaded = load_model(model, arch, trust_pickle)
-    report = analyze_model(loaded.model, config)
+    batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length) if calib else None
+    report = analyze_model(loaded.model, config, calibration=batches)
     sample = sample or default_input_shape(loaded.arch)
     add_macs(report, loaded.model, rows_per_sample(loaded.model, sample) if sample else None)
     if json_out:

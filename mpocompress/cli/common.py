@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import traceback
@@ -111,18 +112,59 @@ def parse_eps(text: str | None) -> float | None:
     return eps
 
 
+_SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+
+
+def parse_target_params(text: str | None) -> float | None:
+    """`--target-params 0.5` (a fraction of the model's parameters now), `12000000`, `12M` or `300k`."""
+    if text is None:
+        return None
+    t = text.strip().lower().replace("_", "").replace(",", "")
+    scale = _SUFFIXES.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise MPOCompressError(f"--target-params {text!r} is not a number; give a count (12000000, 12M) or a fraction such as 0.5") from None
+    if not (math.isfinite(value) and value > 0):
+        raise MPOCompressError(f"--target-params must be positive, got {text}; e.g. --target-params 0.5")
+    if value > 1:
+        value = float(round(value))
+    return value
+
+
+def parse_fraction(text: str | None, option: str, example: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise MPOCompressError(f"{option} {text!r} is not a number; {example}") from None
+    if not 0.0 < v < 1.0:
+        raise MPOCompressError(f"{option} must lie strictly between 0 and 1, got {text}; {example}")
+    return v
+
+
 def build_config(
-    bond_dim: list[str], shape: list[str], layers: list[str], exclude: list[str], eps: str | None, cores: str
-) -> CompressionConfig:
+    bond_dim: list[str], shape: list[str], layers: list[str], exclude: list[str], eps: str | None, cores: str | None,
+    structure: str = "auto", target_params: str | None = None, max_error: str | None = None, sequential: bool = False,
+) -> CompressionConfig:  # fmt: skip
     d, per_layer = parse_bond_dims(bond_dim)
+    n = _positive_int(cores, "--cores", "use e.g. --cores 4") if cores is not None else None
+    if n is not None and n > 8:
+        raise MPOCompressError(f"--cores must be at most 8, got {n}")
     return CompressionConfig(
         bond_dim=d,
         eps=parse_eps(eps),
-        n_cores=_positive_int(cores, "--cores", "use e.g. --cores 4"),
+        n_cores=n or 4,
         layers=tuple(layers),
         exclude=tuple(exclude),
         bond_dims=per_layer,
         shapes=parse_shapes(shape),
+        structure=structure,
+        target_params=parse_target_params(target_params),
+        max_error=parse_fraction(max_error, "--max-error", "give a relative error such as 0.2"),
+        mpo_cores=(n,) if n is not None else (),
+        sequential=sequential,
     )
 
 
@@ -145,7 +187,15 @@ SHAPE_OPT = typer.Option([], "--shape", metavar="NAME=IxI..:JxJ..", help="Modes 
 LAYERS_OPT = typer.Option([], "--layers", metavar="PATTERN", help="Convert only these layers: exact name, glob (features.*) or re:REGEX (repeatable).", show_default=False)
 EXCLUDE_OPT = typer.Option([], "--exclude", metavar="PATTERN", help="Leave these layers dense (same patterns as --layers; repeatable).", show_default=False)
 EPS_OPT = typer.Option(None, "--eps", metavar="E", help="Target relative Frobenius error of each layer's weight, in (0, 1); bonds are cut to meet it (and D, if given).")
-CORES_OPT = typer.Option("4", "--cores", metavar="N", help="Number of MPO cores n for layers without --shape.")
+CORES_OPT = typer.Option(None, "--cores", metavar="N", help="Number of MPO cores n (2-6 typical) for layers without --shape. [default: 4; with --target-params the allocator tries 3 and 4]", show_default=False)
+STRUCTURE_OPT = typer.Option("auto", "--structure", metavar="auto|mpo|lowrank", help="Forms a layer may take: lowrank (two factors), mpo, or auto (the allocator picks per layer; with --bond-dim/--eps alone, auto means mpo).")
+TARGET_OPT = typer.Option(None, "--target-params", metavar="P", help="The model's size after: a count (12000000, 12M) or a fraction of its size now (0.5). The allocator spreads it over the layers; a layer that nothing smaller serves stays dense.", show_default=False)
+MAX_ERROR_OPT = typer.Option(None, "--max-error", metavar="E", help="Largest relative error a layer may have, in (0, 1): its output error on --calib data, else its weight error. Alone: each layer takes its smallest form within E.", show_default=False)
+CALIB_OPT = typer.Option(None, "--calib", metavar="DATA", help="Calibration data (anything --data accepts: a dataset name, a tensors file, a folder of images, text:FILE for a text model). Factorizations then minimize each layer's error on its real inputs.", show_default=False)
+CALIB_SAMPLES_OPT = typer.Option(512, "--calib-samples", metavar="N", help="Samples of --calib to use (the first N of its training split).")
+SEQUENTIAL_OPT = typer.Option(False, "--sequential", help="Calibrate each layer on the inputs the already compressed layers give it (slower: a pass per layer group), so errors do not compound.")
+MAX_LENGTH_OPT = typer.Option(128, "--max-length", metavar="N", help="Tokens per sample for text:FILE calibration data (longer samples are cut).")
+CALIB_DATA_DIR_OPT = typer.Option(None, "--data-dir", metavar="DIR", help="Folder with the dataset files of --calib (default: $MPOCOMPRESS_DATA, else ./data).", show_default=False)
 TRUST_OPT = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled model. Unpickling can run arbitrary code: only for files you trust.")
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 

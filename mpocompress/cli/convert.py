@@ -1,4 +1,4 @@
-"""`mpocompress convert`: factorize the chosen layers by TT-SVD, swap in MPO layers, save."""
+"""`mpocompress convert`: factorize the chosen layers (MPO or low-rank, sized by D, eps or a budget), swap them in, save."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import typer
 
 from mpocompress.cli import app
 from mpocompress.cli.common import (
-    ARCH_OPT, BOND_OPT, CORES_OPT, EPS_OPT, EXCLUDE_OPT, JSON_OPT, LAYERS_OPT, MODEL_ARG, SHAPE_OPT, TRUST_OPT,
+    ARCH_OPT, BOND_OPT, CALIB_DATA_DIR_OPT, CALIB_OPT, CALIB_SAMPLES_OPT, CORES_OPT, EPS_OPT, EXCLUDE_OPT, JSON_OPT,
+    LAYERS_OPT, MAX_ERROR_OPT, MAX_LENGTH_OPT, MODEL_ARG, SEQUENTIAL_OPT, SHAPE_OPT, STRUCTURE_OPT, TARGET_OPT, TRUST_OPT,
     build_config, fail, handle_errors, print_json,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, render_report
 from mpocompress.io import check_output_path, load_model, save
+from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.compress import compress_
 
 
@@ -27,24 +29,39 @@ def convert(
     layers: list[str] = LAYERS_OPT,
     exclude: list[str] = EXCLUDE_OPT,
     eps: str | None = EPS_OPT,
-    cores: str = CORES_OPT,
+    cores: str | None = CORES_OPT,
+    structure: str = STRUCTURE_OPT,
+    target_params: str | None = TARGET_OPT,
+    max_error: str | None = MAX_ERROR_OPT,
+    calib: str | None = CALIB_OPT,
+    calib_samples: int = CALIB_SAMPLES_OPT,
+    sequential: bool = SEQUENTIAL_OPT,
+    max_length: int = MAX_LENGTH_OPT,
+    data_dir: Path | None = CALIB_DATA_DIR_OPT,
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Write the chosen layers as MPOs (sequential SVD at bond dimension D) and save the model.
+    """Write the chosen layers in factorized form (MPOs or low-rank) and save the model.
 
-    The output is safetensors with metadata to rebuild the model: `mpocompress.load(OUT)` returns it.
-    The input file is never modified.
+    Sizes: --bond-dim D or --eps E for every layer, or --target-params P (and/or --max-error E) for
+    the allocator, which picks each layer's structure and size. With --calib the factorizations
+    minimize each layer's error on its real inputs. The output is safetensors with metadata to
+    rebuild the model: `mpocompress.load(OUT)` returns it. The input file is never modified.
     """
-    config = build_config(bond_dim, shape, layers, exclude, eps, cores)
+    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, sequential)
     if output is None:
         fail("convert needs an output file: add -o OUT.safetensors")
-    if config.bond_dim is None and config.eps is None and not config.bond_dims:
-        fail("convert needs a truncation: add --bond-dim D (e.g. --bond-dim 4) or --eps E; `mpocompress analyze` helps choose")
+    if config.bond_dim is None and config.eps is None and not config.bond_dims and not config.allocating:
+        fail("convert needs a truncation or a budget: add --bond-dim D (e.g. --bond-dim 4), --eps E or --target-params P (e.g. 0.5); `mpocompress analyze` helps choose")
+    if sequential and calib is None:
+        fail("--sequential calibrates layer by layer and needs --calib DATA")
     out = check_output_path(output, force, inputs=(model,))
     loaded = load_model(model, arch, trust_pickle, check_values=False)  # checked per layer and by save
-    report = compress_(loaded.model, config)
+    batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length) if calib else None
+    report = compress_(loaded.model, config, calibration=batches)
+    if calib:
+        report.notes.append(f"calibrated on {sum(len(next(iter(b.values()))) for b in batches)} samples of {calib}")
     if loaded.arch is None:
         report.notes.append(f"{out} records no architecture (the input was a pickled model): pass --arch when loading it")
     save(loaded.model, out, loaded.arch, force=force, extra_metadata={"source_format": loaded.source, "compression": config.to_dict()})

@@ -42,12 +42,18 @@ def layers_table(report: CompressionReport, title: str) -> Table:
     t.add_column("layer")
     t.add_column("kind")
     t.add_column("N_y x N_x", justify="right")
+    lowrank = any(lr.structure != "mpo" for lr in report.layers)
+    if lowrank:
+        t.add_column("structure")
     t.add_column("modes I -> J")
-    t.add_column("bond dims")
+    t.add_column("bond dims" if not lowrank else "ranks")
     t.add_column("params", justify="right")
-    t.add_column("MPO params", justify="right")
+    t.add_column("MPO params" if not lowrank else "factor params", justify="right")
     t.add_column("rho", justify="right")
     t.add_column("rel. error", justify="right")
+    calibrated = any(lr.output_rel_error is not None for lr in report.layers)
+    if calibrated:
+        t.add_column("output error", justify="right")
     t.add_column("entropy per bond")
     macs = any(lr.macs_dense is not None for lr in report.layers)
     if macs:
@@ -62,17 +68,20 @@ def layers_table(report: CompressionReport, title: str) -> Table:
             lr.name,
             lr.kind,
             f"{lr.weight_shape[0]} x {lr.weight_shape[1]}",
+            *([lr.structure] if lowrank else []),
             _modes(lr.in_modes, lr.out_modes),
             ",".join(map(str, lr.bond_dims)),
             _fmt_int(lr.params_original),
             _fmt_int(lr.params_mpo),
             f"{lr.rho:.4g}",
             _fmt_err(lr.rel_error),
+            *([_fmt_err(lr.output_rel_error) if lr.output_rel_error is not None else "-"] if calibrated else []),
             ",".join(f"{s:.2f}" for s in lr.entropy),
             *extra,
         )
     t.add_section()
-    totals = ["total", "", "", "", "", _fmt_int(report.params_original), _fmt_int(report.params_mpo), f"{report.rho:.4g}", "", ""]
+    totals = ["total", "", "", *([""] if lowrank else []), "", "", _fmt_int(report.params_original),
+              _fmt_int(report.params_mpo), f"{report.rho:.4g}", "", *([""] if calibrated else []), ""]  # fmt: skip
     if macs:
         known = report.macs_model_dense is not None
         totals += [_fmt_int(report.macs_model_dense) if known else "?", _fmt_int(report.macs_model_mpo) if known else "?"]
@@ -107,6 +116,27 @@ def sweep_table(report: CompressionReport) -> Table:
     return t
 
 
+CURVE_SHARES = (0.05, 0.1, 0.25, 0.5)
+
+
+def curves_table(report: CompressionReport) -> Table:
+    """Per layer and structure, the least error of a form holding at most each share of the dense weights."""
+    t = _table("Error against size: least relative error of each structure within a share of the layer's weights")
+    t.add_column("layer")
+    t.add_column("structure")
+    for share in CURVE_SHARES:
+        t.add_column(f"<= {share:.0%}", justify="right")
+    for name, points in report.curves.items():
+        dense = max(p["params"] for p in points)
+        for structure in sorted({p["structure"] for p in points} - {"dense"}):
+            row = []
+            for share in CURVE_SHARES:
+                errs = [p["rel_error"] for p in points if p["structure"] == structure and p["params"] <= share * dense]
+                row.append(_fmt_err(min(errs)) if errs else "-")
+            t.add_row(name, structure, *row)
+    return t
+
+
 def skipped_table(report: CompressionReport) -> Table:
     t = _table("Left dense")
     t.add_column("layer")
@@ -123,9 +153,13 @@ def render_report(console: Console, report: CompressionReport, heading: str) -> 
     if report.sweep:
         console.print(layers_table(report, "Candidate layers: exact MPO (every bond at its cap) and its entanglement entropy"))
         console.print(sweep_table(report))
-    else:
+    elif report.layers:
         verb = "Converted" if report.applied else "Would convert"
-        console.print(layers_table(report, f"{verb} to MPO"))
+        forms = sorted({lr.structure for lr in report.layers})
+        what = "MPO" if forms == ["mpo"] else " and ".join("MPO" if f == "mpo" else "low-rank" for f in forms)
+        console.print(layers_table(report, f"{verb} to {what}"))
+    if report.curves:
+        console.print(curves_table(report))
     if report.skipped:
         console.print(skipped_table(report))
     if not report.sweep:

@@ -3,13 +3,15 @@ the exact MPO of each selected layer and a sweep over D; and multiply-adds per s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from mpocompress.compress.choose import plan_layers
 from mpocompress.compress.config import CompressionConfig
-from mpocompress.compress.convert import (
+from mpocompress.compress.targets import (
     LayerTarget, check_layer_finite, current_cores, decompose, report_for, select_targets, weight_of,
 )  # fmt: skip
 from mpocompress.compress.registry import converter_for
@@ -35,6 +37,20 @@ def _exact_report(t: LayerTarget) -> LayerReport:
     return layer_report(c.name, c.kind, c.ny, c.nx, MPOShape.exact(t.in_modes, t.out_modes), spectra, 0.0)
 
 
+def _planned(
+    model: nn.Module, config: CompressionConfig, chosen: list[LayerTarget], skipped: list, before: int,
+    calibration: Sequence[Mapping[str, torch.Tensor]] | None,
+) -> CompressionReport:  # fmt: skip
+    plan = plan_layers(model, replace(config, refine_steps=0, sequential=False), chosen, calibration, curves_only=True)
+    made = [t for t, _ in plan.factors()]
+    after = before - sum(t.cand.numel for t in made) + sum(lr.params_mpo for lr in plan.layers)
+    report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, False, after)
+    report.curves = plan.curves()
+    if not plan.layers:
+        report.notes.append("no size asked for: the curves show each form's error; give --target-params P to see an allocation")
+    return report
+
+
 def _after(before: int, targets: list[LayerTarget], layers: list[LayerReport]) -> int:
     """The model's parameters once the targets are written as the reported MPOs: what each layer holds
     now (its dense weights, or its cores when it is already an MPO) is replaced by the MPO's count."""
@@ -50,15 +66,22 @@ def analyze(
     config: CompressionConfig = CompressionConfig(),
     filter_fn: FilterFn | None = None,
     sweep_bond_dims: tuple[int, ...] = SWEEP_BOND_DIMS,
+    calibration: Sequence[Mapping[str, torch.Tensor]] | None = None,
 ) -> CompressionReport:
     """What `compress_` would do, without changing the model.
 
     With a bond dimension or eps in `config`: the report at that truncation. Without either: the
     exact MPO of each selected layer (bonds at their caps, with their entanglement entropies),
     and in `sweep` one report for each D in `sweep_bond_dims`.
+
+    With calibration batches, a budget or an error cap (or `structure="lowrank"`): what the
+    allocator would choose, with the errors each form would have (output errors with calibration;
+    no L-BFGS refinement, so an MPO's error is its TT-SVD's) and in `curves` every form it weighed.
     """
     before = count_params(model)
     chosen, skipped = select_targets(model, config, filter_fn)
+    if calibration is not None or config.allocating or config.structure == "lowrank":
+        return _planned(model, config, chosen, skipped, before, calibration)
     if config.settings.has_global_truncation or all(t.bond_dim is not None for t in chosen):
         layers = [report_for(t, decompose(t, t.bond_dim, t.eps)) for t in chosen]
         return totals(layers, skipped, before, config.bond_dim, config.eps, False, _after(before, chosen, layers))

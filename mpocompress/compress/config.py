@@ -3,6 +3,7 @@ form users and files know that holds both."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -54,6 +55,12 @@ class CompressionConfig:
     bond_dims: Mapping[str, int] = field(default_factory=dict)  # per-layer D, by pattern
     shapes: Mapping[str, tuple[Modes, Modes]] = field(default_factory=dict)  # per-layer (I modes, J modes)
     coverage: float = 0.9  # default selection: heaviest layers until they hold this share of weights
+    structure: str = "auto"  # auto | mpo | lowrank: the forms a layer may take
+    target_params: float | None = None  # the model's size after: a count, or a fraction (<= 1) of its size now
+    max_error: float | None = None  # the largest relative error (output error with calibration) a layer may have
+    mpo_cores: tuple[int, ...] = ()  # core counts the allocator tries for an MPO (empty: 3 and 4, or n_cores if given)
+    refine_steps: int = 30  # L-BFGS iterations on the calibrated objective per MPO layer (0: none)
+    sequential: bool = False  # calibrate each layer on the inputs the already-compressed layers give it
 
     def __post_init__(self) -> None:
         for what, d in [("bond dimension", self.bond_dim), *((f"bond dimension of {k}", v) for k, v in self.bond_dims.items())]:
@@ -65,6 +72,23 @@ class CompressionConfig:
             raise MPOCompressError(f"number of cores must be a whole number >= 1, got {self.n_cores!r}")
         if not 0.0 < self.coverage <= 1.0:
             raise MPOCompressError(f"coverage must lie in (0, 1], got {self.coverage!r}")
+        if self.structure not in ("auto", "mpo", "lowrank"):
+            raise MPOCompressError(f"unknown structure {self.structure!r}; choose auto, mpo or lowrank")
+        if self.target_params is not None and not (math.isfinite(self.target_params) and self.target_params > 0):
+            raise MPOCompressError(f"target parameters must be a count >= 1 or a fraction in (0, 1], got {self.target_params!r}")
+        if self.target_params is not None and self.target_params > 1 and self.target_params != int(self.target_params):
+            raise MPOCompressError(f"target parameters above 1 must be a whole count, got {self.target_params!r}")
+        if self.max_error is not None and not (0.0 < float(self.max_error) < 1.0):
+            raise MPOCompressError(f"max error must lie strictly between 0 and 1, got {self.max_error!r}")
+        if (self.target_params is not None or self.max_error is not None) and (self.bond_dim is not None or self.eps is not None):
+            raise MPOCompressError(
+                "--bond-dim D / --eps fix every layer's size, which leaves nothing to allocate: give either them or "
+                "--target-params / --max-error (NAME=D for single layers works with both)"
+            )
+        if any(not isinstance(n, int) or not 1 <= n <= 8 for n in self.mpo_cores):
+            raise MPOCompressError(f"MPO core counts must be whole numbers in 1..8, got {self.mpo_cores!r}")
+        if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise MPOCompressError(f"refinement steps must be a whole number >= 0, got {self.refine_steps!r}")
         for pattern in (*self.layers, *self.exclude, *self.bond_dims, *self.shapes):
             if pattern.startswith("re:"):
                 try:
@@ -78,8 +102,14 @@ class CompressionConfig:
                 )
 
     @property
+    def allocating(self) -> bool:
+        """Whether layer sizes are chosen by the allocator (a budget or an error cap was given)."""
+        return self.target_params is not None or self.max_error is not None
+
+    @property
     def selection(self) -> LayerSelection:
-        return LayerSelection(tuple(self.layers), tuple(self.exclude), self.coverage)
+        # under a budget every candidate is offered to the allocator, which keeps dense what does not pay
+        return LayerSelection(tuple(self.layers), tuple(self.exclude), 1.0 if self.allocating else self.coverage)
 
     @property
     def settings(self) -> MPOSettings:
@@ -101,6 +131,12 @@ class CompressionConfig:
             "bond_dims": dict(self.bond_dims),
             "shapes": {k: [list(i), list(o)] for k, (i, o) in self.shapes.items()},
             "coverage": self.coverage,
+            "structure": self.structure,
+            "target_params": self.target_params,
+            "max_error": self.max_error,
+            "mpo_cores": list(self.mpo_cores),
+            "refine_steps": self.refine_steps,
+            "sequential": self.sequential,
         }
 
     @classmethod
@@ -114,4 +150,10 @@ class CompressionConfig:
             bond_dims=dict(d.get("bond_dims", {})),
             shapes={k: (tuple(v[0]), tuple(v[1])) for k, v in d.get("shapes", {}).items()},
             coverage=d.get("coverage", 0.9),
+            structure=d.get("structure", "auto"),
+            target_params=d.get("target_params"),
+            max_error=d.get("max_error"),
+            mpo_cores=tuple(d.get("mpo_cores", ())),
+            refine_steps=d.get("refine_steps", 30),
+            sequential=d.get("sequential", False),
         )

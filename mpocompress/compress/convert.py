@@ -1,137 +1,53 @@
-"""How the selected layers become MPOs: their modes and bond dimension (`LayerTarget`), the
-TT-SVD (or rounding, for a layer that is already an MPO), and the module swap.
-
-`compress_(model, config, filter_fn)` changes the model in place and returns a CompressionReport.
-"""
+"""The module swap: `compress_(model, config, filter_fn, calibration)` writes the selected layers in
+the forms `mpocompress.compress.choose` picks, in place, and returns a CompressionReport."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from mpocompress.compress.config import CompressionConfig, MPOSettings
+from mpocompress.compress.choose import plan_layers
+from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.registry import build_like
-from mpocompress.compress.report import CompressionReport, LayerReport, SkippedLayer, count_params, layer_report, totals
-from mpocompress.compress.select import Candidate, FilterFn, first_match, select_layers
-from mpocompress.errors import MPOCompressError
-from mpocompress.nn import MPOLayer
-from mpocompress.tensors import (
-    Modes, MPOShape, TTDecomposition, all_finite, bond_spectra, check_modes, factorize, tt_round, tt_svd,
-)  # fmt: skip
+from mpocompress.compress.report import CompressionReport, count_params, totals
+from mpocompress.compress.select import FilterFn
+from mpocompress.compress.targets import select_targets
 from mpocompress.utils import set_module
 
 
-@dataclass
-class LayerTarget:
-    """A selected layer and the MPO it is to become: modes, and D and/or eps."""
-
-    cand: Candidate
-    in_modes: Modes
-    out_modes: Modes
-    bond_dim: int | None
-    eps: float | None
-
-
-def _modes_for(c: Candidate, settings: MPOSettings) -> tuple[Modes, Modes]:
-    given = first_match(settings.shapes, c.names)
-    if given is not None:
-        i_modes = check_modes(given[0], c.nx, f"input modes of {c.name} ({c.nx} inputs)")
-        o_modes = check_modes(given[1], c.ny, f"output modes of {c.name} ({c.ny} outputs)")
-        return i_modes, o_modes
-    if isinstance(c.module, MPOLayer):
-        return tuple(c.module.in_modes), tuple(c.module.out_modes)
-    return factorize(c.nx, settings.n_cores), factorize(c.ny, settings.n_cores)
-
-
-def target_for(c: Candidate, settings: MPOSettings) -> LayerTarget:
-    d = first_match(settings.bond_dims, c.names)
-    i_modes, o_modes = _modes_for(c, settings)
-    return LayerTarget(c, i_modes, o_modes, d if d is not None else settings.bond_dim, settings.eps)
-
-
-def select_targets(
-    model: nn.Module, config: CompressionConfig, filter_fn: FilterFn | None = None
-) -> tuple[list[LayerTarget], list[SkippedLayer]]:
-    """Choose the layers to convert and their modes and bond dims; report the ones left dense."""
-    settings = config.settings
-
-    def reject(c: Candidate) -> str | None:  # the default selection skips layers an MPO would not shrink
-        t = target_for(c, settings)
-        if t.bond_dim is not None and t.eps is None:
-            n_mpo = MPOShape.uniform(t.in_modes, t.out_modes, t.bond_dim).param_count
-            if n_mpo >= c.numel:
-                return f"its MPO at D={t.bond_dim} would not be smaller ({n_mpo} parameters)"
-        return None
-
-    named = {"per-layer bond dim": tuple(settings.bond_dims), "per-layer shape": tuple(settings.shapes)}
-    chosen, skipped = select_layers(
-        model, config.selection, named, not settings.has_global_truncation, filter_fn, reject
-    )
-    return [target_for(c, settings) for c in chosen], skipped
-
-
-def check_layer_finite(t: LayerTarget, tensors: list[torch.Tensor]) -> None:
-    if not all(all_finite(x) for x in tensors):
-        raise MPOCompressError(
-            f"layer {t.cand.name} has NaN or Inf weights (a damaged checkpoint or a diverged training run); "
-            f"use a good checkpoint or leave the layer dense with --exclude {t.cand.name}"
-        )
-
-
-def current_cores(t: LayerTarget) -> list[torch.Tensor] | None:
-    """The layer's own cores when it is already an MPO with the target's modes (it can be rounded)."""
-    mod, conv = t.cand.module, t.cand.converter
-    if conv.cores is not None and (tuple(mod.in_modes), tuple(mod.out_modes)) == (t.in_modes, t.out_modes):
-        return conv.cores(mod)
-    return None
-
-
-def weight_of(t: LayerTarget) -> torch.Tensor:
-    """The layer's dense weight matrix (N_y, N_x), checked for NaN and Inf."""
-    w = t.cand.converter.weight(t.cand.module).detach().reshape(t.cand.ny, t.cand.nx)
-    check_layer_finite(t, [w])
-    return w
-
-
-def decompose(t: LayerTarget, bond_dim: int | None, eps: float | None) -> TTDecomposition:
-    cores = current_cores(t)
-    if cores is not None:
-        check_layer_finite(t, cores)
-        return tt_round(cores, max_bond=bond_dim, eps=eps)  # round the MPO, never forming W
-    return tt_svd(weight_of(t), t.in_modes, t.out_modes, max_bond=bond_dim, eps=eps)
-
-
-def report_for(t: LayerTarget, dec: TTDecomposition) -> LayerReport:
-    shape = MPOShape(t.in_modes, t.out_modes, tuple(dec.bond_dims))
-    return layer_report(t.cand.name, t.cand.kind, t.cand.ny, t.cand.nx, shape, bond_spectra(dec.cores), dec.rel_error)
-
-
-def compress_(model: nn.Module, config: CompressionConfig, filter_fn: FilterFn | None = None) -> CompressionReport:
-    """Replace the chosen Linear/Conv2d layers of `model` by MPO layers, in place.
+def compress_(
+    model: nn.Module,
+    config: CompressionConfig,
+    filter_fn: FilterFn | None = None,
+    calibration: Sequence[Mapping[str, torch.Tensor]] | None = None,
+) -> CompressionReport:
+    """Replace the chosen Linear/Conv2d layers of `model` by factorized layers, in place.
 
     Args:
         model: the model to change.
-        config: which layers, which modes, which bond dims.
+        config: which layers; their sizes (a D, an eps, or a budget / error cap for the allocator);
+            which structures.
         filter_fn: optional `filter_fn(module, full_name) -> bool` restricting the candidates.
+        calibration: batches of the model's inputs (as the datasets serve them); with them every
+            factorization minimizes the error on the layers' real inputs.
 
     Returns:
         The report of what was replaced and what was left dense.
     """
     chosen, skipped = select_targets(model, config, filter_fn)
-    missing = [t.cand.name for t in chosen if t.bond_dim is None and t.eps is None]
-    if missing:
-        raise MPOCompressError(
-            f"no bond dimension for {', '.join(missing)}: give --bond-dim D (or NAME=D for each) or --eps E"
-        )
     before = count_params(model)
-    layers = []
-    for t in chosen:
-        dec = decompose(t, t.bond_dim, t.eps)
-        layers.append(report_for(t, dec))
+    plan = plan_layers(model, config, chosen, calibration)
+    for t, factors in plan.factors(model):  # swapped at once: a sequential plan calibrates on the layers swapped so far
         old = t.cand.module
-        new = build_like(old, t.cand.converter.build(old, dec.cores))
+        new = build_like(old, t.cand.converter.build(old, factors.factors, factors.structure))
+        if factors.bias_shift is not None and new.bias is not None:
+            with torch.no_grad():
+                new.bias.add_(factors.bias_shift.to(new.bias))
         for name in t.cand.names:
             set_module(model, name, new)
-    return totals(layers, skipped, before, config.bond_dim, config.eps, applied=True, model_after=count_params(model))
+    report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, applied=True,
+                    model_after=count_params(model))  # fmt: skip
+    report.notes += plan.notes
+    return report

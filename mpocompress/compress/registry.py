@@ -5,14 +5,16 @@ layer. Adding a structure or a source type is one `register_converter` call; not
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mpocompress.nn import MPOConv2d, MPOLayer, MPOLinear, conv_geometry
+from mpocompress.nn import LowRankConv2d, LowRankLinear, MPOConv2d, MPOLayer, MPOLinear, conv_geometry, dense_patches
+from mpocompress.nn.conv_geometry import ConvGeometry
+
+Builder = Callable[[nn.Module, list[torch.Tensor]], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,9 @@ class Converter:
         kind: "linear" or "conv2d": the report's kind, and how outputs count input vectors.
         dims: (N_y, N_x) of the module's weight matrix.
         weight: that matrix, dense (differentiable where the module is).
-        build: the MPO layer holding the given cores, with the module's bias and geometry.
+        builders: per structure ("mpo", "lowrank"), the factorized layer holding the given factors
+            (the MPO's cores; [B, A] for low-rank), with the module's bias and geometry.
+        rows: the input vectors the weight multiplies, (rows, N_x), from the module's input x.
         problem: why the module cannot be converted (None when it can).
         cores: for a module that is already an MPO, its cores (it is then rounded, W never formed).
         transposed: the module stores its weight as (N_x, N_y) (transformers' Conv1D).
@@ -32,11 +36,14 @@ class Converter:
     kind: str
     dims: Callable[[nn.Module], tuple[int, int]]
     weight: Callable[[nn.Module], torch.Tensor]
-    build: Callable[[nn.Module, list[torch.Tensor]], nn.Module]
+    builders: dict[str, Builder]
+    rows: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     problem: Callable[[nn.Module], str | None] = lambda m: None
     cores: Callable[[nn.Module], list[torch.Tensor]] | None = None
     transposed: bool = False
 
+    def build(self, module: nn.Module, factors: list[torch.Tensor], structure: str = "mpo") -> nn.Module:
+        return self.builders[structure](module, factors)
     def set_dense(self, module: nn.Module, w: torch.Tensor) -> None:
         """Write the dense matrix w (N_y, N_x) into a dense module of this type, in its own layout."""
         with torch.no_grad():
@@ -81,29 +88,51 @@ def _mpo_cores(m: nn.Module) -> list[torch.Tensor]:
     return list(m.cores)
 
 
-def _linear_build(m: nn.Module, cores: list[torch.Tensor]) -> nn.Module:
-    return MPOLinear.from_cores(cores, m.bias)
+_LINEAR_BUILDERS: dict[str, Builder] = {
+    "mpo": lambda m, cores: MPOLinear.from_cores(cores, m.bias),
+    "lowrank": lambda m, f: LowRankLinear.from_factors(f[0], f[1], m.bias),
+}
+_CONV_BUILDERS: dict[str, Builder] = {
+    "mpo": lambda m, cores: MPOConv2d.from_cores(cores, bias=m.bias, **conv_geometry(m)),
+    "lowrank": lambda m, f: LowRankConv2d.from_factors(f[0], f[1], bias=m.bias, **conv_geometry(m)),
+}
 
 
-def _conv_build(m: nn.Module, cores: list[torch.Tensor]) -> nn.Module:
-    return MPOConv2d.from_cores(cores, bias=m.bias, **conv_geometry(m))
+def _linear_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
 
 
-register_converter(nn.Linear, Converter(
-    "linear", lambda m: (m.out_features, m.in_features), lambda m: m.weight, _linear_build,
-))  # fmt: skip
+def _conv_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m.patches(x) if isinstance(m, ConvGeometry) else dense_patches(m, x)
+
+
+def _factored_weight(m: nn.Module) -> torch.Tensor:
+    return m.weight_matrix()
+
+
+def _linear_dims(m: nn.Module) -> tuple[int, int]:
+    return m.out_features, m.in_features
+
+
+def _conv_dims(m: nn.Module) -> tuple[int, int]:
+    return m.out_channels, m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+
+
+register_converter(nn.Linear, Converter("linear", _linear_dims, lambda m: m.weight, _LINEAR_BUILDERS, _linear_rows))
 register_converter(MPOLinear, Converter(
-    "linear", lambda m: (m.out_features, m.in_features), lambda m: m.weight_matrix(), _linear_build, cores=_mpo_cores,
+    "linear", _linear_dims, _factored_weight, _LINEAR_BUILDERS, _linear_rows, cores=_mpo_cores,
 ))  # fmt: skip
+register_converter(LowRankLinear, Converter("linear", _linear_dims, _factored_weight, _LINEAR_BUILDERS, _linear_rows))
 register_converter(nn.Conv2d, Converter(
-    "conv2d", lambda m: (m.out_channels, m.weight[0].numel()), lambda m: m.weight.reshape(m.out_channels, -1),
-    _conv_build, problem=_grouped_problem,
+    "conv2d", _conv_dims, lambda m: m.weight.reshape(m.out_channels, -1), _CONV_BUILDERS, _conv_rows,
+    problem=_grouped_problem,
 ))  # fmt: skip
 register_converter(MPOConv2d, Converter(
-    "conv2d", lambda m: (m.out_channels, math.prod(m.in_modes)), lambda m: m.weight_matrix(), _conv_build,
-    cores=_mpo_cores,
+    "conv2d", _conv_dims, _factored_weight, _CONV_BUILDERS, _conv_rows, cores=_mpo_cores,
 ))  # fmt: skip
+register_converter(LowRankConv2d, Converter("conv2d", _conv_dims, _factored_weight, _CONV_BUILDERS, _conv_rows))
 # transformers' Conv1D (GPT-2 and relatives): y = x @ weight + bias with weight (N_x, N_y)
 register_converter("transformers.pytorch_utils.Conv1D", Converter(
-    "linear", lambda m: (m.weight.shape[1], m.weight.shape[0]), lambda m: m.weight.T, _linear_build, transposed=True,
+    "linear", lambda m: (m.weight.shape[1], m.weight.shape[0]), lambda m: m.weight.T, _LINEAR_BUILDERS, _linear_rows,
+    transposed=True,
 ))  # fmt: skip

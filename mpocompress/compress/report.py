@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mpocompress.nn import MPOLayer
+from mpocompress.nn import FactorizedLayer
 from mpocompress.tensors import MPOShape, compression_ratio, entanglement_entropy
 
 
@@ -36,6 +36,9 @@ class LayerReport:
     macs_dense: int | None = None  # multiply-adds per sample of the dense layer
     macs_mpo: int | None = None  # ... of the MPO layer with its chosen plan (training step, batch `macs_batch`)
     plan: str = ""  # that plan: dense (rebuild W), contract, or merged groups
+    structure: str = "mpo"  # "mpo" or "lowrank" (a low-rank layer is the 2-core MPO (1, N_x) -> (N_y, 1), bond r)
+    ranks: list[int] = field(default_factory=list)  # the bond dims, or [r] for low-rank
+    output_rel_error: float | None = None  # ||(W - W~) X|| / ||W X|| on the calibration inputs (with --calib)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class SkippedLayer:
     kind: str
     params: int
     reason: str
+    structure: str = "dense"
 
 
 @dataclass
@@ -66,19 +70,24 @@ class CompressionReport:
     macs_model_dense: int | None = None  # multiply-adds per sample of every Linear/Conv2d, all dense
     macs_model_mpo: int | None = None  # ... with the MPO layers as planned
     sweep: list[CompressionReport] = field(default_factory=list)  # analyze without D: one report per D
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # analyze --calib: per layer, each form's params and error
     notes: list[str] = field(default_factory=list)  # anything the user should know
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "sweep"}
         if self.sweep:
             d["sweep"] = [s.to_dict() for s in self.sweep]
+        if not self.curves:
+            d.pop("curves")
         return d
 
 
 def layer_report(
-    name: str, kind: str, ny: int, nx: int, shape: MPOShape, spectra: list[torch.Tensor], rel_error: float
-) -> LayerReport:
-    """The report of one layer written as an MPO of `shape`, with the entanglement spectra of its bonds."""
+    name: str, kind: str, ny: int, nx: int, shape: MPOShape, spectra: list[torch.Tensor], rel_error: float,
+    structure: str = "mpo", output_rel_error: float | None = None,
+) -> LayerReport:  # fmt: skip
+    """The report of one layer written as an MPO of `shape` (a low-rank layer: the 2-core MPO
+    (1, N_x) -> (N_y, 1)), with the entanglement spectra of its bonds."""
     n_mpo = shape.param_count
     return LayerReport(
         name=name,
@@ -92,7 +101,10 @@ def layer_report(
         rho=compression_ratio(n_mpo, ny * nx),
         rel_error=rel_error,
         entropy=[entanglement_entropy(s) for s in spectra],
-        notation=shape.notation(),
+        notation=shape.notation() if structure == "mpo" else f"lowrank(r={shape.bond_dims[0]})",
+        structure=structure,
+        ranks=list(shape.bond_dims),
+        output_rel_error=output_rel_error,
     )
 
 
@@ -130,7 +142,7 @@ def summarize(model: nn.Module) -> dict[str, Any]:
     their place), rho (params_mpo / params_original; 1.0 for a model without MPO layers) and
     mpo_layers (each MPO layer's name and notation).
     """
-    mpo = {id(m): (name, m) for name, m in model.named_modules() if isinstance(m, MPOLayer)}
+    mpo = {id(m): (name, m) for name, m in model.named_modules() if isinstance(m, FactorizedLayer)}
     params_mpo = sum(m.num_mpo_params for _, m in mpo.values())
     params_original = sum(m.weight_numel for _, m in mpo.values())
     params_model = count_params(model)

@@ -26,7 +26,7 @@ from mpocompress.compress import converter_for
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.hf import decode_tokenizer_files, quiet_transformers, save_pretrained_quietly, write_files
 from mpocompress.models.hf import build_hf, hf_config_json, probe_inputs, transformers_module
-from mpocompress.nn import MPOLayer
+from mpocompress.nn import FactorizedLayer
 from mpocompress.utils import call_with, is_hf_model, main_output, short_error
 
 FORMATS = ("hf", "onnx", "pt2")
@@ -109,7 +109,7 @@ def dense_hf_model(model: nn.Module, arch: str) -> nn.Module:
     state = model.state_dict()
     mpo_prefixes = []
     for name, m in model.named_modules():
-        if isinstance(m, MPOLayer):
+        if isinstance(m, FactorizedLayer):
             target = dense.get_submodule(name)
             conv = converter_for(target)
             if conv is None:

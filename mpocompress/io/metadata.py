@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.nn import LAYER_KINDS
+from mpocompress.nn import LAYER_KINDS, MPOLayer
 from mpocompress.tensors import all_finite, bond_caps
 
 FORMAT = "mpocompress"
@@ -69,6 +69,10 @@ def check_layer_spec(path: Path, name: str, spec: Mapping[str, Any]) -> None:
         nx, ny = cls.spec_dims(dict(spec))
     except ValueError as e:
         raise bad(str(e)) from None
+    if type(spec.get("bias")) is not bool:
+        raise bad(f"bias must be true or false, got {spec.get('bias')!r}")
+    if not issubclass(cls, MPOLayer):
+        return
     in_modes, out_modes, bonds = whole_list("in_modes"), whole_list("out_modes"), spec.get("bond_dims")
     if not in_modes or len(in_modes) != len(out_modes):
         raise bad(f"{len(in_modes)} input modes but {len(out_modes)} output modes")
@@ -80,8 +84,6 @@ def check_layer_spec(path: Path, name: str, spec: Mapping[str, Any]) -> None:
         type(b) is int and 1 <= b <= c for b, c in zip(bonds, caps)
     ):  # fmt: skip
         raise bad(f"bond_dims must be {len(caps)} whole numbers within their caps {caps}, got {bonds!r}")
-    if type(spec.get("bias")) is not bool:
-        raise bad(f"bias must be true or false, got {spec.get('bias')!r}")
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:

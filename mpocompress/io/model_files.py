@@ -30,7 +30,7 @@ from mpocompress.io.paths import atomic_write, check_output_path, check_readable
 from mpocompress.io.pickles import torch_load, unwrap_state_dict
 from mpocompress.models import ARCHITECTURES, ArchSpec, build_model, parse_arch
 from mpocompress.models.hf import HF_PREFIX, build_hf, hf_arch, hf_config_json
-from mpocompress.nn import MPOLayer, layer_from_spec
+from mpocompress.nn import FactorizedLayer, layer_from_spec
 from mpocompress.utils import is_hf_model, set_module, short_error
 
 
@@ -310,8 +310,8 @@ def _tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def mpo_layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Geometry of every MPO layer, by every full name it is reachable under."""
-    return {name: m.spec() for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, MPOLayer)}
+    """Geometry of every factorized layer (MPO or low-rank), by every full name it is reachable under."""
+    return {name: m.spec() for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, FactorizedLayer)}
 
 
 _INFER = "infer"

@@ -1,9 +1,9 @@
 """Factorized layers: drop-in modules whose weights are MPOs, one module per structure, and the
 registry from a layer kind in file metadata to its class.
 
-Adding a structure: write its module here (a subclass of `MPOLayer`, or any nn.Module with
+Adding a structure: write its module here (a subclass of `FactorizedLayer`, with
 `spec`/`spec_dims`/`from_spec`), add it to `LAYER_KINDS`, and register its converter in
-`mpocompress.compress.convert`.
+`mpocompress.compress.registry`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,20 @@ from typing import Any
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn.cache import WeightCache, cached_layers, materialized
+from mpocompress.nn.conv_geometry import conv_geometry, dense_patches
+from mpocompress.nn.factorized import FactorizedLayer
+from mpocompress.nn.lowrank import LowRankConv2d, LowRankLinear
 from mpocompress.nn.mpo_base import STRATEGIES, MPOLayer, Strategy
-from mpocompress.nn.mpo_conv import MPOConv2d, conv_geometry
+from mpocompress.nn.mpo_conv import MPOConv2d
 from mpocompress.nn.mpo_linear import MPOLinear
 
-LAYER_KINDS: dict[str, type[MPOLayer]] = {cls.kind: cls for cls in (MPOLinear, MPOConv2d)}
+LAYER_KINDS: dict[str, type[FactorizedLayer]] = {
+    cls.kind: cls for cls in (MPOLinear, MPOConv2d, LowRankLinear, LowRankConv2d)
+}
 
 
-def layer_from_spec(spec: dict[str, Any]) -> MPOLayer:
-    """An MPO layer skeleton (random values) with the shapes a checkpoint's metadata describes."""
+def layer_from_spec(spec: dict[str, Any]) -> FactorizedLayer:
+    """A factorized layer skeleton (random values) with the shapes a checkpoint's metadata describes."""
     cls = LAYER_KINDS.get(spec.get("kind"))  # type: ignore[arg-type]
     if cls is None:
         raise MPOCompressError(f"unknown MPO layer kind {spec.get('kind')!r} in checkpoint metadata")
@@ -28,6 +33,6 @@ def layer_from_spec(spec: dict[str, Any]) -> MPOLayer:
 
 
 __all__ = [
-    "LAYER_KINDS", "STRATEGIES", "MPOConv2d", "MPOLayer", "MPOLinear", "Strategy", "WeightCache", "cached_layers",
-    "conv_geometry", "layer_from_spec", "materialized",
+    "LAYER_KINDS", "STRATEGIES", "FactorizedLayer", "LowRankConv2d", "LowRankLinear", "MPOConv2d", "MPOLayer", "MPOLinear", "Strategy", "WeightCache", "cached_layers",
+    "conv_geometry", "dense_patches", "layer_from_spec", "materialized",
 ]  # fmt: skip

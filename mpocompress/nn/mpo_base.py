@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn.cache import WeightCache, stamp
-from mpocompress.tensors import ContractionPlan, MPOShape, choose_plan, merge_cores, mpo_contract, mpo_to_matrix
-from mpocompress.tensors import random_cores, resolve_bonds, resolve_modes, tt_svd
+from mpocompress.nn.factorized import FactorizedLayer
+from mpocompress.tensors import (
+    ContractionPlan,
+    MPOShape,
+    choose_plan,
+    merge_cores,
+    mpo_contract,
+    mpo_to_matrix,
+    random_cores,
+    resolve_bonds,
+    resolve_modes,
+    tt_svd,
+)
 
 Strategy = Literal["auto", "contract", "merged", "dense"]
 STRATEGIES = ("auto", "contract", "merged", "dense")
@@ -43,19 +54,11 @@ def factorized_cores(
     return tt_svd(w, in_modes, out_modes, max_bond=bond_dim, eps=eps).cores
 
 
-def whole_field(spec: dict[str, Any], key: str) -> int:
-    """A metadata field that must be a whole number >= 1 (ValueError with the reason otherwise)."""
-    v = spec.get(key)
-    if type(v) is not int or v < 1:
-        raise ValueError(f"{key} must be a whole number >= 1, got {v!r}")
-    return v
-
-
-class MPOLayer(nn.Module):
+class MPOLayer(FactorizedLayer):
     """Base of MPOLinear and MPOConv2d: a dense map from N_x inputs to N_y outputs whose weight
     matrix is an MPO with cores (D_{k-1}, J_k, I_k, D_k), plus an optional bias."""
 
-    kind: ClassVar[str]  # the layer's name in file metadata ("linear", "conv2d")
+    structure = "mpo"
     in_modes: tuple[int, ...]
     out_modes: tuple[int, ...]
 
@@ -101,6 +104,10 @@ class MPOLayer(nn.Module):
     @property
     def num_mpo_params(self) -> int:
         return self.shape.param_count
+
+    @property
+    def ranks(self) -> list[int]:
+        return self.bond_dims
 
     @property
     def weight_numel(self) -> int:
@@ -193,20 +200,3 @@ class MPOLayer(nn.Module):
         """W (N_y x N_x) for the dense plan, cached when allowed."""
         merged = self._groups((len(self.cores),), use_cache)[0]
         return merged.view(merged.shape[1], merged.shape[2])
-
-    # ------------------------------------------------------------------ metadata
-
-    def spec(self) -> dict[str, Any]:
-        """Everything needed to rebuild this layer's skeleton (for checkpoints)."""
-        raise NotImplementedError
-
-    @classmethod
-    def spec_dims(cls, spec: dict[str, Any]) -> tuple[int, int]:
-        """(N_x, N_y) that a metadata spec of this kind describes, after checking its own fields;
-        raises ValueError with the reason when a field is invalid."""
-        raise NotImplementedError
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> MPOLayer:
-        """A skeleton (random values) with the shapes a checkpoint's metadata describes."""
-        raise NotImplementedError

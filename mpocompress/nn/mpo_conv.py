@@ -11,27 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.nn.mpo_base import MPOLayer, copied, factorized_cores, whole_field
+from mpocompress.nn.conv_geometry import ConvGeometry, conv_geometry, pair
+from mpocompress.nn.mpo_base import MPOLayer, copied, factorized_cores
 
 
-def conv_geometry(conv: nn.Module) -> dict[str, Any]:
-    """What an nn.Conv2d or MPOConv2d does besides its weights: in_channels, kernel_size, stride,
-    padding, dilation and padding_mode (the keyword arguments of `MPOConv2d.from_cores`)."""
-    return {
-        "in_channels": conv.in_channels, "kernel_size": tuple(conv.kernel_size), "stride": tuple(conv.stride),
-        "padding": conv.padding if isinstance(conv.padding, str) else tuple(conv.padding),
-        "dilation": tuple(conv.dilation), "padding_mode": conv.padding_mode,
-    }  # fmt: skip
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
-
-
-class MPOConv2d(MPOLayer):
+class MPOConv2d(ConvGeometry, MPOLayer):
     """A 2-D convolution whose kernel, seen as the linear map from C_in*kh*kw inputs to C_out
     outputs (input index (c, u, v) row-major, as in `weight.reshape(C_out, -1)`), is an MPO.
 
@@ -69,23 +53,6 @@ class MPOConv2d(MPOLayer):
         nx = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self._init_random(nx, out_channels, bond_dim, in_modes, out_modes, n_cores, bias, device, dtype)
 
-    def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode) -> None:
-        if padding_mode not in _PAD_MODES:
-            raise MPOCompressError(f"unknown padding_mode {padding_mode!r}; choose one of {list(_PAD_MODES)}")
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.dilation = _pair(dilation)
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise MPOCompressError(f"padding must be 'same', 'valid' or integers, got {padding!r}")
-            if padding == "same" and self.stride != (1, 1):
-                raise MPOCompressError("padding='same' needs stride 1 (as in nn.Conv2d)")
-            self.padding: tuple[int, int] | str = padding
-        else:
-            self.padding = _pair(padding)
-        self.padding_mode = padding_mode
-
     # ------------------------------------------------------------------ constructors
 
     @classmethod
@@ -103,7 +70,7 @@ class MPOConv2d(MPOLayer):
     ) -> MPOConv2d:
         """Wrap given cores (and bias) with the given convolution geometry."""
         out_channels = math.prod(int(c.shape[1]) for c in cores)
-        kh, kw = _pair(kernel_size)
+        kh, kw = pair(kernel_size)
         nx = math.prod(int(c.shape[2]) for c in cores)
         if nx != in_channels * kh * kw:
             raise MPOCompressError(
@@ -154,16 +121,9 @@ class MPOConv2d(MPOLayer):
     # ------------------------------------------------------------------ metadata
 
     def spec(self) -> dict[str, Any]:
-        g = conv_geometry(self)
         return {
             "kind": self.kind,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(g["kernel_size"]),
-            "stride": list(g["stride"]),
-            "padding": g["padding"] if isinstance(g["padding"], str) else list(g["padding"]),
-            "dilation": list(g["dilation"]),
-            "padding_mode": g["padding_mode"],
+            **self.geometry_spec(),
             "in_modes": list(self.in_modes),
             "out_modes": list(self.out_modes),
             "bond_dims": self.bond_dims,
@@ -172,12 +132,7 @@ class MPOConv2d(MPOLayer):
 
     @classmethod
     def spec_dims(cls, spec: dict[str, Any]) -> tuple[int, int]:
-        kernel = spec.get("kernel_size")
-        if not isinstance(kernel, list) or not all(type(k) is int and k >= 1 for k in kernel):
-            raise ValueError(f"kernel_size must be a list of whole numbers >= 1, got {kernel!r}")
-        if len(kernel) != 2:
-            raise ValueError(f"kernel_size must hold 2 numbers, got {kernel}")
-        return whole_field(spec, "in_channels") * kernel[0] * kernel[1], whole_field(spec, "out_channels")
+        return cls.geometry_dims(spec)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> MPOConv2d:
@@ -188,30 +143,6 @@ class MPOConv2d(MPOLayer):
         )  # fmt: skip
 
     # ------------------------------------------------------------------ forward
-
-    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Apply any padding the unfold/conv call cannot express; return the padding left for it."""
-        if self.padding == "valid":
-            return x, (0, 0)
-        if self.padding == "same":
-            pads = []
-            for k, d in zip(self.kernel_size, self.dilation):
-                total = d * (k - 1)
-                pads.append((total // 2, total - total // 2))
-            (ht, hb), (wl, wr) = pads
-            if self.padding_mode == "zeros" and ht == hb and wl == wr:
-                return x, (ht, wl)
-            return F.pad(x, (wl, wr, ht, hb), mode=_PAD_MODES[self.padding_mode]), (0, 0)
-        ph, pw = self.padding  # type: ignore[misc]
-        if self.padding_mode == "zeros":
-            return x, (ph, pw)
-        return F.pad(x, (pw, pw, ph, ph), mode=_PAD_MODES[self.padding_mode]), (0, 0)
-
-    def _output_hw(self, xp: torch.Tensor, pad: tuple[int, int]) -> tuple[int, int]:
-        """Output size for the already padded input `xp` and the padding left to the conv/unfold call."""
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        h, w = xp.shape[-2:]
-        return (h + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batched = x.dim() == 4
@@ -232,14 +163,4 @@ class MPOConv2d(MPOLayer):
         return y if batched else y.squeeze(0)
 
     def extra_repr(self) -> str:
-        s = (
-            f"{self.notation()}, {self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}"
-        )
-        if self.padding not in ((0, 0), "valid"):
-            s += f", padding={self.padding}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        return s + f", bias={self.bias is not None}"
+        return f"{self.notation()}, {self.geometry_repr()}, bias={self.bias is not None}"

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpocompress.nn.cache import stamp
-from mpocompress.nn.mpo_base import MPOLayer, copied, factorized_cores, whole_field
+from mpocompress.nn.factorized import whole_field
+from mpocompress.nn.mpo_base import MPOLayer, copied, factorized_cores
 
 
 class MPOLinear(MPOLayer):

@@ -267,14 +267,19 @@ def tt_round(
     cores: Sequence[torch.Tensor],
     max_bond: int | None = None,
     eps: float | None = None,
+    bonds: Sequence[int] | None = None,
 ) -> TTDecomposition:
     """Bring an MPO to canonical form and truncate its bonds, without forming W.
 
     Right-orthogonalizes the cores by QR, then sweeps left to right with SVDs. The singular values
     seen at each bond are then exactly the singular values of W's matching unfolding (the MPO's
-    entanglement spectrum); with no max_bond and no eps nothing is truncated.
+    entanglement spectrum); with no max_bond, eps or bonds nothing is truncated. `bonds` caps each
+    inner bond separately (n - 1 numbers).
     """
     _check_truncation(max_bond, eps)
+    if bonds is not None and len(bonds) != len(cores) - 1:
+        raise MPOCompressError(f"need {len(cores) - 1} bond caps for {len(cores)} cores, got {list(bonds)}")
+    caps = [max_bond if bonds is None else (b if max_bond is None else min(b, max_bond)) for b in (bonds or [None] * (len(cores) - 1))]
     out_dtype = cores[0].dtype
     cs = [c.detach().to(torch.float64) for c in cores]
     if not all(all_finite(c) for c in cs):
@@ -293,7 +298,7 @@ def tt_round(
     for k in range(n - 1):
         r0, j, i, r1 = cs[k].shape
         u, s, vh = torch.linalg.svd(cs[k].reshape(r0 * j * i, r1), full_matrices=False)
-        r = _keep(s, max_bond, delta)
+        r = _keep(s, caps[k], delta)
         discarded_sq += float(s[r:].square().sum())
         cs[k] = u[:, :r].reshape(r0, j, i, r)
         carry = s[:r, None] * vh[:r]  # (r, r1)

@@ -10,7 +10,7 @@ from torch import nn
 
 from mpocompress.compress import count_params
 from mpocompress.errors import MPOCompressError
-from mpocompress.nn import MPOLayer
+from mpocompress.nn import FactorizedLayer, MPOLayer
 from mpocompress.tensors import balance_cores
 
 FREEZE_PARTS = ("central", "dense")
@@ -35,10 +35,13 @@ def freeze_(model: nn.Module, parts: Sequence[str]) -> int:
         if p not in FREEZE_PARTS:
             raise MPOCompressError(f"unknown part to freeze {p!r}; choose from {', '.join(FREEZE_PARTS)}")
     mpo_layers = [m for m in model.modules() if isinstance(m, MPOLayer)]
-    if parts and not mpo_layers:
+    factorized = [m for m in model.modules() if isinstance(m, FactorizedLayer)]
+    if parts and not factorized:
         raise MPOCompressError("the model has no MPO layers to fine-tune partially; convert it first or drop --freeze")
+    if "central" in parts and not mpo_layers:
+        raise MPOCompressError("--freeze central needs MPO layers and the model has none; convert it with --structure mpo or drop it")
     if "dense" in parts:
-        in_mpo = {id(p) for m in mpo_layers for p in m.parameters()}
+        in_mpo = {id(p) for m in factorized for p in m.parameters()}
         for p in model.parameters():
             if id(p) not in in_mpo:
                 p.requires_grad_(False)

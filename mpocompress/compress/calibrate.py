@@ -1,0 +1,264 @@
+"""Calibration: what the selected layers see on real data, and what an error in each costs at the
+model's output.
+
+`collect_grams` runs the model over calibration batches once, with a hook on every selected layer
+that adds the Gram matrix X^T X of the layer's input vectors (a conv: of its unfolded patches) in
+float64, so memory is O(sum N_x^2) whatever the number of samples. Padding tokens (where a batch's
+attention_mask is 0) are left out. `measure_sensitivity` injects small Gaussian noise into one
+layer's output at a time and measures the mean squared change of the model's main output per unit
+of noise energy: the factor that turns a layer's output error into an error at the model's output
+(the allocator's currency).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mpocompress.compress.registry import converter_for
+from mpocompress.errors import MPOCompressError
+from mpocompress.utils import call_with, main_output
+
+Batch = Mapping[str, torch.Tensor]
+NOISE = 0.05  # probe noise, as a share of the layer's output RMS
+
+
+@dataclass
+class Calibration:
+    """Per selected layer (by name): the Gram matrix of its inputs (float64), how many input
+    vectors it summed, and the output-error sensitivity (None until measured)."""
+
+    grams: dict[str, torch.Tensor]
+    rows: dict[str, int]
+    samples: int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of the input vectors (float64)
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    groups: list[list[str]] = field(default_factory=list)  # layers in call order, grouped when they share one input tensor
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early once every needed input was seen."""
+
+
+def _row_mask(batch: Batch) -> torch.Tensor | None:
+    mask = batch.get("attention_mask")
+    return mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, ...) without padded positions when the mask fits its leading dims."""
+    if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask]
+    return x
+
+
+@contextlib.contextmanager
+def _hooks(modules: Mapping[str, nn.Module], fn, pre: bool) -> Iterator[None]:
+    handles = []
+    for name, mod in modules.items():
+        if pre:
+            handles.append(mod.register_forward_pre_hook(lambda m, args, n=name: fn(n, m, args[0])))
+        else:
+            handles.append(mod.register_forward_hook(lambda m, args, out, n=name: fn(n, m, out)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _run(model: nn.Module, batch: Batch) -> object:
+    try:
+        return call_with(model, batch)
+    except _Stop:
+        return None
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items())
+        raise MPOCompressError(f"the model does not run on the calibration data ({shapes}: {str(e).splitlines()[0] if str(e) else type(e).__name__}); give --calib data this model takes") from None
+
+
+@torch.no_grad()
+def collect_grams(
+    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], stop_after: set[str] | None = None
+) -> Calibration:
+    """X^T X of every named module's inputs over the batches (one pass; a module reachable under
+    several names is hooked once, under its first). With `stop_after`, each pass ends as soon as
+    those modules have been called."""
+    unique: dict[str, nn.Module] = {}
+    seen_ids: set[int] = set()
+    for name, mod in modules.items():
+        if id(mod) not in seen_ids:
+            seen_ids.add(id(mod))
+            unique[name] = mod
+    grams: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    mask: torch.Tensor | None = None
+    pending: set[str] = set()
+    calls: list[tuple[str, int]] = []  # (name, id of its input) at its first call, in call order
+    alive: list[torch.Tensor] = []
+
+    def hook(name: str, mod: nn.Module, x: torch.Tensor) -> None:
+        if name not in rows:
+            calls.append((name, id(x)))
+            alive.append(x)  # held so that no later input reuses its id during this pass
+        conv = converter_for(mod)
+        vecs = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach()
+        g = grams.get(name)
+        if g is None:
+            g = grams[name] = torch.zeros(vecs.shape[1], vecs.shape[1], dtype=torch.float64, device=vecs.device)
+            sums[name] = torch.zeros(vecs.shape[1], dtype=torch.float64, device=vecs.device)
+        step = max(1, (1 << 22) // max(vecs.shape[1], 1))
+        for s in range(0, vecs.shape[0], step):
+            v = vecs[s : s + step].to(torch.float64)
+            g.addmm_(v.T, v)
+            sums[name] += v.sum(0)
+        rows[name] = rows.get(name, 0) + int(vecs.shape[0])
+        pending.discard(name)
+        if stop_after is not None and not pending:
+            raise _Stop
+
+    was_training = model.training
+    model.eval()
+    samples = 0
+    try:
+        with _hooks(unique, hook, pre=True):
+            for batch in batches:
+                mask = _row_mask(batch)
+                pending = set(stop_after) if stop_after is not None else set()
+                _run(model, batch)
+                alive.clear()
+                samples += int(next(iter(batch.values())).shape[0])
+    finally:
+        model.train(was_training)
+    missing = [n for n in unique if n not in grams]
+    if missing:
+        raise MPOCompressError(f"layer {missing[0]} is never called on the calibration data; give data that runs through it or --exclude it")
+    out = Calibration({}, {}, samples)
+    for name, key in calls:
+        if out.groups and calls[[n for n, _ in calls].index(out.groups[-1][-1])][1] == key:
+            out.groups[-1].append(name)
+        else:
+            out.groups.append([name])
+    for name, mod in modules.items():  # every name, shared modules share their Gram
+        first = next(n for n, m in unique.items() if m is mod)
+        out.grams[name], out.rows[name], out.sums[name] = grams[first], rows[first], sums[first]
+    return out
+
+
+@dataclass
+class CrossStats:
+    """One layer's inputs in the original model (X) and in the partly compressed one (X'), row for row."""
+
+    gram: torch.Tensor  # X^T X
+    total: torch.Tensor  # sum of X's rows
+    gram_in: torch.Tensor  # X'^T X'
+    sum_in: torch.Tensor  # sum of X''s rows
+    cross: torch.Tensor  # X'^T X
+    rows: int
+
+
+@torch.no_grad()
+def collect_cross(
+    reference: nn.Module, model: nn.Module, names: Sequence[str], batches: Sequence[Batch]
+) -> dict[str, CrossStats]:
+    """For the named layers (a group called on one input), the statistics `cross_whitening` needs:
+    each batch runs through the original `reference` and through `model`, each pass ending once the
+    group has been called."""
+    ref_mods = {n: reference.get_submodule(n) for n in names}
+    mods = {n: model.get_submodule(n) for n in names}
+    seen: dict[str, torch.Tensor] = {}
+    out: dict[str, CrossStats] = {}
+    mask: torch.Tensor | None = None
+    pending: set[str] = set()
+
+    def grab(store: dict[str, torch.Tensor]):  # noqa: ANN202
+        def hook(name: str, mod: nn.Module, x: torch.Tensor) -> None:
+            conv = converter_for(mod)
+            store[name] = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach().to(torch.float64)
+            pending.discard(name)
+            if not pending:
+                raise _Stop
+        return hook
+
+    states = reference.training, model.training
+    reference.eval(), model.eval()
+    try:
+        for batch in batches:
+            mask = _row_mask(batch)
+            current: dict[str, torch.Tensor] = {}
+            for net, table, store in ((reference, ref_mods, seen), (model, mods, current)):
+                pending = set(names)
+                with _hooks(table, grab(store), pre=True):
+                    _run(net, batch)
+            for n in names:
+                x, xp = seen[n], current[n]
+                if x.shape != xp.shape:
+                    raise MPOCompressError(f"layer {n} sees inputs of shape {tuple(xp.shape)} after compression, {tuple(x.shape)} before")
+                s = out.get(n)
+                if s is None:
+                    z = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+                    v = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+                    s = out[n] = CrossStats(z.clone(), v.clone(), z.clone(), v.clone(), z.clone(), 0)
+                s.gram.addmm_(x.T, x)
+                s.gram_in.addmm_(xp.T, xp)
+                s.cross.addmm_(xp.T, x)
+                s.total += x.sum(0)
+                s.sum_in += xp.sum(0)
+                s.rows += int(x.shape[0])
+            seen.clear()
+    finally:
+        reference.train(states[0]), model.train(states[1])
+    return out
+
+
+def _output(model: nn.Module, batch: Batch) -> torch.Tensor:
+    y = main_output(_run(model, batch)).detach().to(torch.float64)
+    return _real_rows(y, _row_mask(batch)) if y.dim() >= 3 else y
+
+
+@torch.no_grad()
+def measure_sensitivity(
+    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], seed: int = 0
+) -> dict[str, float]:
+    """For each named module: E||change of the model's main output||^2 / E||noise||^2 when Gaussian
+    noise (NOISE times the output's RMS) is added to that module's output alone, over the batches
+    (padding positions excluded, in the noise and in the output)."""
+    was_training = model.training
+    model.eval()
+    try:
+        reference = [_output(model, b) for b in batches]
+        gen = torch.Generator().manual_seed(seed)
+        state: dict[str, object] = {"energy": 0.0, "mask": None}
+
+        def add_noise(m: nn.Module, args: object, y: torch.Tensor) -> torch.Tensor:
+            if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+                return y
+            noise = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y)
+            keep = state["mask"]
+            if isinstance(keep, torch.Tensor) and y.dim() == 3 and tuple(y.shape[:2]) == tuple(keep.shape):
+                noise = noise * keep[..., None].to(noise.dtype)  # no noise on padding positions
+            noise = noise * (NOISE * float(y.detach().float().square().mean().sqrt()))
+            state["energy"] = float(state["energy"]) + float(noise.double().square().sum())
+            return y + noise
+
+        out: dict[str, float] = {}
+        for name, mod in modules.items():
+            state["energy"] = 0.0
+            handle = mod.register_forward_hook(add_noise)
+            change = 0.0
+            try:
+                for b, ref in zip(batches, reference):
+                    state["mask"] = _row_mask(b)
+                    change += float((_output(model, b) - ref).square().sum())
+            finally:
+                handle.remove()
+            energy = float(state["energy"])
+            out[name] = change / energy if energy > 0 else 0.0
+        return out
+    finally:
+        model.train(was_training)

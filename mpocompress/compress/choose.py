@@ -1,0 +1,297 @@
+"""What each selected layer becomes: the form asked for (a D or an eps), or the allocator's choice
+under a parameter budget and/or an error cap; then the factors of that form.
+
+With calibration batches, every layer's input Gram matrix is collected first (one pass), each
+error is an output error on those inputs, and the allocator weighs a layer's output error by how
+much it moves the model's output (`measure_sensitivity`). The cost of a form is that predicted
+squared change of the model's output per sample; the allocator minimizes its sum within the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpocompress.compress.allocate import Choice, allocate, cheapest_within
+from mpocompress.compress.calibrate import Calibration, CrossStats, collect_cross, collect_grams, measure_sensitivity
+from mpocompress.compress.config import CompressionConfig
+from mpocompress.compress.report import LayerReport, SkippedLayer, count_params, layer_report
+from mpocompress.compress.select import first_match
+from mpocompress.compress.structures import AUTO_CORES, Factors, Option, layer_options, make_factors
+from mpocompress.compress.targets import LayerTarget, check_layer_finite, current_cores, weight_of
+from mpocompress.errors import MPOCompressError
+from mpocompress.tensors import (
+    MPOShape, Whitening, cross_whitening, lowrank_spectrum, truncation_errors, tt_round, tt_svd, whitening,
+)  # fmt: skip
+
+SENSITIVITY_SAMPLES = 128  # calibration samples the sensitivity probes run on
+
+
+@dataclass
+class Decision:
+    """A layer and the form chosen for it (None: stays dense, with `reason`)."""
+
+    target: LayerTarget
+    option: Option | None
+    reason: str = ""
+
+
+@dataclass
+class LayerPlan:
+    """Every selected layer's decision, and the means to make its factors."""
+
+    decisions: list[Decision]
+    config: CompressionConfig
+    calibration: Calibration | None
+    batches: Sequence[Mapping[str, torch.Tensor]] | None
+    notes: list[str] = field(default_factory=list)
+    layers: list[LayerReport] = field(default_factory=list)  # filled as the factors are made
+    _whites: dict[str, Whitening] = field(default_factory=dict)
+    options: dict[str, list[Option]] = field(default_factory=dict)  # every form the allocator weighed, by layer
+
+    def curves(self) -> dict[str, list[dict[str, Any]]]:
+        """Per layer, every form weighed: structure, parameters, predicted relative error (output
+        error with calibration), and the ranks."""
+        return {
+            name: [{"structure": o.structure, "params": o.params, "rel_error": o.rel_error,
+                    "ranks": [o.rank] if o.rank is not None else list(o.shape.bond_dims) if o.shape is not None else []}
+                   for o in opts]
+            for name, opts in self.options.items()
+        }  # fmt: skip
+
+    @property
+    def kept(self) -> list[SkippedLayer]:
+        return [
+            SkippedLayer(d.target.cand.name, d.target.cand.kind, d.target.cand.numel, d.reason)
+            for d in self.decisions if d.option is None
+        ]  # fmt: skip
+
+    def _white(self, t: LayerTarget) -> Whitening | None:
+        if self.calibration is None:
+            return None
+        name = t.cand.name
+        if name not in self._whites:
+            self._whites[name] = white_for(t, self.calibration)
+        return self._whites[name]
+
+    def factors(self, model: nn.Module | None = None) -> Iterator[tuple[LayerTarget, Factors]]:
+        """Make each converted layer's factors, in order, appending its report to `layers`. With
+        `sequential` and a `model`, each group of layers (those called on one input) is fitted anew so
+        that, on the inputs the model now gives it (its earlier layers swapped meanwhile by the
+        caller), it reproduces what the original layer gave on the original inputs."""
+        todo = {d.target.cand.name: d for d in self.decisions if d.option is not None}
+        order = [n for g in self.calibration.groups for n in g] if self.calibration is not None else []
+        order = [n for n in order if n in todo] + [n for n in todo if n not in order]
+        sequential = self.config.sequential and model is not None and self.batches is not None
+        reference = copy.deepcopy(model) if sequential else None  # the original, before any swap
+        fresh: dict[str, CrossStats] = {}
+        for name in order:
+            d = todo[name]
+            t = d.target
+            if sequential:
+                if name not in fresh:
+                    group = next((g for g in self.calibration.groups if name in g), [name])
+                    fresh = collect_cross(reference, model, [n for n in group if n in todo], self.batches)
+                st = fresh[name]
+                centre = getattr(t.cand.module, "bias", None) is not None
+                white = cross_whitening(st.gram_in, st.sum_in, st.gram, st.total, st.cross, st.rows, centre=centre)
+            else:
+                white = self._white(t)
+            f = _make(t, d.option, white, self.config.refine_steps)
+            self.layers.append(layer_report(
+                name, t.cand.kind, t.cand.ny, t.cand.nx, f.shape, f.spectra, f.rel_error, f.structure, f.output_rel_error,
+            ))  # fmt: skip
+            yield t, f
+
+
+def white_for(t: LayerTarget, cal: Calibration) -> Whitening:
+    """The whitening of a layer's inputs, centred on their mean when the layer has a bias to absorb it."""
+    name = t.cand.name
+    if getattr(t.cand.module, "bias", None) is None:
+        return whitening(cal.grams[name])
+    return whitening(cal.grams[name], total=cal.sums[name], rows=cal.rows[name])
+
+
+def _make(t: LayerTarget, option: Option, white: Whitening | None, refine_steps: int) -> Factors:
+    if option.structure == "mpo" and option.shape is None:  # a D / eps asked for: TT-SVD or rounding as before
+        cores = current_cores(t)
+        if cores is not None:
+            check_layer_finite(t, cores)
+            dec = tt_round(cores, max_bond=option.rank, eps=option.eps)
+        else:
+            dec = tt_svd(weight_of(t), t.in_modes, t.out_modes, max_bond=option.rank, eps=option.eps)
+        option = Option("mpo", option.params, option.rel_error, shape=MPOShape(t.in_modes, t.out_modes, tuple(dec.bond_dims)))
+        if white is None:
+            return Factors("mpo", dec.cores, option.shape, dec.rel_error, None, dec.singular_values)
+    return make_factors(weight_of(t), option, white, refine_steps)
+
+
+def _fixed_option(t: LayerTarget, structure: str, white: Whitening | None) -> tuple[Option | None, str]:
+    """The form a D or eps asks for, or None and the reason when it would not be smaller than dense."""
+    c = t.cand
+    if structure == "lowrank":
+        s = lowrank_spectrum(weight_of(t), white)
+        if t.bond_dim is not None:
+            r = min(t.bond_dim, s.numel())
+        else:
+            errs = truncation_errors(s, white.energy(weight_of(t)) if white is not None else None)
+            r = max(1, next((k for k in range(s.numel() + 1) if float(errs[k]) <= t.eps), s.numel()))
+            if t.bond_dim is not None:
+                r = min(r, t.bond_dim)
+        if r * (c.nx + c.ny) >= c.numel:
+            return None, f"its low-rank form at r={r} would not be smaller ({r * (c.nx + c.ny)} parameters)"
+        total = white.energy(weight_of(t)) if white is not None else None
+        return Option("lowrank", r * (c.nx + c.ny), float(truncation_errors(s, total)[r]), rank=r), ""
+    if t.eps is not None:  # the TT-SVD decides the bonds: do it now to see whether it is smaller
+        cores = current_cores(t)
+        if cores is not None:
+            check_layer_finite(t, cores)
+            dec = tt_round(cores, max_bond=t.bond_dim, eps=t.eps)
+        else:
+            dec = tt_svd(weight_of(t), t.in_modes, t.out_modes, max_bond=t.bond_dim, eps=t.eps)
+        n = MPOShape(t.in_modes, t.out_modes, tuple(dec.bond_dims)).param_count
+        if n >= c.numel:
+            return None, f"at eps={t.eps} its MPO would not be smaller ({n} parameters, dense {c.numel}); kept dense"
+        opt = Option("mpo", n, dec.rel_error)
+    else:
+        opt = Option("mpo", MPOShape.uniform(t.in_modes, t.out_modes, t.bond_dim).param_count, math.nan)
+    opt.rank, opt.eps = t.bond_dim, t.eps  # the truncation to apply (D, eps)
+    return opt, ""
+
+
+def _energy(w: torch.Tensor, white: Whitening | None) -> float:
+    return white.energy(w) if white is not None else float(w.detach().to(torch.float64).square().sum())
+
+
+def plan_layers(
+    model: nn.Module,
+    config: CompressionConfig,
+    targets: list[LayerTarget],
+    batches: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    curves_only: bool = False,
+) -> LayerPlan:
+    """Decide every target's form (without changing the model). With `curves_only`, layers without
+    a size asked for are not allocated, only their forms listed (for `analyze`)."""
+    calib = None
+    if batches is not None:
+        if len(batches) == 0:
+            raise MPOCompressError("the calibration data is empty; give at least one sample")
+        mods = {t.cand.name: t.cand.module for t in targets}
+        calib = collect_grams(model, mods, batches)
+    plan = LayerPlan([], config, calib, batches)
+    fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
+    free = [t for t in targets if t.bond_dim is None and t.eps is None]
+    fixed_structure = "lowrank" if config.structure == "lowrank" else "mpo"
+    for t in fixed:
+        opt, reason = _fixed_option(t, fixed_structure, plan._white(t))
+        plan.decisions.append(Decision(t, opt, reason))
+    if free and not config.allocating and curves_only:
+        for t in free:
+            w = weight_of(t)
+            modes = (t.in_modes, t.out_modes) if first_match(config.shapes, t.cand.names) is not None else None
+            plan.options[t.cand.name] = layer_options(w, plan._white(t), config.structure, config.mpo_cores or AUTO_CORES, modes)
+            plan.decisions.append(Decision(t, None, "no size asked for (give --target-params P for an allocation)"))
+        return plan
+    if free and not config.allocating:
+        raise MPOCompressError(
+            f"no bond dimension for {', '.join(t.cand.name for t in free)}: give --bond-dim D (or NAME=D for each), "
+            "--eps E, or a budget with --target-params P"
+        )
+    if free:
+        plan.decisions += _allocate(model, config, free, plan, fixed_params=_fixed_params(plan.decisions))
+    order = {id(t): k for k, t in enumerate(targets)}
+    plan.decisions.sort(key=lambda d: order[id(d.target)])
+    return plan
+
+
+def _fixed_params(decisions: list[Decision]) -> int:
+    return sum(d.option.params if d.option is not None else d.target.cand.numel for d in decisions)
+
+
+def _allocate(
+    model: nn.Module, config: CompressionConfig, free: list[LayerTarget], plan: LayerPlan, fixed_params: int
+) -> list[Decision]:
+    calib = plan.calibration
+    cores = config.mpo_cores or AUTO_CORES
+    options, costs = [], []
+    for t in free:
+        white = plan._white(t)
+        w = weight_of(t)
+        modes = (t.in_modes, t.out_modes) if first_match(config.shapes, t.cand.names) is not None else None
+        opts = layer_options(w, white, config.structure, cores, modes)
+        plan.options[t.cand.name] = opts
+        if config.max_error is not None:
+            opts = [o for o in opts if o.rel_error <= config.max_error]  # dense (error 0) always stays
+        options.append(opts)
+        energy = _energy(w, white) / (calib.samples if calib is not None else 1)
+        costs.append(energy)
+    if config.target_params is not None and calib is not None:
+        probe, n = [], 0
+        for b in plan.batches:
+            if n >= SENSITIVITY_SAMPLES:
+                break
+            probe.append(b)
+            n += int(next(iter(b.values())).shape[0])
+        calib.sensitivity = measure_sensitivity(model, {t.cand.name: t.cand.module for t in free}, probe)
+    sens = [calib.sensitivity.get(t.cand.name, 1.0) if calib is not None and calib.sensitivity else 1.0 for t in free]
+    if config.target_params is None:  # an error cap alone: the smallest form within it
+        picks = [cheapest_within([Choice(o.params, 0.0) for o in opts], [o.rel_error for o in opts], config.max_error) for opts in options]
+        return [_decision(t, opts[k], "no smaller form within --max-error") for t, opts, k in zip(free, options, picks)]
+    total = count_params(model)
+    target = int(config.target_params) if config.target_params > 1 else round(config.target_params * total)
+    rest = total - sum(t.cand.numel for t in free) - sum(d.target.cand.numel for d in plan.decisions) + fixed_params
+    budget = target - rest
+    if budget < sum(min(o.params for o in opts) for opts in options):
+        least = rest + sum(min(o.params for o in opts) for opts in options)
+        raise MPOCompressError(
+            f"--target-params {target:,} cannot be met: the layers left out of compression alone hold {rest:,} parameters "
+            f"and the selected ones need at least {least - rest:,}; the smallest reachable is {least:,} (select more "
+            "layers with --layers, or raise the target)"
+        )
+    choices = [[Choice(o.params, s * e * (o.rel_error**2)) for o in opts] for opts, s, e in zip(options, sens, costs)]
+    picks = allocate(choices, budget)
+    chosen = [opts[k] for opts, k in zip(options, picks)]
+    order = sorted(range(len(free)), key=lambda i: -choices[i][picks[i]].cost)
+    _fill(chosen, [free[i] for i in order], order, budget - sum(o.params for o in chosen))
+    return [_decision(t, o, "kept dense by the allocator: within the budget nothing smaller pays") for t, o in zip(free, chosen)]
+
+
+def _fill(chosen: list[Option], targets: list[LayerTarget], order: list[int], left: int) -> None:
+    """Spend what the allocator's steps left of the budget: grow one bond (or the rank) at a time of
+    the chosen forms, costliest layer first, while a step fits and the layer stays smaller than
+    dense. More bond never loses accuracy, so the error estimates stay upper bounds."""
+    grown = True
+    while grown and left > 0:
+        grown = False
+        for i, t in zip(order, targets):
+            o = chosen[i]
+            if o.structure == "lowrank":
+                step = t.cand.nx + t.cand.ny
+                if step <= left and o.params + step < t.cand.numel and o.rank < min(t.cand.nx, t.cand.ny):
+                    chosen[i] = Option("lowrank", o.params + step, o.rel_error, rank=o.rank + 1)
+                    left, grown = left - step, True
+            elif o.structure == "mpo" and o.shape is not None:
+                best = None
+                for k, cap in enumerate(o.shape.caps):
+                    if o.shape.bond_dims[k] >= cap:
+                        continue
+                    bonds = list(o.shape.bond_dims)
+                    bonds[k] += 1
+                    shape = MPOShape(o.shape.in_modes, o.shape.out_modes, tuple(bonds))
+                    step = shape.param_count - o.params
+                    if step <= left and shape.param_count < t.cand.numel and (best is None or step < best[0]):
+                        best = (step, shape)
+                if best is not None:
+                    chosen[i] = Option("mpo", best[1].param_count, o.rel_error, shape=best[1], weight_error=o.weight_error)
+                    left, grown = left - best[0], True
+
+
+def _decision(t: LayerTarget, option: Option, reason: str) -> Decision:
+    return Decision(t, None, reason) if option.structure == "dense" else Decision(t, option)
+

@@ -1,0 +1,193 @@
+"""The forms one layer can take and what each would lose: dense, low-rank at every rank, and MPOs of
+a few core counts, mode orders and bond dimensions. With calibration (a `Whitening` of the layer's
+input Gram matrix) errors are output errors on the calibration inputs; without, weight errors.
+
+`layer_options` lists them with their sizes and predicted errors (spectra once: low-rank errors for
+every rank come from one SVD; an MPO's from one TT-SVD rounded to each bond dimension).
+`factorize` makes the chosen form's factors: the closed-form whitened SVD for low-rank, TT-SVD then
+L-BFGS on the calibrated objective for an MPO.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mpocompress.tensors import (
+    MPOShape,
+    Whitening,
+    factorize,
+    lowrank,
+    lowrank_spectrum,
+    mpo_to_matrix,
+    output_error,
+    refine_cores,
+    truncation_errors,
+    tt_round,
+    tt_svd,
+)  # fmt: skip
+
+STRUCTURES = ("auto", "mpo", "lowrank")
+AUTO_CORES = (3, 4)  # MPO core counts `auto` considers unless --cores names one
+_BOND_GRID = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+_EVAL_LIMIT = 1 << 26  # N_y * N_x^2 above which MPO errors are weight errors rescaled, not measured per D
+
+
+@dataclass
+class Option:
+    """One form of one layer: its structure, size and predicted relative error."""
+
+    structure: str  # "dense", "lowrank" or "mpo"
+    params: int
+    rel_error: float  # output error with calibration, else weight error (relative)
+    rank: int | None = None
+    shape: MPOShape | None = None  # the MPO's modes and bonds
+    weight_error: float | None = None
+    eps: float | None = None  # for an MPO asked for by --eps: the truncation to apply
+
+
+@dataclass
+class Factors:
+    """The chosen form of a layer, made: factors ([B, A] or the cores) and its errors."""
+
+    structure: str
+    factors: list[torch.Tensor]
+    shape: MPOShape
+    rel_error: float  # weight error
+    output_rel_error: float | None  # calibrated output error (None without calibration)
+    spectra: list[torch.Tensor] = field(default_factory=list)
+    bias_shift: torch.Tensor | None = None  # (W - W~) mu, added to the bias (centred calibration)
+
+
+def lowrank_shape(nx: int, ny: int, r: int) -> MPOShape:
+    """A rank-r matrix as a 2-core MPO: input modes (1, N_x), output modes (N_y, 1), bond r."""
+    return MPOShape((1, nx), (ny, 1), (r,))
+
+
+def mode_candidates(nx: int, ny: int, n: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Mode factorizations of N_x and N_y into n modes to try: the balanced split (largest modes in
+    the middle), ascending and descending orders of the same modes."""
+    i_modes, o_modes = factorize(nx, n), factorize(ny, n)
+    out = [(i_modes, o_modes)]
+    for order in (sorted, lambda m: sorted(m, reverse=True)):
+        pair = (tuple(order(i_modes)), tuple(order(o_modes)))
+        if pair not in out:
+            out.append(pair)
+    return out
+
+
+def _lowrank_options(w: torch.Tensor, white: Whitening | None) -> list[Option]:
+    ny, nx = w.shape
+    s = lowrank_spectrum(w, white)
+    errs = truncation_errors(s, white.energy(w) if white is not None else None)
+    opts = []
+    for r in range(1, s.numel() + 1):
+        p = r * (nx + ny)
+        if p >= nx * ny:
+            break
+        opts.append(Option("lowrank", p, float(errs[r]), rank=r))
+    return opts
+
+
+def _mpo_options(
+    w: torch.Tensor, white: Whitening | None, cores: Sequence[int], modes: tuple[tuple[int, ...], tuple[int, ...]] | None
+) -> list[Option]:  # fmt: skip
+    """MPO forms: one TT-SVD at the largest useful D per mode choice, rounded to each D of a coarse
+    grid (errors measured there); every D in between gets its exact size and an error interpolated
+    between its grid neighbours (linearly in the squared error against parameters)."""
+    ny, nx = w.shape
+    opts: list[Option] = []
+    measure = white is not None and ny * nx * nx <= _EVAL_LIMIT
+    pairs = [modes] if modes is not None else [p for n in cores for p in _best_modes(w, n)]
+    for i_modes, o_modes in pairs:
+        if len(i_modes) < 2:
+            continue
+        cap = max(MPOShape.exact(i_modes, o_modes).bond_dims)
+        fits = [d for d in range(1, cap + 1) if MPOShape.uniform(i_modes, o_modes, d).param_count < nx * ny]
+        if not fits:
+            continue
+        grid = sorted({d for d in _BOND_GRID if d <= fits[-1]} | {fits[-1]})
+        top = tt_svd(w, i_modes, o_modes, max_bond=grid[-1])
+        measured: dict[int, tuple[float, float]] = {}  # D -> (error, weight error)
+        for d in grid:
+            dec = tt_round(top.cores, max_bond=d) if d < max(top.bond_dims) else top
+            werr = math.sqrt(min(1.0, top.rel_error**2 + dec.rel_error**2)) if dec is not top else top.rel_error
+            err = output_error(w, mpo_to_matrix([c.to(torch.float64) for c in dec.cores]), white) if measure else werr
+            measured[d] = (err, werr)
+        for d in fits:
+            if d < grid[0]:
+                continue
+            shape = MPOShape.uniform(i_modes, o_modes, d)
+            if d in measured:
+                err, werr = measured[d]
+            else:
+                lo = max(g for g in grid if g < d)
+                hi = min(g for g in grid if g > d)
+                p_lo, p_hi = (MPOShape.uniform(i_modes, o_modes, g).param_count for g in (lo, hi))
+                a = (shape.param_count - p_lo) / (p_hi - p_lo)
+                err, werr = (math.sqrt((1 - a) * measured[lo][k] ** 2 + a * measured[hi][k] ** 2) for k in (0, 1))
+            opts.append(Option("mpo", shape.param_count, err, shape=shape, weight_error=werr))
+    return opts
+
+
+def _best_modes(w: torch.Tensor, n: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Of the mode candidates for n cores, the one whose TT-SVD at a middle bond loses least weight."""
+    ny, nx = w.shape
+    cands = mode_candidates(nx, ny, n)
+    if len(cands) == 1:
+        return cands
+    d = 16
+    scored = [(tt_svd(w, i, o, max_bond=d).rel_error, (i, o)) for i, o in cands]
+    return [min(scored, key=lambda t: t[0])[1]]
+
+
+def layer_options(
+    w: torch.Tensor,
+    white: Whitening | None,
+    structure: str = "auto",
+    cores: Sequence[int] = AUTO_CORES,
+    modes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+) -> list[Option]:
+    """Every form considered for the N_y x N_x weight w, smallest error first within a structure;
+    the dense form (error 0) is always first."""
+    ny, nx = w.shape
+    opts = [Option("dense", nx * ny, 0.0)]
+    if structure in ("auto", "lowrank") and modes is None:
+        opts += _lowrank_options(w, white)
+    if structure in ("auto", "mpo"):
+        opts += _mpo_options(w, white, cores, modes)
+    return opts
+
+
+def make_factors(
+    w: torch.Tensor, option: Option, white: Whitening | None, refine_steps: int = 30, dtype: torch.dtype | None = None
+) -> Factors:
+    """The factors of the chosen option (not "dense"), with their weight and output errors."""
+    dtype = dtype or w.dtype
+    ny, nx = w.shape
+    if option.structure == "lowrank":
+        lr = lowrank(w, option.rank, white, dtype=torch.float64)
+        approx = lr.second @ lr.first
+        werr = output_error(w, approx, None)
+        oerr = output_error(w, approx, white) if white is not None else None
+        return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr, oerr,
+                       [lr.spectrum], white.bias_shift(w, approx) if white is not None else None)  # fmt: skip
+    shape = option.shape
+    dec = tt_svd(w, shape.in_modes, shape.out_modes, max_bond=max(shape.bond_dims), dtype=torch.float64)
+    cores = dec.cores
+    if any(b > s for b, s in zip(dec.bond_dims, shape.bond_dims)):
+        cores = tt_round(cores, bonds=shape.bond_dims).cores
+    oerr = None
+    if white is not None and refine_steps > 0:
+        refined = refine_cores(cores, w, white, steps=refine_steps)
+        cores, oerr = refined.cores, refined.errors[-1]
+    elif white is not None:
+        oerr = output_error(w, mpo_to_matrix(cores), white)
+    final = tt_round(cores)  # canonical form: the report's spectra are the bonds' singular values
+    approx = mpo_to_matrix(final.cores)
+    werr = output_error(w, approx, None)
+    return Factors("mpo", [c.to(dtype) for c in final.cores], MPOShape.of_cores(final.cores), werr, oerr,
+                   final.singular_values, white.bias_shift(w, approx) if white is not None else None)  # fmt: skip

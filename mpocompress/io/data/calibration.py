@@ -1,0 +1,52 @@
+"""Calibration batches: the first samples of the training split of anything `--data` accepts (a
+dataset name, a tensors file with or without labels, a folder of images, text:FILE tokenized with
+the model's own tokenizer), served as the model's inputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.io.data import load_dataset
+from mpocompress.io.data.unlabelled import TEXT_PREFIX, is_unlabelled, load_unlabelled, read_lines
+from mpocompress.io.hf import decode_tokenizer_files, load_tokenizer
+
+Batch = dict[str, torch.Tensor]
+
+
+def model_tokenizer(model: nn.Module, what: str = "the model") -> object:
+    """The tokenizer recorded with a model (from its Hugging Face folder), or a clear error."""
+    files = getattr(model, "mpocompress_tokenizer", None)
+    if not files:
+        raise MPOCompressError(
+            "text data needs the model's tokenizer, and the model records none; use a Hugging Face folder that has its "
+            "tokenizer files (tokenizer.json or vocab files) beside config.json"
+        )
+    return load_tokenizer(decode_tokenizer_files(files, what), what)
+
+
+def calibration_batches(
+    spec: str, model: nn.Module, samples: int = 512, data_dir: str | os.PathLike | None = None,
+    max_length: int = 128, batch_size: int = 32,
+) -> list[Batch]:  # fmt: skip
+    """Up to `samples` samples of the training split of `spec`, in batches of `batch_size`."""
+    if not isinstance(samples, int) or samples < 1:
+        raise MPOCompressError(f"--calib-samples must be a whole number >= 1, got {samples!r}")
+    if spec.startswith(TEXT_PREFIX):
+        read_lines(Path(spec[len(TEXT_PREFIX) :]))  # a missing or empty file is named before the tokenizer
+        ds = load_unlabelled(spec, "train", model_tokenizer(model), max_length)
+    elif is_unlabelled(spec):
+        ds = load_unlabelled(spec, "train")
+    else:
+        ds = load_dataset(spec, "train", data_dir, augment=False)
+    n = min(samples, len(ds))
+    out = []
+    for start in range(0, n, batch_size):
+        idx = torch.arange(start, min(n, start + batch_size))
+        b = ds.batch(idx)
+        out.append({"x": b[0]} if isinstance(b, tuple) else dict(b))
+    return out

@@ -1,0 +1,206 @@
+"""Low-rank layers: W = B A with A (r x N_x) and B (N_y x r), run as two skinny products.
+
+`LowRankLinear` computes x A^T B^T + b; `LowRankConv2d` is a k x k convolution to r channels (A, with
+the original geometry) followed by a 1x1 convolution (B, with the bias). As an MPO this is the 2-core
+MPO with input modes (1, N_x), output modes (N_y, 1) and bond r, which is how the report counts it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.nn.conv_geometry import ConvGeometry
+from mpocompress.nn.factorized import FactorizedLayer, whole_field
+
+
+def _uniform_factors(nx: int, ny: int, rank: int, device: Any, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random factors whose product has the elementwise std of PyTorch's default init, 1/sqrt(3 nx)."""
+    dtype = dtype or torch.get_default_dtype()
+    std = (1.0 / math.sqrt(3 * nx)) ** 0.5 / rank**0.25
+    return (torch.randn(ny, rank, device=device, dtype=dtype) * std, torch.randn(rank, nx, device=device, dtype=dtype) * std)
+
+
+class _LowRank(FactorizedLayer):
+    structure = "lowrank"
+    first: nn.Parameter  # A (r, N_x)
+    second: nn.Parameter  # B (N_y, r)
+
+    def _set_factors(self, second: torch.Tensor, first: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if first.ndim != 2 or second.ndim != 2 or first.shape[0] != second.shape[1]:
+            raise MPOCompressError(f"factors of shapes {tuple(second.shape)} and {tuple(first.shape)} do not multiply")
+        self.first = nn.Parameter(first)
+        self.second = nn.Parameter(second)
+        if bias is not None:
+            self.bias = nn.Parameter(bias)
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def rank(self) -> int:
+        return int(self.first.shape[0])
+
+    @property
+    def ranks(self) -> list[int]:
+        return [self.rank]
+
+    @property
+    def num_mpo_params(self) -> int:
+        return self.first.numel() + self.second.numel()
+
+    @property
+    def weight_numel(self) -> int:
+        return self.first.shape[1] * self.second.shape[0]
+
+    def weight_matrix(self) -> torch.Tensor:
+        return self.second @ self.first
+
+    def notation(self) -> str:
+        return f"lowrank(r={self.rank})"
+
+
+class LowRankLinear(_LowRank):
+    """y = B (A x) + b, a drop-in replacement for nn.Linear."""
+
+    kind = "lowrank_linear"
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool = True,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1:
+            raise MPOCompressError(f"rank must be a whole number >= 1, got {rank!r}")
+        self.in_features, self.out_features = in_features, out_features
+        second, first = _uniform_factors(in_features, out_features, rank, device, dtype)
+        bound = 1.0 / math.sqrt(in_features)
+        b = torch.empty(out_features, device=device, dtype=second.dtype).uniform_(-bound, bound) if bias else None
+        self._set_factors(second, first, b)
+
+    @classmethod
+    def from_factors(cls, second: torch.Tensor, first: torch.Tensor, bias: torch.Tensor | None = None) -> LowRankLinear:
+        """A layer holding copies of B (N_y, r), A (r, N_x) and the bias."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = int(first.shape[1]), int(second.shape[0])
+        layer._set_factors(second.detach().clone(), first.detach().clone(), bias.detach().clone() if bias is not None else None)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.first), self.second, self.bias)
+
+    def to_dense(self) -> nn.Linear:
+        w = self.weight_matrix().detach()
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+            "bias": self.bias is not None,
+        }  # fmt: skip
+
+    @classmethod
+    def spec_dims(cls, spec: dict[str, Any]) -> tuple[int, int]:
+        nx, ny = whole_field(spec, "in_features"), whole_field(spec, "out_features")
+        _check_rank(spec, nx, ny)
+        return nx, ny
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> LowRankLinear:
+        return cls(spec["in_features"], spec["out_features"], spec["rank"], bias=spec["bias"])
+
+    def extra_repr(self) -> str:
+        return f"{self.notation()}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _check_rank(spec: dict[str, Any], nx: int, ny: int) -> None:
+    r = whole_field(spec, "rank")
+    if r > min(nx, ny):
+        raise ValueError(f"rank {r} exceeds min(N_x, N_y) = {min(nx, ny)}")
+
+
+class LowRankConv2d(ConvGeometry, _LowRank):
+    """A k x k convolution to r channels (A, the original stride/padding/dilation) and a 1x1
+    convolution to C_out channels (B, with the bias): a drop-in replacement for nn.Conv2d (groups=1)."""
+
+    kind = "lowrank_conv2d"
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], rank: int,
+        stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1,
+        bias: bool = True, padding_mode: str = "zeros", device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1:
+            raise MPOCompressError(f"rank must be a whole number >= 1, got {rank!r}")
+        self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation, padding_mode)
+        nx = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        second, first = _uniform_factors(nx, out_channels, rank, device, dtype)
+        bound = 1.0 / math.sqrt(nx)
+        b = torch.empty(out_channels, device=device, dtype=second.dtype).uniform_(-bound, bound) if bias else None
+        self._set_factors(second, first, b)
+
+    @classmethod
+    def from_factors(
+        cls, second: torch.Tensor, first: torch.Tensor, *, in_channels: int, kernel_size: int | tuple[int, int],
+        stride: Any = 1, padding: Any = 0, dilation: Any = 1, padding_mode: str = "zeros", bias: torch.Tensor | None = None,
+    ) -> LowRankConv2d:  # fmt: skip
+        """A layer holding copies of B (C_out, r), A (r, C_in*kh*kw) and the bias, with this geometry."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._set_geometry(in_channels, int(second.shape[0]), kernel_size, stride, padding, dilation, padding_mode)
+        nx = in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+        if first.shape[1] != nx:
+            raise MPOCompressError(f"factor A takes {first.shape[1]} inputs but the convolution has C_in*kh*kw = {nx}")
+        layer._set_factors(second.detach().clone(), first.detach().clone(), bias.detach().clone() if bias is not None else None)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xp, pad = self._padded(x)
+        k = self.first.view(self.rank, self.in_channels, *self.kernel_size)
+        h = F.conv2d(xp, k, None, self.stride, pad, self.dilation)
+        return F.conv2d(h, self.second[:, :, None, None], self.bias)
+
+    def to_dense(self) -> nn.Conv2d:
+        k = self.weight_matrix().detach().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        dense = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode, device=k.device,
+            dtype=k.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            dense.weight.copy_(k)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, **self.geometry_spec(), "rank": self.rank, "bias": self.bias is not None}
+
+    @classmethod
+    def spec_dims(cls, spec: dict[str, Any]) -> tuple[int, int]:
+        nx, ny = cls.geometry_dims(spec)
+        _check_rank(spec, nx, ny)
+        return nx, ny
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> LowRankConv2d:
+        return cls(
+            spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]), spec["rank"], stride=tuple(spec["stride"]),
+            padding=spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"]),
+            dilation=tuple(spec["dilation"]), bias=spec["bias"], padding_mode=spec["padding_mode"],
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"{self.notation()}, {self.geometry_repr()}, bias={self.bias is not None}"

@@ -1,0 +1,207 @@
+"""Structures, budgets and calibration through `compress_`: low-rank layers against the dense product,
+a budget met within 1 % with no layer grown, eps never growing a layer, `--max-error` honoured,
+calibration that lowers the output error, and files that load back."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mpocompress import CompressionConfig, analyze, build_model, compress_, load, save
+from mpocompress.errors import MPOCompressError
+from mpocompress.nn import FactorizedLayer, LowRankConv2d, LowRankLinear, MPOLayer
+from mpocompress.tensors import MPOShape
+
+
+def _params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _mlp(seed=0, width=1):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(48, 96 * width), nn.ReLU(), nn.Linear(96 * width, 64 * width), nn.ReLU(), nn.Linear(64 * width, 10)
+    )
+
+
+def _batches(seed=0, n=384, nx=48, shift=0.3):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(nx, nx, generator=g) / nx**0.5
+    x = torch.randn(n, nx, generator=g) @ mix * 3 + shift
+    return [{"x": x[i : i + 64]} for i in range(0, n, 64)], x
+
+
+# ----------------------------------------------------------------------------- low-rank layers
+
+
+def test_lowrank_linear_is_the_product_of_its_factors():
+    torch.manual_seed(0)
+    layer = LowRankLinear(12, 7, 3)
+    x = torch.randn(2, 5, 12)
+    assert torch.allclose(layer(x), x @ (layer.second @ layer.first).T + layer.bias, atol=1e-6)
+    assert layer.num_mpo_params == 3 * (12 + 7) and layer.weight_numel == 84
+    dense = layer.to_dense()
+    assert torch.allclose(dense(x), layer(x), atol=1e-6)
+    # default init: the product has PyTorch's nn.Linear weight scale 1/sqrt(3 N_x)
+    big = LowRankLinear(400, 300, 64)
+    assert float(big.weight_matrix().detach().std()) == pytest.approx((1 / (3 * 400)) ** 0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("geom", [
+    dict(), dict(stride=2, padding=1), dict(padding="same", dilation=2), dict(padding=2, padding_mode="reflect"),
+    dict(padding=(1, 2), stride=(2, 1), padding_mode="circular"),
+])  # fmt: skip
+def test_lowrank_conv_equals_its_dense_kernel(geom):
+    torch.manual_seed(0)
+    layer = LowRankConv2d(3, 8, 3, rank=4, **geom)
+    x = torch.randn(2, 3, 9, 10)
+    assert torch.allclose(layer(x), layer.to_dense()(x), atol=1e-5)
+    assert torch.allclose(layer(x[0]), layer(x)[0], atol=1e-5)  # an unbatched input too
+
+
+def test_lowrank_layers_save_and_load(tmp_path):
+    model = build_model("lenet5")
+    compress_(model, CompressionConfig(bond_dim=6, structure="lowrank"))
+    assert isinstance(model.conv3, LowRankConv2d) and isinstance(model.fc1, LowRankLinear)
+    save(model, tmp_path / "m.safetensors", "lenet5")
+    back = load(tmp_path / "m.safetensors")
+    x = torch.randn(2, 1, 28, 28)
+    assert type(back.conv3) is LowRankConv2d and torch.equal(back.eval()(x), model.eval()(x))
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize("structure", ["auto", "lowrank", "mpo"])
+@pytest.mark.parametrize("fraction", [0.3, 0.6])
+def test_budget_is_met_within_one_percent_and_no_layer_grows(structure, fraction):
+    """(Wide enough that one rank step of a layer is well under 1 % of the budget.)"""
+    model = _mlp(width=4)
+    before = _params(model)
+    dense_sizes = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    batches, _ = _batches()
+    r = compress_(model, CompressionConfig(target_params=fraction, structure=structure), calibration=batches)
+    target = round(fraction * before)
+    assert r.params_model_after == _params(model) and r.params_model_after <= target
+    if structure != "mpo":
+        assert r.params_model_after >= 0.99 * target, (r.params_model_after, target)
+    else:  # an MPO grows in coarse steps (one bond by 1 adds J_k I_k D + ...): no step may still fit
+        left = target - r.params_model_after
+        for m in model.modules():
+            if isinstance(m, MPOLayer):
+                for k, cap in enumerate(m.shape.caps):
+                    bonds = list(m.bond_dims)
+                    if bonds[k] < cap:
+                        bonds[k] += 1
+                        step = MPOShape(m.in_modes, m.out_modes, tuple(bonds)).param_count - m.num_mpo_params
+                        assert step > left, (k, step, left)
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedLayer):
+            assert m.num_mpo_params < dense_sizes[name]
+            assert structure == "auto" or m.structure == structure
+    for lr in r.layers:
+        assert lr.params_mpo < lr.params_original and lr.ranks == lr.bond_dims
+        assert lr.structure in ("lowrank", "mpo") and lr.output_rel_error is not None
+
+
+def test_an_absolute_budget_and_one_without_calibration():
+    model = _mlp()
+    r = compress_(model, CompressionConfig(target_params=5000))
+    assert 4950 <= r.params_model_after <= 5000 and all(lr.output_rel_error is None for lr in r.layers)
+
+
+def test_a_budget_that_cannot_be_met_is_refused_before_any_change():
+    model = _mlp()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(MPOCompressError, match="cannot be met.*smallest reachable"):
+        compress_(model, CompressionConfig(target_params=100, layers=("0",)))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()) and isinstance(model[0], nn.Linear)
+
+
+def test_budget_conflicts_with_a_global_bond_dim():
+    with pytest.raises(MPOCompressError, match="either"):
+        CompressionConfig(target_params=0.5, bond_dim=4)
+
+
+def test_per_layer_bond_dim_overrides_the_allocator():
+    model = _mlp()
+    r = compress_(model, CompressionConfig(target_params=0.5, bond_dims={"2": 3}), calibration=_batches()[0])
+    layer = {lr.name: lr for lr in r.layers}["2"]
+    assert layer.structure == "mpo" and max(layer.bond_dims) == 3
+    assert r.params_model_after <= round(0.5 * _params(_mlp()))
+
+
+def test_max_error_is_honoured_per_layer():
+    model = _mlp()
+    batches, _ = _batches()
+    r = compress_(model, CompressionConfig(max_error=0.3), calibration=batches)
+    assert r.layers and all(lr.output_rel_error <= 0.3 + 1e-6 for lr in r.layers)
+    weight_based = compress_(_mlp(), CompressionConfig(max_error=0.3, structure="lowrank"))
+    assert all(lr.rel_error <= 0.3 + 1e-9 for lr in weight_based.layers)
+
+
+def test_eps_never_grows_a_layer():
+    model = build_model("fc2")
+    before = _params(model)
+    r = compress_(model, CompressionConfig(eps=0.3, layers=("fc1", "fc2")))
+    assert r.params_model_after <= before
+    for lr in r.layers:
+        assert lr.params_mpo < lr.params_original
+    grown = [s for s in r.skipped if "would not be smaller" in s.reason]
+    assert grown and all(isinstance(model.get_submodule(s.name), nn.Linear) for s in grown)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def test_calibration_lowers_the_output_error_at_the_same_size():
+    batches, x = _batches(shift=0.5)
+    ref = _mlp()
+    errors = {}
+    for name, cal in (("weight", None), ("calibrated", batches)):
+        model = _mlp()
+        compress_(model, CompressionConfig(bond_dim=6, structure="lowrank"), calibration=cal)
+        with torch.no_grad():
+            errors[name] = float((model(x) - ref(x)).norm() / ref(x).norm())
+    assert errors["calibrated"] < 0.8 * errors["weight"], errors
+
+
+def test_sequential_fits_each_layer_to_the_original_outputs():
+    batches, x = _batches(shift=0.5)
+    ref = _mlp()
+    outs = {}
+    for seq in (False, True):
+        model = _mlp()
+        compress_(model, CompressionConfig(bond_dim=5, structure="lowrank", sequential=seq), calibration=batches)
+        with torch.no_grad():
+            outs[seq] = float((model(x) - ref(x)).norm() / ref(x).norm())
+    assert outs[True] < outs[False], outs
+
+
+def test_calibration_data_that_does_not_fit_the_model():
+    with pytest.raises(MPOCompressError, match="does not run on the calibration data"):
+        compress_(_mlp(), CompressionConfig(target_params=0.5), calibration=[{"x": torch.randn(4, 7)}])
+
+
+def test_a_model_producing_nan_on_the_calibration_data():
+    model = _mlp()
+    x = torch.randn(8, 48)
+    x[0, 0] = float("inf")  # the first layer turns it into Inf/NaN activations downstream
+    with pytest.raises(MPOCompressError, match="NaN or Inf"):
+        compress_(model, CompressionConfig(target_params=0.5), calibration=[{"x": x}])
+
+
+def test_analyze_with_calibration_lists_every_form_and_changes_nothing():
+    model = _mlp()
+    state = copy.deepcopy(model.state_dict())
+    batches, _ = _batches()
+    rep = analyze(model, CompressionConfig(target_params=0.4), calibration=batches)
+    assert set(rep.curves) == {"0", "2", "4"} and not rep.applied
+    structures = {p["structure"] for pts in rep.curves.values() for p in pts}
+    assert structures == {"dense", "lowrank", "mpo"}
+    assert rep.params_model_after <= round(0.4 * _params(model))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert not any(isinstance(m, (MPOLayer, LowRankLinear)) for m in model.modules())
+    converted = compress_(copy.deepcopy(model), CompressionConfig(target_params=0.4, refine_steps=0), calibration=batches)
+    assert [lr.ranks for lr in rep.layers] == [lr.ranks for lr in converted.layers]

@@ -1,0 +1,205 @@
+"""Calibrated factorizations against independent references: the closed-form optima (SVD of W X^T,
+reduced-rank regression by least squares), L-BFGS that never makes things worse, Gram matrices and
+sensitivities against direct computation, and the allocator against exhaustive search."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mpocompress.compress.allocate import Choice, allocate
+from mpocompress.compress.calibrate import collect_cross, collect_grams, measure_sensitivity
+from mpocompress.errors import MPOCompressError
+from mpocompress.nn import dense_patches
+from mpocompress.tensors import (
+    cross_whitening, lowrank, mpo_to_matrix, output_error, random_cores, refine_cores, resolve_bonds, tt_svd, whitening,
+)  # fmt: skip
+
+F64 = torch.float64
+
+
+def _data(n=300, nx=16, ny=10, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(nx, nx, generator=g, dtype=F64)  # correlated inputs, as real activations are
+    x = torch.randn(n, nx, generator=g, dtype=F64) @ mix + shift
+    w = torch.randn(ny, nx, generator=g, dtype=F64)
+    return x, w
+
+
+@pytest.mark.parametrize("rank", [1, 3, 7])
+def test_whitened_lowrank_is_the_svd_of_w_xt(rank):
+    """min ||(W - BA) X^T|| over rank r: W~ X^T equals the rank-r truncated SVD of W X^T (Eckart-Young)."""
+    x, w = _data()
+    lr = lowrank(w, rank, whitening(x.T @ x, damp=0.0), dtype=F64)
+    got = (lr.second @ lr.first) @ x.T
+    u, s, vh = torch.linalg.svd(w @ x.T, full_matrices=False)
+    ref = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    assert torch.allclose(got, ref, atol=1e-8 * float(ref.abs().max()))
+    err = output_error(w, lr.second @ lr.first, whitening(x.T @ x, damp=0.0))
+    assert err == pytest.approx(float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt()), rel=1e-9)
+
+
+def test_whitened_lowrank_beats_plain_svd_on_the_inputs():
+    x, w = _data(seed=1)
+    white = whitening(x.T @ x, damp=0.0)
+    calibrated, plain = lowrank(w, 4, white, dtype=F64), lowrank(w, 4, None, dtype=F64)
+    e_cal = output_error(w, calibrated.second @ calibrated.first, white)
+    e_plain = output_error(w, plain.second @ plain.first, white)
+    assert e_cal < e_plain
+    # and the plain one is the better fit of the weights themselves
+    assert output_error(w, plain.second @ plain.first) < output_error(w, calibrated.second @ calibrated.first)
+
+
+def _reduced_rank_regression(x_target, x_in, w, rank):
+    """Best rank-r affine map from x_in to the outputs x_target W^T, by least squares then projection."""
+    yc = (x_target - x_target.mean(0)) @ w.T
+    xc = x_in - x_in.mean(0)
+    fitted = xc @ torch.linalg.lstsq(xc, yc).solution
+    u, s, vh = torch.linalg.svd(fitted, full_matrices=False)
+    best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    return float((yc - best).square().sum())
+
+
+@pytest.mark.parametrize("rank", [2, 5])
+def test_centred_and_error_correcting_fits_are_reduced_rank_regression(rank):
+    x, w = _data(shift=0.7)
+    x_in = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    n = x.shape[0]
+    for target, inputs in ((x, x), (x, x_in)):  # centred calibration, then inputs changed by earlier layers
+        white = cross_whitening(inputs.T @ inputs, inputs.sum(0), target.T @ target, target.sum(0), inputs.T @ target, n, damp=0.0)
+        lr = lowrank(w, rank, white, dtype=F64)
+        approx = lr.second @ lr.first
+        shift = white.bias_shift(w, approx)
+        residual = float((target @ w.T - (inputs @ approx.T + shift)).square().sum())
+        assert residual == pytest.approx(_reduced_rank_regression(target, inputs, w, rank), rel=1e-9)
+        assert white.residual(w, approx) == pytest.approx(residual, rel=1e-9)
+
+
+def test_whitening_regularizes_a_singular_gram_and_refuses_nan():
+    x, _ = _data(n=5, nx=12)  # 5 samples, 12 inputs: rank 5
+    white = whitening(x.T @ x)
+    assert white.damp > 0 and torch.isfinite(white.factor).all()
+    bad = x.T @ x
+    bad[0, 0] = float("nan")
+    with pytest.raises(MPOCompressError, match="NaN"):
+        whitening(bad)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_refinement_never_increases_the_calibrated_error(seed):
+    x, w = _data(n=200, nx=16, ny=12, seed=seed)
+    white = whitening(x.T @ x)
+    start = tt_svd(w, (4, 4), (3, 4), max_bond=3).cores
+    if seed % 2:  # also from a poor start
+        start = random_cores(resolve_bonds((4, 4), (3, 4), 3), 0.1, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    before = output_error(w, mpo_to_matrix(start), white)
+    refined = refine_cores(start, w, white, steps=25, rounds=2)
+    errors = refined.errors
+    assert errors[0] == pytest.approx(before, rel=1e-9)
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
+    assert output_error(w, mpo_to_matrix(refined.cores), white) == pytest.approx(errors[-1], rel=1e-6)
+    assert errors[-1] < before  # a random or weight-fitted start is never already optimal here
+
+
+def test_allocator_equals_exhaustive_search():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        layers = []
+        for _ in range(int(torch.randint(2, 5, (1,), generator=g))):
+            k = int(torch.randint(1, 5, (1,), generator=g))
+            params = torch.randint(1, 60, (k,), generator=g).tolist()
+            costs = torch.rand(k, generator=g).tolist()
+            layers.append([Choice(p, c) for p, c in zip(params, costs)])
+        budget = int(torch.randint(sum(min(c.params for c in o) for o in layers), 150, (1,), generator=g))
+        picks = allocate(layers, budget, resolution=10**6)  # bucket 1: exact
+        best = min(
+            (combo for combo in itertools.product(*[range(len(o)) for o in layers])
+             if sum(o[k].params for o, k in zip(layers, combo)) <= budget),
+            key=lambda combo: sum(o[k].cost for o, k in zip(layers, combo)),
+        )  # fmt: skip
+        assert sum(o[k].params for o, k in zip(layers, picks)) <= budget
+        got = sum(o[k].cost for o, k in zip(layers, picks))
+        assert got == pytest.approx(sum(o[k].cost for o, k in zip(layers, best)), abs=1e-12), trial
+
+
+def test_allocator_refuses_a_budget_below_the_smallest_forms():
+    with pytest.raises(MPOCompressError, match="smallest forms need 30"):
+        allocate([[Choice(10, 1.0)], [Choice(20, 0.0), Choice(40, 0.0)]], 29)
+
+
+class _Tokens(nn.Module):
+    """Embeds token ids, then two linear layers: for Gram matrices with an attention mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.a = nn.Linear(8, 6)
+        self.b = nn.Linear(6, 4)
+
+    def forward(self, input_ids, attention_mask):
+        return self.b(torch.relu(self.a(self.emb(input_ids))))
+
+
+def test_gram_matrices_equal_direct_products_and_skip_padding():
+    torch.manual_seed(0)
+    model = _Tokens()
+    ids = torch.randint(0, 20, (3, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    cal = collect_grams(model, {"a": model.a, "b": model.b}, [{"input_ids": ids, "attention_mask": mask}])
+    x = model.emb(ids)[mask.bool()].detach().double()
+    h = torch.relu(model.a(model.emb(ids)))[mask.bool()].detach().double()
+    assert torch.allclose(cal.grams["a"], x.T @ x) and torch.allclose(cal.grams["b"], h.T @ h)
+    assert cal.rows == {"a": 9, "b": 9} and torch.allclose(cal.sums["a"], x.sum(0))
+    assert cal.groups == [["a"], ["b"]]
+
+
+def test_conv_gram_is_over_unfolded_patches():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, stride=2, padding_mode="reflect")
+    model = nn.Sequential(conv)
+    x = torch.randn(2, 2, 7, 7)
+    cal = collect_grams(nn.Sequential(model), {"0.0": conv}, [{"x": x}])
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    cols = torch.nn.functional.unfold(xp, 3, stride=2).transpose(1, 2).reshape(-1, 18).double()
+    assert torch.allclose(cal.grams["0.0"], cols.T @ cols, atol=1e-10)
+    assert torch.allclose(dense_patches(conv, x).double(), cols)
+    # the patches reproduce the convolution: patches @ W^T == conv(x)
+    y = (dense_patches(conv, x) @ conv.weight.reshape(3, -1).T + conv.bias).reshape(2, -1, 3).transpose(1, 2)
+    assert torch.allclose(y.reshape(2, 3, 4, 4), conv(x), atol=1e-5)
+
+
+def test_layers_sharing_an_input_form_one_group():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x))
+
+    m = Attn()
+    cal = collect_grams(m, {"q": m.q, "k": m.k, "o": m.o}, [{"x": torch.randn(3, 4)}])
+    assert cal.groups == [["q", "k"], ["o"]]
+
+
+def test_sensitivity_of_a_linear_chain():
+    """y = W2 W1 x: noise at the last layer's output moves y by itself (s = 1); at the first layer's
+    output by W2 n, whose expected energy per unit noise is ||W2||_F^2 / 6."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 6), nn.Linear(6, 3)
+    model = nn.Sequential(a, b).double()
+    batches = [{"x": torch.randn(4000, 5, dtype=F64)}]
+    s = measure_sensitivity(model, {"0": a, "1": b}, batches)
+    assert s["1"] == pytest.approx(1.0, rel=1e-9)
+    assert s["0"] == pytest.approx(float(b.weight.detach().square().sum()) / 6, rel=0.05)
+
+
+def test_cross_statistics_of_an_unchanged_model_equal_its_gram():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    batches = [{"x": torch.randn(40, 5)}, {"x": torch.randn(30, 5)}]
+    st = collect_cross(model, model, ["2"], batches)["2"]
+    assert st.rows == 70 and torch.allclose(st.cross, st.gram) and torch.allclose(st.gram_in, st.gram)
+    assert math.isclose(float(st.total.sum()), float(st.sum_in.sum()))
