@@ -1,6 +1,8 @@
-"""Print the Markdown tables of docs/results.md from the JSON reports of examples/paper_results.sh.
+"""Print the Markdown tables of docs/results.md from the JSON reports of examples/paper_results.sh
+(or, with --calib, of examples/calib_results.sh).
 
     python examples/results_table.py runs/results
+    python examples/results_table.py --calib runs/calib
 """
 
 import json
@@ -45,5 +47,32 @@ def main(folder: Path) -> None:
                       f"{100 * ft['accuracy_before']:.2f} | {per_epoch} | {ft['rho']:.4f} |")
 
 
+def calib_table(folder: Path) -> None:
+    """Convert-then-finetune with and without --calib (examples/calib_results.sh)."""
+
+    def get(name: str) -> dict | None:
+        p = folder / f"{name}.json"
+        return json.loads(p.read_text()) if p.is_file() and p.stat().st_size else None
+
+    print("| model | D | start | weight error (first MPO) | output error (first MPO) | right after | after fine-tuning (per epoch) | rho |")
+    print("|---|---|---|---|---|---|---|---|")
+    for net in ("fc2", "lenet5"):
+        for D in (4, 16):
+            for mode in ("weight", "calib"):
+                conv, ft = get(f"{net}_{mode}_D{D}"), get(f"{net}_{mode}_D{D}_ft")
+                if not (conv and ft):
+                    continue
+                first = conv["layers"][0]
+                out_err = f"{first['output_rel_error']:.3f}" if first.get("output_rel_error") is not None else "-"
+                per_epoch = ", ".join(f"{100 * h['test_accuracy']:.2f}" for h in ft["runs"][0]["history"])
+                label = "TT-SVD of the weights" if mode == "weight" else "calibrated (--calib mnist)"
+                print(f"| {net} | {D} | {label} | {first['rel_error']:.3f} | {out_err} | {100 * ft['accuracy_before']:.2f} | "
+                      f"{per_epoch} | {ft['rho']:.4f} |")
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/results"))
+    args = sys.argv[1:]
+    if args[:1] == ["--calib"]:
+        calib_table(Path(args[1] if len(args) > 1 else "runs/calib"))
+    else:
+        main(Path(args[0] if args else "runs/results"))

@@ -3,6 +3,7 @@ a budget met within 1 % with no layer grown, eps never growing a layer, `--max-e
 calibration that lowers the output error, and files that load back."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -205,3 +206,38 @@ def test_analyze_with_calibration_lists_every_form_and_changes_nothing():
     assert not any(isinstance(m, (MPOLayer, LowRankLinear)) for m in model.modules())
     converted = compress_(copy.deepcopy(model), CompressionConfig(target_params=0.4, refine_steps=0), calibration=batches)
     assert [lr.ranks for lr in rep.layers] == [lr.ranks for lr in converted.layers]
+
+
+def test_the_allocation_on_a_small_model_equals_an_exhaustive_search():
+    """Every combination of the forms the allocator weighed (dense, each rank, each MPO) within the
+    budget, scored with the allocator's own cost: the best one costs what the allocator's choice does."""
+    from mpocompress.compress.choose import plan_layers
+    from mpocompress.compress.targets import select_targets
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 20), nn.ReLU(), nn.Linear(20, 16))
+    x = torch.randn(256, 24) + 0.2
+    batches = [{"x": x[i : i + 64]} for i in range(0, 256, 64)]
+    config = CompressionConfig(target_params=0.45)
+    targets, _ = select_targets(model, config)
+    plan = plan_layers(model, config, targets, batches)
+    cal = plan.calibration
+    costs = {}
+    for t in targets:
+        white = plan._white(t)
+        energy = white.energy(t.cand.module.weight) / cal.samples
+        costs[t.cand.name] = [(o.params, cal.sensitivity[t.cand.name] * energy * o.rel_error**2) for o in plan.options[t.cand.name]]
+    budget = round(0.45 * _params(model)) - sum(m.bias.numel() for m in (model[0], model[2]))
+    names = [t.cand.name for t in targets]
+    best = min(
+        sum(c for _, c in combo)
+        for combo in itertools.product(*[costs[n] for n in names])
+        if sum(p for p, _ in combo) <= budget
+    )
+    chosen = {d.target.cand.name: d.option for d in plan.decisions}
+    got = 0.0
+    for n in names:
+        o = chosen[n]
+        err = 0.0 if o is None else o.rel_error  # None: kept dense
+        got += cal.sensitivity[n] * (plan._white(next(t for t in targets if t.cand.name == n)).energy(model.get_submodule(n).weight) / cal.samples) * err**2
+    assert got == pytest.approx(best, rel=1e-9, abs=1e-12)

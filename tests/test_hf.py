@@ -210,6 +210,27 @@ def test_cli_convert_and_export_a_folder(folders, tmp_path):
     assert rep["arch"] == "hf:GPT2Model" and len(rep["layers"]) == 8
 
 
+def test_cli_calibrates_a_transformer_on_text_and_exports_its_lowrank_layers(folders, sentences, tmp_path):
+    """--calib text:FILE tokenizes with the folder's own tokenizer (padding left out of the Gram
+    matrices); GPT-2's Conv1D takes low-rank too; both export to plain models and ONNX."""
+    for name in ("bert", "gpt2"):
+        calib = ["--calib", f"text:{sentences}"] if name == "bert" else ["--calib", f"text:{sentences}", "--structure", "lowrank"]
+        if name == "gpt2":
+            (tmp_path / "gpt2").mkdir()
+            for f in (folders / "gpt2").iterdir():
+                (tmp_path / "gpt2" / f.name).write_bytes(f.read_bytes())
+            shutil.copy(folders / "bert" / "tokenizer.json", tmp_path / "gpt2" / "tokenizer.json")
+        src = folders / "bert" if name == "bert" else tmp_path / "gpt2"
+        out = tmp_path / f"{name}.safetensors"
+        rep = run_json("convert", src, "--target-params", "0.85", *calib, "--calib-samples", "64", "--max-length", "16", "-o", out)
+        assert rep["params_model_after"] <= 0.85 * rep["params_model_before"]
+        assert all(lr["output_rel_error"] is not None for lr in rep["layers"]) and rep["layers"]
+        exported = run_json("export", out, "--format", "hf", "-o", tmp_path / f"{name}_dense")
+        assert exported["rel_error"] <= 1e-4
+        onnx = run_json("export", out, "--format", "onnx", "-o", tmp_path / f"{name}.onnx")
+        assert onnx["rel_error"] <= 1e-4
+
+
 # ----------------------------------------------------------------------------- broken folders
 
 

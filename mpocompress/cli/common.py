@@ -127,9 +127,9 @@ def parse_target_params(text: str | None) -> float | None:
         raise MPOCompressError(f"--target-params {text!r} is not a number; give a count (12000000, 12M) or a fraction such as 0.5") from None
     if not (math.isfinite(value) and value > 0):
         raise MPOCompressError(f"--target-params must be positive, got {text}; e.g. --target-params 0.5")
-    if value > 1:
-        value = float(round(value))
-    return value
+    if value > 1 and value != int(value) and scale == 1:
+        raise MPOCompressError(f"--target-params {text} is neither a fraction (at most 1) nor a whole count; e.g. 0.5 or 1500000")
+    return float(round(value)) if value > 1 else value
 
 
 def parse_fraction(text: str | None, option: str, example: str) -> float | None:

@@ -70,6 +70,7 @@ __all__ = [
     "choose_plan",
     "compression_ratio",
     "contract_macs",
+    "cross_whitening",
     "entanglement_entropy",
     "factorize",
     "format_modes",

@@ -108,6 +108,8 @@ def load_unlabelled(
             raise MPOCompressError("text data needs the model's tokenizer, and this model has none; give a model with one")
         train_idx, test_idx = seeded_split(len(lines), seed)
         chosen = [lines[i] for i in (train_idx if split == "train" else test_idx).tolist()]
+        if getattr(tokenizer, "pad_token", "") is None:  # GPT-2 and relatives: padding is masked, any token serves
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
         enc = tokenizer(chosen, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
         inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
         return TokenSet(path.name, split, inputs)
