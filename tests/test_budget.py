@@ -241,3 +241,15 @@ def test_the_allocation_on_a_small_model_equals_an_exhaustive_search():
         err = 0.0 if o is None else o.rel_error  # None: kept dense
         got += cal.sensitivity[n] * (plan._white(next(t for t in targets if t.cand.name == n)).energy(model.get_submodule(n).weight) / cal.samples) * err**2
     assert got == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_reported_spectra_are_those_of_the_factorized_weight():
+    """entropy keeps its meaning for low-rank: the spectrum of B A itself (calibrated or not)."""
+    from mpocompress.tensors import entanglement_entropy
+
+    for cal in (None, _batches()[0]):
+        model = _mlp()
+        r = compress_(model, CompressionConfig(bond_dim=5, structure="lowrank", layers=("0",)), calibration=cal)
+        w = model[0].weight_matrix().detach().double()
+        s = torch.linalg.svdvals(w)[:5]
+        assert r.layers[0].entropy == [pytest.approx(entanglement_entropy(s), rel=1e-6)]

@@ -24,10 +24,10 @@ from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.report import LayerReport, SkippedLayer, count_params, layer_report
 from mpocompress.compress.select import first_match
 from mpocompress.compress.structures import AUTO_CORES, Factors, Option, layer_options, make_factors
-from mpocompress.compress.targets import LayerTarget, check_layer_finite, current_cores, weight_of
+from mpocompress.compress.targets import LayerTarget, decompose, weight_of
 from mpocompress.errors import MPOCompressError
 from mpocompress.tensors import (
-    MPOShape, Whitening, cross_whitening, lowrank_spectrum, truncation_errors, tt_round, tt_svd, whitening,
+    MPOShape, Whitening, bond_spectra, cross_whitening, lowrank_spectrum, truncation_errors, whitening,
 )  # fmt: skip
 
 SENSITIVITY_SAMPLES = 128  # calibration samples the sensitivity probes run on
@@ -120,15 +120,10 @@ def white_for(t: LayerTarget, cal: Calibration) -> Whitening:
 
 def _make(t: LayerTarget, option: Option, white: Whitening | None, refine_steps: int) -> Factors:
     if option.structure == "mpo" and option.shape is None:  # a D / eps asked for: TT-SVD or rounding as before
-        cores = current_cores(t)
-        if cores is not None:
-            check_layer_finite(t, cores)
-            dec = tt_round(cores, max_bond=option.rank, eps=option.eps)
-        else:
-            dec = tt_svd(weight_of(t), t.in_modes, t.out_modes, max_bond=option.rank, eps=option.eps)
+        dec = decompose(t, option.rank, option.eps)
         option = Option("mpo", option.params, option.rel_error, shape=MPOShape(t.in_modes, t.out_modes, tuple(dec.bond_dims)))
-        if white is None:
-            return Factors("mpo", dec.cores, option.shape, dec.rel_error, None, dec.singular_values)
+        if white is None:  # the report's spectra: the truncated MPO's own bonds, as always
+            return Factors("mpo", dec.cores, option.shape, dec.rel_error, None, bond_spectra(dec.cores))
     return make_factors(weight_of(t), option, white, refine_steps)
 
 
@@ -149,12 +144,7 @@ def _fixed_option(t: LayerTarget, structure: str, white: Whitening | None) -> tu
         total = white.energy(weight_of(t)) if white is not None else None
         return Option("lowrank", r * (c.nx + c.ny), float(truncation_errors(s, total)[r]), rank=r), ""
     if t.eps is not None:  # the TT-SVD decides the bonds: do it now to see whether it is smaller
-        cores = current_cores(t)
-        if cores is not None:
-            check_layer_finite(t, cores)
-            dec = tt_round(cores, max_bond=t.bond_dim, eps=t.eps)
-        else:
-            dec = tt_svd(weight_of(t), t.in_modes, t.out_modes, max_bond=t.bond_dim, eps=t.eps)
+        dec = decompose(t, t.bond_dim, t.eps)
         n = MPOShape(t.in_modes, t.out_modes, tuple(dec.bond_dims)).param_count
         if n >= c.numel:
             return None, f"at eps={t.eps} its MPO would not be smaller ({n} parameters, dense {c.numel}); kept dense"

@@ -173,8 +173,10 @@ def make_factors(
         approx = lr.second @ lr.first
         werr = output_error(w, approx, None)
         oerr = output_error(w, approx, white) if white is not None else None
+        # the bond's spectrum: the singular values of B A itself, from the r x r product of the factors' R's
+        spectrum = torch.linalg.svdvals(torch.linalg.qr(lr.second)[1] @ torch.linalg.qr(lr.first.T)[1].T)
         return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr, oerr,
-                       [lr.spectrum], white.bias_shift(w, approx) if white is not None else None)  # fmt: skip
+                       [spectrum], white.bias_shift(w, approx) if white is not None else None)  # fmt: skip
     shape = option.shape
     dec = tt_svd(w, shape.in_modes, shape.out_modes, max_bond=max(shape.bond_dims), dtype=torch.float64)
     cores = dec.cores

@@ -111,6 +111,19 @@ class ConvGeometry:
         cols = F.unfold(xp, self.kernel_size, dilation=self.dilation, padding=pad, stride=self.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
+    def dense_conv(self, kernel: torch.Tensor, bias: torch.Tensor | None) -> nn.Conv2d:
+        """An nn.Conv2d with this geometry holding copies of the kernel (C_out, C_in, kh, kw) and the bias."""
+        dense = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, bias=bias is not None, padding_mode=self.padding_mode, device=kernel.device,
+            dtype=kernel.dtype,
+        )  # fmt: skip
+        with torch.no_grad():
+            dense.weight.copy_(kernel)
+            if bias is not None:
+                dense.bias.copy_(bias)
+        return dense
+
     def geometry_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding not in ((0, 0), "valid"):

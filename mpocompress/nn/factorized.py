@@ -18,6 +18,16 @@ def whole_field(spec: dict[str, Any], key: str) -> int:
     return v
 
 
+def dense_linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of W (N_y x N_x) and the bias."""
+    dense = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(w)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense
+
+
 class FactorizedLayer(nn.Module):
     """Base of the factorized layers (`MPOLayer`, `LowRankLinear`, `LowRankConv2d`)."""
 

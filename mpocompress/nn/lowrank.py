@@ -16,7 +16,7 @@ from torch import nn
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn.conv_geometry import ConvGeometry
-from mpocompress.nn.factorized import FactorizedLayer, whole_field
+from mpocompress.nn.factorized import FactorizedLayer, dense_linear, whole_field
 
 
 def _uniform_factors(nx: int, ny: int, rank: int, device: Any, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,13 +95,8 @@ class LowRankLinear(_LowRank):
         return F.linear(F.linear(x, self.first), self.second, self.bias)
 
     def to_dense(self) -> nn.Linear:
-        w = self.weight_matrix().detach()
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(w)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        """The equivalent dense nn.Linear."""
+        return dense_linear(self.weight_matrix().detach(), self.bias)
 
     def spec(self) -> dict[str, Any]:
         return {
@@ -173,17 +168,9 @@ class LowRankConv2d(ConvGeometry, _LowRank):
         return F.conv2d(h, self.second[:, :, None, None], self.bias)
 
     def to_dense(self) -> nn.Conv2d:
+        """The equivalent dense nn.Conv2d."""
         k = self.weight_matrix().detach().reshape(self.out_channels, self.in_channels, *self.kernel_size)
-        dense = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode, device=k.device,
-            dtype=k.dtype,
-        )  # fmt: skip
-        with torch.no_grad():
-            dense.weight.copy_(k)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return self.dense_conv(k, self.bias)
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, **self.geometry_spec(), "rank": self.rank, "bias": self.bias is not None}

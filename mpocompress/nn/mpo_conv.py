@@ -107,16 +107,7 @@ class MPOConv2d(ConvGeometry, MPOLayer):
     def to_dense(self) -> nn.Conv2d:
         """The equivalent dense nn.Conv2d."""
         k = self.kernel().detach()
-        dense = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
-            device=k.device, dtype=k.dtype,
-        )  # fmt: skip
-        with torch.no_grad():
-            dense.weight.copy_(k)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return self.dense_conv(k, self.bias)
 
     # ------------------------------------------------------------------ metadata
 

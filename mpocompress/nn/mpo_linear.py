@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpocompress.nn.cache import stamp
-from mpocompress.nn.factorized import whole_field
+from mpocompress.nn.factorized import dense_linear, whole_field
 from mpocompress.nn.mpo_base import MPOLayer, copied, factorized_cores
 
 
@@ -74,13 +74,7 @@ class MPOLinear(MPOLayer):
 
     def to_dense(self) -> nn.Linear:
         """The equivalent dense nn.Linear."""
-        w = self.weight_matrix().detach()
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(w)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return dense_linear(self.weight_matrix().detach(), self.bias)
 
     # ------------------------------------------------------------------ metadata
 
