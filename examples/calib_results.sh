@@ -4,7 +4,7 @@
 #
 #   MPOCOMPRESS_DATA=../shared/data bash examples/calib_results.sh [OUT_DIR]
 #
-# Trains one dense FC2 and one dense LeNet-5 on MNIST (20 epochs, seed 0), converts each with the
+# Trains one dense FC2 (20 epochs) and one dense LeNet-5 (8 epochs) on MNIST (seed 0), converts each with the
 # paper's shapes at D = 4 and 16, once from the weights alone and once calibrated on the first 512
 # MNIST training images (--calib mnist), fine-tunes each for 3 epochs, and keeps every JSON report in
 # OUT_DIR (default runs/calib). `python examples/results_table.py --calib OUT_DIR` prints the table.
@@ -17,7 +17,7 @@ run() {  # run NAME mpocompress ARGS...: keep the JSON report as OUT/NAME.json
   "$@" --json > "$OUT/$name.json"
 }
 [ -f "$OUT/fc2_dense.safetensors" ] || run fc2_dense mpocompress train --arch fc2 --data mnist --epochs 20 -o "$OUT/fc2_dense.safetensors" --force
-[ -f "$OUT/lenet5_dense.safetensors" ] || run lenet5_dense mpocompress train --arch lenet5 --data mnist --epochs 20 -o "$OUT/lenet5_dense.safetensors" --force
+[ -f "$OUT/lenet5_dense.safetensors" ] || run lenet5_dense mpocompress train --arch lenet5 --data mnist --epochs 8 -o "$OUT/lenet5_dense.safetensors" --force
 FC2_SHAPES=(--shape fc1=4x7x7x4:4x4x4x4 --shape fc2=4x4x4x4:1x1x10x1 --bond-dim fc2=4)
 LENET_SHAPES=(--shape conv3=2x10x10x2:2x5x6x2 --shape fc1=2x5x6x2:2x3x7x2 --shape fc2=2x3x7x2:1x5x2x1)
 for D in 4 16; do
