@@ -16,21 +16,25 @@ run() {  # run NAME mpocompress ARGS...: keep the JSON report as OUT/NAME.json
   echo "== $name: $*" >&2
   "$@" --json > "$OUT/$name.json"
 }
-[ -f "$OUT/fc2_dense.safetensors" ] || run fc2_dense mpocompress train --arch fc2 --data mnist --epochs 20 -o "$OUT/fc2_dense.safetensors" --force
-[ -f "$OUT/lenet5_dense.safetensors" ] || run lenet5_dense mpocompress train --arch lenet5 --data mnist --epochs 8 -o "$OUT/lenet5_dense.safetensors" --force
+[ -f "$OUT/fc2_dense.safetensors" ] || run fc2_dense mpocompress train --arch fc2 --data mnist --epochs 20 -o "$OUT/fc2_dense.safetensors" --force --resume
 FC2_SHAPES=(--shape fc1=4x7x7x4:4x4x4x4 --shape fc2=4x4x4x4:1x1x10x1 --bond-dim fc2=4)
 LENET_SHAPES=(--shape conv3=2x10x10x2:2x5x6x2 --shape fc1=2x5x6x2:2x3x7x2 --shape fc2=2x3x7x2:1x5x2x1)
-for D in 4 16; do
-  for MODE in weight calib; do
-    CAL=(); [ "$MODE" = calib ] && CAL=(--calib mnist)
-    run "fc2_${MODE}_D$D" mpocompress convert "$OUT/fc2_dense.safetensors" "${FC2_SHAPES[@]}" --bond-dim "$D" "${CAL[@]}" \
-      -o "$OUT/fc2_${MODE}_D$D.safetensors" --force
-    run "fc2_${MODE}_D${D}_ft" mpocompress finetune "$OUT/fc2_${MODE}_D$D.safetensors" --data mnist --epochs 3 \
-      -o "$OUT/fc2_${MODE}_D${D}_ft.safetensors" --force
-    run "lenet5_${MODE}_D$D" mpocompress convert "$OUT/lenet5_dense.safetensors" "${LENET_SHAPES[@]}" --bond-dim "$D" "${CAL[@]}" \
-      -o "$OUT/lenet5_${MODE}_D$D.safetensors" --force
-    run "lenet5_${MODE}_D${D}_ft" mpocompress finetune "$OUT/lenet5_${MODE}_D$D.safetensors" --data mnist --epochs 3 \
-      -o "$OUT/lenet5_${MODE}_D${D}_ft.safetensors" --force
+for NET in fc2 lenet5; do
+  if [ "$NET" = lenet5 ]; then
+    [ -f "$OUT/lenet5_dense.safetensors" ] || run lenet5_dense mpocompress train --arch lenet5 --data mnist --epochs 8 \
+      -o "$OUT/lenet5_dense.safetensors" --force --resume
+    SHAPES=("${LENET_SHAPES[@]}")
+  else
+    SHAPES=("${FC2_SHAPES[@]}")
+  fi
+  for D in 4 16; do
+    for MODE in weight calib; do
+      CAL=(); [ "$MODE" = calib ] && CAL=(--calib mnist)
+      run "${NET}_${MODE}_D$D" mpocompress convert "$OUT/${NET}_dense.safetensors" "${SHAPES[@]}" --bond-dim "$D" "${CAL[@]}" \
+        -o "$OUT/${NET}_${MODE}_D$D.safetensors" --force
+      run "${NET}_${MODE}_D${D}_ft" mpocompress finetune "$OUT/${NET}_${MODE}_D$D.safetensors" --data mnist --epochs 3 \
+        -o "$OUT/${NET}_${MODE}_D${D}_ft.safetensors" --force
+    done
   done
 done
 python "$(dirname "$0")/results_table.py" --calib "$OUT"

@@ -166,7 +166,7 @@ def render_report(console: Console, report: CompressionReport, heading: str) -> 
         before, after = report.params_model_before, report.params_model_after
         console.print(
             f"Model parameters: {_fmt_int(before)} -> {_fmt_int(after)} "
-            f"({after / before:.3g} of the original); rho over the MPO layers (Eq. 9): {report.rho:.4g}"
+            f"({after / before:.3g} of the original); rho over the factorized layers (Eq. 9): {report.rho:.4g}"
         )
     for note in report.notes:
         console.print(f"note: {note}")
