@@ -17,11 +17,18 @@ def pct(rep: dict) -> str:
     return s
 
 
-def main(folder: Path) -> None:
+def _reader(folder: Path):  # noqa: ANN202
+    """get(name): the JSON report NAME.json in folder, or None when it is missing or empty."""
+
     def get(name: str) -> dict | None:
         p = folder / f"{name}.json"
         return json.loads(p.read_text()) if p.is_file() and p.stat().st_size else None
 
+    return get
+
+
+def main(folder: Path) -> None:
+    get = _reader(folder)
     print("| network | D | test accuracy (%) | rho | parameters | epochs | wall time (s) |")
     print("|---|---|---|---|---|---|---|")
     for name, d in [("fc2_dense", "-"), *[(f"fc2_mpo_D{D}", str(D)) for D in (2, 4, 8, 16)], ("lenet5_dense", "-"), ("lenet5_mpo", "paper")]:
@@ -50,10 +57,7 @@ def main(folder: Path) -> None:
 def calib_table(folder: Path) -> None:
     """Convert-then-finetune with and without --calib (examples/calib_results.sh)."""
 
-    def get(name: str) -> dict | None:
-        p = folder / f"{name}.json"
-        return json.loads(p.read_text()) if p.is_file() and p.stat().st_size else None
-
+    get = _reader(folder)
     print("| model | D | start | weight error (first MPO) | output error (first MPO) | right after | after fine-tuning (per epoch) | rho |")
     print("|---|---|---|---|---|---|---|---|")
     for net in ("fc2", "lenet5"):

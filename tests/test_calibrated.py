@@ -74,7 +74,7 @@ def test_centred_and_error_correcting_fits_are_reduced_rank_regression(rank):
         shift = white.bias_shift(w, approx)
         residual = float((target @ w.T - (inputs @ approx.T + shift)).square().sum())
         assert residual == pytest.approx(_reduced_rank_regression(target, inputs, w, rank), rel=1e-9)
-        assert white.residual(w, approx) == pytest.approx(residual, rel=1e-9)
+        assert output_error(w, approx, white) ** 2 * white.energy(w) == pytest.approx(residual, rel=1e-9)
 
 
 def test_whitening_regularizes_a_singular_gram_and_refuses_nan():

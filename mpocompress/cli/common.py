@@ -100,16 +100,21 @@ def parse_shapes(values: list[str]) -> dict[str, tuple[tuple[int, ...], tuple[in
     return out
 
 
-def parse_eps(text: str | None) -> float | None:
+def parse_fraction(text: str | None, option: str, hint: str, example: str) -> float | None:
+    """A number strictly between 0 and 1 given as `option` (None stays None)."""
     if text is None:
         return None
     try:
-        eps = float(text)
+        v = float(text)
     except ValueError:
-        raise MPOCompressError(f"--eps {text!r} is not a number; give a relative error such as 0.05") from None
-    if not 0.0 < eps < 1.0:
-        raise MPOCompressError(f"--eps must lie strictly between 0 and 1, got {text}; e.g. --eps 0.05")
-    return eps
+        raise MPOCompressError(f"{option} {text!r} is not a number; {hint}") from None
+    if not 0.0 < v < 1.0:
+        raise MPOCompressError(f"{option} must lie strictly between 0 and 1, got {text}; {example}")
+    return v
+
+
+def parse_eps(text: str | None) -> float | None:
+    return parse_fraction(text, "--eps", "give a relative error such as 0.05", "e.g. --eps 0.05")
 
 
 _SUFFIXES = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
@@ -132,18 +137,6 @@ def parse_target_params(text: str | None) -> float | None:
     return float(round(value)) if value > 1 else value
 
 
-def parse_fraction(text: str | None, option: str, example: str) -> float | None:
-    if text is None:
-        return None
-    try:
-        v = float(text)
-    except ValueError:
-        raise MPOCompressError(f"{option} {text!r} is not a number; {example}") from None
-    if not 0.0 < v < 1.0:
-        raise MPOCompressError(f"{option} must lie strictly between 0 and 1, got {text}; {example}")
-    return v
-
-
 def build_config(
     bond_dim: list[str], shape: list[str], layers: list[str], exclude: list[str], eps: str | None, cores: str | None,
     structure: str = "auto", target_params: str | None = None, max_error: str | None = None, sequential: bool = False,
@@ -162,7 +155,7 @@ def build_config(
         shapes=parse_shapes(shape),
         structure=structure,
         target_params=parse_target_params(target_params),
-        max_error=parse_fraction(max_error, "--max-error", "give a relative error such as 0.2"),
+        max_error=parse_fraction(max_error, "--max-error", *["give a relative error such as 0.2"] * 2),
         mpo_cores=(n,) if n is not None else (),
         sequential=sequential,
     )

@@ -18,7 +18,7 @@ from torch import nn
 
 from mpocompress.io.data import ImageSet, load_dataset
 from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, load_unlabelled, read_lines
-from mpocompress.io.hf import decode_tokenizer_files, load_tokenizer
+from mpocompress.io.data.calibration import model_tokenizer
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io import (
     check_output_path, checkpoint_path_for, load_train_state, mpo_layer_specs, save, save_train_state,
@@ -63,13 +63,7 @@ def load_unlabelled_data(
     tokenizer = None
     if data.startswith(TEXT_PREFIX):
         read_lines(Path(data[len(TEXT_PREFIX) :]), max_samples)  # a missing or empty file is named first
-        files = getattr(model, "mpocompress_tokenizer", None) or getattr(teacher, "mpocompress_tokenizer", None)
-        if not files:
-            raise MPOCompressError(
-                "text data needs the model's tokenizer, and neither the model nor the teacher records one; convert "
-                "from a Hugging Face folder that has its tokenizer files (tokenizer.json or vocab files) beside config.json"
-            )
-        tokenizer = load_tokenizer(decode_tokenizer_files(files, "the model"), "the model")
+        tokenizer = model_tokenizer(model, teacher)
     return tuple(load_unlabelled(data, split, tokenizer, max_length, 0, max_samples) for split in ("train", "test"))  # type: ignore[return-value]
 
 

@@ -13,7 +13,7 @@ of noise energy: the factor that turns a layer's output error into an error at t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,13 +57,9 @@ def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _hooks(modules: Mapping[str, nn.Module], fn, pre: bool) -> Iterator[None]:
-    handles = []
-    for name, mod in modules.items():
-        if pre:
-            handles.append(mod.register_forward_pre_hook(lambda m, args, n=name: fn(n, m, args[0])))
-        else:
-            handles.append(mod.register_forward_hook(lambda m, args, out, n=name: fn(n, m, out)))
+def _input_hooks(modules: Mapping[str, nn.Module], fn: Callable[[str, nn.Module, torch.Tensor], None]) -> Iterator[None]:
+    """fn(name, module, input) on every call of the named modules, for the block's duration."""
+    handles = [mod.register_forward_pre_hook(lambda m, args, n=name: fn(n, m, args[0])) for name, mod in modules.items()]
     try:
         yield
     finally:
@@ -126,7 +122,7 @@ def collect_grams(
     model.eval()
     samples = 0
     try:
-        with _hooks(unique, hook, pre=True):
+        with _input_hooks(unique, hook):
             for batch in batches:
                 mask = _row_mask(batch)
                 pending = set(stop_after) if stop_after is not None else set()
@@ -193,7 +189,7 @@ def collect_cross(
             current: dict[str, torch.Tensor] = {}
             for net, table, store in ((reference, ref_mods, seen), (model, mods, current)):
                 pending = set(names)
-                with _hooks(table, grab(store), pre=True):
+                with _input_hooks(table, grab(store)):
                     _run(net, batch)
             for n in names:
                 x, xp = seen[n], current[n]

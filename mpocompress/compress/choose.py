@@ -131,18 +131,16 @@ def _fixed_option(t: LayerTarget, structure: str, white: Whitening | None) -> tu
     """The form a D or eps asks for, or None and the reason when it would not be smaller than dense."""
     c = t.cand
     if structure == "lowrank":
-        s = lowrank_spectrum(weight_of(t), white)
+        w = weight_of(t)
+        s = lowrank_spectrum(w, white)
+        errs = truncation_errors(s, white.energy(w) if white is not None else None)
         if t.bond_dim is not None:
             r = min(t.bond_dim, s.numel())
         else:
-            errs = truncation_errors(s, white.energy(weight_of(t)) if white is not None else None)
             r = max(1, next((k for k in range(s.numel() + 1) if float(errs[k]) <= t.eps), s.numel()))
-            if t.bond_dim is not None:
-                r = min(r, t.bond_dim)
         if r * (c.nx + c.ny) >= c.numel:
             return None, f"its low-rank form at r={r} would not be smaller ({r * (c.nx + c.ny)} parameters)"
-        total = white.energy(weight_of(t)) if white is not None else None
-        return Option("lowrank", r * (c.nx + c.ny), float(truncation_errors(s, total)[r]), rank=r), ""
+        return Option("lowrank", r * (c.nx + c.ny), float(errs[r]), rank=r), ""
     if t.eps is not None:  # the TT-SVD decides the bonds: do it now to see whether it is smaller
         dec = decompose(t, t.bond_dim, t.eps)
         n = MPOShape(t.in_modes, t.out_modes, tuple(dec.bond_dims)).param_count
@@ -183,9 +181,7 @@ def plan_layers(
         plan.decisions.append(Decision(t, opt, reason))
     if free and not config.allocating and curves_only:
         for t in free:
-            w = weight_of(t)
-            modes = (t.in_modes, t.out_modes) if first_match(config.shapes, t.cand.names) is not None else None
-            plan.options[t.cand.name] = layer_options(w, plan._white(t), config.structure, config.mpo_cores or AUTO_CORES, modes)
+            _options_of(t, weight_of(t), config, plan)
             plan.decisions.append(Decision(t, None, "no size asked for (give --target-params P for an allocation)"))
         return plan
     if free and not config.allocating:
@@ -204,18 +200,24 @@ def _fixed_params(decisions: list[Decision]) -> int:
     return sum(d.option.params if d.option is not None else d.target.cand.numel for d in decisions)
 
 
+def _options_of(t: LayerTarget, w: torch.Tensor, config: CompressionConfig, plan: LayerPlan) -> list[Option]:
+    """Every form the allocator weighs for a layer (an MPO of the given modes only, under --shape),
+    recorded in the plan for analyze's curves."""
+    modes = (t.in_modes, t.out_modes) if first_match(config.shapes, t.cand.names) is not None else None
+    opts = layer_options(w, plan._white(t), config.structure, config.mpo_cores or AUTO_CORES, modes)
+    plan.options[t.cand.name] = opts
+    return opts
+
+
 def _allocate(
     model: nn.Module, config: CompressionConfig, free: list[LayerTarget], plan: LayerPlan, fixed_params: int
 ) -> list[Decision]:
     calib = plan.calibration
-    cores = config.mpo_cores or AUTO_CORES
     options, costs = [], []
     for t in free:
         white = plan._white(t)
         w = weight_of(t)
-        modes = (t.in_modes, t.out_modes) if first_match(config.shapes, t.cand.names) is not None else None
-        opts = layer_options(w, white, config.structure, cores, modes)
-        plan.options[t.cand.name] = opts
+        opts = _options_of(t, w, config, plan)
         if config.max_error is not None:
             opts = [o for o in opts if o.rel_error <= config.max_error]  # dense (error 0) always stays
         options.append(opts)
@@ -248,19 +250,20 @@ def _allocate(
     picks = allocate(choices, budget)
     chosen = [opts[k] for opts, k in zip(options, picks)]
     order = sorted(range(len(free)), key=lambda i: -choices[i][picks[i]].cost)
-    _fill(chosen, [free[i] for i in order], order, budget - sum(o.params for o in chosen))
+    _fill(chosen, free, order, budget - sum(o.params for o in chosen))
     return [_decision(t, o, "kept dense by the allocator: within the budget nothing smaller pays") for t, o in zip(free, chosen)]
 
 
-def _fill(chosen: list[Option], targets: list[LayerTarget], order: list[int], left: int) -> None:
+def _fill(chosen: list[Option], free: list[LayerTarget], order: list[int], left: int) -> None:
     """Spend what the allocator's steps left of the budget: grow one bond (or the rank) at a time of
-    the chosen forms, costliest layer first, while a step fits and the layer stays smaller than
-    dense. More bond never loses accuracy, so the error estimates stay upper bounds."""
+    the chosen forms, visiting the layers in `order` (costliest first), while a step fits and the
+    layer stays smaller than dense. More bond never loses accuracy, so the error estimates stay
+    upper bounds."""
     grown = True
     while grown and left > 0:
         grown = False
-        for i, t in zip(order, targets):
-            o = chosen[i]
+        for i in order:
+            t, o = free[i], chosen[i]
             if o.structure == "lowrank":
                 step = t.cand.nx + t.cand.ny
                 if step <= left and o.params + step < t.cand.numel and o.rank < min(t.cand.nx, t.cand.ny):

@@ -19,6 +19,7 @@ import torch
 from mpocompress.tensors import (
     MPOShape,
     Whitening,
+    error_meter,
     factorize,
     lowrank,
     lowrank_spectrum,
@@ -33,7 +34,7 @@ from mpocompress.tensors import (
 STRUCTURES = ("auto", "mpo", "lowrank")
 AUTO_CORES = (3, 4)  # MPO core counts `auto` considers unless --cores names one
 _BOND_GRID = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-_EVAL_LIMIT = 1 << 26  # N_y * N_x^2 above which MPO errors are weight errors rescaled, not measured per D
+_EVAL_LIMIT = 1 << 26  # N_y * N_x^2 above which an MPO's predicted error is its weight error, not measured per D
 
 
 @dataclass
@@ -111,11 +112,12 @@ def _mpo_options(
             continue
         grid = sorted({d for d in _BOND_GRID if d <= fits[-1]} | {fits[-1]})
         top = tt_svd(w, i_modes, o_modes, max_bond=grid[-1])
+        meter = error_meter(w, white) if measure else None
         measured: dict[int, tuple[float, float]] = {}  # D -> (error, weight error)
         for d in grid:
             dec = tt_round(top.cores, max_bond=d) if d < max(top.bond_dims) else top
             werr = math.sqrt(min(1.0, top.rel_error**2 + dec.rel_error**2)) if dec is not top else top.rel_error
-            err = output_error(w, mpo_to_matrix([c.to(torch.float64) for c in dec.cores]), white) if measure else werr
+            err = meter(mpo_to_matrix([c.to(torch.float64) for c in dec.cores])) if meter is not None else werr
             measured[d] = (err, werr)
         for d in fits:
             if d < grid[0]:

@@ -15,7 +15,7 @@ returns cores worse than those it was given. Pure tensor math: no modules, no I/
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,11 +73,6 @@ class Whitening:
         if self.target_map is None:
             return 0.0
         return max(0.0, self._centred_energy(w) - float(self.whiten(w).square().sum()))
-
-    def residual(self, w: torch.Tensor, approx: torch.Tensor) -> float:
-        """The squared output error of W~ = approx over the calibration inputs (mean removed by the bias)."""
-        r = self.whiten(w) - approx.detach().to(torch.float64) @ self.factor
-        return float(r.square().sum()) + self.offset(w)
 
     def bias_shift(self, w: torch.Tensor, approx: torch.Tensor) -> torch.Tensor | None:
         """W mu - W~ mu', what the bias gains (None when not centred)."""
@@ -188,15 +183,27 @@ def lowrank(w: torch.Tensor, rank: int, white: Whitening | None = None, dtype: t
     return LowRank(second.to(out).contiguous(), first.to(out).contiguous(), s)
 
 
+def error_meter(w: torch.Tensor, white: Whitening | None = None) -> Callable[[torch.Tensor], float]:
+    """A function giving the relative output error ||W X^T - W~ X'^T|| / ||W X^T|| of approximations W~
+    of this W on the calibration inputs (the relative weight error without whitening). What depends on
+    W alone (W L, the energy, the offset) is computed once, here."""
+    w64 = w.detach().to(torch.float64)
+    if white is None:
+        norm = float(torch.linalg.matrix_norm(w64))
+        return lambda approx: float(torch.linalg.matrix_norm(w64 - approx.detach().to(torch.float64))) / norm if norm > 0 else 0.0
+    target, total, offset = white.whiten(w), white.energy(w), white.offset(w)
+
+    def relative(approx: torch.Tensor) -> float:
+        r = float((target - approx.detach().to(torch.float64) @ white.factor).square().sum()) + offset
+        return math.sqrt(r / total) if total > 0 else 0.0
+
+    return relative
+
+
 def output_error(w: torch.Tensor, approx: torch.Tensor, white: Whitening | None = None) -> float:
     """||(W - W~) L|| / ||W L|| (relative output error on the calibration inputs), or the relative
-    weight error without whitening."""
-    if white is not None:
-        total = white.energy(w)
-        return math.sqrt(white.residual(w, approx) / total) if total > 0 else 0.0
-    e = w.detach().to(torch.float64) - approx.detach().to(torch.float64)
-    norm = float(torch.linalg.matrix_norm(w.detach().to(torch.float64)))
-    return float(torch.linalg.matrix_norm(e)) / norm if norm > 0 else 0.0
+    weight error without whitening (one approximation; `error_meter` for several)."""
+    return error_meter(w, white)(approx)
 
 
 @dataclass
@@ -218,18 +225,17 @@ def refine_cores(
     entries (a dense matrix of that size squared, 2 GB at D = 64), where one L-BFGS step costs two
     dense products W~ L.
     """
-    norm_sq, offset = white.energy(w), white.offset(w)
+    norm_sq = white.energy(w)
     if norm_sq == 0:
         return Refined([c.detach().clone() for c in cores], [0.0])
     out_dtype = cores[0].dtype
-    target64 = white.whiten(w)
-    target, factor = target64.to(dtype), white.factor.to(dtype)
+    target, factor = white.whiten(w).to(dtype), white.factor.to(dtype)
     scale = 1.0 / norm_sq
+    meter = error_meter(w, white)
 
     def exact(cs: Sequence[torch.Tensor]) -> float:  # relative squared error, float64
         with torch.no_grad():
-            m = mpo_to_matrix([c.detach().to(torch.float64) for c in cs])
-            return float(((target64 - m @ white.factor).square().sum() + offset) * scale)
+            return meter(mpo_to_matrix([c.detach().to(torch.float64) for c in cs])) ** 2
 
     params = [c.detach().to(dtype).clone().requires_grad_(True) for c in cores]
     best_cores = [c.detach().to(torch.float64).clone() for c in cores]

@@ -279,7 +279,9 @@ def tt_round(
     _check_truncation(max_bond, eps)
     if bonds is not None and len(bonds) != len(cores) - 1:
         raise MPOCompressError(f"need {len(cores) - 1} bond caps for {len(cores)} cores, got {list(bonds)}")
-    caps = [max_bond if bonds is None else (b if max_bond is None else min(b, max_bond)) for b in (bonds or [None] * (len(cores) - 1))]
+    caps: list[int | None] = list(bonds) if bonds is not None else [max_bond] * (len(cores) - 1)
+    if bonds is not None and max_bond is not None:
+        caps = [min(b, max_bond) for b in bonds]
     out_dtype = cores[0].dtype
     cs = [c.detach().to(torch.float64) for c in cores]
     if not all(all_finite(c) for c in cs):

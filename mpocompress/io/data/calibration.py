@@ -18,15 +18,17 @@ from mpocompress.io.hf import decode_tokenizer_files, load_tokenizer
 Batch = dict[str, torch.Tensor]
 
 
-def model_tokenizer(model: nn.Module, what: str = "the model") -> object:
-    """The tokenizer recorded with a model (from its Hugging Face folder), or a clear error."""
-    files = getattr(model, "mpocompress_tokenizer", None)
+def model_tokenizer(model: nn.Module, teacher: nn.Module | None = None) -> object:
+    """The tokenizer recorded with the model (from its Hugging Face folder), else with the teacher,
+    or a clear error."""
+    files = getattr(model, "mpocompress_tokenizer", None) or getattr(teacher, "mpocompress_tokenizer", None)
     if not files:
+        who = "the model records none" if teacher is None else "neither the model nor the teacher records one"
         raise MPOCompressError(
-            "text data needs the model's tokenizer, and the model records none; use a Hugging Face folder that has its "
+            f"text data needs the model's tokenizer, and {who}; convert from a Hugging Face folder that has its "
             "tokenizer files (tokenizer.json or vocab files) beside config.json"
         )
-    return load_tokenizer(decode_tokenizer_files(files, what), what)
+    return load_tokenizer(decode_tokenizer_files(files, "the model"), "the model")
 
 
 def calibration_batches(
