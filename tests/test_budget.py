@@ -296,3 +296,12 @@ def test_ci_sized_target_the_allocator_beats_uniform_ranks_on_held_out_data():
         ref = model(x_test)
         err = {name: float((m(x_test) - ref).norm() / ref.norm()) for name, m in (("uniform", uniform), ("budget", budgeted))}
     assert err["budget"] < err["uniform"], err
+
+
+def test_lowrank_with_both_a_rank_and_eps_takes_the_smaller():
+    """As for an MPO, D caps and eps truncates: the rank is the smaller of the two asks."""
+    loose = compress_(_mlp(), CompressionConfig(bond_dim=20, eps=0.9, structure="lowrank", layers=("0",)))
+    tight = compress_(_mlp(), CompressionConfig(bond_dim=3, eps=0.01, structure="lowrank", layers=("0",)))
+    by_eps = compress_(_mlp(), CompressionConfig(eps=0.9, structure="lowrank", layers=("0",)))
+    assert loose.layers[0].ranks == by_eps.layers[0].ranks and by_eps.layers[0].ranks[0] < 20
+    assert tight.layers[0].ranks == [3]

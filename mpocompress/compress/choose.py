@@ -134,10 +134,11 @@ def _fixed_option(t: LayerTarget, structure: str, white: Whitening | None) -> tu
         w = weight_of(t)
         s = lowrank_spectrum(w, white)
         errs = truncation_errors(s, white.energy(w) if white is not None else None)
-        if t.bond_dim is not None:
-            r = min(t.bond_dim, s.numel())
-        else:
+        r = s.numel()
+        if t.eps is not None:  # the fewest values whose tail is within eps
             r = max(1, next((k for k in range(s.numel() + 1) if float(errs[k]) <= t.eps), s.numel()))
+        if t.bond_dim is not None:  # and at most D, as for an MPO
+            r = min(r, t.bond_dim)
         if r * (c.nx + c.ny) >= c.numel:
             return None, f"its low-rank form at r={r} would not be smaller ({r * (c.nx + c.ny)} parameters)"
         return Option("lowrank", r * (c.nx + c.ny), float(errs[r]), rank=r), ""
