@@ -20,6 +20,8 @@ Rows:
 - lowrank-budget:  --structure lowrank --target-params (the allocator, low-rank only)
 - mpo-budget:      --structure mpo --target-params (the allocator, MPOs of 3 or 4 cores only)
 - auto-budget:     --structure auto --target-params (the allocator, every structure)
+- auto-embedding:  as auto-budget, with the word embedding (11.7M of the model's 22.7M parameters) offered
+                   too (as an MPO embedding): the same total parameters, spread over more layers
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldout import sentences as stdlib_sentences  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "docstrings-en.txt"
-ROWS = ("mpo-weight", "lowrank-weight", "lowrank-uniform", "mpo-uniform", "lowrank-budget", "mpo-budget", "auto-budget")
+ROWS = ("mpo-weight", "lowrank-weight", "lowrank-uniform", "mpo-uniform", "lowrank-budget", "mpo-budget", "auto-budget",
+        "auto-embedding")
 
 
 def encoder_linear(model: torch.nn.Module) -> tuple[int, int]:
@@ -94,6 +97,8 @@ def main() -> None:
                 cfg = CompressionConfig(bond_dim=rank, structure="lowrank", **base)
             elif row == "mpo-uniform":
                 cfg = CompressionConfig(bond_dim=mpo_bond_for(model, f, dense), **base)
+            elif row == "auto-embedding":
+                cfg = CompressionConfig(target_params=target, layers=("encoder.*", "embeddings.word_embeddings"))
             else:
                 cfg = CompressionConfig(target_params=target, structure=row.split("-")[0], **base)
             t0 = time.perf_counter()

@@ -88,7 +88,8 @@ def test_conv1d_becomes_an_mpo_of_its_transposed_weight(folders):
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
 def test_save_needs_no_arch_and_load_rebuilds_bit_identically(folders, tmp_path, name):
     model = load(folders / name)
-    compress_(model, CompressionConfig(bond_dim=3))
+    compress_(model, CompressionConfig(bond_dim=3, layers=_WITH_EMBEDDING[name]))
+    assert type(model.get_input_embeddings()).__name__ == "MPOEmbedding"
     path = save(model, tmp_path / "c.safetensors")  # no arch: inferred, config recorded
     back = load(path)
     assert type(back) is type(model)
@@ -108,13 +109,17 @@ def test_save_asks_for_an_arch_only_when_it_cannot_tell(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+_WITH_EMBEDDING = {"bert": ["encoder.*", "embeddings.word_embeddings"], "gpt2": ["h.*", "wte"]}  # blocks and the word embedding
+
+
 @pytest.fixture(scope="module")
 def compressed(folders, tmp_path_factory):
+    """Both models with every block projection and the word embedding (an MPO embedding) at D=4."""
     d = tmp_path_factory.mktemp("compressed")
     out = {}
     for name in ("bert", "gpt2"):
         m = load(folders / name)
-        compress_(m, CompressionConfig(bond_dim=4))
+        compress_(m, CompressionConfig(bond_dim=4, layers=_WITH_EMBEDDING[name]))
         out[name] = save(m, d / f"{name}.safetensors")
     return out
 

@@ -155,8 +155,8 @@ def render_report(console: Console, report: CompressionReport, heading: str) -> 
         console.print(sweep_table(report))
     elif report.layers:
         verb = "Converted" if report.applied else "Would convert"
-        forms = sorted({lr.structure for lr in report.layers})
-        what = "MPO" if forms == ["mpo"] else " and ".join("MPO" if f == "mpo" else "low-rank" for f in forms)
+        names = {"mpo": "MPO", "lowrank": "low-rank", "mpo_embedding": "MPO embedding"}
+        what = " and ".join(names.get(f, f) for f in sorted({lr.structure for lr in report.layers}))
         console.print(layers_table(report, f"{verb} to {what}"))
     if report.curves:
         console.print(curves_table(report))

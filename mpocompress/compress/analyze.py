@@ -144,7 +144,7 @@ def add_macs(
     known = True
     for name, mod in modules.items():
         conv = converter_for(mod)
-        if conv is None:
+        if conv is None or conv.kind == "embedding":  # a lookup: no multiply-adds counted
             continue
         r = rows.get(name) if rows is not None else (1 if conv.kind == "linear" else None)
         if r is None:

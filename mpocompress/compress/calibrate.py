@@ -29,8 +29,9 @@ NOISE = 0.05  # probe noise, as a share of the layer's output RMS
 
 @dataclass
 class Calibration:
-    """Per selected layer (by name): the Gram matrix of its inputs (float64), how many input
-    vectors it summed, and the output-error sensitivity (None until measured)."""
+    """Per selected layer (by name): the Gram matrix of its inputs (float64; for an embedding its
+    diagonal, the token counts), how many input vectors it summed, and the output-error
+    sensitivity (None until measured)."""
 
     grams: dict[str, torch.Tensor]
     rows: dict[str, int]
@@ -103,17 +104,23 @@ def collect_grams(
             calls.append((name, id(x)))
             alive.append(x)  # held so that no later input reuses its id during this pass
         conv = converter_for(mod)
-        vecs = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach()
-        g = grams.get(name)
-        if g is None:
-            g = grams[name] = torch.zeros(vecs.shape[1], vecs.shape[1], dtype=torch.float64, device=vecs.device)
-            sums[name] = torch.zeros(vecs.shape[1], dtype=torch.float64, device=vecs.device)
-        step = max(1, (1 << 22) // max(vecs.shape[1], 1))
-        for s in range(0, vecs.shape[0], step):
-            v = vecs[s : s + step].to(torch.float64)
-            g.addmm_(v.T, v)
-            sums[name] += v.sum(0)
-        rows[name] = rows.get(name, 0) + int(vecs.shape[0])
+        if conv.kind == "embedding":  # one-hot inputs: X^T X is diagonal, the token counts
+            ids = conv.rows(mod, x[mask] if mask is not None and x.shape == mask.shape else x)
+            counts = torch.bincount(ids, minlength=conv.dims(mod)[1]).to(torch.float64)
+            grams[name] = sums[name] = grams[name] + counts if name in grams else counts
+            rows[name] = rows.get(name, 0) + int(ids.numel())
+        else:
+            vecs = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach()
+            g = grams.get(name)
+            if g is None:
+                g = grams[name] = torch.zeros(vecs.shape[1], vecs.shape[1], dtype=torch.float64, device=vecs.device)
+                sums[name] = torch.zeros(vecs.shape[1], dtype=torch.float64, device=vecs.device)
+            step = max(1, (1 << 22) // max(vecs.shape[1], 1))
+            for s in range(0, vecs.shape[0], step):
+                v = vecs[s : s + step].to(torch.float64)
+                g.addmm_(v.T, v)
+                sums[name] += v.sum(0)
+            rows[name] = rows.get(name, 0) + int(vecs.shape[0])
         pending.discard(name)
         if stop_after is not None and not pending:
             raise _Stop

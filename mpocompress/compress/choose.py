@@ -73,12 +73,26 @@ class LayerPlan:
         ]  # fmt: skip
 
     def _white(self, t: LayerTarget) -> Whitening | None:
-        if self.calibration is None:
+        """The layer's input whitening; None without calibration, and for an embedding, whose table
+        is factorized by weight (its calibration counts only weigh its error, see `energy`): a
+        whitening by token counts would leave the tokens calibration never saw unconstrained."""
+        if self.calibration is None or t.cand.kind == "embedding":
             return None
         name = t.cand.name
         if name not in self._whites:
             self._whites[name] = white_for(t, self.calibration)
         return self._whites[name]
+
+    def energy(self, t: LayerTarget, w: torch.Tensor) -> float:
+        """The layer's output energy per calibration sample (||W||^2 without calibration): what its
+        relative error is relative to. An embedding's is its rows' energies weighted by the token
+        counts, so its (weight) error is taken as spread evenly over the tokens."""
+        cal = self.calibration
+        if cal is None:
+            return float(w.detach().to(torch.float64).square().sum())
+        if t.cand.kind == "embedding":
+            return float(w.detach().to(torch.float64).square().sum(0) @ cal.grams[t.cand.name]) / cal.samples
+        return self._white(t).energy(w) / cal.samples
 
     def factors(self, model: nn.Module | None = None) -> Iterator[tuple[LayerTarget, Factors]]:
         """Make each converted layer's factors, in order, appending its report to `layers`. With
@@ -94,7 +108,7 @@ class LayerPlan:
         for name in order:
             d = todo[name]
             t = d.target
-            if sequential:
+            if sequential and t.cand.kind != "embedding":
                 if name not in fresh:
                     group = next((g for g in self.calibration.groups if name in g), [name])
                     fresh = collect_cross(reference, model, [n for n in group if n in todo], self.batches)
@@ -104,8 +118,10 @@ class LayerPlan:
             else:
                 white = self._white(t)
             f = _make(t, d.option, white, self.config.refine_steps)
+            structure = "mpo_embedding" if t.cand.kind == "embedding" else f.structure
             self.layers.append(layer_report(
-                name, t.cand.kind, t.cand.ny, t.cand.nx, f.shape, f.spectra, f.rel_error, f.structure, f.output_rel_error,
+                name, t.cand.kind, t.cand.ny, t.cand.nx, f.shape, f.spectra, f.rel_error, structure, f.output_rel_error,
+                params_original=t.cand.numel,
             ))  # fmt: skip
             yield t, f
 
@@ -154,10 +170,6 @@ def _fixed_option(t: LayerTarget, structure: str, white: Whitening | None) -> tu
     return opt, ""
 
 
-def _energy(w: torch.Tensor, white: Whitening | None) -> float:
-    return white.energy(w) if white is not None else float(w.detach().to(torch.float64).square().sum())
-
-
 def plan_layers(
     model: nn.Module,
     config: CompressionConfig,
@@ -178,6 +190,11 @@ def plan_layers(
     free = [t for t in targets if t.bond_dim is None and t.eps is None]
     fixed_structure = "lowrank" if config.structure == "lowrank" else "mpo"
     for t in fixed:
+        if fixed_structure not in t.cand.converter.structures:
+            raise MPOCompressError(
+                f"{t.cand.name} is an {t.cand.kind}, which cannot become {fixed_structure} (only: "
+                f"{', '.join(t.cand.converter.structures)}); drop --structure {fixed_structure} or --exclude {t.cand.name}"
+            )
         opt, reason = _fixed_option(t, fixed_structure, plan._white(t))
         plan.decisions.append(Decision(t, opt, reason))
     if free and not config.allocating and curves_only:
@@ -201,11 +218,19 @@ def _fixed_params(decisions: list[Decision]) -> int:
     return sum(d.option.params if d.option is not None else d.target.cand.numel for d in decisions)
 
 
+def _structure_for(t: LayerTarget, asked: str) -> str:
+    """The structures a layer may take: those asked for that its type can become ("dense": none)."""
+    if asked == "auto":
+        kinds = t.cand.converter.structures
+        return "auto" if "lowrank" in kinds else kinds[0]
+    return asked if asked in t.cand.converter.structures else "dense"
+
+
 def _options_of(t: LayerTarget, w: torch.Tensor, config: CompressionConfig, plan: LayerPlan) -> list[Option]:
     """Every form the allocator weighs for a layer (an MPO of the given modes only, under --shape),
     recorded in the plan for analyze's curves."""
     modes = (t.in_modes, t.out_modes) if first_match(config.shapes, t.cand.names) is not None else None
-    opts = layer_options(w, plan._white(t), config.structure, config.mpo_cores or AUTO_CORES, modes)
+    opts = layer_options(w, plan._white(t), _structure_for(t, config.structure), config.mpo_cores or AUTO_CORES, modes)
     plan.options[t.cand.name] = opts
     return opts
 
@@ -222,8 +247,7 @@ def _allocate(
         if config.max_error is not None:
             opts = [o for o in opts if o.rel_error <= config.max_error]  # dense (error 0) always stays
         options.append(opts)
-        energy = _energy(w, white) / (calib.samples if calib is not None else 1)
-        costs.append(energy)
+        costs.append(plan.energy(t, w))
     if config.target_params is not None and calib is not None:
         probe, n = [], 0
         for b in plan.batches:

@@ -11,7 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mpocompress.nn import LowRankConv2d, LowRankLinear, MPOConv2d, MPOLayer, MPOLinear, conv_geometry, dense_patches
+import torch.nn.functional as F
+
+from mpocompress.nn import (
+    LowRankConv2d, LowRankLinear, MPOConv2d, MPOEmbedding, MPOLayer, MPOLinear, conv_geometry, dense_patches, padded_vocab,
+)  # fmt: skip
 from mpocompress.nn.conv_geometry import ConvGeometry
 
 Builder = Callable[[nn.Module, list[torch.Tensor]], nn.Module]
@@ -22,15 +26,17 @@ class Converter:
     """How modules of one type are read and replaced.
 
     Attributes:
-        kind: "linear" or "conv2d": the report's kind, and how outputs count input vectors.
-        dims: (N_y, N_x) of the module's weight matrix.
+        kind: "linear", "conv2d" or "embedding": the report's kind, and how outputs count input
+            vectors (an embedding's input vectors are one-hot tokens: calibration counts them).
+        dims: (N_y, N_x) of the module's weight matrix (an embedding's N_x: its padded vocabulary).
         weight: that matrix, dense (differentiable where the module is).
         builders: per structure ("mpo", "lowrank"), the factorized layer holding the given factors
             (the MPO's cores; [B, A] for low-rank), with the module's bias and geometry.
         rows: the input vectors the weight multiplies, (rows, N_x), from the module's input x.
         problem: why the module cannot be converted (None when it can).
         cores: for a module that is already an MPO, its cores (it is then rounded, W never formed).
-        transposed: the module stores its weight as (N_x, N_y) (transformers' Conv1D).
+        transposed: the module stores its weight as (N_x, N_y) (transformers' Conv1D, nn.Embedding).
+        numel: the dense module's weight count, when it differs from N_y * N_x (a padded vocabulary).
     """
 
     kind: str
@@ -41,17 +47,25 @@ class Converter:
     problem: Callable[[nn.Module], str | None] = lambda m: None
     cores: Callable[[nn.Module], list[torch.Tensor]] | None = None
     transposed: bool = False
+    numel: Callable[[nn.Module], int] | None = None
 
     def build(self, module: nn.Module, factors: list[torch.Tensor], structure: str = "mpo") -> nn.Module:
         return self.builders[structure](module, factors)
+
     def set_dense(self, module: nn.Module, w: torch.Tensor) -> None:
         """Write the dense matrix w (N_y, N_x) into a dense module of this type, in its own layout."""
         with torch.no_grad():
-            module.weight.copy_((w.T if self.transposed else w).reshape(module.weight.shape))
+            w = w.T if self.transposed else w
+            module.weight.copy_(w[: module.weight.shape[0]].reshape(module.weight.shape))
 
     def rows_per_output(self, out: torch.Tensor) -> int:
         """Input vectors a call handled, from its output: positions for a conv, rows for a linear."""
         return out.numel() // (out.shape[-3] if self.kind == "conv2d" else out.shape[-1])
+
+    @property
+    def structures(self) -> tuple[str, ...]:
+        """The structures this type can become."""
+        return tuple(self.builders)
 
 
 CONVERTERS: dict[type[nn.Module] | str, Converter] = {}
@@ -131,6 +145,36 @@ register_converter(MPOConv2d, Converter(
     "conv2d", _conv_dims, _factored_weight, _CONV_BUILDERS, _conv_rows, cores=_mpo_cores,
 ))  # fmt: skip
 register_converter(LowRankConv2d, Converter("conv2d", _conv_dims, _factored_weight, _CONV_BUILDERS, _conv_rows))
+
+
+def _embedding_problem(m: nn.Module) -> str | None:
+    return "an embedding with max_norm renormalizes its rows on lookup; only plain embeddings can become MPOs" if getattr(m, "max_norm", None) is not None else None
+
+
+def _embedding_dims(m: nn.Module) -> tuple[int, int]:
+    return m.embedding_dim, padded_vocab(m.num_embeddings)
+
+
+def _padded(w: torch.Tensor) -> torch.Tensor:
+    """W = E^T (d x V) with zero columns up to the padded vocabulary."""
+    return F.pad(w, (0, padded_vocab(w.shape[1]) - w.shape[1]))
+
+
+def _token_ids(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1)
+
+
+_EMBEDDING_BUILDERS: dict[str, Builder] = {
+    "mpo": lambda m, cores: MPOEmbedding.from_cores(cores, m.num_embeddings, m.padding_idx),
+}
+register_converter(nn.Embedding, Converter(
+    "embedding", _embedding_dims, lambda m: _padded(m.weight.T), _EMBEDDING_BUILDERS, _token_ids,
+    problem=_embedding_problem, transposed=True, numel=lambda m: m.weight.numel(),
+))  # fmt: skip
+register_converter(MPOEmbedding, Converter(
+    "embedding", _embedding_dims, lambda m: _padded(m.weight_matrix()), _EMBEDDING_BUILDERS, _token_ids,
+    cores=_mpo_cores, transposed=True, numel=lambda m: m.weight_numel,
+))  # fmt: skip
 # transformers' Conv1D (GPT-2 and relatives): y = x @ weight + bias with weight (N_x, N_y)
 register_converter("transformers.pytorch_utils.Conv1D", Converter(
     "linear", lambda m: (m.weight.shape[1], m.weight.shape[0]), lambda m: m.weight.T, _LINEAR_BUILDERS, _linear_rows,

@@ -84,11 +84,13 @@ class CompressionReport:
 
 def layer_report(
     name: str, kind: str, ny: int, nx: int, shape: MPOShape, spectra: list[torch.Tensor], rel_error: float,
-    structure: str = "mpo", output_rel_error: float | None = None,
+    structure: str = "mpo", output_rel_error: float | None = None, params_original: int | None = None,
 ) -> LayerReport:  # fmt: skip
     """The report of one layer written as an MPO of `shape` (a low-rank layer: the 2-core MPO
-    (1, N_x) -> (N_y, 1)), with the entanglement spectra of its bonds."""
+    (1, N_x) -> (N_y, 1)), with the entanglement spectra of its bonds. `params_original` is the
+    dense layer's weight count when it is not N_y * N_x (an embedding's padded vocabulary)."""
     n_mpo = shape.param_count
+    dense = params_original if params_original is not None else ny * nx
     return LayerReport(
         name=name,
         kind=kind,
@@ -96,12 +98,12 @@ def layer_report(
         in_modes=list(shape.in_modes),
         out_modes=list(shape.out_modes),
         bond_dims=list(shape.bond_dims),
-        params_original=ny * nx,
+        params_original=dense,
         params_mpo=n_mpo,
-        rho=compression_ratio(n_mpo, ny * nx),
+        rho=compression_ratio(n_mpo, dense),
         rel_error=rel_error,
         entropy=[entanglement_entropy(s) for s in spectra],
-        notation=shape.notation() if structure == "mpo" else f"lowrank(r={shape.bond_dims[0]})",
+        notation=f"lowrank(r={shape.bond_dims[0]})" if structure == "lowrank" else shape.notation(),
         structure=structure,
         ranks=list(shape.bond_dims),
         output_rel_error=output_rel_error,

@@ -62,13 +62,19 @@ class Candidate:
 
     @property
     def numel(self) -> int:
-        return self.ny * self.nx
+        """Weights of the dense module."""
+        return self.converter.numel(self.module) if self.converter.numel is not None else self.ny * self.nx
 
 
 def candidates(model: nn.Module, filter_fn: FilterFn | None = None) -> list[Candidate]:
     """Every module of `model` that a registered converter handles, once each."""
     by_id: dict[int, Candidate] = {}
     parents = dict(model.named_modules(remove_duplicate=False))
+    owners: dict[int, list[str]] = {}  # who holds each parameter (tied weights have several owners)
+    for name, mod in model.named_modules():
+        for p in mod._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(name)
     for name, mod in model.named_modules(remove_duplicate=False):
         if id(mod) in by_id:
             by_id[id(mod)].names.append(name)
@@ -82,6 +88,9 @@ def candidates(model: nn.Module, filter_fn: FilterFn | None = None) -> list[Cand
             c.problem = "used by nn.MultiheadAttention, which reads its weight directly"
         if name == "":
             c.problem = "the model is this single layer; wrap it in a module to convert it"
+        tied = [o for o in owners.get(id(getattr(mod, "weight", None)), []) if o != name]
+        if tied and c.problem is None:
+            c.problem = f"its weight is tied to {tied[0]} (one shared matrix); convert neither or untie them first"
         if filter_fn is not None and not filter_fn(mod, name):
             continue
         by_id[id(mod)] = c
@@ -97,7 +106,7 @@ def check_patterns(patterns: Iterable[str], what: str, cands: list[Candidate], m
         others = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if n and match(pattern, n)]
         if others:
             raise MPOCompressError(
-                f"{what} {pattern!r} matches only {', '.join(others[:3])}: only Linear and Conv2d layers can become MPOs"
+                f"{what} {pattern!r} matches only {', '.join(others[:3])}: only Linear, Conv2d and Embedding layers can become MPOs"
             )
         hint = ", ".join(c.name for c in sorted(cands, key=lambda c: -c.numel)[:5])
         raise MPOCompressError(
@@ -112,6 +121,7 @@ def select_layers(
     only_named: bool,
     filter_fn: FilterFn | None = None,
     reject: Callable[[Candidate], str | None] | None = None,
+    embeddings: bool = False,
 ) -> tuple[list[Candidate], list[SkippedLayer]]:
     """The layers to convert, in order, and the ones left dense with the reason.
 
@@ -121,6 +131,8 @@ def select_layers(
             they name is selected.
         only_named: no global setting was given: exactly the named layers are meant.
         reject: for a layer of the default selection, a reason to leave it dense (or None).
+        embeddings: the default selection includes embeddings (a budget is to be spread: the
+            allocator decides whether they shrink); else they are converted only when named.
     """
     cands = candidates(model, filter_fn)
     check_patterns(selection.layers, "--layers pattern", cands, model)
@@ -145,20 +157,20 @@ def select_layers(
     only_named = bool(explicit) and only_named
     blocks = transformer_blocks(model)
     if not selection.layers and not only_named and blocks:
-        skipped = _in_blocks(cands, chosen, taken, excluded, blocks, reject)
+        skipped = _in_blocks(cands, chosen, taken, excluded, blocks, reject, embeddings)
     elif not selection.layers and not only_named:
-        skipped = _by_coverage(cands, chosen, taken, excluded, selection.coverage, reject)
+        skipped = _by_coverage(cands, chosen, taken, excluded, selection.coverage, reject, embeddings)
     else:
         skipped = [
             SkippedLayer(c.name, c.kind, c.numel, "excluded" if id(c.module) in excluded else "not named")
             for c in cands
-            if id(c.module) not in taken or id(c.module) in excluded
+            if (id(c.module) not in taken and c.kind != "embedding") or id(c.module) in excluded
         ]
     if not chosen:
-        raise MPOCompressError(
-            "no layer selected for conversion: "
-            + ("; ".join(f"{s.name}: {s.reason}" for s in skipped[:4]) or "the model has no Linear or Conv2d layer")
-        )
+        embeds = [c.name for c in cands if c.kind == "embedding"]
+        none = (f"its only convertible layers are embeddings ({', '.join(embeds[:3])}): name them with --layers, or give "
+                "--target-params P" if embeds else "the model has no Linear, Conv2d or Embedding layer")  # fmt: skip
+        raise MPOCompressError("no layer selected for conversion: " + ("; ".join(f"{s.name}: {s.reason}" for s in skipped[:4]) or none))
     return chosen, skipped
 
 
@@ -176,17 +188,20 @@ def transformer_blocks(model: nn.Module) -> list[str]:
 
 def _in_blocks(
     cands: list[Candidate], chosen: list[Candidate], taken: set[int], excluded: set[int], blocks: list[str],
-    reject: Callable[[Candidate], str | None] | None,
+    reject: Callable[[Candidate], str | None] | None, embeddings: bool,
 ) -> list[SkippedLayer]:  # fmt: skip
     """The default selection of a transformer, appended to `chosen`: every projection inside its
-    stacks of blocks, all of them alike; embeddings, pooler and head stay dense unless named."""
+    stacks of blocks, all of them alike (and, with `embeddings`, its embeddings); pooler and head
+    stay dense unless named."""
     skipped: list[SkippedLayer] = []
     for c in cands:
         if id(c.module) in taken:
             if id(c.module) in excluded:
                 skipped.append(SkippedLayer(c.name, c.kind, c.numel, "excluded"))
             continue
-        if not any(n.startswith(b + ".") for n in c.names for b in blocks):
+        if c.kind == "embedding" and not embeddings:  # not a default candidate, not listed (as before embeddings converted)
+            continue
+        if c.kind != "embedding" and not any(n.startswith(b + ".") for n in c.names for b in blocks):
             skipped.append(SkippedLayer(c.name, c.kind, c.numel, "outside the transformer blocks; name it with --layers to convert it"))
             continue
         reason = c.problem or (reject(c) if reject is not None else None)
@@ -199,17 +214,21 @@ def _in_blocks(
 
 def _by_coverage(
     cands: list[Candidate], chosen: list[Candidate], taken: set[int], excluded: set[int], coverage: float,
-    reject: Callable[[Candidate], str | None] | None,
+    reject: Callable[[Candidate], str | None] | None, embeddings: bool,
 ) -> list[SkippedLayer]:  # fmt: skip
     """The default selection, appended to `chosen`: heaviest layers first until they hold
-    `coverage` of the weights of all candidates. Returns the layers left dense."""
+    `coverage` of the weights of all candidates (embeddings only with `embeddings`). Returns the
+    layers left dense."""
     skipped: list[SkippedLayer] = []
-    total = sum(c.numel for c in cands)
+    pool = [c for c in cands if embeddings or c.kind != "embedding"]
+    total = sum(c.numel for c in pool)
     covered = sum(c.numel for c in chosen)
     for c in sorted(cands, key=lambda c: -c.numel):
         if id(c.module) in taken:
             if id(c.module) in excluded:
                 skipped.append(SkippedLayer(c.name, c.kind, c.numel, "excluded"))
+            continue
+        if c.kind == "embedding" and not embeddings:  # not a default candidate, not listed (as before embeddings converted)
             continue
         if covered >= coverage * total:
             skipped.append(SkippedLayer(c.name, c.kind, c.numel, f"light: heavier layers already hold {coverage:.0%} of weights"))

@@ -12,7 +12,7 @@ from mpocompress.compress.config import CompressionConfig, MPOSettings
 from mpocompress.compress.report import LayerReport, SkippedLayer, layer_report
 from mpocompress.compress.select import Candidate, FilterFn, first_match, select_layers
 from mpocompress.errors import MPOCompressError
-from mpocompress.nn import MPOLayer
+from mpocompress.nn import MPOEmbedding, MPOLayer
 from mpocompress.tensors import (
     Modes, MPOShape, TTDecomposition, all_finite, bond_spectra, check_modes, factorize, tt_round, tt_svd,
 )  # fmt: skip
@@ -35,7 +35,7 @@ def _modes_for(c: Candidate, settings: MPOSettings) -> tuple[Modes, Modes]:
         i_modes = check_modes(given[0], c.nx, f"input modes of {c.name} ({c.nx} inputs)")
         o_modes = check_modes(given[1], c.ny, f"output modes of {c.name} ({c.ny} outputs)")
         return i_modes, o_modes
-    if isinstance(c.module, MPOLayer):
+    if isinstance(c.module, (MPOLayer, MPOEmbedding)):
         return tuple(c.module.in_modes), tuple(c.module.out_modes)
     return factorize(c.nx, settings.n_cores), factorize(c.ny, settings.n_cores)
 
@@ -62,7 +62,8 @@ def select_targets(
 
     named = {"per-layer bond dim": tuple(settings.bond_dims), "per-layer shape": tuple(settings.shapes)}
     chosen, skipped = select_layers(
-        model, config.selection, named, not settings.has_global_truncation, filter_fn, reject
+        model, config.selection, named, not settings.has_global_truncation, filter_fn, reject,
+        embeddings=config.target_params is not None,
     )
     return [target_for(c, settings) for c in chosen], skipped
 
@@ -100,6 +101,8 @@ def decompose(t: LayerTarget, bond_dim: int | None, eps: float | None) -> TTDeco
 
 def report_for(t: LayerTarget, dec: TTDecomposition) -> LayerReport:
     shape = MPOShape(t.in_modes, t.out_modes, tuple(dec.bond_dims))
-    return layer_report(t.cand.name, t.cand.kind, t.cand.ny, t.cand.nx, shape, bond_spectra(dec.cores), dec.rel_error)
+    structure = "mpo_embedding" if t.cand.kind == "embedding" else "mpo"
+    return layer_report(t.cand.name, t.cand.kind, t.cand.ny, t.cand.nx, shape, bond_spectra(dec.cores), dec.rel_error,
+                        structure, params_original=t.cand.numel)  # fmt: skip
 
 

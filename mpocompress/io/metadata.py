@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.nn import LAYER_KINDS, MPOLayer
+from mpocompress.nn import LAYER_KINDS, MPOEmbedding, MPOLayer
 from mpocompress.tensors import all_finite, bond_caps
 
 FORMAT = "mpocompress"
@@ -71,7 +71,7 @@ def check_layer_spec(path: Path, name: str, spec: Mapping[str, Any]) -> None:
         raise bad(str(e)) from None
     if type(spec.get("bias")) is not bool:
         raise bad(f"bias must be true or false, got {spec.get('bias')!r}")
-    if not issubclass(cls, MPOLayer):
+    if not issubclass(cls, (MPOLayer, MPOEmbedding)):
         return
     in_modes, out_modes, bonds = whole_list("in_modes"), whole_list("out_modes"), spec.get("bond_dims")
     if not in_modes or len(in_modes) != len(out_modes):

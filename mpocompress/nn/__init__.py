@@ -17,10 +17,11 @@ from mpocompress.nn.factorized import FactorizedLayer
 from mpocompress.nn.lowrank import LowRankConv2d, LowRankLinear
 from mpocompress.nn.mpo_base import STRATEGIES, MPOLayer, Strategy
 from mpocompress.nn.mpo_conv import MPOConv2d
+from mpocompress.nn.mpo_embedding import MPOEmbedding, padded_vocab, vocab_modes
 from mpocompress.nn.mpo_linear import MPOLinear
 
 LAYER_KINDS: dict[str, type[FactorizedLayer]] = {
-    cls.kind: cls for cls in (MPOLinear, MPOConv2d, LowRankLinear, LowRankConv2d)
+    cls.kind: cls for cls in (MPOLinear, MPOConv2d, LowRankLinear, LowRankConv2d, MPOEmbedding)
 }
 
 
@@ -33,6 +34,7 @@ def layer_from_spec(spec: dict[str, Any]) -> FactorizedLayer:
 
 
 __all__ = [
-    "LAYER_KINDS", "STRATEGIES", "FactorizedLayer", "LowRankConv2d", "LowRankLinear", "MPOConv2d", "MPOLayer", "MPOLinear", "Strategy", "WeightCache", "cached_layers",
-    "conv_geometry", "dense_patches", "layer_from_spec", "materialized",
+    "LAYER_KINDS", "STRATEGIES", "FactorizedLayer", "LowRankConv2d", "LowRankLinear", "MPOConv2d", "MPOEmbedding", "MPOLayer",
+    "MPOLinear", "Strategy", "WeightCache", "cached_layers", "conv_geometry", "dense_patches", "layer_from_spec", "materialized",
+    "padded_vocab", "vocab_modes",
 ]  # fmt: skip
