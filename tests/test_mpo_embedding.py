@@ -185,3 +185,32 @@ def test_a_budget_can_shrink_the_embedding_and_is_met():
     assert report.params_model_after == after and abs(after - 0.3 * before) <= 0.01 * before
     assert isinstance(model.emb, MPOEmbedding)  # 0.3 of the model cannot be met without the embedding
     assert all(lr.params_mpo < lr.params_original for lr in report.layers)
+
+
+def test_the_embedding_cost_is_measured_by_swapping_its_forms_in_and_the_model_is_left_as_it_was():
+    """The allocator's cost of an embedding form is its measured output change (the prediction from
+    noise probes is only interpolated between measured sizes): checked against a copy of the model
+    with that form put in by hand."""
+    import copy
+
+    from mpocompress.compress.calibrate import outputs
+    from mpocompress.compress.choose import _probed
+    from mpocompress.compress.structures import layer_options, make_factors
+
+    torch.manual_seed(0)
+    model = _Text().double()
+    emb = model.emb
+    batches = [{"input_ids": torch.randint(0, 997, (8, 12))} for _ in range(2)]
+    t = next(t for t in select_targets(model, CompressionConfig(target_params=0.5))[0] if t.cand.name == "emb")
+    w = t.cand.converter.weight(emb).detach()
+    opts = layer_options(w, None, "mpo", (3,))
+    ratios = _probed(model, t, opts, 1.0, batches, outputs(model, batches))
+    assert model.emb is emb
+    k = min((k for k, o in enumerate(opts) if o.structure == "mpo"), key=lambda k: opts[k].params)  # a probed form
+    f = make_factors(w, opts[k], None, 0)
+    twin = copy.deepcopy(model)
+    twin.emb = MPOEmbedding.from_cores(f.factors, 997)
+    with torch.no_grad():
+        real = sum(float((twin(**b) - model(**b)).square().sum()) for b in batches) / 16
+    assert ratios[k] * f.rel_error**2 == pytest.approx(real, rel=1e-6)
+    assert all(r > 0 for r in ratios)

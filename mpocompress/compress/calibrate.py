@@ -21,7 +21,7 @@ from torch import nn
 
 from mpocompress.compress.registry import converter_for
 from mpocompress.errors import MPOCompressError
-from mpocompress.utils import call_with, main_output
+from mpocompress.utils import call_with, main_output, set_module
 
 Batch = Mapping[str, torch.Tensor]
 NOISE = 0.05  # probe noise, as a share of the layer's output RMS
@@ -265,3 +265,30 @@ def measure_sensitivity(
         return out
     finally:
         model.train(was_training)
+
+
+def outputs(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """The model's main output on each batch (float64, padding positions left out), in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [_output(model, b) for b in batches]
+    finally:
+        model.train(was_training)
+
+
+def measure_swap(
+    model: nn.Module, names: Sequence[str], new: nn.Module, batches: Sequence[Batch], reference: Sequence[torch.Tensor]
+) -> float:  # fmt: skip
+    """The mean squared change of the model's main output per sample (against `reference`, from
+    `outputs`) while the module reachable under `names` is replaced by `new`; restored afterwards."""
+    old = model.get_submodule(names[0])
+    samples = sum(int(next(iter(b.values())).shape[0]) for b in batches)
+    try:
+        for n in names:
+            set_module(model, n, new)
+        return sum(float((y - ref).square().sum()) for y, ref in zip(outputs(model, batches), reference)) / max(samples, 1)
+    finally:
+        for n in names:
+            set_module(model, n, old)

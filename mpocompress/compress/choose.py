@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from mpocompress.compress.allocate import Choice, allocate, cheapest_within
-from mpocompress.compress.calibrate import Calibration, CrossStats, collect_cross, collect_grams, measure_sensitivity
+from mpocompress.compress.calibrate import (
+    Calibration, CrossStats, collect_cross, collect_grams, measure_sensitivity, measure_swap, outputs,
+)  # fmt: skip
 from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.report import LayerReport, SkippedLayer, count_params, layer_report
 from mpocompress.compress.select import first_match
@@ -257,6 +259,13 @@ def _allocate(
             n += int(next(iter(b.values())).shape[0])
         calib.sensitivity = measure_sensitivity(model, {t.cand.name: t.cand.module for t in free}, probe)
     sens = [calib.sensitivity.get(t.cand.name, 1.0) if calib is not None and calib.sensitivity else 1.0 for t in free]
+    scale = [[1.0] * len(opts) for opts in options]  # measured / predicted output change, per option
+    if config.target_params is not None and calib is not None:
+        reference = None
+        for i, t in enumerate(free):
+            if t.cand.kind == "embedding":  # its error is not noise-like: measure what it does (see _probed)
+                reference = reference if reference is not None else outputs(model, probe)
+                scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference)
     if config.target_params is None:  # an error cap alone: the smallest form within it
         picks = [cheapest_within([Choice(o.params, 0.0) for o in opts], [o.rel_error for o in opts], config.max_error) for opts in options]
         return [_decision(t, opts[k], "no smaller form within --max-error") for t, opts, k in zip(free, options, picks)]
@@ -271,12 +280,55 @@ def _allocate(
             f"and the selected ones need at least {least - rest:,}; the smallest reachable is {least:,} (select more "
             "layers with --layers, or raise the target)"
         )
-    choices = [[Choice(o.params, s * e * (o.rel_error**2)) for o in opts] for opts, s, e in zip(options, sens, costs)]
+    choices = [[Choice(o.params, s * e * (o.rel_error**2) * f) for o, f in zip(opts, fs)]
+               for opts, s, e, fs in zip(options, sens, costs, scale)]  # fmt: skip
     picks = allocate(choices, budget)
     chosen = [opts[k] for opts, k in zip(options, picks)]
     order = sorted(range(len(free)), key=lambda i: -choices[i][picks[i]].cost)
     _fill(chosen, free, order, budget - sum(o.params for o in chosen))
     return [_decision(t, o, "kept dense by the allocator: within the budget nothing smaller pays") for t, o in zip(free, chosen)]
+
+
+PROBES = 5  # forms of an embedding whose effect on the output is measured
+
+
+def _probed(
+    model: nn.Module, t: LayerTarget, opts: list[Option], energy: float, probe: Sequence[Mapping[str, torch.Tensor]],
+    reference: Sequence[torch.Tensor],
+) -> list[float]:  # fmt: skip
+    """Per option, the ratio of the measured change of the model's output to the predicted one
+    (sensitivity x energy x error^2). An embedding's truncation error is not the isotropic noise the
+    sensitivity probes assume (on MiniLM the prediction fell 5-7x short), so PROBES of its forms,
+    spread over their sizes, are made and swapped in; sizes in between take the ratio interpolated
+    in log size."""
+    forms = sorted((k for k, o in enumerate(opts) if o.structure != "dense"), key=lambda k: opts[k].params)
+    ratios = [1.0] * len(opts)
+    if not forms:
+        return ratios
+    picks = sorted({forms[round(j * (len(forms) - 1) / max(PROBES - 1, 1))] for j in range(PROBES)}, key=lambda k: opts[k].params)
+    w = weight_of(t)
+    points: list[tuple[float, float]] = []  # (log params, log ratio)
+    for k in picks:
+        f = make_factors(w, opts[k], None, 0)
+        new = t.cand.converter.build(t.cand.module, f.factors, f.structure).eval()
+        real = measure_swap(model, t.cand.names, new, probe, reference)
+        predicted = energy * f.rel_error**2
+        if predicted > 0 and real > 0:
+            points.append((math.log(opts[k].params), math.log(real / predicted)))
+    if not points:
+        return ratios
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    for k in forms:
+        x = math.log(opts[k].params)
+        if x <= xs[0] or len(xs) == 1:
+            y = ys[0]
+        elif x >= xs[-1]:
+            y = ys[-1]
+        else:
+            j = next(j for j in range(1, len(xs)) if xs[j] >= x)
+            y = ys[j - 1] + (ys[j] - ys[j - 1]) * (x - xs[j - 1]) / (xs[j] - xs[j - 1])
+        ratios[k] = math.exp(y)
+    return ratios
 
 
 def _fill(chosen: list[Option], free: list[LayerTarget], order: list[int], left: int) -> None:
