@@ -63,7 +63,7 @@ def test_train_json_contract_and_output(trained):
     assert {"accuracy", "loss", "rho", "params_model_after", "accuracy_std", "epochs", "wall_time_s", "runs"} <= set(rep)
     assert 0.85 < rep["accuracy"] <= 1 and rep["rho"] == 1.0 and rep["params_model_after"] == 203530
     assert rep["accuracy_std"] is None and rep["epochs"] == 2 and len(rep["runs"][0]["history"]) == 2
-    assert (d / "fc2.safetensors.ckpt").is_file()  # the per-epoch checkpoint
+    assert not (d / "fc2.safetensors.ckpt").exists()  # the per-epoch checkpoint, removed once the run succeeded
     model = load(d / "fc2.safetensors")  # no --arch needed: the file records it
     ev = run_json("evaluate", d / "fc2.safetensors")
     assert ev["accuracy"] == rep["accuracy"] and ev["loss"] == pytest.approx(rep["loss"], rel=1e-6)
@@ -80,6 +80,16 @@ def test_train_mpo_net_and_runs(tmp_path):
     assert [m["notation"] for m in rep["mpo_layers"]] == ["M^{4,4,4,4}_{4,7,7,4}(D=4)", "M^{1,1,10,1}_{4,4,4,4}(D=4)"]
     ev = run_json("evaluate", tmp_path / "m.run2.safetensors")
     assert ev["accuracy"] == rep["runs"][1]["accuracy"] and ev["rho"] == rep["rho"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.run2.safetensors", "m.safetensors"]  # no checkpoint left
+
+
+def test_keep_checkpoint_keeps_every_runs_checkpoint_and_resume_reads_them(tmp_path):
+    out = tmp_path / "m.safetensors"
+    rep = run_json("train", "--arch", "fc2", "--runs", "2", "--epochs", "1", "--keep-checkpoint", "-o", out)
+    assert (tmp_path / "m.safetensors.ckpt").is_file() and (tmp_path / "m.run2.safetensors.ckpt").is_file()
+    again = run_json("train", "--arch", "fc2", "--runs", "2", "--epochs", "1", "--resume", "-o", out)  # complete: nothing to train
+    assert [r["accuracy"] for r in again["runs"]] == [r["accuracy"] for r in rep["runs"]]
+    assert not (tmp_path / "m.safetensors.ckpt").exists()  # this run did not ask to keep them
 
 
 def test_finetune_reports_before_and_after(trained, tmp_path):
@@ -198,5 +208,5 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert rep_two["world_size"] == 2 and rep_one["world_size"] == 1
     assert abs(rep_two["accuracy"] - rep_one["accuracy"]) <= 0.02
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["one.safetensors", "one.safetensors.ckpt", "two.safetensors", "two.safetensors.ckpt"]
-    )  # rank 1 wrote nothing
+        ["one.safetensors", "two.safetensors"]
+    )  # rank 1 wrote nothing; the checkpoints went once the runs succeeded

@@ -10,7 +10,7 @@ from mpocompress.cli import app
 from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, fail, handle_errors, print_json
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
-    AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, MOMENTUM_OPT, RESUME_OPT,
+    AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, KEEP_CKPT_OPT, MOMENTUM_OPT, RESUME_OPT,
     RUNS_OPT, SEED_OPT, Job, check_outputs, load_data, load_unlabelled_data, output_option, render, report, run_all,
 )  # fmt: skip
 from mpocompress.io import load_model
@@ -55,6 +55,7 @@ def finetune(
     runs: int = RUNS_OPT,
     force: bool = FORCE_OPT,
     resume: bool = RESUME_OPT,
+    keep_checkpoint: bool = KEEP_CKPT_OPT,
     device: str = DEVICE_OPT,
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
@@ -101,14 +102,14 @@ def finetune(
         before = agreement(loaded.model, teacher, test_set, dev)
         metric, value = metric_of(before)
         extra = {f"{metric}_before": value, "output_rel_error_before": before["output_rel_error"], "loss_kind": config.loss}
-        job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env,
+        job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
                   describe={**describe, "data": data, "max_length": max_length, "max_samples": max_samples},
                   teacher=teacher, trainer=distill, metric=metric, eval_every=eval_every)  # fmt: skip
     else:
         train_set, test_set = load_data(data, data_dir, augment)
         accuracy_before, loss_before = evaluate(loaded.model, test_set, dev)
         extra = {"accuracy_before": accuracy_before, "loss_before": loss_before}
-        job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env,
+        job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
                   describe={"data": train_set.name, **describe}, teacher=teacher)  # fmt: skip
     init_distributed(dev, env)
     outcomes = run_all(job, make_err_console())

@@ -10,7 +10,7 @@ from mpocompress.cli import app
 from mpocompress.cli.common import BOND_OPT, JSON_OPT, fail, handle_errors, parse_bond_dims, print_json
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
-    AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, MOMENTUM_OPT, RESUME_OPT,
+    AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, KEEP_CKPT_OPT, MOMENTUM_OPT, RESUME_OPT,
     RUNS_OPT, SCHEDULE_OPT, SEED_OPT, WARMUP_OPT, WD_OPT, Job, check_outputs, count_trainable, load_data,
     output_option, render, report, run_all,
 )  # fmt: skip
@@ -39,6 +39,7 @@ def train(
     runs: int = RUNS_OPT,
     force: bool = FORCE_OPT,
     resume: bool = RESUME_OPT,
+    keep_checkpoint: bool = KEEP_CKPT_OPT,
     device: str = DEVICE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -67,7 +68,7 @@ def train(
             model, arch_text = build_model(spec), str(spec)
         return model, arch_text, count_trainable(model)
 
-    job = Job("train", make_model, train_set, test_set, config, runs, output, resume, dev, env,
+    job = Job("train", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
               describe={"data": train_set.name, "mpo": mpo})  # fmt: skip
     init_distributed(dev, env)
     outcomes = run_all(job, make_err_console())

@@ -43,6 +43,9 @@ SEED_OPT = typer.Option(0, "--seed", metavar="S", help="Seed of run 1; run i use
 RUNS_OPT = typer.Option(1, "--runs", metavar="M", help="Train M times with seeds S..S+M-1 and report the mean +- sigma of Eqs. 10-11.")
 FORCE_OPT = typer.Option(False, "--force", help="Overwrite OUT if it exists.")
 RESUME_OPT = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.ckpt, the checkpoint written after every epoch.")
+KEEP_CKPT_OPT = typer.Option(
+    False, "--keep-checkpoint", help="Keep OUT.ckpt (the checkpoint written after every epoch) after the runs succeed; by default it is removed then.",
+)  # fmt: skip
 DEVICE_OPT = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where to train: auto takes a CUDA GPU when there is one.")
 EVAL_DEVICE_OPT = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where to run the model: auto takes a CUDA GPU when there is one.")
 
@@ -104,6 +107,7 @@ class Job:
     trainer: Callable[..., FitResult] | None = None  # None: fit (labels); or train.distill.distill (matching the teacher)
     metric: str = "accuracy"  # what the result's accuracy measures: accuracy, agreement_cosine or top1_agreement
     eval_every: int = 0  # distillation: also measure the agreement every this many steps (the curve)
+    keep_checkpoint: bool = False  # keep OUT.ckpt after the runs succeed
 
 
 def check_outputs(
@@ -121,9 +125,15 @@ def check_outputs(
 
 def run_all(job: Job, console: Console) -> list[RunOutcome]:
     """Train job.runs models, each with its own seed, checkpoint and output file. SIGINT / SIGTERM
-    stop the run after the current step with a resumable checkpoint (`Interrupted`)."""
+    stop the run after the current step with a resumable checkpoint (`Interrupted`). Once every run
+    is complete their checkpoints are removed, unless `job.keep_checkpoint`."""
     with StopOnSignal() as stop:
-        return [_one_run(job, r, console, stop) for r in range(job.runs)]
+        outcomes = [_one_run(job, r, console, stop) for r in range(job.runs)]
+    if not job.keep_checkpoint and job.env.is_main and not stop():  # every run is complete: no resume needs them
+        for o in outcomes:
+            if o.output is not None:
+                checkpoint_path_for(o.output).unlink(missing_ok=True)
+    return outcomes
 
 
 def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutcome:
