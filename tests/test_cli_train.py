@@ -112,6 +112,11 @@ def test_finetune_freeze_and_distill(trained, tmp_path):
     cores = [c.numel() for c in model.fc1.cores]
     assert rep["trainable_params"] == sum(cores) - max(cores) + model.fc1.bias.numel()
     assert rep["distill_from"] == str(d / "fc2.safetensors") and rep["freeze"] == ["central", "dense"]
+    teacher = run_json("evaluate", d / "fc2.safetensors")  # the teacher's accuracy on the same test split
+    assert rep["accuracy_teacher"] == teacher["accuracy"] and rep["loss_teacher"] == pytest.approx(teacher["loss"], rel=1e-6)
+    r = invoke("finetune", d / "fc2_d4.safetensors", "--epochs", "1", "--distill-from", d / "fc2.safetensors",
+               "-o", tmp_path / "ft2.safetensors")  # fmt: skip
+    assert r.exit_code == 0 and f"{teacher['accuracy']:.2%} -> " in r.stdout and "teacher -> before -> after" in r.stdout
     frozen_before = load(d / "fc2_d4.safetensors").fc2.weight
     torch.testing.assert_close(load(tmp_path / "ft.safetensors").fc2.weight, frozen_before, rtol=0, atol=0)
 

@@ -109,6 +109,8 @@ def finetune(
         train_set, test_set = load_data(data, data_dir, augment)
         accuracy_before, loss_before = evaluate(loaded.model, test_set, dev)
         extra = {"accuracy_before": accuracy_before, "loss_before": loss_before}
+        if teacher is not None:  # what distillation pulls towards, measured on the same test split
+            extra["accuracy_teacher"], extra["loss_teacher"] = evaluate(teacher, test_set, dev)
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
                   describe={"data": train_set.name, **describe}, teacher=teacher)  # fmt: skip
     init_distributed(dev, env)

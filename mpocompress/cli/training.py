@@ -270,6 +270,8 @@ def render(console: Console, rep: dict[str, Any]) -> None:
         acc = f"{rep['accuracy']:.2%}"
         if rep["accuracy_std"] is not None:
             acc += f" +- {rep['accuracy_std']:.2%} over {rep['n_runs']} runs"
+        if "accuracy_teacher" in rep:
+            rows.append(("teacher -> before -> after", f"{rep['accuracy_teacher']:.2%} -> {rep['accuracy_before']:.2%} -> {rep['accuracy']:.2%}"))
         if "accuracy_before" in rep:
             rows.append(("test accuracy before", f"{rep['accuracy_before']:.2%}"))
         rows += [("test accuracy", acc), ("test loss", f"{rep['loss']:.4f}")]
