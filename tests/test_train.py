@@ -1,6 +1,7 @@
 """The training loop: schedule, Eqs. 10-11, freezing, gauge balancing, distillation, resume, NaN stop."""
 
 import math
+import re
 import signal
 import statistics
 
@@ -184,3 +185,78 @@ def test_stop_request_saves_mid_epoch_and_resume_is_bit_identical(digits_sets):
     for (name, pa), pc in zip(a.state_dict().items(), c.state_dict().values()):
         assert torch.equal(pa, pc), name
     assert [h.train_loss for h in resumed.history] == [h.train_loss for h in full.history]
+
+
+# ----------------------------------------------------------------------------- the user's own data
+
+
+def _pairs(n=480, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 20, generator=g)
+    y = (x @ torch.randn(20, 3, generator=g)).argmax(1)
+    return x, y
+
+
+class _NumpyPairs(torch.utils.data.Dataset):
+    """A user's dataset: numpy features and int labels, item by item."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x.numpy(), y.tolist()
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def _net():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+
+
+def test_fit_takes_a_dataloader_or_any_map_style_dataset_and_trains_the_same_way():
+    """A DataLoader (its own batch size and shuffling aside), a TensorDataset and an item-by-item
+    dataset give the same weights: the loop reads each by index in its own seeded order."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = _pairs()
+    train, test = TensorDataset(x[:400], y[:400]), TensorDataset(x[400:], y[400:])
+    config = TrainConfig(epochs=4, batch_size=32, lr=0.1)
+    nets = [_net() for _ in range(3)]
+    results = [
+        fit(nets[0], DataLoader(train, batch_size=7, shuffle=True), DataLoader(test), config),
+        fit(nets[1], train, test, config),
+        fit(nets[2], _NumpyPairs(x[:400], y[:400]), _NumpyPairs(x[400:], y[400:]), config),
+    ]
+    for net in nets[1:]:
+        for a, b in zip(nets[0].parameters(), net.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert results[0].accuracy > 0.8 and results[0].accuracy == results[1].accuracy == results[2].accuracy
+    acc, loss = evaluate(nets[0], test)
+    with torch.no_grad():
+        logits = nets[0](x[400:])
+    assert acc == pytest.approx(float((logits.argmax(1) == y[400:]).float().mean()))
+    assert loss == pytest.approx(float(F.cross_entropy(logits, y[400:])), rel=1e-5)
+
+
+def test_data_fit_cannot_read_is_a_clear_error():
+    from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(20), 0
+
+    x, y = _pairs(40)
+    config = TrainConfig(epochs=1, batch_size=8)
+    cases = [
+        (DataLoader(Stream()), "IterableDataset"),
+        (Stream(), "IterableDataset"),
+        (TensorDataset(x, y.float()), "class index"),
+        (TensorDataset(x[:0], y[:0]), "empty"),
+        ([x[0], x[1]], "(x, y) pairs"),
+        (42, "cannot train on a int"),
+    ]
+    for data, fragment in cases:
+        with pytest.raises(MPOCompressError, match=re.escape(fragment)):
+            fit(_net(), data, TensorDataset(x, y), config)

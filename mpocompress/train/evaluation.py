@@ -13,6 +13,7 @@ from torch import nn
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.data import ImageSet
 from mpocompress.nn import materialized
+from mpocompress.train.data import as_dataset
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
@@ -30,7 +31,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 def evaluate(
     model: nn.Module, dataset: ImageSet, device: torch.device | str = "cpu", batch_size: int = 1000
 ) -> tuple[float, float]:
-    """Top-1 accuracy (a fraction) and mean cross-entropy of `model` on `dataset`, in eval mode."""
+    """Top-1 accuracy (a fraction) and mean cross-entropy of `model` on `dataset` (mpocompress's, or
+    any map-style Dataset of (x, y) pairs or a DataLoader over one), in eval mode."""
+    dataset = as_dataset(dataset)
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0

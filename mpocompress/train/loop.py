@@ -24,10 +24,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io.data import ImageSet, batch_indices
 from mpocompress.train.config import TrainConfig, lr_at
+from mpocompress.train.data import as_dataset
 from mpocompress.train.distributed import DistEnv, dist_env
 from mpocompress.train.evaluation import distillation_loss, evaluate, forward_checked
 from mpocompress.train.signals import signal_name
@@ -197,8 +199,8 @@ class Loop:
 
 def fit(
     model: nn.Module,
-    train_set: ImageSet,
-    test_set: ImageSet,
+    train_set: ImageSet | Dataset | DataLoader,
+    test_set: ImageSet | Dataset | DataLoader,
     config: TrainConfig,
     *,
     teacher: nn.Module | None = None,
@@ -214,6 +216,9 @@ def fit(
     distillation term when a `teacher` is given), for `config.epochs` epochs.
 
     Args:
+        train_set, test_set: mpocompress's datasets, or any map-style Dataset of (x, y) pairs or a
+            DataLoader over one (read by index and batched by `config.batch_size`; see
+            `mpocompress.train.data`).
         resume_state: a state passed earlier to `save_state`; training continues after its epoch.
         save_state: called after every epoch with a state that `resume_state` accepts.
         on_batch, on_epoch: progress callbacks (rank 0 only in distributed runs).
@@ -228,6 +233,7 @@ def fit(
     """
     env = env or dist_env()
     device = torch.device(device)
+    train_set, test_set = as_dataset(train_set), as_dataset(test_set)
     model.to(device)
     if teacher is not None:
         freeze_teacher(teacher, device)
