@@ -142,9 +142,11 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypat
     a, b = load(tmp_path / "full.safetensors"), load(tmp_path / "part.safetensors")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
-    # resuming a finished run trains nothing more and reports the same result
-    again = run_json(*args, "-o", tmp_path / "part.safetensors", "--resume")
-    assert again["accuracy"] == full["accuracy"]
+    # a finished run has no checkpoint left (without --keep-checkpoint): --resume says so and changes nothing
+    before = (tmp_path / "part.safetensors").read_bytes()
+    r = invoke(*args, "-o", tmp_path / "part.safetensors", "--resume")
+    assert r.exit_code == 2 and "the run finished and its checkpoint was removed" in r.stderr
+    assert (tmp_path / "part.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize(
@@ -181,7 +183,7 @@ def test_errors_are_one_line(trained, tmp_path, args, message):
 
 def test_resume_refuses_a_different_run(tmp_path):
     out = tmp_path / "m.safetensors"
-    assert invoke("train", "--arch", "fc2", "--epochs", "1", "-o", out).exit_code == 0
+    assert invoke("train", "--arch", "fc2", "--epochs", "1", "-o", out, "--keep-checkpoint").exit_code == 0
     r = invoke("train", "--arch", "fc2", "--epochs", "1", "--lr", "0.1", "-o", out, "--resume")
     assert r.exit_code == 2 and "lr: 0.05 then, 0.1 now" in r.output
 

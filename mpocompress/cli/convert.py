@@ -46,7 +46,8 @@ def convert(
 
     Sizes: --bond-dim D or --eps E for every layer, or --target-params P (and/or --max-error E) for
     the allocator, which picks each layer's structure and size. With --calib the factorizations
-    minimize each layer's error on its real inputs. The output is safetensors with metadata to
+    minimize each layer's error on its real inputs. The report's rho is factorized weights / dense
+    weights of the converted layers (Eq. 9). The output is safetensors with metadata to
     rebuild the model: `mpocompress.load(OUT)` returns it. The input file is never modified.
     """
     config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, sequential)

@@ -37,7 +37,8 @@ def evaluate(
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Top-1 accuracy and loss on the test split, with the model's parameters and rho; with
+    """Top-1 accuracy and loss on the test split, with the model's parameters and rho (its factorized
+    layers' weights / the dense layers' weights, Eq. 9); with
     --reference, agreement with the original (also on data without labels: text:FILE, x-only files)."""
     if batch_size < 1:
         raise MPOCompressError(f"--batch-size must be at least 1, got {batch_size}")
@@ -79,6 +80,7 @@ def evaluate(
         if rep["top1_agreement"] is not None:
             t.add_row("top-1 agreement", f"{rep['top1_agreement']:.2%}")
     t.add_row("parameters", f"{s['params_model']:,} (dense equivalent {s['params_model_dense']:,})")
-    t.add_row("rho (MPO layers)", f"{s['rho']:.4g}")
-    t.add_row("MPO layers", ", ".join(f"{m['name']} {m['notation']}" for m in s["mpo_layers"]) or "none")
+    if s["mpo_layers"]:  # a dense model has no rho to show
+        t.add_row("rho (factorized / dense weights, Eq. 9)", f"{s['rho']:.4g}")
+        t.add_row("factorized layers", ", ".join(f"{m['name']} {m['notation']}" for m in s["mpo_layers"]))
     make_console().print(t)

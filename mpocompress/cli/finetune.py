@@ -62,7 +62,8 @@ def finetune(
 ) -> None:
     """Fine-tune a converted model (typically the output of `mpocompress convert`) and save it.
 
-    Reports the test accuracy before and after, rho, and the number of trainable parameters.
+    Reports the test accuracy before and after, rho (factorized weights / dense weights, Eq. 9), and
+    the number of trainable parameters.
     The input file is never modified.
     """
     distilling = _distilling(loss, data, distill_from, max_samples, eval_every)

@@ -37,8 +37,14 @@ def _modes(in_modes: list[int], out_modes: list[int]) -> str:
     return f"{'x'.join(map(str, in_modes))} -> {'x'.join(map(str, out_modes))}"
 
 
+RHO_NOTE = "rho = factorized weights / dense weights of a layer [Eq. 9]"
+
+
 def layers_table(report: CompressionReport, title: str) -> Table:
     t = _table(title)
+    larger = any(lr.rho > 1 for lr in report.layers)
+    t.caption = RHO_NOTE + ("; above 1 the factorized form is larger than the dense layer" if larger else "")
+    t.caption_justify = "left"
     t.add_column("layer")
     t.add_column("kind")
     t.add_column("N_y x N_x", justify="right")
@@ -87,7 +93,7 @@ def layers_table(report: CompressionReport, title: str) -> Table:
         totals += [_fmt_int(report.macs_model_dense) if known else "?", _fmt_int(report.macs_model_mpo) if known else "?"]
     t.add_row(*totals)
     if macs:
-        t.caption = "MAC totals are over every Linear/Conv2d of the model" + (
+        t.caption += "; MAC totals are over every Linear/Conv2d of the model" + (
             "" if report.macs_model_dense is not None else "; convolutions need --input-shape C,H,W"
         )
     for col in t.columns:

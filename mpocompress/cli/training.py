@@ -145,7 +145,7 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
     ckpt = checkpoint_path_for(out) if out is not None else None
     identity = json.loads(json.dumps({**job.describe, "command": job.command, "arch": arch, "config": config.to_dict(),
                                       "mpo_layers": mpo_layer_specs(model)}, sort_keys=True, default=str))  # fmt: skip
-    resume_state = _resume_state(ckpt, identity, first=(r == 0)) if (job.resume and ckpt is not None) else None
+    resume_state = _resume_state(ckpt, identity, first=(r == 0), out=out) if (job.resume and ckpt is not None) else None
 
     def save_state(state: dict[str, Any]) -> None:
         if ckpt is not None:
@@ -197,9 +197,14 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
     return RunOutcome(seed, result, out, summarize(model), trainable, curve)
 
 
-def _resume_state(ckpt: Path, identity: dict[str, Any], first: bool) -> dict[str, Any] | None:
+def _resume_state(ckpt: Path, identity: dict[str, Any], first: bool, out: Path) -> dict[str, Any] | None:
     if not ckpt.exists() and not first:
         return None  # an earlier run was the one interrupted; this one starts afresh
+    if not ckpt.exists() and out.exists():
+        raise MPOCompressError(
+            f"no checkpoint to resume from at {ckpt}: {out} exists, so the run finished and its checkpoint was removed "
+            "(--keep-checkpoint keeps it); drop --resume to train afresh (with --force to replace the output)"
+        )
     state = load_train_state(ckpt)
     saved = json.loads(state.get("job", "{}"))
     differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
@@ -283,8 +288,8 @@ def render(console: Console, rep: dict[str, Any]) -> None:
     rows += [
         ("parameters", f"{rep['params_model_after']:,} (dense equivalent {rep['params_model_dense']:,})"),
         ("trainable parameters", f"{rep['trainable_params']:,}"),
-        ("rho (MPO layers)", f"{rep['rho']:.4g}"),
-        ("MPO layers", ", ".join(f"{m['name']} {m['notation']}" for m in rep["mpo_layers"]) or "none"),
+        *([("rho (factorized / dense weights, Eq. 9)", f"{rep['rho']:.4g}"),
+           ("factorized layers", ", ".join(f"{m['name']} {m['notation']}" for m in rep["mpo_layers"]))] if rep["mpo_layers"] else []),
         ("epochs, wall time", f"{rep['epochs']}, {rep['wall_time_s']:.1f} s"),
         ("written", ", ".join(str(r["output"]) for r in rep["runs"]) or "-"),
     ]

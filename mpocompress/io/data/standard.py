@@ -30,6 +30,13 @@ _IDX_FILES = {
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
 _SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
+# where users get the original files (mpocompress never downloads)
+_SOURCES = {
+    "mnist": "the original MNIST files (train-images-idx3-ubyte.gz and the three others) from Yann LeCun's MNIST page or a mirror",
+    "fashion-mnist": "the original files from github.com/zalandoresearch/fashion-mnist (its data/fashion folder)",
+    "cifar10": "cifar-10-python.tar.gz from www.cs.toronto.edu/~kriz/cifar.html, extracted",
+    "svhn": "train_32x32.mat and test_32x32.mat from ufldl.stanford.edu/housenumbers",
+}
 AUGMENT = {"cifar10": (4, True), "svhn": (4, False)}  # (crop padding, horizontal flip); digits are not flipped
 
 
@@ -80,7 +87,7 @@ def _find(root: Path, folder: str, names: tuple[str, ...], what: str) -> list[Pa
             return paths
     raise MPOCompressError(
         f"{what} not found: expected {', '.join(names)} in {root / folder} or {root}; "
-        "set --data-dir (or $MPOCOMPRESS_DATA) to the folder holding the original files"
+        f"set --data-dir (or $MPOCOMPRESS_DATA) to the folder holding {_source(what)}"
     )
 
 
@@ -91,8 +98,13 @@ def _find_idx(root: Path, folder: str, stem: str, what: str) -> Path:
                 return base / name
     raise MPOCompressError(
         f"{what} not found: expected {stem}.gz in {root / folder} or {root}; "
-        "set --data-dir (or $MPOCOMPRESS_DATA) to the folder holding the original IDX files"
+        f"set --data-dir (or $MPOCOMPRESS_DATA) to the folder holding {_source(what)}"
     )
+
+
+def _source(what: str) -> str:
+    """Where the files of the dataset named first in `what` come from."""
+    return _SOURCES.get(what.split()[0], "the original files")
 
 
 def _read_idx(path: Path, expect_magic: int, expect_dims: int) -> np.ndarray:
