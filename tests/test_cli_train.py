@@ -217,3 +217,52 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["one.safetensors", "two.safetensors"]
     )  # rank 1 wrote nothing; the checkpoints went once the runs succeeded
+
+
+# ----------------------------------------------------------------------------- data defaults from the file
+
+
+def test_the_data_a_model_was_trained_on_is_the_default_down_the_chain(tmp_path):
+    """train records its data (and how it was served) in the file; convert carries it; finetune and
+    evaluate use it when --data is not given, and say so. A tensors file is served as it is: the
+    loss evaluate reports is plain PyTorch's on the raw inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(300, 1, 8, 8, generator=g)
+    y = (x.mean((1, 2, 3)) > 0.5).long() + 2 * (x[:, 0, 0, 0] > 0.5).long()
+    data = tmp_path / "raw.pt"
+    torch.save({"x": x, "y": y}, data)
+    rep = run_json("train", "--arch", "fc2", "--data", data, "--epochs", "3", "-o", tmp_path / "a.safetensors")
+    assert rep["data"] == "raw.pt" and rep["data_options"] == {"image_size": None, "channels": None, "normalize": "none", "from": "option"}
+    ev = run_json("evaluate", tmp_path / "a.safetensors")
+    assert ev["data"] == "raw.pt" and ev["data_options"]["from"] == "file" and ev["accuracy"] == rep["accuracy"]
+    model = load(tmp_path / "a.safetensors")
+    from mpocompress.io.data.images import seeded_split
+
+    _, test_idx = seeded_split(300, 0)
+    with torch.no_grad():
+        plain = float(torch.nn.functional.cross_entropy(model(x[test_idx]), y[test_idx]))
+    assert ev["loss"] == pytest.approx(plain, rel=1e-5)  # no normalization the model never saw
+    assert invoke("convert", tmp_path / "a.safetensors", "-D", "4", "-o", tmp_path / "b.safetensors").exit_code == 0
+    ft = run_json("finetune", tmp_path / "b.safetensors", "--epochs", "1", "-o", tmp_path / "c.safetensors")
+    assert ft["data"] == "raw.pt" and ft["data_options"]["from"] == "file"
+    r = invoke("evaluate", tmp_path / "c.safetensors")
+    assert r.exit_code == 0 and "the data the file records" in r.stdout
+    data.unlink()
+    r = invoke("evaluate", tmp_path / "c.safetensors")
+    assert r.exit_code == 2 and "which is not there any more; give the data with --data" in r.stderr
+
+
+def test_image_size_channels_and_normalize_serve_the_data_as_the_model_takes_it(tmp_path):
+    rep = run_json("train", "--arch", "fc2", "--data", "digits", "--image-size", "8", "--normalize", "none", "--epochs", "2",
+                   "-o", tmp_path / "d8.safetensors")  # fmt: skip
+    assert rep["data_options"]["image_size"] == 8 and rep["params_model_after"] == 64 * 256 + 256 + 256 * 10 + 10
+    ev = run_json("evaluate", tmp_path / "d8.safetensors")  # 8x8, unnormalized: as recorded
+    assert ev["data"] == "digits" and ev["data_options"]["image_size"] == 8 and ev["accuracy"] == rep["accuracy"]
+    r = invoke("evaluate", tmp_path / "d8.safetensors", "--image-size", "28")
+    assert r.exit_code == 2 and "--image-size N" in r.stderr
+    lenet = run_json("train", "--arch", "lenet5(in_channels=3,image_size=32)", "--data", "digits", "--channels", "3",
+                     "--image-size", "32", "--epochs", "1", "-o", tmp_path / "l.safetensors")  # fmt: skip
+    assert lenet["data_options"]["channels"] == 3
+    assert run_json("evaluate", tmp_path / "l.safetensors")["accuracy"] == lenet["accuracy"]
+    r = invoke("train", "--arch", "fc2", "--normalize", "0.5,-1", "-o", tmp_path / "x.safetensors")
+    assert r.exit_code == 2 and "STD > 0" in r.stderr and not (tmp_path / "x.safetensors").exists()

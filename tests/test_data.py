@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import safetensors.torch  # noqa: E402
 
-from mpocompress.io.data import ImageSet, batch_indices, load_dataset
+from mpocompress.io.data import ImageSet, batch_indices, load_dataset, parse_normalize
 from mpocompress.io.data.images import _crop_flip  # noqa: E402
 from mpocompress.errors import MPOCompressError  # noqa: E402
 
@@ -189,7 +189,39 @@ def test_tensor_files(tmp_path, suffix):
     assert len(train) == 40 and len(test) == 10 and train.num_classes == 3
     assert set(train.y.tolist()) | set(test.y.tolist()) == {0, 1, 2}
     xt, _ = train.tensors()
+    torch.testing.assert_close(xt, train.x.float() / 255)  # a file's values are served as they are (uint8 scaled to [0, 1])
+    xt, _ = load_dataset(str(path), "train", normalize="dataset").tensors()
     assert abs(float(xt.mean())) < 1e-4 and abs(float(xt.std()) - 1) < 0.05  # normalised on the train split
+    xt, _ = load_dataset(str(path), "train", normalize=(0.5, 0.25)).tensors()
+    torch.testing.assert_close(xt, (train.x.float() / 255 - 0.5) / 0.25)
+
+
+def test_served_size_channels_and_normalization():
+    """--image-size renders digits at that size (8: scikit-learn's own images) and resizes others;
+    --channels repeats gray images or averages colour ones; --normalize none serves [0, 1] values."""
+    from sklearn.datasets import load_digits
+
+    eight = load_dataset("digits", "test", image_size=8, normalize="none")
+    assert eight.image_shape == (1, 8, 8)
+    raw = torch.from_numpy(load_digits().images).float() / 16  # the bundled 8x8 images, values 0..16
+    x, _ = eight.tensors()
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    assert any(torch.allclose(x[0, 0], r, atol=1e-6) for r in raw)  # exactly one of scikit-learn's images
+    three = load_dataset("digits", "test", channels=3, image_size=32)
+    x3, _ = three.tensors()
+    assert three.image_shape == (3, 32, 32) and x3.shape == (360, 3, 32, 32)
+    torch.testing.assert_close(x3[:, 0], x3[:, 2])
+    gray = ImageSet("rgb", "test", torch.rand(4, 3, 10, 10), torch.zeros(4, dtype=torch.long), (0.0,), (1.0,), channels=1, size=5)
+    xg, _ = gray.tensors()
+    ref = torch.nn.functional.interpolate(gray.x, size=(5, 5), mode="bilinear", antialias=True).mean(1, keepdim=True)
+    torch.testing.assert_close(xg, ref)
+    for kwargs, fragment in [({"channels": 2}, "--channels 2"), ({"image_size": 0}, "image size must be"), ({"normalize": "z"}, "unknown normalization")]:
+        with pytest.raises(MPOCompressError, match=fragment):
+            load_dataset("digits", "test", **kwargs)
+    assert parse_normalize("0.1307,0.3081") == (0.1307, 0.3081) and parse_normalize("None") == "none"
+    for bad in ("1,0", "a,b", "1,2,3", "nan,1"):
+        with pytest.raises(MPOCompressError, match="normalize"):
+            parse_normalize(bad)
 
 
 def test_tensor_file_with_explicit_splits(tmp_path):

@@ -57,7 +57,8 @@ def analyze(
     config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error)
     sample = parse_input_shape(input_shape)
     loaded = load_model(model, arch, trust_pickle)
-    batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length) if calib else None
+    batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length,
+                                  served=(loaded.metadata or {}).get("data")) if calib else None  # fmt: skip
     report = analyze_model(loaded.model, config, calibration=batches)
     sample = sample or default_input_shape(loaded.arch)
     add_macs(report, loaded.model, rows_per_sample(loaded.model, sample) if sample else None)

@@ -59,13 +59,17 @@ def convert(
         fail("--sequential calibrates layer by layer and needs --calib DATA")
     out = check_output_path(output, force, inputs=(model,))
     loaded = load_model(model, arch, trust_pickle, check_values=False)  # checked per layer and by save
-    batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length) if calib else None
+    batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length,
+                                  served=(loaded.metadata or {}).get("data")) if calib else None  # fmt: skip
     report = compress_(loaded.model, config, calibration=batches)
     if calib:
         report.notes.append(f"calibrated on {sum(len(next(iter(b.values()))) for b in batches)} samples of {calib}")
     if loaded.arch is None:
         report.notes.append(f"{out} records no architecture (the input was a pickled model): pass --arch when loading it")
-    save(loaded.model, out, loaded.arch, force=force, extra_metadata={"source_format": loaded.source, "compression": config.to_dict()})
+    extra = {"source_format": loaded.source, "compression": config.to_dict()}
+    if loaded.metadata and loaded.metadata.get("data"):  # the data the original was trained on goes with it
+        extra["data"] = loaded.metadata["data"]
+    save(loaded.model, out, loaded.arch, force=force, extra_metadata=extra)
     if json_out:
         print_json({"model": str(model), "output": str(out), "arch": loaded.arch, **report.to_dict()})
     else:

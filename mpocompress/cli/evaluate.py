@@ -10,10 +10,11 @@ from rich.table import Table
 from mpocompress.cli import app
 from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, handle_errors, print_json
 from mpocompress.cli.render import make_console
-from mpocompress.cli.training import DATA_DIR_OPT, DATA_OPT, EVAL_DEVICE_OPT, load_unlabelled_data
+from mpocompress.cli.training import (
+    CHANNELS_OPT, DATA_DIR_OPT, DATA_OPT, EVAL_DEVICE_OPT, IMAGE_SIZE_OPT, NORMALIZE_OPT, choose_data, load_unlabelled_data,
+)  # fmt: skip
 from mpocompress.io.data.unlabelled import FeatureSet, is_unlabelled
 from mpocompress.train.distill import agreement
-from mpocompress.io.data import load_dataset
 from mpocompress.errors import MPOCompressError
 from mpocompress.io import load_model
 from mpocompress.compress import summarize
@@ -26,8 +27,11 @@ from mpocompress.train import resolve_device
 def evaluate(
     model: Path = MODEL_ARG,
     arch: str | None = ARCH_OPT,
-    data: str = DATA_OPT,
+    data: str | None = DATA_OPT,
     data_dir: Path | None = DATA_DIR_OPT,
+    image_size: int | None = IMAGE_SIZE_OPT,
+    channels: int | None = CHANNELS_OPT,
+    normalize: str | None = NORMALIZE_OPT,
     batch_size: int = typer.Option(1000, "--batch-size", metavar="B", help="Images per forward pass."),
     device: str = EVAL_DEVICE_OPT,
     reference: Path | None = typer.Option(None, "--reference", metavar="ORIGINAL", help="Also measure agreement with this model (usually the uncompressed original): cosine of pooled outputs, relative output error, top-1 agreement for classifiers.", show_default=False),
@@ -47,6 +51,8 @@ def evaluate(
     dev = resolve_device(device)
     loaded = load_model(model, arch, trust_pickle)
     ref_model = load_model(reference, reference_arch or loaded.arch, trust_pickle).model if reference else None
+    choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model))
+    data = choice.name
     rep: dict = {"model": str(model), "arch": loaded.arch}
     if is_unlabelled(data):
         if ref_model is None:
@@ -55,19 +61,21 @@ def evaluate(
         rep.update(data=test_set.name, examples=len(test_set), accuracy=None, loss=None)
         probe_set = test_set
     else:
-        images = load_dataset(data, "test", data_dir)
+        images = choice.split("test", data_dir)
         accuracy, loss = evaluate_model(loaded.model, images, dev, batch_size)
         rep.update(data=images.name, examples=len(images), accuracy=accuracy, loss=loss)
         probe_set = FeatureSet(images.name, "test", images.tensors()[0]) if ref_model is not None else None
     if ref_model is not None:
         rep.update(reference=str(reference), **agreement(loaded.model, ref_model, probe_set, dev, batch_size))
+    rep["data_options"] = choice.options()
     s = summarize(loaded.model)
     rep.update(rho=s["rho"], params_model_after=s["params_model"], params_model_dense=s["params_model_dense"],
                params_mpo=s["params_mpo"], mpo_layers=s["mpo_layers"])  # fmt: skip
     if json_out:
         print_json(rep)
         return
-    t = Table(title=f"{model} on {rep['data']} (test split, {rep['examples']:,} {'images' if rep['accuracy'] is not None else 'samples'})", title_justify="left",
+    whence = ", the data the file records" if choice.origin == "file" else ""
+    t = Table(title=f"{model} on {rep['data']} (test split{whence}, {rep['examples']:,} {'images' if rep['accuracy'] is not None else 'samples'})", title_justify="left",
               show_header=False, box=None, pad_edge=False)  # fmt: skip
     t.add_column(style="bold")
     t.add_column()

@@ -10,8 +10,8 @@ from mpocompress.cli import app
 from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, fail, handle_errors, print_json
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
-    AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, KEEP_CKPT_OPT, MOMENTUM_OPT, RESUME_OPT,
-    RUNS_OPT, SEED_OPT, Job, check_outputs, load_data, load_unlabelled_data, output_option, render, report, run_all,
+    AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, CHANNELS_OPT, IMAGE_SIZE_OPT, KEEP_CKPT_OPT, MOMENTUM_OPT, NORMALIZE_OPT, RESUME_OPT,
+    RUNS_OPT, SEED_OPT, Job, check_outputs, choose_data, load_data, load_unlabelled_data, output_option, render, report, run_all,
 )  # fmt: skip
 from mpocompress.io import load_model
 from mpocompress.io.data.unlabelled import is_unlabelled
@@ -29,8 +29,11 @@ _DD = DistillConfig()
 def finetune(
     model: Path = MODEL_ARG,
     arch: str | None = ARCH_OPT,
-    data: str = DATA_OPT,
+    data: str | None = DATA_OPT,
     data_dir: Path | None = DATA_DIR_OPT,
+    image_size: int | None = IMAGE_SIZE_OPT,
+    channels: int | None = CHANNELS_OPT,
+    normalize: str | None = NORMALIZE_OPT,
     augment: bool | None = AUGMENT_OPT,
     output: Path | None = output_option("Where to write the fine-tuned model (safetensors)."),
     distill_from: Path | None = typer.Option(None, "--distill-from", metavar="ORIGINAL", help="Distil from this model (usually the uncompressed original): train on its softened outputs as well as the labels.", show_default=False),
@@ -66,6 +69,13 @@ def finetune(
     the number of trainable parameters.
     The input file is never modified.
     """
+    env = dist_env()
+    dev = resolve_device(device, env)
+    inputs = (model,) + ((distill_from,) if distill_from else ())
+    check_outputs("finetune", output, runs, force or resume, env, inputs)
+    loaded = load_model(model, arch, trust_pickle)  # errors about the model before the data is read
+    choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model))
+    data = choice.name
     distilling = _distilling(loss, data, distill_from, max_samples, eval_every)
     if distilling:
         config: TrainConfig | DistillConfig = DistillConfig(
@@ -79,11 +89,6 @@ def finetune(
                              weight_decay=_D.weight_decay if weight_decay is None else weight_decay,
                              schedule=schedule or _D.schedule, warmup_epochs=_D.warmup_epochs if warmup is None else warmup,
                              seed=seed, distill_alpha=distill_alpha, distill_temperature=distill_temperature)  # fmt: skip
-    env = dist_env()
-    dev = resolve_device(device, env)
-    inputs = (model,) + ((distill_from,) if distill_from else ())
-    check_outputs("finetune", output, runs, force or resume, env, inputs)
-    loaded = load_model(model, arch, trust_pickle)  # errors about the model before the data is read
     teacher = None
     if distill_from is not None:
         teacher = load_model(distill_from, teacher_arch or loaded.arch, trust_pickle).model
@@ -104,21 +109,23 @@ def finetune(
         metric, value = metric_of(before)
         extra = {f"{metric}_before": value, "output_rel_error_before": before["output_rel_error"], "loss_kind": config.loss}
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
+                  data_record=choice.record(),
                   describe={**describe, "data": data, "max_length": max_length, "max_samples": max_samples},
                   teacher=teacher, trainer=distill, metric=metric, eval_every=eval_every)  # fmt: skip
     else:
-        train_set, test_set = load_data(data, data_dir, augment)
+        train_set, test_set = load_data(choice, data_dir, augment)
         accuracy_before, loss_before = evaluate(loaded.model, test_set, dev)
         extra = {"accuracy_before": accuracy_before, "loss_before": loss_before}
         if teacher is not None:  # what distillation pulls towards, measured on the same test split
             extra["accuracy_teacher"], extra["loss_teacher"] = evaluate(teacher, test_set, dev)
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
-                  describe={"data": train_set.name, **describe}, teacher=teacher)  # fmt: skip
+                  data_record=choice.record(), describe={"data": train_set.name, **describe}, teacher=teacher)  # fmt: skip
     init_distributed(dev, env)
     outcomes = run_all(job, make_err_console())
     if not env.is_main:
         return
-    rep = report(job, outcomes, {"model": str(model), "arch": loaded.arch, "data": train_set.name, **extra,
+    rep = report(job, outcomes, {"model": str(model), "arch": loaded.arch, "data": train_set.name,
+                                 "data_options": choice.options(), **extra,
                                  "params_model_before": sum(p.numel() for p in loaded.model.parameters()),
                                  "distill_from": str(distill_from) if distill_from else None, "freeze": list(parts),
                                  "device": str(dev), "world_size": env.world_size})  # fmt: skip

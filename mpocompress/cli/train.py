@@ -10,8 +10,8 @@ from mpocompress.cli import app
 from mpocompress.cli.common import BOND_OPT, JSON_OPT, fail, handle_errors, parse_bond_dims, print_json
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
-    AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, KEEP_CKPT_OPT, MOMENTUM_OPT, RESUME_OPT,
-    RUNS_OPT, SCHEDULE_OPT, SEED_OPT, WARMUP_OPT, WD_OPT, Job, check_outputs, count_trainable, load_data,
+    AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, CHANNELS_OPT, IMAGE_SIZE_OPT, KEEP_CKPT_OPT, MOMENTUM_OPT, NORMALIZE_OPT, RESUME_OPT,
+    RUNS_OPT, SCHEDULE_OPT, SEED_OPT, WARMUP_OPT, WD_OPT, Job, check_outputs, choose_data, count_trainable, load_data,
     output_option, render, report, run_all,
 )  # fmt: skip
 from mpocompress.train import TrainConfig, dist_env, init_distributed, resolve_device
@@ -24,8 +24,11 @@ def train(
     arch: str = typer.Option(..., "--arch", metavar="SPEC", help="Architecture: fc2, lenet5, vgg16, vgg19, resnet(m=..,k=..), densenet(n=..,m=..,k=..), or package.module:callable. in_channels, image_size and num_classes default to the data's.", show_default=False),
     mpo: bool = typer.Option(False, "--mpo", help="Build the paper's MPO-Net counterpart: its linear maps are MPOs, trained from random initialisation."),
     bond_dim: list[str] = BOND_OPT,
-    data: str = DATA_OPT,
+    data: str | None = DATA_OPT,
     data_dir: Path | None = DATA_DIR_OPT,
+    image_size: int | None = IMAGE_SIZE_OPT,
+    channels: int | None = CHANNELS_OPT,
+    normalize: str | None = NORMALIZE_OPT,
     augment: bool | None = AUGMENT_OPT,
     output: Path | None = output_option("Where to write the trained model (safetensors, readable by convert, finetune, evaluate and mpocompress.load)."),
     epochs: int = typer.Option(20, "--epochs", metavar="N", help=EPOCHS_HELP),
@@ -57,7 +60,8 @@ def train(
     env = dist_env()
     dev = resolve_device(device, env)
     check_outputs("train", output, runs, force or resume, env)
-    train_set, test_set = load_data(data, data_dir, augment)
+    choice = choose_data(data, image_size, channels, normalize)
+    train_set, test_set = load_data(choice, data_dir, augment)
     spec = adapt_arch(arch, train_set.image_shape, train_set.num_classes)
     build_mpo_net(spec, d, per_layer) if mpo else build_model(spec)  # a bad spec fails now, before any work
 
@@ -69,12 +73,12 @@ def train(
         return model, arch_text, count_trainable(model)
 
     job = Job("train", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
-              describe={"data": train_set.name, "mpo": mpo})  # fmt: skip
+              describe={"data": train_set.name, "mpo": mpo}, data_record=choice.record())  # fmt: skip
     init_distributed(dev, env)
     outcomes = run_all(job, make_err_console())
     if not env.is_main:
         return
-    rep = report(job, outcomes, {"arch": str(spec), "mpo": mpo, "data": train_set.name, "device": str(dev),
+    rep = report(job, outcomes, {"arch": str(spec), "mpo": mpo, "data": train_set.name, "data_options": choice.options(), "device": str(dev),
                                  "world_size": env.world_size})  # fmt: skip
     if json_out:
         print_json(rep)

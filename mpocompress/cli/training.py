@@ -16,8 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from mpocompress.io.data import ImageSet, load_dataset
-from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, load_unlabelled, read_lines
+from mpocompress.io.data import ImageSet, is_tensor_file, load_dataset, parse_normalize
+from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, is_unlabelled, load_unlabelled, read_lines
 from mpocompress.io.data.calibration import model_tokenizer
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io import (
@@ -30,7 +30,10 @@ from mpocompress.train import (
 
 # ----------------------------------------------------------------------------- shared options
 
-DATA_OPT = typer.Option("digits", "--data", metavar="NAME|FILE", help="Dataset: digits (bundled, no files), mnist, fashion-mnist, cifar10, svhn, or a .pt/.npz/.safetensors file holding x and y.")
+DATA_OPT = typer.Option(None, "--data", metavar="NAME|FILE", help="Dataset: digits (bundled, no files), mnist, fashion-mnist, cifar10, svhn, or a .pt/.npz/.safetensors file holding x and y. Default: the data the model file records (it was trained or fine-tuned on), else digits.", show_default=False)
+IMAGE_SIZE_OPT = typer.Option(None, "--image-size", metavar="N", help="Serve N x N images: digits are rendered at N (8 = scikit-learn's own 8x8 digits), other images resized. Default: as the model file records, else the dataset's size.", show_default=False)
+CHANNELS_OPT = typer.Option(None, "--channels", metavar="C", help="Serve C channels: 1 averages colour images, 3 repeats gray ones. Default: as the model file records, else the dataset's.", show_default=False)
+NORMALIZE_OPT = typer.Option(None, "--normalize", metavar="none|dataset|MEAN,STD", help="How inputs are normalized: dataset (the training split's mean and std), none (raw values, [0, 1] for 8-bit images) or MEAN,STD. Default: as the model file records, else dataset for named datasets and none for files.", show_default=False)
 DATA_DIR_OPT = typer.Option(None, "--data-dir", metavar="DIR", help="Folder with the dataset files (default: $MPOCOMPRESS_DATA, else ./data).", show_default=False)
 AUGMENT_OPT = typer.Option(None, "--augment/--no-augment", help="Random crop and flip while training (default: on for cifar10 and svhn, which are the sets that use it).", show_default=False)
 EPOCHS_HELP = "Passes over the training split."
@@ -54,8 +57,61 @@ def output_option(help_text: str) -> Any:
     return typer.Option(None, "--output", "-o", metavar="OUT", help=f"{help_text} [required]", show_default=False)
 
 
-def load_data(data: str, data_dir: Path | None, augment: bool | None) -> tuple[ImageSet, ImageSet]:
-    return load_dataset(data, "train", data_dir, augment), load_dataset(data, "test", data_dir, augment)
+@dataclass(frozen=True)
+class DataChoice:
+    """The data a command runs on and how it is served, each field from its option, else from what
+    the model file records, else the default; `origin` says where the dataset name came from."""
+
+    name: str
+    image_size: int | None = None
+    channels: int | None = None
+    normalize: str | None = None  # "none", "dataset" or "MEAN,STD"; None: the source's default
+    origin: str = "default"  # "option", "file" or "default"
+
+    def record(self) -> dict[str, Any]:
+        """What the output file records (a file's path absolute, so the record holds wherever it is read)."""
+        name = str(Path(self.name).resolve()) if is_tensor_file(self.name) else self.name
+        if self.name.startswith(TEXT_PREFIX):
+            name = TEXT_PREFIX + str(Path(self.name[len(TEXT_PREFIX):]).resolve())
+        return {"name": name, "image_size": self.image_size, "channels": self.channels, "normalize": self.normalize}
+
+    def options(self) -> dict[str, Any]:
+        """The report's `data_options`."""
+        norm = self.normalize
+        if norm is None and not is_unlabelled(self.name):  # the source's default, said outright
+            norm = "none" if is_tensor_file(self.name) else "dataset"
+        return {"image_size": self.image_size, "channels": self.channels, "normalize": norm, "from": self.origin}
+
+    def split(self, split: str, data_dir: Path | None, augment: bool | None = None) -> ImageSet:
+        norm = parse_normalize(self.normalize) if self.normalize is not None else None
+        return load_dataset(self.name, split, data_dir, augment, self.image_size, channels=self.channels, normalize=norm)
+
+
+def choose_data(
+    data: str | None, image_size: int | None, channels: int | None, normalize: str | None,
+    recorded: dict[str, Any] | None = None, what: str = "the model",
+) -> DataChoice:  # fmt: skip
+    """--data and its serving options, each defaulting to the model file's record."""
+    rec = recorded or {}
+    if normalize is not None:
+        parse_normalize(normalize)  # a bad value is named before anything is read
+    origin = "option" if data is not None else "file" if rec.get("name") else "default"
+    name = data if data is not None else rec.get("name") or "digits"
+    if origin == "file":
+        path = name[len(TEXT_PREFIX):] if name.startswith(TEXT_PREFIX) else name if is_tensor_file(name) else None
+        if path is not None and not Path(path).is_file():
+            raise MPOCompressError(f"{what} was trained on {name}, which is not there any more; give the data with --data")
+    return DataChoice(
+        name,
+        image_size if image_size is not None else rec.get("image_size"),
+        channels if channels is not None else rec.get("channels"),
+        normalize if normalize is not None else rec.get("normalize"),
+        origin,
+    )
+
+
+def load_data(data: DataChoice, data_dir: Path | None, augment: bool | None) -> tuple[ImageSet, ImageSet]:
+    return data.split("train", data_dir, augment), data.split("test", data_dir, augment)
 
 
 def load_unlabelled_data(
@@ -108,6 +164,7 @@ class Job:
     metric: str = "accuracy"  # what the result's accuracy measures: accuracy, agreement_cosine or top1_agreement
     eval_every: int = 0  # distillation: also measure the agreement every this many steps (the curve)
     keep_checkpoint: bool = False  # keep OUT.ckpt after the runs succeed
+    data_record: dict[str, Any] | None = None  # the data recorded in the output files (`DataChoice.record`)
 
 
 def check_outputs(
@@ -190,6 +247,8 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
     if out is not None and job.env.is_main:
         extra = {"source_format": job.command, "training": {**job.describe, "config": config.to_dict(),
                  "accuracy": result.accuracy, "loss": result.loss, "epochs": result.epochs}}  # fmt: skip
+        if job.data_record is not None:
+            extra["data"] = job.data_record
         save(model, out, arch, force=True, extra_metadata=extra)
     if stop() and r + 1 < job.runs:
         raise Interrupted(f"interrupted after run {r + 1}/{job.runs}: {out} is complete; rerun the same command "
@@ -270,6 +329,11 @@ def render(console: Console, rep: dict[str, Any]) -> None:
     t.add_column(style="bold")
     t.add_column()
     rows = []
+    if rep.get("data"):
+        opts = rep.get("data_options") or {}
+        served = [f"{k.replace('_', ' ')} {opts[k]}" for k in ("image_size", "channels", "normalize") if opts.get(k) is not None]
+        whence = " (recorded in the model file)" if opts.get("from") == "file" else ""
+        rows.append(("data", f"{rep['data']}{whence}" + (f"; {', '.join(served)}" if served else "")))
     metric = rep.get("metric", "accuracy")
     if metric == "accuracy":
         acc = f"{rep['accuracy']:.2%}"

@@ -45,7 +45,26 @@ def parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
             raise MPOCompressError(f"{path} has an unreadable recorded tokenizer; the file is damaged") from None
     return {"format_version": version, "arch": meta.get("arch") or None, "layers": layers,
             "mpocompress_version": meta.get("mpocompress_version"), "source_format": meta.get("source_format"),
-            "hf_config": meta.get("hf_config"), "hf_tokenizer": tokenizer}  # fmt: skip
+            "hf_config": meta.get("hf_config"), "hf_tokenizer": tokenizer, "data": _data_record(path, meta.get("data"))}  # fmt: skip
+
+
+def _data_record(path: Path, text: str | None) -> dict[str, Any] | None:
+    """The data a model was trained or fine-tuned on, as recorded: {"name", "image_size", "channels",
+    "normalize"} (None when the file records none)."""
+    if not text:
+        return None
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        rec = None
+    ok = (
+        isinstance(rec, dict) and isinstance(rec.get("name"), str) and rec["name"]
+        and all(rec.get(k) is None or (type(rec[k]) is int and 1 <= rec[k] <= 4096) for k in ("image_size", "channels"))
+        and (rec.get("normalize") is None or isinstance(rec["normalize"], str))
+    )  # fmt: skip
+    if not ok:
+        raise MPOCompressError(f"{path} has unreadable data metadata (the dataset it was trained on); the file is damaged or was edited")
+    return {k: rec.get(k) for k in ("name", "image_size", "channels", "normalize")}
 
 
 def check_layer_spec(path: Path, name: str, spec: Mapping[str, Any]) -> None:

@@ -17,6 +17,7 @@ or in a sub-folder named after the set. This module reads dataset files and neve
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def load_dataset(
     augment: bool | None = None,
     image_size: int | None = None,
     seed: int = 0,
+    channels: int | None = None,
+    normalize: str | tuple[float, float] | None = None,
 ) -> ImageSet:
     """One split of a dataset.
 
@@ -55,8 +58,13 @@ def load_dataset(
         split: "train" or "test".
         data_dir: folder holding the files (default: $MPOCOMPRESS_DATA, else ./data).
         augment: crop-and-flip for the training split of cifar10 and svhn (default: on for those).
-        image_size: for digits only, the side of the served images (default 28).
+        image_size: the side of the served images: digits are rendered at that size (default 28,
+            8 gives scikit-learn's own 8x8 images), other images are resized (bilinear, antialiased).
         seed: for digits and tensors files holding a single split, the seed of the 80/20 split.
+        channels: serve this many channels (1 -> C repeats a gray image, C -> 1 averages).
+        normalize: "dataset" (the training split's per-channel mean and std; the default for named
+            datasets), "none" (raw [0, 1] values, or the file's floats as they are; the default for
+            tensors files), or (MEAN, STD) for every channel.
     """
     if split not in ("train", "test"):
         raise MPOCompressError(f"split must be 'train' or 'test', got {split!r}")
@@ -65,8 +73,6 @@ def load_dataset(
         ds = tensor_file_set(Path(name), split, seed)
     elif key == "digits":
         ds = digits_set(split, 28 if image_size is None else image_size, seed)
-    elif image_size is not None:
-        raise MPOCompressError(f"--image-size applies to digits only; {name} images keep their size")
     elif key in ("mnist", "fashion-mnist", "fashion_mnist", "fmnist"):
         key = "mnist" if key == "mnist" else "fashion-mnist"
         ds = idx_set(key, split, data_root(data_dir))
@@ -80,13 +86,55 @@ def load_dataset(
             f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, or give a .pt/.npz/.safetensors "
             "file holding tensors x and y"
         )
+    _serve(ds, key, image_size, channels, normalize if normalize is not None else ("none" if is_tensor_file(name) else "dataset"))
     pad, flip = AUGMENT.get(key, (0, False))
     ds.crop_pad, ds.flip = pad, flip
     ds.augment = (pad > 0 or flip) and split == "train" and (augment is None or augment)
     return ds
 
 
+def _serve(ds: ImageSet, key: str, image_size: int | None, channels: int | None, normalize: str | tuple[float, float]) -> None:
+    """Set how `ds` serves its images: size, channels, normalization."""
+    if image_size is not None:
+        if type(image_size) is not int or not 1 <= image_size <= 4096:
+            raise MPOCompressError(f"--image-size must be a whole number of pixels in [1, 4096], got {image_size!r}")
+        if key != "digits":  # digits are rendered at that size already
+            ds.size = image_size
+    if channels is not None:
+        c = int(ds.x.shape[1])
+        if channels not in (1, 3, 4) or (c != 1 and channels != 1 and channels != c):
+            raise MPOCompressError(f"--channels {channels} cannot be served from {ds.name}'s {c}-channel images; "
+                                   "use 1 (gray) or, from gray images, 3 or 4 (repeated)")  # fmt: skip
+        ds.channels = channels
+    if normalize == "none":
+        ds.mean, ds.std = (0.0,), (1.0,)
+    elif isinstance(normalize, tuple):
+        mean, std = _mean_std(*normalize)
+        ds.mean, ds.std = (mean,), (std,)
+    elif normalize != "dataset":
+        raise MPOCompressError(f"unknown normalization {normalize!r}: use none, dataset or MEAN,STD")
+
+
+def parse_normalize(text: str) -> str | tuple[float, float]:
+    """--normalize none | dataset | MEAN,STD."""
+    t = text.strip().lower()
+    if t in ("none", "dataset"):
+        return t
+    parts = t.split(",")
+    try:
+        mean, std = (float(p) for p in parts)
+    except ValueError:
+        raise MPOCompressError(f"cannot read --normalize {text!r}: use none, dataset or MEAN,STD (e.g. 0.1307,0.3081)") from None
+    return _mean_std(mean, std)
+
+
+def _mean_std(mean: float, std: float) -> tuple[float, float]:
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise MPOCompressError(f"--normalize MEAN,STD needs finite numbers and STD > 0, got {mean},{std}")
+    return float(mean), float(std)
+
+
 __all__ = [
     "DATASETS", "DIGITS_TEST_FRACTION", "TENSOR_FILE_SUFFIXES", "ImageSet", "batch_indices", "data_root", "digits",
-    "is_tensor_file", "load_dataset",
+    "is_tensor_file", "load_dataset", "parse_normalize",
 ]  # fmt: skip

@@ -5,13 +5,15 @@ the model's own tokenizer), served as the model's inputs."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.io.data import load_dataset
+from mpocompress.io.data import load_dataset, parse_normalize
 from mpocompress.io.data.unlabelled import TEXT_PREFIX, is_unlabelled, load_unlabelled, read_lines
 from mpocompress.io.hf import decode_tokenizer_files, load_tokenizer
 
@@ -33,9 +35,11 @@ def model_tokenizer(model: nn.Module, teacher: nn.Module | None = None) -> objec
 
 def calibration_batches(
     spec: str, model: nn.Module, samples: int = 512, data_dir: str | os.PathLike | None = None,
-    max_length: int = 128, batch_size: int = 32,
+    max_length: int = 128, batch_size: int = 32, served: Mapping[str, Any] | None = None,
 ) -> list[Batch]:  # fmt: skip
-    """Up to `samples` samples of the training split of `spec`, in batches of `batch_size`."""
+    """Up to `samples` samples of the training split of `spec`, in batches of `batch_size`. Images
+    are served as `served` says (`image_size`, `channels`, `normalize`: how the model was trained,
+    from its file's data record)."""
     if not isinstance(samples, int) or samples < 1:
         raise MPOCompressError(f"--calib-samples must be a whole number >= 1, got {samples!r}")
     if spec.startswith(TEXT_PREFIX):
@@ -44,7 +48,10 @@ def calibration_batches(
     elif is_unlabelled(spec):
         ds = load_unlabelled(spec, "train")
     else:
-        ds = load_dataset(spec, "train", data_dir, augment=False)
+        opts = served or {}
+        norm = opts.get("normalize")
+        ds = load_dataset(spec, "train", data_dir, augment=False, image_size=opts.get("image_size"), channels=opts.get("channels"),
+                          normalize=parse_normalize(norm) if norm is not None else None)  # fmt: skip
     n = min(samples, len(ds))
     out = []
     for start in range(0, n, batch_size):

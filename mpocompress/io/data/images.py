@@ -36,13 +36,17 @@ class ImageSet:
     augment: bool = False  # random crop (zero padding `crop_pad`) and, if `flip`, horizontal flip
     crop_pad: int = 0
     flip: bool = False
+    size: int | None = None  # serve images resized (bilinear, antialiased) to size x size
+    channels: int | None = None  # serve this many channels: 1 -> C repeats the gray image, C -> 1 averages
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.x.shape[1:])  # type: ignore[return-value]
+        """(C, H, W) of the served images (after --channels and --image-size)."""
+        c, h, w = (int(s) for s in self.x.shape[1:])
+        return (self.channels or c, self.size or h, self.size or w)
 
     def batch(
         self, idx: torch.Tensor, device: torch.device | str = "cpu", generator: torch.Generator | None = None
@@ -56,6 +60,10 @@ class ImageSet:
         x = (x - mean) / std
         if self.augment and self.crop_pad + self.flip:
             x = _crop_flip(x, self.crop_pad, self.flip, generator)
+        if self.size is not None and tuple(x.shape[2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        if self.channels is not None and self.channels != c:
+            x = x.mean(1, keepdim=True) if self.channels == 1 else x.expand(-1, self.channels, -1, -1).contiguous()
         return x, self.y[idx].to(device, non_blocking=True)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
