@@ -27,5 +27,9 @@ def test_quickstart_script_runs_end_to_end(tmp_path):
     dense_acc, tuned_acc = evaluate(dense, test)[0], evaluate(tuned, test)[0]
     assert dense_acc > 0.9  # a real model, trained on real data
     assert tuned_acc > dense_acc - 0.05  # fine-tuning recovers what the truncation lost
-    assert f"{tuned_acc:.2%}" in r.stdout  # the accuracy `evaluate` printed
+    assert f"{tuned_acc:.2%}" in r.stdout  # the accuracy `finetune` measured
+    last = r.stdout.strip().splitlines()[-1]  # one line sums it up
+    conv = evaluate(mpocompress.load(tmp_path / "fc2_digits_d16.safetensors"), test)[0]
+    n_dense, n_tuned = (sum(p.numel() for p in m.parameters()) for m in (dense, tuned))
+    assert last == f"summary: dense {dense_acc:.2%} -> converted {conv:.2%} -> fine-tuned {tuned_acc:.2%}; parameters {n_dense:,} -> {n_tuned:,}"
     assert tuned(torch.zeros(1, 1, 28, 28)).shape == (1, 10)

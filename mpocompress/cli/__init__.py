@@ -1,4 +1,4 @@
-"""Command-line interface: `mpocompress analyze`, `convert`, `train`, `finetune`, `evaluate` and `export`.
+"""Command-line interface: `mpocompress analyze`, `convert`, `train`, `finetune`, `evaluate`, `sweep` and `export`.
 
 Only this package imports typer and rich. Each command parses its options, calls one library
 function and renders the returned report.
@@ -34,6 +34,7 @@ from mpocompress.cli import convert as _convert  # noqa: E402,F401
 from mpocompress.cli import evaluate as _evaluate  # noqa: E402,F401
 from mpocompress.cli import export as _export  # noqa: E402,F401
 from mpocompress.cli import finetune as _finetune  # noqa: E402,F401
+from mpocompress.cli import sweep as _sweep  # noqa: E402,F401
 from mpocompress.cli import train as _train  # noqa: E402,F401
 
 

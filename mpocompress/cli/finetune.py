@@ -118,6 +118,7 @@ def finetune(
         extra = {"accuracy_before": accuracy_before, "loss_before": loss_before}
         if teacher is not None:  # what distillation pulls towards, measured on the same test split
             extra["accuracy_teacher"], extra["loss_teacher"] = evaluate(teacher, test_set, dev)
+            extra["params_teacher"] = sum(p.numel() for p in teacher.parameters())
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
                   data_record=choice.record(), describe={"data": train_set.name, **describe}, teacher=teacher)  # fmt: skip
     init_distributed(dev, env)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from mpocompress.compress import CompressionReport
 
 
 def make_console() -> Console:
@@ -21,8 +24,6 @@ def make_err_console() -> Console:
 
 def _table(title: str) -> Table:
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-
-from mpocompress.compress import CompressionReport
 
 
 def _fmt_int(n: int) -> str:
@@ -40,7 +41,7 @@ def _modes(in_modes: list[int], out_modes: list[int]) -> str:
 RHO_NOTE = "rho = factorized weights / dense weights of a layer [Eq. 9]"
 
 
-def layers_table(report: CompressionReport, title: str) -> Table:
+def layers_table(report: CompressionReport, title: str, short: Callable[[str], str] = str) -> Table:
     t = _table(title)
     larger = any(lr.rho > 1 for lr in report.layers)
     t.caption = RHO_NOTE + ("; above 1 the factorized form is larger than the dense layer" if larger else "")
@@ -71,7 +72,7 @@ def layers_table(report: CompressionReport, title: str) -> Table:
             known = lr.macs_dense is not None
             extra = [_fmt_int(lr.macs_dense), f"{_fmt_int(lr.macs_mpo)} ({lr.plan})"] if known else ["-", "-"]
         t.add_row(
-            lr.name,
+            short(lr.name),
             lr.kind,
             f"{lr.weight_shape[0]} x {lr.weight_shape[1]}",
             *([lr.structure] if lowrank else []),
@@ -96,12 +97,10 @@ def layers_table(report: CompressionReport, title: str) -> Table:
         t.caption += "; MAC totals are over every Linear/Conv2d of the model" + (
             "" if report.macs_model_dense is not None else "; convolutions need --input-shape C,H,W"
         )
-    for col in t.columns:
-        col.overflow = "fold"
     return t
 
 
-def sweep_table(report: CompressionReport) -> Table:
+def sweep_table(report: CompressionReport, short: Callable[[str], str] = str) -> Table:
     names = [lr.name for lr in report.layers]
     t = _table("Bond dimension sweep: cost and truncation error at each D")
     t.add_column("D", justify="right")
@@ -109,7 +108,7 @@ def sweep_table(report: CompressionReport) -> Table:
     t.add_column("rho", justify="right")
     t.add_column("model params", justify="right")
     for name in names:
-        t.add_column(f"{name} error", justify="right")
+        t.add_column(f"{short(name)} error", justify="right")
     for sub in report.sweep:
         errs = {lr.name: lr.rel_error for lr in sub.layers}
         t.add_row(
@@ -125,7 +124,7 @@ def sweep_table(report: CompressionReport) -> Table:
 CURVE_SHARES = (0.05, 0.1, 0.25, 0.5)
 
 
-def curves_table(report: CompressionReport) -> Table:
+def curves_table(report: CompressionReport, short: Callable[[str], str] = str) -> Table:
     """Per layer and structure, the least error of a form holding at most each share of the dense weights."""
     t = _table("Error against size: least relative error of each structure within a share of the layer's weights")
     t.add_column("layer")
@@ -139,35 +138,71 @@ def curves_table(report: CompressionReport) -> Table:
             for share in CURVE_SHARES:
                 errs = [p["rel_error"] for p in points if p["structure"] == structure and p["params"] <= share * dense]
                 row.append(_fmt_err(min(errs)) if errs else "-")
-            t.add_row(name, structure, *row)
+            t.add_row(short(name), structure, *row)
     return t
 
 
-def skipped_table(report: CompressionReport) -> Table:
+def skipped_table(report: CompressionReport, short: Callable[[str], str] = str) -> Table:
     t = _table("Left dense")
     t.add_column("layer")
     t.add_column("kind")
     t.add_column("weights", justify="right")
     t.add_column("why")
     for s in report.skipped:
-        t.add_row(s.name, s.kind, _fmt_int(s.params), s.reason)
+        t.add_row(short(s.name), s.kind, _fmt_int(s.params), s.reason)
     return t
+
+
+def shortener(limit: int | None) -> Callable[[str], str]:
+    """Names longer than `limit` lose their beginning: 'encoder.layer.11.attention.self.query' -> '...attention.self.query'."""
+    return lambda s: s if limit is None or len(s) <= limit else "..." + s[len(s) - limit + 3 :]
+
+
+NARROW_DROPS = ("kind", "N_y x N_x", "modes I -> J", "entropy per bond", "MACs/sample")  # what a narrow table leaves out
+
+
+def fitted(console: Console, build: Callable[[Callable[[str], str]], Table], names: list[str]) -> None:
+    """Print the table `build(shorten)` makes so that it fits the console: numbers never wrap;
+    when it is too wide the layer names (the longest of `names`) are shortened from the left (to no
+    fewer than 16 characters), and if it is still too wide the narrow layout leaves out the columns
+    of NARROW_DROPS (the JSON keeps everything)."""
+    longest = max((len(n) for n in names), default=0)
+
+    def attempt(limit: int | None, narrow: bool) -> tuple[Table, int]:
+        table = build(shortener(limit))
+        if narrow:
+            table.columns[:] = [c for c in table.columns if not str(c.header).startswith(NARROW_DROPS)]
+            for i, c in enumerate(table.columns):  # rich looks columns' widths up by their position
+                c._index = i
+        for col in table.columns:
+            if col.justify == "right":
+                col.no_wrap = True
+        return table, console.measure(table, options=console.options.update_width(10_000)).maximum - console.width
+
+    for narrow in (False, True):
+        table, excess = attempt(None, narrow)
+        if excess > 0 and longest > 16:
+            table, excess = attempt(max(16, longest - excess), narrow)
+        if excess <= 0:
+            break
+    console.print(table)
 
 
 def render_report(console: Console, report: CompressionReport, heading: str) -> None:
     console.print(f"[bold]{heading}[/bold]")
+    names = [lr.name for lr in report.layers] + [s.name for s in report.skipped] + list(report.curves or {})
     if report.sweep:
-        console.print(layers_table(report, "Candidate layers: exact MPO (every bond at its cap) and its entanglement entropy"))
-        console.print(sweep_table(report))
+        fitted(console, lambda f: layers_table(report, "Candidate layers: exact MPO (every bond at its cap) and its entanglement entropy", f), names)
+        fitted(console, lambda f: sweep_table(report, f), names)
     elif report.layers:
         verb = "Converted" if report.applied else "Would convert"
-        names = {"mpo": "MPO", "lowrank": "low-rank", "mpo_embedding": "MPO embedding"}
-        what = " and ".join(names.get(f, f) for f in sorted({lr.structure for lr in report.layers}))
-        console.print(layers_table(report, f"{verb} to {what}"))
+        words = {"mpo": "MPO", "lowrank": "low-rank", "mpo_embedding": "MPO embedding"}
+        what = " and ".join(words.get(f, f) for f in sorted({lr.structure for lr in report.layers}))
+        fitted(console, lambda f: layers_table(report, f"{verb} to {what}", f), names)
     if report.curves:
-        console.print(curves_table(report))
+        fitted(console, lambda f: curves_table(report, f), names)
     if report.skipped:
-        console.print(skipped_table(report))
+        fitted(console, lambda f: skipped_table(report, f), names)
     if not report.sweep:
         before, after = report.params_model_before, report.params_model_after
         console.print(

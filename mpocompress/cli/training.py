@@ -360,6 +360,11 @@ def render(console: Console, rep: dict[str, Any]) -> None:
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+    if "accuracy_teacher" in rep:  # the whole story in one line: the original, the conversion, the fine-tuning
+        console.print(
+            f"summary: dense {rep['accuracy_teacher']:.2%} -> converted {rep['accuracy_before']:.2%} -> fine-tuned "
+            f"{rep['accuracy']:.2%}; parameters {rep['params_teacher']:,} -> {rep['params_model_after']:,}", highlight=False,
+        )  # fmt: skip
 
 
 def count_trainable(model: nn.Module) -> int:
