@@ -51,3 +51,30 @@ def test_long_names_lose_their_beginning_not_their_end():
     short = shortener(20)("encoder.layer.11.attention.self.query")
     assert len(short) == 20 and short.startswith("...") and short.endswith("attention.self.query"[-17:])
     assert shortener(None)("x" * 100) == "x" * 100 and shortener(20)("short") == "short"
+
+
+def test_a_long_step_shows_a_spinner_with_its_elapsed_time_on_a_terminal():
+    import time
+
+    from mpocompress.cli.render import working
+
+    buf = io.StringIO()
+    with working(Console(file=buf, force_terminal=True, width=80), "analyzing the layers"):
+        time.sleep(0.3)
+    assert "analyzing the layers" in buf.getvalue() and "0:00:00" in buf.getvalue()
+    quiet = io.StringIO()
+    with working(Console(file=quiet, force_terminal=False, width=80), "analyzing the layers"):
+        pass
+    assert quiet.getvalue() == ""  # nothing in a pipe or a log
+
+
+def test_training_reports_its_first_step_at_once():
+    from torch.utils.data import TensorDataset
+
+    from mpocompress.train import TrainConfig, fit
+
+    calls = []
+    x, y = torch.randn(200, 8), torch.randint(0, 2, (200,))
+    fit(nn.Linear(8, 2), TensorDataset(x, y), TensorDataset(x, y), TrainConfig(epochs=2, batch_size=4),
+        on_batch=lambda *a: calls.append(a[:3]))  # fmt: skip
+    assert calls[0] == (1, 1, 50) and (1, 20, 50) in calls and calls[-1] == (2, 50, 50)

@@ -12,7 +12,7 @@ from mpocompress.cli.common import (
     LAYERS_OPT, MAX_ERROR_OPT, MAX_LENGTH_OPT, MODEL_ARG, SHAPE_OPT, STRUCTURE_OPT, TARGET_OPT, TRUST_OPT, build_config,
     handle_errors, parse_input_shape, print_json,
 )  # fmt: skip
-from mpocompress.cli.render import make_console, render_report
+from mpocompress.cli.render import make_console, make_err_console, render_report, working
 from mpocompress.io import load_model
 from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.compress import add_macs, rows_per_sample
@@ -56,12 +56,16 @@ def analyze(
     """
     config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error)
     sample = parse_input_shape(input_shape)
-    loaded = load_model(model, arch, trust_pickle)
-    batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length,
-                                  served=(loaded.metadata or {}).get("data")) if calib else None  # fmt: skip
-    report = analyze_model(loaded.model, config, calibration=batches)
-    sample = sample or default_input_shape(loaded.arch)
-    add_macs(report, loaded.model, rows_per_sample(loaded.model, sample) if sample else None)
+    err = make_err_console()
+    with working(err, f"loading {model}"):
+        loaded = load_model(model, arch, trust_pickle)
+    with working(err, f"reading calibration data {calib}" if calib else None):
+        batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length,
+                                      served=(loaded.metadata or {}).get("data")) if calib else None  # fmt: skip
+    with working(err, "analyzing the layers (spectra" + (", calibration" if calib else "") + ")"):
+        report = analyze_model(loaded.model, config, calibration=batches)
+        sample = sample or default_input_shape(loaded.arch)
+        add_macs(report, loaded.model, rows_per_sample(loaded.model, sample) if sample else None)
     if json_out:
         print_json({"model": str(model), "arch": loaded.arch, **report.to_dict()})
     else:

@@ -12,7 +12,7 @@ from mpocompress.cli.common import (
     LAYERS_OPT, MAX_ERROR_OPT, MAX_LENGTH_OPT, MODEL_ARG, SEQUENTIAL_OPT, SHAPE_OPT, STRUCTURE_OPT, TARGET_OPT, TRUST_OPT,
     build_config, fail, handle_errors, print_json,
 )  # fmt: skip
-from mpocompress.cli.render import make_console, render_report
+from mpocompress.cli.render import make_console, make_err_console, render_report, working
 from mpocompress.io import check_output_path, load_model, save
 from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.compress import compress_
@@ -58,10 +58,14 @@ def convert(
     if sequential and calib is None:
         fail("--sequential calibrates layer by layer and needs --calib DATA")
     out = check_output_path(output, force, inputs=(model,))
-    loaded = load_model(model, arch, trust_pickle, check_values=False)  # checked per layer and by save
-    batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length,
-                                  served=(loaded.metadata or {}).get("data")) if calib else None  # fmt: skip
-    report = compress_(loaded.model, config, calibration=batches)
+    err = make_err_console()
+    with working(err, f"loading {model}"):
+        loaded = load_model(model, arch, trust_pickle, check_values=False)  # checked per layer and by save
+    with working(err, f"reading calibration data {calib}" if calib else None):
+        batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length,
+                                      served=(loaded.metadata or {}).get("data")) if calib else None  # fmt: skip
+    with working(err, "factorizing" + (" (calibrating, sizing the layers)" if calib or config.allocating else "")):
+        report = compress_(loaded.model, config, calibration=batches)
     if calib:
         report.notes.append(f"calibrated on {sum(len(next(iter(b.values()))) for b in batches)} samples of {calib}")
     if loaded.arch is None:
@@ -69,7 +73,8 @@ def convert(
     extra = {"source_format": loaded.source, "compression": config.to_dict()}
     if loaded.metadata and loaded.metadata.get("data"):  # the data the original was trained on goes with it
         extra["data"] = loaded.metadata["data"]
-    save(loaded.model, out, loaded.arch, force=force, extra_metadata=extra)
+    with working(err, f"writing {out}"):
+        save(loaded.model, out, loaded.arch, force=force, extra_metadata=extra)
     if json_out:
         print_json({"model": str(model), "output": str(out), "arch": loaded.arch, **report.to_dict()})
     else:

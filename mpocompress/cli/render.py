@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from rich import box
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mpocompress.compress import CompressionReport
@@ -20,6 +22,18 @@ def make_console() -> Console:
 def make_err_console() -> Console:
     """stderr console for progress and per-epoch lines, so that --json output on stdout stays clean."""
     return Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+
+
+@contextlib.contextmanager
+def working(console: Console, description: str | None) -> Iterator[None]:
+    """A spinner (ASCII) with the elapsed time on `console` (stderr) while a step runs; it disappears
+    when the step ends (nothing is drawn when stderr is not a terminal, or for no description)."""
+    if description is None:
+        yield
+        return
+    with Progress(SpinnerColumn("line"), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as p:
+        p.add_task(description, total=None)
+        yield
 
 
 def _table(title: str) -> Table:

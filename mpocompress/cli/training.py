@@ -213,8 +213,9 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
         task = progress.add_task(label, total=None, stats="")
 
         def on_batch(epoch: int, step: int, steps: int, loss: float, acc: float) -> None:
-            progress.update(task, description=f"{label} epoch {epoch}/{config.epochs}", completed=step, total=steps,
-                            stats=f"loss {loss:.4f}  acc {acc:.2%}")  # fmt: skip
+            # one bar over the whole run (steps of all epochs): its clock runs until the last step
+            progress.update(task, description=f"{label} epoch {epoch}/{config.epochs}", completed=(epoch - 1) * steps + step,
+                            total=config.epochs * steps, stats=f"loss {loss:.4f}  acc {acc:.2%}")  # fmt: skip
 
         def on_epoch(s: EpochStats) -> None:
             if job.metric == "accuracy":

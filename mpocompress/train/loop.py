@@ -150,7 +150,7 @@ class Loop:
                 self.net.train(self.train_mode)
                 if self.on_eval is not None and env.is_main:
                     self.on_eval(self.step, metric, loss)
-            if (i + 1) % 20 == 0 or i + 1 == len(batches):
+            if i == 0 or (i + 1) % 20 == 0 or i + 1 == len(batches):  # at once, then every 20 steps
                 avg = sums.average()
                 self.check_loss(avg, epoch, i + 1)
                 if self.on_batch is not None and env.is_main:
