@@ -28,7 +28,7 @@ def make_err_console() -> Console:
 def working(console: Console, description: str | None) -> Iterator[None]:
     """A spinner (ASCII) with the elapsed time on `console` (stderr) while a step runs; it disappears
     when the step ends (nothing is drawn when stderr is not a terminal, or for no description)."""
-    if description is None:
+    if description is None or not console.is_terminal:
         yield
         return
     with Progress(SpinnerColumn("line"), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as p:
