@@ -25,14 +25,14 @@ from mpocompress.compress.calibrate import (
 from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.report import LayerReport, SkippedLayer, count_params, layer_report
 from mpocompress.compress.select import first_match
-from mpocompress.compress.structures import AUTO_CORES, Factors, Option, layer_options, make_factors
+from mpocompress.compress.structures import AUTO_CORES, BOND_GRID, COARSE_GRID, Factors, Option, layer_options, make_factors
 from mpocompress.compress.targets import LayerTarget, decompose, weight_of
 from mpocompress.errors import MPOCompressError
 from mpocompress.tensors import (
     MPOShape, Whitening, bond_spectra, cross_whitening, lowrank_spectrum, truncation_errors, whitening,
 )  # fmt: skip
 
-SENSITIVITY_SAMPLES = 128  # calibration samples the sensitivity probes run on
+SENSITIVITY_SAMPLES = 64  # calibration samples the sensitivity probes run on
 
 
 @dataclass
@@ -232,7 +232,9 @@ def _options_of(t: LayerTarget, w: torch.Tensor, config: CompressionConfig, plan
     """Every form the allocator weighs for a layer (an MPO of the given modes only, under --shape),
     recorded in the plan for analyze's curves."""
     modes = (t.in_modes, t.out_modes) if first_match(config.shapes, t.cand.names) is not None else None
-    opts = layer_options(w, plan._white(t), _structure_for(t, config.structure), config.mpo_cores or AUTO_CORES, modes)
+    embedding = t.cand.kind == "embedding"  # one huge layer whose cost is probed: 3 cores, a coarse grid
+    cores = config.mpo_cores or ((3,) if embedding else AUTO_CORES)
+    opts = layer_options(w, plan._white(t), _structure_for(t, config.structure), cores, modes, COARSE_GRID if embedding else BOND_GRID)
     plan.options[t.cand.name] = opts
     return opts
 

@@ -33,7 +33,8 @@ from mpocompress.tensors import (
 
 STRUCTURES = ("auto", "mpo", "lowrank")
 AUTO_CORES = (3, 4)  # MPO core counts `auto` considers unless --cores names one
-_BOND_GRID = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+BOND_GRID = (2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+COARSE_GRID = (4, 16, 64, 256)  # for an embedding: its costs are measured (a few probes) and interpolated anyway
 _EVAL_LIMIT = 1 << 26  # N_y * N_x^2 above which an MPO's predicted error is its weight error, not measured per D
 
 
@@ -94,11 +95,13 @@ def _lowrank_options(w: torch.Tensor, white: Whitening | None) -> list[Option]:
 
 
 def _mpo_options(
-    w: torch.Tensor, white: Whitening | None, cores: Sequence[int], modes: tuple[tuple[int, ...], tuple[int, ...]] | None
+    w: torch.Tensor, white: Whitening | None, cores: Sequence[int], modes: tuple[tuple[int, ...], tuple[int, ...]] | None,
+    bond_grid: Sequence[int] = BOND_GRID,
 ) -> list[Option]:  # fmt: skip
-    """MPO forms: one TT-SVD at the largest useful D per mode choice, rounded to each D of a coarse
-    grid (errors measured there); every D in between gets its exact size and an error interpolated
-    between its grid neighbours (linearly in the squared error against parameters)."""
+    """MPO forms: one TT-SVD at the largest useful D per mode choice, rounded down the D of a coarse
+    grid, each from the one above (errors measured there: the calibrated error exactly, the weight
+    error accumulated); every D in between gets its exact size and an error interpolated between its
+    grid neighbours (linearly in the squared error against parameters)."""
     ny, nx = w.shape
     opts: list[Option] = []
     measure = white is not None and ny * nx * nx <= _EVAL_LIMIT
@@ -110,13 +113,15 @@ def _mpo_options(
         fits = [d for d in range(1, cap + 1) if MPOShape.uniform(i_modes, o_modes, d).param_count < nx * ny]
         if not fits:
             continue
-        grid = sorted({d for d in _BOND_GRID if d <= fits[-1]} | {fits[-1]})
+        grid = sorted({d for d in bond_grid if d <= fits[-1]} | {fits[-1]})
         top = tt_svd(w, i_modes, o_modes, max_bond=grid[-1])
         meter = error_meter(w, white) if measure else None
         measured: dict[int, tuple[float, float]] = {}  # D -> (error, weight error)
-        for d in grid:
-            dec = tt_round(top.cores, max_bond=d) if d < max(top.bond_dims) else top
-            werr = math.sqrt(min(1.0, top.rel_error**2 + dec.rel_error**2)) if dec is not top else top.rel_error
+        dec, werr = top, top.rel_error
+        for d in reversed(grid):  # each D rounded from the next larger one: every rounding is cheaper than the last
+            if d < max(dec.bond_dims):
+                dec = tt_round(dec.cores, max_bond=d)
+                werr = math.sqrt(min(1.0, werr**2 + dec.rel_error**2 * (1.0 - werr**2)))  # the two errors are ~orthogonal
             err = meter(mpo_to_matrix([c.to(torch.float64) for c in dec.cores])) if meter is not None else werr
             measured[d] = (err, werr)
         for d in fits:
@@ -152,15 +157,17 @@ def layer_options(
     structure: str = "auto",
     cores: Sequence[int] = AUTO_CORES,
     modes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+    bond_grid: Sequence[int] = BOND_GRID,
 ) -> list[Option]:
     """Every form considered for the N_y x N_x weight w, smallest error first within a structure;
-    the dense form (error 0) is always first."""
+    the dense form (error 0) is always first. MPO errors are measured at the D of `bond_grid` and
+    interpolated in between."""
     ny, nx = w.shape
     opts = [Option("dense", nx * ny, 0.0)]
     if structure in ("auto", "lowrank") and modes is None:
         opts += _lowrank_options(w, white)
     if structure in ("auto", "mpo"):
-        opts += _mpo_options(w, white, cores, modes)
+        opts += _mpo_options(w, white, cores, modes, bond_grid)
     return opts
 
 
