@@ -266,3 +266,18 @@ def test_image_size_channels_and_normalize_serve_the_data_as_the_model_takes_it(
     assert run_json("evaluate", tmp_path / "l.safetensors")["accuracy"] == lenet["accuracy"]
     r = invoke("train", "--arch", "fc2", "--normalize", "0.5,-1", "-o", tmp_path / "x.safetensors")
     assert r.exit_code == 2 and "STD > 0" in r.stderr and not (tmp_path / "x.safetensors").exists()
+
+
+def test_newcomer_small_things(tmp_path):
+    """rho in plain words in --help and under tables; no rho row for a dense model; a missing dataset
+    says where its files come from."""
+    for command in ("convert", "analyze", "evaluate", "finetune"):
+        r = invoke(command, "--help")
+        assert r.exit_code == 0 and "factorized weights / dense weights" in " ".join(r.stdout.split()), command
+    assert invoke("train", "--arch", "fc2", "--epochs", "1", "-o", tmp_path / "d.safetensors").exit_code == 0
+    r = invoke("evaluate", tmp_path / "d.safetensors")
+    assert r.exit_code == 0 and "rho" not in r.stdout and "factorized layers" not in r.stdout
+    r = invoke("analyze", tmp_path / "d.safetensors")
+    assert "above 1 the factorized form is larger than the dense layer" in " ".join(r.stdout.split())
+    r = invoke("evaluate", tmp_path / "d.safetensors", "--data", "mnist", "--data-dir", tmp_path)
+    assert r.exit_code == 2 and "Yann LeCun's MNIST page" in r.stderr

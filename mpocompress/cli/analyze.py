@@ -51,7 +51,7 @@ def analyze(
     D = 2, 4, 8, 16, 32. With --calib, --target-params or --max-error: each layer's error against
     its size for every structure (output errors on the calibration data with --calib) and the
     allocation at the budget. Multiply-adds per sample are shown dense and as MPO with the plan a
-    training step of batch 64 takes. rho is a layer's factorized weights / its dense weights (Eq. 9;
+    training step of batch 64 takes. rho = factorized weights / dense weights of a layer (Eq. 9;
     above 1 means larger than dense). The model file is only read.
     """
     config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error)

@@ -59,8 +59,7 @@ def forward_checked(model: nn.Module, x: torch.Tensor, dataset: ImageSet) -> tor
             raise MPOCompressError(
                 f"the model does not take {dataset.name} images of shape {'x'.join(map(str, dataset.image_shape))} "
                 f"({str(e).splitlines()[0]}); serve the images in the shape the model takes with --image-size N "
-                "and --channels C (e.g. --image-size 8 for a model of scikit-learn's 8x8 digits), or build a "
-                "built-in architecture for this shape (e.g. --arch 'lenet5(in_channels=3,image_size=32)')"
+                "and --channels C (e.g. --image-size 8 for a model of scikit-learn's 8x8 digits)"
             ) from None
         raise
     if logits.ndim != 2 or logits.shape[1] < dataset.num_classes:
