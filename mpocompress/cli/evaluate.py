@@ -41,8 +41,8 @@ def evaluate(
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Top-1 accuracy and loss on the test split, with the model's parameters and rho (its factorized
-    layers' weights / the dense layers' weights, Eq. 9); with
+    """Top-1 accuracy and loss on the test split, with the model's parameters and rho (factorized
+    weights / dense weights of its factorized layers, Eq. 9); with
     --reference, agreement with the original (also on data without labels: text:FILE, x-only files)."""
     if batch_size < 1:
         raise MPOCompressError(f"--batch-size must be at least 1, got {batch_size}")
