@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from mpocompress import CompressionConfig, build_model, compress_, save
 from mpocompress.io import tensors_digest
+from mpocompress.io.metadata import metadata_digest
 from test_cli_train import invoke
 
 # ----------------------------------------------------------------------------- the broken files
@@ -33,8 +34,9 @@ def _own_parts(path):
 
 
 def _rewrite(src, dst, meta=None, tensors=None, drop=(), redigest=True):
-    """Copy an mpocompress file with edited metadata / tensors; by default with a digest that
-    matches the new tensors, so that the check under test (not the digest) is what must fire."""
+    """Copy an mpocompress file with edited metadata / tensors; by default with digests that match
+    the new tensors and metadata (as an editor who recomputes them would leave them), so that the
+    check under test (not a digest) is what must fire."""
     m, t = _own_parts(src)
     m.update(meta or {})
     t.update(tensors or {})
@@ -42,6 +44,8 @@ def _rewrite(src, dst, meta=None, tensors=None, drop=(), redigest=True):
         m.pop(k)
     if redigest and "tensors_sha256" in m:
         m["tensors_sha256"] = tensors_digest(t)
+    if redigest and "metadata_sha256" in m:
+        m["metadata_sha256"] = metadata_digest(m)
     save_file(t, str(dst), metadata=m)
 
 
@@ -132,6 +136,25 @@ def f(tmp_path_factory):
     bad = cores["fc1.cores.1"].clone()
     bad[0, 0, 0, 0] = float("nan")
     _rewrite(own, d / "own_nan.safetensors", tensors={"fc1.cores.1": bad})
+    _rewrite(own, d / "own_v_negative.safetensors", {"format_version": "-7"})
+    _rewrite(own, d / "own_v_zero.safetensors", {"format_version": "0"})
+    _rewrite(own, d / "own_meta_edited.safetensors", _layers_edit(own, lambda s: s.update(bond_dims=[2, 4, 4])), redigest=False)
+    _rewrite(own, d / "own_arch_edited.safetensors", {"arch": "fc2(hidden=128)"}, redigest=False)
+    lenet = build_model("lenet5")  # an MPO convolution, whose geometry the metadata holds
+    compress_(lenet, CompressionConfig(bond_dim=4, layers=("conv3",)))
+    conv = save(lenet, d / "conv.safetensors", arch="lenet5")
+
+    def geometry(**edit):
+        m, _ = _own_parts(conv)
+        layers = json.loads(m["layers"])
+        layers["conv3"].update(edit)
+        return {"layers": json.dumps(layers)}
+
+    _rewrite(conv, d / "conv_stride0.safetensors", geometry(stride=[0, 1]))
+    _rewrite(conv, d / "conv_negative_pad.safetensors", geometry(padding=[-1, 0]))
+    _rewrite(conv, d / "conv_dilation.safetensors", geometry(dilation=[1, "2"]))
+    _rewrite(conv, d / "conv_padding_mode.safetensors", geometry(padding_mode="mirror"))
+    _rewrite(conv, d / "conv_stride_unsigned.safetensors", geometry(stride=[2, 2]), redigest=False)
 
     # datasets
     _write_idx_set(d / "data_ok" / "mnist")
@@ -190,6 +213,16 @@ MODEL_CASES = [
     ("MPO layer the architecture lacks", ["{f}/own_lacks.safetensors"], "architecture fc2 lacks"),
     ("user architecture named only by the file", ["{f}/own_user_arch.safetensors"], "pass --arch"),
     ("NaN in an MPO core", ["{f}/own_nan.safetensors"], "NaN or Inf"),
+    # metadata that changes what the model computes is validated and covered by metadata_sha256 (format 3)
+    ("format version that never existed (-7)", ["{f}/own_v_negative.safetensors"], "never existed"),
+    ("format version 0", ["{f}/own_v_zero.safetensors"], "never existed"),
+    ("layer metadata edited, digest not", ["{f}/own_meta_edited.safetensors"], "does not match the metadata_sha256"),
+    ("architecture edited, digest not", ["{f}/own_arch_edited.safetensors"], "does not match the metadata_sha256"),
+    ("conv stride edited, digest not", ["{f}/conv_stride_unsigned.safetensors"], "does not match the metadata_sha256"),
+    ("conv stride 0 (digest recomputed)", ["{f}/conv_stride0.safetensors"], "stride must be 2 whole numbers in [1, 4096]"),
+    ("conv negative padding", ["{f}/conv_negative_pad.safetensors"], "padding must be 'same', 'valid' or 2 whole numbers"),
+    ("conv dilation not a number", ["{f}/conv_dilation.safetensors"], "dilation must be"),
+    ("conv unknown padding mode", ["{f}/conv_padding_mode.safetensors"], "padding_mode must be one of"),
 ]
 
 CONVERSION_CASES = [  # analyze and convert, on a good state_dict

@@ -48,7 +48,7 @@ def test_metadata_describes_the_model(tmp_path):
         meta = f.metadata()
         keys = set(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys}
-    assert meta["format"] == "mpocompress" and meta["format_version"] == "2" and meta["arch"] == "lenet5"
+    assert meta["format"] == "mpocompress" and meta["format_version"] == "3" and meta["arch"] == "lenet5"
     # the digest is SHA-256 over name, dtype, shape and bytes of each tensor in name order (hashlib, recomputed here)
     h = hashlib.sha256()
     for k in sorted(tensors):

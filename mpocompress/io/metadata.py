@@ -18,8 +18,10 @@ from mpocompress.nn import LAYER_KINDS, MPOEmbedding, MPOLayer
 from mpocompress.tensors import all_finite, bond_caps
 
 FORMAT = "mpocompress"
-FORMAT_VERSION = 2  # 2: the metadata records tensors_sha256 (version 1 files are still read)
+FORMAT_VERSION = 3  # 2: the metadata records tensors_sha256; 3: also metadata_sha256 (versions 1 and 2 are still read)
 DIGEST_KEY = "tensors_sha256"
+META_DIGEST_KEY = "metadata_sha256"
+META_COVERED = ("arch", "layers", "hf_config", "hf_tokenizer", "data")  # what changes what the model computes
 
 
 def parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
@@ -27,6 +29,8 @@ def parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
         version = int(meta.get("format_version", ""))
     except ValueError:
         raise MPOCompressError(f"{path} has no valid format_version in its metadata; the file is damaged") from None
+    if version < 1:
+        raise MPOCompressError(f"{path} names mpocompress file format {version}, which never existed; the file is damaged or was edited")
     if version > FORMAT_VERSION:
         raise MPOCompressError(
             f"{path} uses mpocompress file format {version}, newer than this version reads ({FORMAT_VERSION}); "
@@ -103,6 +107,17 @@ def check_layer_spec(path: Path, name: str, spec: Mapping[str, Any]) -> None:
         type(b) is int and 1 <= b <= c for b, c in zip(bonds, caps)
     ):  # fmt: skip
         raise bad(f"bond_dims must be {len(caps)} whole numbers within their caps {caps}, got {bonds!r}")
+
+
+def metadata_digest(meta: Mapping[str, str]) -> str:
+    """SHA-256 over the metadata entries that change what the model computes (architecture, layer
+    specs with their modes, bonds and conv geometry, Hugging Face config and tokenizer, data record),
+    as the raw strings written. Recorded from format 3 on and checked on load."""
+    h = hashlib.sha256()
+    for key in META_COVERED:
+        value = meta.get(key)
+        h.update(f"{key}\0{'' if value is None else value}\0".encode())
+    return h.hexdigest()
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -23,7 +23,8 @@ from torch import nn
 from mpocompress._version import __version__
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.metadata import (
-    DIGEST_KEY, FORMAT, FORMAT_VERSION, check_finite, check_layer_spec, parse_own_metadata, tensors_digest,
+    DIGEST_KEY, FORMAT, FORMAT_VERSION, META_DIGEST_KEY, check_finite, check_layer_spec, metadata_digest, parse_own_metadata,
+    tensors_digest,
 )  # fmt: skip
 from mpocompress.io.hf import decode_tokenizer_files, is_hf_dir, load_hf_dir
 from mpocompress.io.paths import atomic_write, check_output_path, check_readable
@@ -228,6 +229,11 @@ def _skeleton(arch: str, hf_config: str | None = None) -> nn.Module | None:
 
 def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_values: bool) -> LoadedModel:
     info = parse_own_metadata(path, meta)
+    if info["format_version"] >= 3 and meta.get(META_DIGEST_KEY) != metadata_digest(meta):
+        raise MPOCompressError(
+            f"{path} is corrupt: its metadata (architecture, layer shapes or geometry, config) does not match the "
+            f"{META_DIGEST_KEY} it records (edited or damaged); get a fresh copy or write it again"
+        )
     file_arch = info["arch"]
     if arch is None:
         if file_arch is None:
@@ -353,5 +359,6 @@ def save(
     tensors = _tensors_for_saving(model)
     check_finite(tensors, "the model to save")  # reads every tensor, as the digest does
     metadata[DIGEST_KEY] = tensors_digest(tensors)
+    metadata[META_DIGEST_KEY] = metadata_digest(metadata)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path

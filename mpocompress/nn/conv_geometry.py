@@ -79,6 +79,17 @@ class ConvGeometry:
             raise ValueError(f"kernel_size must be a list of whole numbers >= 1, got {kernel!r}")
         if len(kernel) != 2:
             raise ValueError(f"kernel_size must hold 2 numbers, got {kernel}")
+        for key, least in (("stride", 1), ("dilation", 1)):
+            v = spec.get(key)
+            if not isinstance(v, list) or len(v) != 2 or not all(type(k) is int and least <= k <= 4096 for k in v):
+                raise ValueError(f"{key} must be 2 whole numbers in [{least}, 4096], got {v!r}")
+        pad = spec.get("padding")
+        if pad not in ("same", "valid") and not (
+            isinstance(pad, list) and len(pad) == 2 and all(type(k) is int and 0 <= k <= 4096 for k in pad)
+        ):  # fmt: skip
+            raise ValueError(f"padding must be 'same', 'valid' or 2 whole numbers in [0, 4096], got {pad!r}")
+        if spec.get("padding_mode") not in _PAD_MODES:
+            raise ValueError(f"padding_mode must be one of {', '.join(_PAD_MODES)}, got {spec.get('padding_mode')!r}")
         return whole_field(spec, "in_channels") * kernel[0] * kernel[1], whole_field(spec, "out_channels")
 
     def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
