@@ -6,7 +6,9 @@ function and renders the returned report.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import typer
 
@@ -53,8 +55,42 @@ def _root(
     """Compress PyTorch models by writing their heaviest layers as matrix product operators (MPOs)."""
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside training (which stops at a step boundary itself): unwinds like Ctrl-C, so that
+    a file being written is removed rather than left half-written."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
+def _say_removed_stale() -> None:
+    from mpocompress.io.paths import REMOVED_STALE
+
+    if REMOVED_STALE:
+        names = ", ".join(str(p) for p in REMOVED_STALE[:3])
+        sys.stderr.write(f"note: removed {len(REMOVED_STALE)} temporary file(s) a killed earlier run left: {names}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: every error, click's usage errors included, ends as one line on stderr."""
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot encode a name gets escapes, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    from mpocompress.io.paths import REMOVED_STALE
+
+    REMOVED_STALE.clear()  # what this command removes, said once at its end
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        _main(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)  # an in-process caller gets its handler back
+        _say_removed_stale()
+
+
+def _main(argv: list[str] | None) -> None:
     command = typer.main.get_command(app)
     if not (sys.argv[1:] if argv is None else argv):
         argv = ["--help"]  # bare `mpocompress` shows the help, successfully
@@ -72,4 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.stderr.write("error: aborted\n")
         sys.exit(130)
+    except _Terminated:
+        sys.stderr.write("error: terminated (SIGTERM); no output was left half-written\n")
+        sys.exit(143)
     sys.exit(code if isinstance(code, int) else 0)

@@ -11,7 +11,7 @@ from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, fai
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
     AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, CHANNELS_OPT, IMAGE_SIZE_OPT, KEEP_CKPT_OPT, MOMENTUM_OPT, NORMALIZE_OPT, RESUME_OPT,
-    RUNS_OPT, SEED_OPT, Job, check_outputs, choose_data, load_data, load_unlabelled_data, output_option, render, report, run_all,
+    RUNS_OPT, SEED_OPT, Job, check_outputs, choose_data, data_inputs, load_data, load_unlabelled_data, output_option, render, report, run_all,
 )  # fmt: skip
 from mpocompress.io import load_model
 from mpocompress.io.data.unlabelled import is_unlabelled
@@ -71,7 +71,7 @@ def finetune(
     """
     env = dist_env()
     dev = resolve_device(device, env)
-    inputs = (model,) + ((distill_from,) if distill_from else ())
+    inputs = (model,) + ((distill_from,) if distill_from else ()) + data_inputs(data)
     check_outputs("finetune", output, runs, force or resume, env, inputs)
     loaded = load_model(model, arch, trust_pickle)  # errors about the model before the data is read
     choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model))

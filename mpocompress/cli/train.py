@@ -11,7 +11,7 @@ from mpocompress.cli.common import BOND_OPT, JSON_OPT, fail, handle_errors, pars
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
     AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, CHANNELS_OPT, IMAGE_SIZE_OPT, KEEP_CKPT_OPT, MOMENTUM_OPT, NORMALIZE_OPT, RESUME_OPT,
-    RUNS_OPT, SCHEDULE_OPT, SEED_OPT, WARMUP_OPT, WD_OPT, Job, check_outputs, choose_data, count_trainable, load_data,
+    RUNS_OPT, SCHEDULE_OPT, SEED_OPT, WARMUP_OPT, WD_OPT, Job, check_outputs, choose_data, data_inputs, count_trainable, load_data,
     output_option, render, report, run_all,
 )  # fmt: skip
 from mpocompress.train import TrainConfig, dist_env, init_distributed, resolve_device
@@ -59,7 +59,7 @@ def train(
         fail("--bond-dim sets the bond dimensions of an MPO-Net: add --mpo (or train dense and use `mpocompress convert`)")
     env = dist_env()
     dev = resolve_device(device, env)
-    check_outputs("train", output, runs, force or resume, env)
+    check_outputs("train", output, runs, force or resume, env, data_inputs(data))
     choice = choose_data(data, image_size, channels, normalize)
     train_set, test_set = load_data(choice, data_dir, augment)
     spec = adapt_arch(arch, train_set.image_shape, train_set.num_classes)

@@ -167,6 +167,15 @@ class Job:
     data_record: dict[str, Any] | None = None  # the data recorded in the output files (`DataChoice.record`)
 
 
+def data_inputs(data: str | None) -> tuple[Path, ...]:
+    """The files --data reads (a tensors file, text:FILE), which no output may replace."""
+    if data is None:
+        return ()
+    if data.startswith(TEXT_PREFIX):
+        return (Path(data[len(TEXT_PREFIX) :]),)
+    return (Path(data),) if is_tensor_file(data) else ()
+
+
 def check_outputs(
     command: str, output: Path | None, runs: int, overwrite: bool, env: DistEnv, inputs: tuple[Path, ...] = ()
 ) -> None:
@@ -177,7 +186,15 @@ def check_outputs(
         raise MPOCompressError(f"{command} needs an output file: add -o OUT.safetensors")
     if env.is_main:
         for r in range(runs):
-            check_output_path(run_output(output, r), overwrite, inputs)
+            out = run_output(output, r)
+            check_output_path(out, overwrite, inputs)
+            ckpt = checkpoint_path_for(out)
+            for src in inputs:  # the checkpoint is written too: it must not be an input either (links resolved)
+                if src.exists() and ckpt.exists() and ckpt.resolve() == src.resolve():
+                    raise MPOCompressError(f"{src} is the checkpoint {ckpt} this run would write over; choose another -o "
+                                           "(inputs are never modified)")  # fmt: skip
+            if ckpt.exists() and not ckpt.is_file():
+                raise MPOCompressError(f"the checkpoint path {ckpt} is not a regular file; choose another -o")
 
 
 def run_all(job: Job, console: Console) -> list[RunOutcome]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -44,6 +45,18 @@ class LoadedModel:
     source: str  # "state_dict", "pickled_module", "mpocompress" or "huggingface"
     path: Path
     metadata: dict[str, Any] | None = None  # parsed metadata of an mpocompress file
+
+
+READ_WHOLE = 1 << 30  # files up to this size are read into memory, larger ones memory-mapped
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors. Files up to READ_WHOLE bytes are read into memory first, so a file
+    truncated while it is read is an error, not a SIGBUS; larger files are memory-mapped (as
+    safetensors does), where a truncation during the read still ends the process."""
+    if path.stat().st_size <= READ_WHOLE:
+        return safetensors_load(path.read_bytes())
+    return load_file(str(path))
 
 
 def is_safetensors(path: Path) -> bool:
@@ -102,7 +115,7 @@ def load_model(
         if meta is not None and meta.get("format") == FORMAT:
             return _load_own(path, meta, arch_text, check_values)
         try:
-            state = load_file(str(path))
+            state = read_safetensors(path)
         except Exception as e:
             raise MPOCompressError(f"{path} is not a readable safetensors file ({short_error(e)})") from None
         if check_values:
@@ -249,7 +262,7 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_value
     for name, spec in info["layers"].items():
         check_layer_spec(path, name, spec)  # before anything is built from it
     try:
-        state = load_file(str(path))
+        state = read_safetensors(path)
     except Exception as e:
         raise MPOCompressError(f"{path} is not a readable safetensors file ({short_error(e)})") from None
     if info["format_version"] >= 2:

@@ -35,6 +35,8 @@ def check_output_path(
         raise MPOCompressError(f"output {path} is a file, but this format writes a folder; choose another -o")
     if not folder and path.is_dir():
         raise MPOCompressError(f"output {path} is a folder; give a file name such as {path / 'model.safetensors'}")
+    if not folder and path.exists() and not path.is_file():  # a device, FIFO or socket: never replaced
+        raise MPOCompressError(f"output {path} is not a regular file (a device, pipe or socket); choose another -o")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise MPOCompressError(f"cannot write {path}: folder {parent} does not exist; create it or choose another -o")
@@ -45,10 +47,46 @@ def check_output_path(
     return path
 
 
+REMOVED_STALE: list[Path] = []  # stale temporaries removed by this process (the CLI says so)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove temporaries of `path` that a killed run left (ours are named .NAME.PID.XXXX.tmp; one
+    whose process is gone is stale). Returns what was removed."""
+    removed = []
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 :].split(".")
+        if len(parts) == 3 and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _alive(int(parts[0])):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    REMOVED_STALE.extend(removed)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call write(tmp_path) for a temporary file beside `path`, fsync it, and rename it into place:
-    a killed process leaves either the old file or the complete new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    a killed process leaves either the old file or the complete new one. The temporary is removed on
+    any exception (the CLI turns SIGTERM into one); one left by a SIGKILL is removed by the next
+    write of the same path (`remove_stale_temporaries`)."""
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

@@ -4,6 +4,8 @@ on trust. Reads files, never writes any."""
 from __future__ import annotations
 
 import pickle
+import pickletools
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,10 +28,15 @@ def torch_load(path: Path, trust_pickle: bool) -> Any:
         )
     if magic == b"PK\x03\x04":
         check_zip(path)
-    try:  # memory-mapped (private, never written back): weights are paged in as they are read
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=magic == b"PK\x03\x04")
+    # large zip checkpoints are memory-mapped (private, never written back); files up to 1 GiB are read
+    # whole, so a file truncated while it is read is an error, not a SIGBUS
+    mmap = magic == b"PK\x03\x04" and path.stat().st_size > (1 << 30)
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's business
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" not in str(e):  # damaged data, not a pickled class or callable that needs trust
+        if "GLOBAL" not in str(e) and not (magic[:1] == b"\x80" and _names_code(path)):  # damaged, not code that needs trust
             reason = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error" in ln), short_error(e))
             raise MPOCompressError(f"cannot read {path} as a PyTorch checkpoint; it may be damaged ({reason})") from None
         if not trust_pickle:
@@ -46,6 +53,19 @@ def torch_load(path: Path, trust_pickle: bool) -> Any:
         raise MPOCompressError(
             f"cannot unpickle {path} ({short_error(e)}); the classes it names must be importable from here"
         ) from None
+
+
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
+
+def _names_code(path: Path) -> bool:
+    """Whether a plain pickle names classes or callables (it would run code when loaded), read by its
+    opcodes without executing anything; False when it is not even a readable pickle."""
+    try:
+        with open(path, "rb") as f:
+            return any(op.name in _CODE_OPS for op, _, _ in pickletools.genops(f))
+    except Exception:
+        return False
 
 
 def check_zip(path: Path) -> None:

@@ -11,9 +11,11 @@ mpocompress import code by itself).
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import inspect
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.utils import cwd_on_path
+from mpocompress.utils import cwd_on_path, short_error
 
 
 @dataclass(frozen=True)
@@ -150,11 +152,16 @@ def build_model(spec: ArchSpec | str) -> nn.Module:
     else:
         fn = _import_callable(spec.target)
     try:
-        model = fn(**spec.kwargs)
+        with contextlib.redirect_stdout(sys.stderr):  # what user code prints never mixes with --json on stdout
+            model = fn(**spec.kwargs)
     except MPOCompressError:
         raise
     except TypeError as e:
         raise MPOCompressError(f"cannot build architecture {spec}: {e}") from None
+    except (Exception, SystemExit) as e:
+        if spec.is_builtin:
+            raise
+        raise MPOCompressError(f"architecture {spec} failed while building the model ({type(e).__name__}: {short_error(e)}); fix the callable") from None
     if not isinstance(model, nn.Module):
         raise MPOCompressError(f"architecture {spec} returned {type(model).__name__}, not a torch.nn.Module")
     model.mpocompress_arch = str(spec)  # what `save` records when not told
@@ -164,12 +171,16 @@ def build_model(spec: ArchSpec | str) -> nn.Module:
 def _import_callable(target: str) -> Callable[..., nn.Module]:
     module_name, _, attr = target.partition(":")
     try:
-        with cwd_on_path():
+        with cwd_on_path(), contextlib.redirect_stdout(sys.stderr):  # prints on import go to stderr, never into --json
             module = importlib.import_module(module_name)
     except ImportError as e:
         raise MPOCompressError(
             f"cannot import {module_name!r} for architecture {target!r} ({e}); run from the folder that "
             "holds it or install its package"
+        ) from None
+    except (Exception, SystemExit) as e:  # a syntax error, or code that raises (or exits) on import
+        raise MPOCompressError(
+            f"importing {module_name!r} for architecture {target!r} failed ({type(e).__name__}: {short_error(e)}); fix the module"
         ) from None
     obj: Any = module
     for part in attr.split("."):

@@ -246,7 +246,7 @@ def distill(
     total = config.epochs * steps_per_epoch
     start_epoch, skip, partial, history = 0, 0, None, []
     if resume_state is not None:
-        start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device)
+        start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device, config.epochs, steps_per_epoch)
     net = wrap_distributed(model, env, device, find_unused=True)
     loop = Loop(model, net, optimizer, train_set, _matching(train_set, teacher, config, device),
                 lambda k: lr_at(config, k, total), config.lr, config.epochs, config.seed, device, env, local_batch, history,

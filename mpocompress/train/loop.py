@@ -242,7 +242,7 @@ def fit(
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / env.world_size) / local_batch)
     start_epoch, skip, partial, history = 0, 0, None, []
     if resume_state is not None:
-        start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device)
+        start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device, config.epochs, steps_per_epoch)
     net = wrap_distributed(model, env, device)
     if start_epoch == 0 and skip == 0:  # a clear error now if the model does not fit the data, not a traceback later
         with torch.no_grad():

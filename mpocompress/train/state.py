@@ -49,8 +49,23 @@ def snapshot_state(
 
 
 def restore_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any], device: torch.device
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: Mapping[str, Any], device: torch.device,
+    epochs: int | None = None, steps_per_epoch: int | None = None,
 ) -> tuple[int, int, dict[str, Any] | None, list[EpochStats]]:
+    """Put a saved state into the model and optimizer; (epoch, batch, partial sums, history). With
+    `epochs` and `steps_per_epoch` (the run's), the state's position is checked against them and
+    against its own history: an edited checkpoint must not make a resume skip training."""
+    try:
+        where = int(state["epoch"]), int(state.get("batch", 0)), len(state["history"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MPOCompressError(f"the checkpoint to resume from does not fit this run ({str(e).splitlines()[0]})") from None
+    if epochs is not None and steps_per_epoch is not None:
+        epoch, batch, done = where
+        if not (0 <= epoch <= epochs and done == epoch and 0 <= batch < max(steps_per_epoch, 1) and not (epoch == epochs and batch)):
+            raise MPOCompressError(
+                f"the checkpoint claims epoch {epoch}, batch {batch} with {done} finished epochs in its history, which this "
+                f"run of {epochs} epochs x {steps_per_epoch} steps cannot have written (edited or damaged); start afresh without --resume"
+            )
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -39,6 +39,8 @@ def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _as_images(x: torch.Tensor, source: str) -> torch.Tensor:
+    if x.ndim >= 2 and any(d == 0 for d in x.shape[1:]):
+        raise MPOCompressError(f"{source}: x has no features (shape {tuple(x.shape)}); each sample needs at least one value")
     if x.ndim == 2:
         return x[:, None, None, :]  # (N, F): vectors, served as 1 x 1 x F
     if x.ndim == 3:
@@ -78,6 +80,12 @@ def tensor_file_set(path: Path, split: str, seed: int) -> ImageSet:
     else:
         x_train = _as_images(pairs["train"][0], str(path))
         x, y = _as_images(pairs[split][0], str(path)), pairs[split][1]
+    if len(y) == 0 or len(x_train) == 0:
+        which = f"its {split} split" if len(y) == 0 else "its training split"
+        raise MPOCompressError(
+            f"{path}: {which} is empty ({len(y_all) if 'all' in pairs else len(y)} samples in all; a single x/y pair is split "
+            "80/20, so it needs at least 2 samples); give more samples, or x_train/y_train and x_test/y_test"
+        )
     y = y.to(torch.int64)
     ref = x_train.float() / 255.0 if x_train.dtype == torch.uint8 else x_train.float()
     dims = (0, 2, 3)
