@@ -259,3 +259,113 @@ def test_class11_a_plain_pickle_naming_a_callable_needs_trust_in_one_line(tmp_pa
         r = invoke(command, path, "--arch", "fc2")
         _one_line_error(r, "needs trust")
         assert "Warning" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- 5. resource bombs
+
+
+def _edited_copy(src, dst, **meta):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from mpocompress.io import tensors_digest
+    from mpocompress.io.metadata import metadata_digest
+
+    with safe_open(str(src), framework="pt") as f:
+        m, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    m.update(meta)
+    m["tensors_sha256"], m["metadata_sha256"] = tensors_digest(t), metadata_digest(m)
+    save_file(t, str(dst), metadata=m)
+
+
+@pytest.mark.parametrize("arch, fragment", [
+    ("fc2(hidden=100000000)", "hidden=100000000 is outside"),
+    ("fc2(hidden=4096,image_size=4096)", "parameters (256.0 GiB in float32)"),
+    ("resnet(m=30000)", "m=30000 is outside"),
+    ("resnet(m=1000)", "modules, more than the 5,000"),
+])  # fmt: skip
+def test_class5_an_architecture_too_large_is_refused_before_anything_is_allocated(model, tmp_path, arch, fragment):
+    start = time.time()
+    _one_line_error(invoke("train", "--arch", arch, "--epochs", "1", "-o", tmp_path / "m.safetensors"), fragment)
+    small = tmp_path / "small.safetensors"  # a small file naming the same architecture (digests recomputed)
+    _edited_copy(model / "fc2.safetensors", small, arch=arch)
+    _one_line_error(invoke("evaluate", small), fragment)
+    assert time.time() - start < 120
+
+
+def test_class5_nesting_bombs_in_metadata(model, tmp_path):
+    for key in ("layers", "data"):
+        bomb = tmp_path / f"{key}.safetensors"
+        _edited_copy(model / "fc2_d4.safetensors", bomb, **{key: "[" * 100_000 + "]" * 100_000})
+        r = invoke("evaluate", bomb)
+        _one_line_error(r, "the file is damaged")
+
+
+def test_class5_an_idx_file_promising_gigabytes_is_refused_before_it_inflates(tmp_path):
+    import gzip
+    import struct
+
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    for stem, magic, dims in (("train-images-idx3-ubyte", 2051, (3_000_000, 28, 28)), ("train-labels-idx1-ubyte", 2049, (60_000,)),
+                              ("t10k-images-idx3-ubyte", 2051, (10, 28, 28)), ("t10k-labels-idx1-ubyte", 2049, (10,))):  # fmt: skip
+        with gzip.open(folder / f"{stem}.gz", "wb") as f:
+            f.write(struct.pack(f">I{len(dims)}I", magic, *dims) + bytes(1000))
+    r = invoke("train", "--arch", "fc2", "--data", "mnist", "--data-dir", tmp_path, "--epochs", "1", "-o", tmp_path / "m.safetensors")
+    _one_line_error(r, "promises 2,352,000,000 bytes")
+
+
+# ----------------------------------------------------------------------------- 8. user errors are exit 2, not bugs
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--arch", "fc2(hidden=-1)"], "hidden=-1 is outside [1, 4,096]"),
+    (["train", "--arch", "fc2(hidden=0)"], "hidden=0 is outside [1, 4,096]"),
+    (["train", "--arch", "fc2", "--lr", "1e308"], "learning rate must lie in (0, 1000]"),
+    (["train", "--arch", "fc2", "--seed", str(2**64)], "seed must be a whole number in [0, 2^62)"),
+    (["train", "--arch", "fc2", "--data", "{t}/biglabel.pt"], "class indices must be below 1,000,000"),
+    (["convert", "{m}/fc2.safetensors", "--cores", "2000", "-D", "4"], "--cores must be at most 8"),
+    (["convert", "{m}/fc2.safetensors", "--shape", "fc1=" + "x".join(["1"] * 9999 + ["784"]) + ":4x4x4x4", "-D", "4"], "--shape"),
+])  # fmt: skip
+def test_class8_user_errors(model, tmp_path, args, fragment):
+    torch.save({"x": torch.rand(20, 1, 8, 8), "y": torch.tensor([2**40] + [0] * 19)}, tmp_path / "biglabel.pt")
+    args = [a.format(t=tmp_path, m=model) for a in args]
+    _one_line_error(invoke(*args, "-o", tmp_path / "out.safetensors"), fragment)
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_class8_input_shape_too_large(model):
+    _one_line_error(invoke("analyze", model / "fc2.safetensors", "--input-shape", "100000,100000,100000"), "numbers per sample")
+
+
+def test_class8_a_file_name_too_long(model, tmp_path):
+    _one_line_error(invoke("convert", model / "fc2.safetensors", "-D", "4", "-o", tmp_path / ("a" * 300 + ".safetensors")), "shorter")
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+    ({"RANK": "3", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost"}, "RANK=3, WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
+])  # fmt: skip
+def test_class8_a_torchrun_environment_that_makes_no_sense(tmp_path, monkeypatch, env, fragment):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _one_line_error(invoke("train", "--arch", "fc2", "--epochs", "1", "-o", tmp_path / "m.safetensors"), fragment)
+
+
+def test_class8_a_full_disk_is_a_user_error(model, tmp_path, monkeypatch):
+    import errno
+
+    import mpocompress.io.paths as paths
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(paths, "atomic_write", full)
+    monkeypatch.setattr("mpocompress.io.model_files.atomic_write", full)
+    monkeypatch.setattr("mpocompress.io.train_state.atomic_write", full)
+    _one_line_error(invoke("convert", model / "fc2.safetensors", "-D", "4", "-o", tmp_path / "c.safetensors"), "No space left on device")
+    _one_line_error(invoke("train", "--arch", "fc2", "--epochs", "1", "-o", tmp_path / "t.safetensors"), "No space left on device")
+    r = subprocess.run(f"{sys.executable} -m mpocompress analyze {model / 'fc2.safetensors'} --json > /dev/full", shell=True,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: No space left on device: free some space or write elsewhere (-o)"]

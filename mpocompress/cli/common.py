@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import math
@@ -46,16 +47,38 @@ def handle_errors(fn: F) -> F:
             fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except OSError as e:
+            if e.errno not in USER_OS_ERRORS:
+                raise_internal(e)
+            where = f" at {e.filename}" if e.filename else ""
+            fail(f"{os.strerror(e.errno)}{where}: {USER_OS_ERRORS[e.errno]}")
+        except MemoryError:
+            fail("out of memory: the model or the data is too large for this machine; use smaller sizes or a larger machine")
         except Exception as e:  # noqa: BLE001 - last line of defence for the user
-            if os.environ.get("MPOCOMPRESS_DEBUG"):
-                traceback.print_exc()
-            fail(
-                f"internal error: {type(e).__name__}: {e} (this is a bug in mpocompress; "
-                "rerun with MPOCOMPRESS_DEBUG=1 for a traceback and report it)",
-                EXIT_INTERNAL_ERROR,
-            )
+            raise_internal(e)
 
     return wrapper  # type: ignore[return-value]
+
+
+USER_OS_ERRORS = {  # errors of the machine or the user's paths, not of mpocompress: exit 2 with what to do
+    errno.ENOSPC: "free some space or write elsewhere (-o)",
+    errno.EDQUOT: "the disk quota is full; free some space or write elsewhere (-o)",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EROFS: "the file system is read-only; write elsewhere (-o)",
+    errno.EACCES: "check the permissions, or write elsewhere (-o)",
+    errno.EPIPE: "the output pipe was closed",
+}
+
+
+def raise_internal(e: BaseException) -> None:
+    """Our own bug: exit 1, with the traceback under MPOCOMPRESS_DEBUG=1."""
+    if os.environ.get("MPOCOMPRESS_DEBUG"):
+        traceback.print_exc()
+    fail(
+        f"internal error: {type(e).__name__}: {e} (this is a bug in mpocompress; "
+        "rerun with MPOCOMPRESS_DEBUG=1 for a traceback and report it)",
+        EXIT_INTERNAL_ERROR,
+    )
 
 
 def _positive_int(text: str, what: str, example: str) -> int:
@@ -215,4 +238,9 @@ def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
         dims = ()
     if not dims or any(d < 1 for d in dims):
         raise MPOCompressError(f"--input-shape must be positive whole numbers like 1,28,28 (C,H,W), got {text!r}")
+    if math.prod(dims) > MAX_SAMPLE:
+        raise MPOCompressError(f"--input-shape {text} is {math.prod(dims):,} numbers per sample, more than {MAX_SAMPLE:,}; give the shape of one sample (C,H,W)")
     return dims
+
+
+MAX_SAMPLE = 1 << 26  # numbers in one sample of --input-shape (a 3 x 4096 x 4096 image is 50M)

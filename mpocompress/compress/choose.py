@@ -245,7 +245,6 @@ def _allocate(
     calib = plan.calibration
     options, costs = [], []
     for t in free:
-        white = plan._white(t)
         w = weight_of(t)
         opts = _options_of(t, w, config, plan)
         if config.max_error is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import io as _io
-import json
 import logging
 import tempfile
 import warnings
@@ -22,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
+from mpocompress.io.metadata import bounded_json
 from mpocompress.models.hf import check_config, hf_class, transformers_module
 from mpocompress.utils import short_error
 
@@ -41,7 +41,7 @@ def is_hf_dir(path: Path) -> bool:
 def read_config(path: Path) -> dict[str, Any]:
     """config.json of a model folder, checked (see `models.hf.check_config`)."""
     try:
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = bounded_json((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise MPOCompressError(f"{path / CONFIG_FILE} is not readable JSON ({short_error(e)}); the folder is damaged") from None
     return check_config(config, str(path))

@@ -24,6 +24,35 @@ META_DIGEST_KEY = "metadata_sha256"
 META_COVERED = ("arch", "layers", "hf_config", "hf_tokenizer", "data")  # what changes what the model computes
 
 
+MAX_DEPTH = 64  # nesting of the JSON in a file's metadata (ours is at most 4 deep)
+
+
+def bounded_json(text: str) -> Any:
+    """json.loads for metadata, refusing nesting deeper than MAX_DEPTH before parsing (a 100,000-deep
+    bracket bomb would otherwise be a RecursionError). Raises ValueError like json.loads."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            continue
+        if ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_DEPTH}")
+        elif ch in "]}":
+            depth -= 1
+    return json.loads(text)
+
+
 def parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
     try:
         version = int(meta.get("format_version", ""))
@@ -37,14 +66,14 @@ def parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
             "upgrade mpocompress"
         )
     try:
-        layers = json.loads(meta.get("layers", "{}"))
+        layers = bounded_json(meta.get("layers", "{}"))
         assert isinstance(layers, dict) and all(isinstance(v, dict) for v in layers.values())
     except (ValueError, AssertionError):
         raise MPOCompressError(f"{path} has unreadable layer metadata; the file is damaged") from None
     tokenizer = None
     if meta.get("hf_tokenizer"):
         try:
-            tokenizer = json.loads(meta["hf_tokenizer"])
+            tokenizer = bounded_json(meta["hf_tokenizer"])
         except ValueError:
             raise MPOCompressError(f"{path} has an unreadable recorded tokenizer; the file is damaged") from None
     return {"format_version": version, "arch": meta.get("arch") or None, "layers": layers,
@@ -58,7 +87,7 @@ def _data_record(path: Path, text: str | None) -> dict[str, Any] | None:
     if not text:
         return None
     try:
-        rec = json.loads(text)
+        rec = bounded_json(text)
     except ValueError:
         rec = None
     ok = (

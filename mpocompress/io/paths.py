@@ -20,6 +20,9 @@ def check_readable(path: Path) -> None:
         raise MPOCompressError(f"{path} is empty (0 bytes); the file was not written completely, save it again")
 
 
+MAX_NAME = 255 - 40  # a file name's bytes, leaving room for the temporary's ".NAME.PID.XXXXXXXX.tmp"
+
+
 def check_output_path(
     path: str | os.PathLike, force: bool = False, inputs: tuple[Path, ...] = (), folder: bool = False
 ) -> Path:
@@ -37,6 +40,9 @@ def check_output_path(
         raise MPOCompressError(f"output {path} is a folder; give a file name such as {path / 'model.safetensors'}")
     if not folder and path.exists() and not path.is_file():  # a device, FIFO or socket: never replaced
         raise MPOCompressError(f"output {path} is not a regular file (a device, pipe or socket); choose another -o")
+    if len(os.fsencode(path.name)) > MAX_NAME:
+        raise MPOCompressError(f"output file name is {len(os.fsencode(path.name))} bytes long; at most {MAX_NAME} fit (with the "
+                               "temporary's suffix, within the file system's 255); choose a shorter -o")  # fmt: skip
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise MPOCompressError(f"cannot write {path}: folder {parent} does not exist; create it or choose another -o")

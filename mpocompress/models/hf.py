@@ -7,7 +7,6 @@ Hugging Face model is asked for, and its absence is a one-line error naming the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
+from mpocompress.io.metadata import bounded_json
 
 HF_PREFIX = "hf:"
 INSTALL_HINT = "install the Hugging Face extra: pip install -e '.[hf]' (or pip install transformers)"
@@ -89,7 +89,7 @@ def build_hf(config_json: str, arch: str, on_meta: bool = False) -> nn.Module:
     """A randomly initialised transformers model of class `arch` (hf:CLASS) from a config's JSON,
     in eval mode; on the meta device (no memory, no init) with `on_meta`."""
     try:
-        config = json.loads(config_json)
+        config = bounded_json(config_json)
     except ValueError:
         raise MPOCompressError("the recorded Hugging Face config is not valid JSON; the file is damaged") from None
     config = check_config(config, "the recorded Hugging Face config")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
@@ -149,6 +150,7 @@ def build_model(spec: ArchSpec | str) -> nn.Module:
                 "for your own model pass package.module:callable"
             )
         fn = ARCHITECTURES[spec.target]
+        _check_size(spec, fn)
     else:
         fn = _import_callable(spec.target)
     try:
@@ -166,6 +168,36 @@ def build_model(spec: ArchSpec | str) -> nn.Module:
         raise MPOCompressError(f"architecture {spec} returned {type(model).__name__}, not a torch.nn.Module")
     model.mpocompress_arch = str(spec)  # what `save` records when not told
     return model
+
+
+MAX_PARAMS = 2_000_000_000  # a built-in architecture larger than this is refused before anything is allocated
+MAX_MODULES = 5000  # a built-in architecture deeper than this is refused (the paper's largest has a few hundred)
+MAX_ARG = 4096  # the largest whole-number argument of a built-in architecture (depths, widths, image sizes, classes)
+
+
+def _check_size(spec: ArchSpec, fn: Callable[..., nn.Module]) -> None:
+    """Build a built-in architecture on the meta device (no memory) and refuse it when its arguments
+    make no sense or its parameters would not fit: a small file must not make us allocate gigabytes."""
+    for key, value in spec.kwargs.items():  # a depth or width this large would take minutes even to describe
+        if type(value) is int and not 1 <= value <= MAX_ARG:
+            raise MPOCompressError(f"architecture {spec}: {key}={value} is outside [1, {MAX_ARG:,}]; choose {key} within it")
+    try:
+        with torch.device("meta"):
+            probe = fn(**spec.kwargs)
+    except MPOCompressError:
+        raise
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise MPOCompressError(f"cannot build architecture {spec}: {short_error(e)}") from None
+    modules = sum(1 for _ in probe.modules())
+    if modules > MAX_MODULES:  # depth: its activations, not its parameters, would exhaust memory
+        raise MPOCompressError(f"architecture {spec} would have {modules:,} modules, more than the {MAX_MODULES:,} mpocompress builds; "
+                               "choose a smaller depth")  # fmt: skip
+    n = sum(p.numel() for p in probe.parameters())
+    if n > MAX_PARAMS:
+        raise MPOCompressError(
+            f"architecture {spec} would have {n:,} parameters ({4 * n / 2**30:.1f} GiB in float32), more than the "
+            f"{MAX_PARAMS:,} mpocompress builds; choose smaller arguments"
+        )
 
 
 def _import_callable(target: str) -> Callable[..., nn.Module]:

@@ -31,9 +31,17 @@ class DistEnv:
 def dist_env() -> DistEnv:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK."""
     try:
-        return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+        env = DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError:
         raise MPOCompressError("RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers (set by torchrun)") from None
+    if env.world_size < 1 or not 0 <= env.rank < env.world_size or env.local_rank < 0:
+        raise MPOCompressError(
+            f"the environment says RANK={env.rank}, WORLD_SIZE={env.world_size}, LOCAL_RANK={env.local_rank}, which no torchrun "
+            "launch gives (WORLD_SIZE >= 1, 0 <= RANK < WORLD_SIZE); unset them, or launch with torchrun"
+        )
+    if env.world_size > 1 and not os.environ.get("MASTER_ADDR"):
+        raise MPOCompressError(f"WORLD_SIZE={env.world_size} but MASTER_ADDR is not set; launch with torchrun (which sets both) or unset WORLD_SIZE")
+    return env
 
 
 def resolve_device(name: str, env: DistEnv | None = None) -> torch.device:

@@ -107,15 +107,26 @@ def _source(what: str) -> str:
     return _SOURCES.get(what.split()[0], "the original files")
 
 
+MAX_IDX_BYTES = 1 << 30  # the data an IDX file may promise (MNIST's training images are 47 MB)
+
+
 def _read_idx(path: Path, expect_magic: int, expect_dims: int) -> np.ndarray:
     """An IDX file (optionally gzip-compressed) of unsigned bytes, header checked against its size."""
+    header = 4 + 4 * expect_dims
     try:
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            data = f.read()
+        with opener(path, "rb") as f:  # the header first: a (decompression) bomb is refused before it inflates
+            head = f.read(header)
+            if len(head) == header and struct.unpack(">I", head[:4])[0] == expect_magic:
+                promised = math.prod(struct.unpack(f">{expect_dims}I", head[4:header]))
+                if promised > MAX_IDX_BYTES:
+                    raise MPOCompressError(f"{path} promises {promised:,} bytes of data, more than the {MAX_IDX_BYTES:,} "
+                                           "an MNIST-like set holds; the file is not an original IDX file")  # fmt: skip
+                data = head + f.read(promised + 1)  # at most one byte more than promised: a longer file is refused below
+            else:
+                data = head
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise MPOCompressError(f"{path} is corrupt ({e}); download the original file again") from None
-    header = 4 + 4 * expect_dims
     if len(data) < header:
         raise MPOCompressError(f"{path} is corrupt: {len(data)} bytes, shorter than an IDX header")
     magic = struct.unpack(">I", data[:4])[0]

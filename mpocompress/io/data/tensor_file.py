@@ -38,6 +38,9 @@ def read_tensor_file(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+MAX_CLASSES = 1_000_000  # a label above this is a damaged file, not a classification task
+
+
 def _as_images(x: torch.Tensor, source: str) -> torch.Tensor:
     if x.ndim >= 2 and any(d == 0 for d in x.shape[1:]):
         raise MPOCompressError(f"{source}: x has no features (shape {tuple(x.shape)}); each sample needs at least one value")
@@ -71,6 +74,8 @@ def tensor_file_set(path: Path, split: str, seed: int) -> ImageSet:
         if int(y.min()) < 0:
             raise MPOCompressError(f"{path}: labels must be class indices >= 0, found {int(y.min())}")
     num_classes = max(int(y.max()) for _, y in pairs.values()) + 1
+    if num_classes > MAX_CLASSES:
+        raise MPOCompressError(f"{path}: labels go up to {num_classes - 1:,}; class indices must be below {MAX_CLASSES:,} (labels are 0..C-1)")
     if "all" in pairs:
         x_all, y_all = _as_images(pairs["all"][0], str(path)), pairs["all"][1]
         train_idx, test_idx = seeded_split(len(y_all), seed)
