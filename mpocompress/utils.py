@@ -4,6 +4,7 @@ the working directory, and short error texts."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -66,3 +67,32 @@ def main_output(out: Any) -> torch.Tensor:
     if isinstance(out, Mapping):
         return next(v for v in out.values() if isinstance(v, torch.Tensor))
     return main_output(out[0])
+
+
+MAX_DEPTH = 64  # nesting of the JSON in a file's metadata (ours is at most 4 deep)
+
+
+def bounded_json(text: str) -> Any:
+    """json.loads for metadata, refusing nesting deeper than MAX_DEPTH before parsing (a 100,000-deep
+    bracket bomb would otherwise be a RecursionError). Raises ValueError like json.loads."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            continue
+        if ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_DEPTH}")
+        elif ch in "]}":
+            depth -= 1
+    return json.loads(text)

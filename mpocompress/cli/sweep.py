@@ -25,7 +25,7 @@ from mpocompress.io import load_model
 from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.io.data.unlabelled import is_unlabelled
 from mpocompress.io.sweep_files import prepare_folder, write_csv, write_plot, write_state
-from mpocompress.sweep import parse_settings, sweep_point
+from mpocompress.train.sweep import parse_settings, sweep_point
 from mpocompress.train import FINETUNE_DEFAULTS, StopOnSignal, evaluate, resolve_device
 from mpocompress.train.signals import signal_name
 

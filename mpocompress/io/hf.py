@@ -21,9 +21,8 @@ from typing import Any
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.io.metadata import bounded_json
 from mpocompress.models.hf import check_config, hf_class, transformers_module
-from mpocompress.utils import short_error
+from mpocompress.utils import bounded_json, short_error
 
 CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -4,7 +4,6 @@ anything is built from them, and the SHA-256 of the tensors."""
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -14,6 +13,7 @@ from typing import Any
 import torch
 
 from mpocompress.errors import MPOCompressError
+from mpocompress.utils import bounded_json
 from mpocompress.nn import LAYER_KINDS, MPOEmbedding, MPOLayer
 from mpocompress.tensors import all_finite, bond_caps
 
@@ -22,35 +22,6 @@ FORMAT_VERSION = 3  # 2: the metadata records tensors_sha256; 3: also metadata_s
 DIGEST_KEY = "tensors_sha256"
 META_DIGEST_KEY = "metadata_sha256"
 META_COVERED = ("arch", "layers", "hf_config", "hf_tokenizer", "data")  # what changes what the model computes
-
-
-MAX_DEPTH = 64  # nesting of the JSON in a file's metadata (ours is at most 4 deep)
-
-
-def bounded_json(text: str) -> Any:
-    """json.loads for metadata, refusing nesting deeper than MAX_DEPTH before parsing (a 100,000-deep
-    bracket bomb would otherwise be a RecursionError). Raises ValueError like json.loads."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-            continue
-        if ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-            if deepest > MAX_DEPTH:
-                raise ValueError(f"nested deeper than {MAX_DEPTH}")
-        elif ch in "]}":
-            depth -= 1
-    return json.loads(text)
 
 
 def parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:

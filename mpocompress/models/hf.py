@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.io.metadata import bounded_json
+from mpocompress.utils import bounded_json
 
 HF_PREFIX = "hf:"
 INSTALL_HINT = "install the Hugging Face extra: pip install -e '.[hf]' (or pip install transformers)"

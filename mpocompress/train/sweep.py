@@ -20,7 +20,10 @@ from torch import nn
 
 from mpocompress.compress import CompressionConfig, compress_, summarize
 from mpocompress.errors import MPOCompressError
-from mpocompress.train import FINETUNE_DEFAULTS, TrainConfig, evaluate, fit, mean_std, prepare_finetune_
+from mpocompress.train.config import FINETUNE_DEFAULTS, TrainConfig
+from mpocompress.train.evaluation import evaluate, mean_std
+from mpocompress.train.loop import fit
+from mpocompress.train.params import prepare_finetune_
 
 BOND_DIMS = (2, 4, 8, 16, 32)  # the default settings
 
