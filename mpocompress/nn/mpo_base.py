@@ -54,7 +54,35 @@ def factorized_cores(
     return tt_svd(w, in_modes, out_modes, max_bond=bond_dim, eps=eps).cores
 
 
-class MPOLayer(FactorizedLayer):
+class MPOCores:
+    """What a layer storing MPO cores (D_{k-1}, J_k, I_k, D_k) in `cores`, with `in_modes` and
+    `out_modes`, can say about its shape (MPOLayer, MPOEmbedding)."""
+
+    cores: nn.ParameterList
+    in_modes: tuple[int, ...]
+    out_modes: tuple[int, ...]
+
+    @property
+    def bond_dims(self) -> list[int]:
+        return [int(c.shape[3]) for c in self.cores][:-1]
+
+    @property
+    def shape(self) -> MPOShape:
+        return MPOShape(self.in_modes, self.out_modes, tuple(self.bond_dims))
+
+    @property
+    def num_mpo_params(self) -> int:
+        return self.shape.param_count
+
+    @property
+    def ranks(self) -> list[int]:
+        return self.bond_dims
+
+    def notation(self) -> str:
+        return self.shape.notation()
+
+
+class MPOLayer(MPOCores, FactorizedLayer):
     """Base of MPOLinear and MPOConv2d: a dense map from N_x inputs to N_y outputs whose weight
     matrix is an MPO with cores (D_{k-1}, J_k, I_k, D_k), plus an optional bias."""
 
@@ -94,28 +122,9 @@ class MPOLayer(FactorizedLayer):
     # ------------------------------------------------------------------ shape
 
     @property
-    def bond_dims(self) -> list[int]:
-        return [int(c.shape[3]) for c in self.cores][:-1]
-
-    @property
-    def shape(self) -> MPOShape:
-        return MPOShape(self.in_modes, self.out_modes, tuple(self.bond_dims))
-
-    @property
-    def num_mpo_params(self) -> int:
-        return self.shape.param_count
-
-    @property
-    def ranks(self) -> list[int]:
-        return self.bond_dims
-
-    @property
     def weight_numel(self) -> int:
         """Number of weights of the dense layer this MPO stands for."""
         return math.prod(self.in_modes) * math.prod(self.out_modes)
-
-    def notation(self) -> str:
-        return self.shape.notation()
 
     def weight_matrix(self) -> torch.Tensor:
         """W (N_y x N_x) rebuilt from the cores; differentiable."""

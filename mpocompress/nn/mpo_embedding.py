@@ -21,8 +21,8 @@ from torch import nn
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn.factorized import FactorizedLayer, whole_field
-from mpocompress.nn.mpo_base import copied
-from mpocompress.tensors import MPOShape, factorize, merge_cores, mpo_to_matrix, random_cores, resolve_bonds
+from mpocompress.nn.mpo_base import MPOCores, copied
+from mpocompress.tensors import factorize, merge_cores, mpo_to_matrix, random_cores, resolve_bonds
 
 
 def padded_vocab(n: int) -> int:
@@ -45,7 +45,7 @@ def vocab_modes(n: int, parts: int) -> tuple[int, ...]:
     return factorize(padded_vocab(n), parts)
 
 
-class MPOEmbedding(FactorizedLayer):
+class MPOEmbedding(MPOCores, FactorizedLayer):
     """Embedding lookup from an MPO table with cores (D_{k-1}, J_k = d_k, I_k = v_k, D_k).
 
     Args:
@@ -95,30 +95,11 @@ class MPOEmbedding(FactorizedLayer):
         layer._set_params(num_embeddings, padding_idx, copied(cores))
         return layer
 
-    # ------------------------------------------------------------------ shape
-
-    @property
-    def bond_dims(self) -> list[int]:
-        return [int(c.shape[3]) for c in self.cores][:-1]
-
-    @property
-    def shape(self) -> MPOShape:
-        return MPOShape(self.in_modes, self.out_modes, tuple(self.bond_dims))
-
-    @property
-    def ranks(self) -> list[int]:
-        return self.bond_dims
-
-    @property
-    def num_mpo_params(self) -> int:
-        return self.shape.param_count
+    # ------------------------------------------------------------------ shape (the rest from MPOCores)
 
     @property
     def weight_numel(self) -> int:
         return self.num_embeddings * self.embedding_dim
-
-    def notation(self) -> str:
-        return self.shape.notation()
 
     def weight_matrix(self) -> torch.Tensor:
         """W = E^T (d x V), without the padded columns; differentiable."""
