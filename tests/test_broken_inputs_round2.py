@@ -321,7 +321,7 @@ def test_class5_an_idx_file_promising_gigabytes_is_refused_before_it_inflates(tm
 @pytest.mark.parametrize("args, fragment", [
     (["train", "--arch", "fc2(hidden=-1)"], "hidden=-1 is outside [1, 4,096]"),
     (["train", "--arch", "fc2(hidden=0)"], "hidden=0 is outside [1, 4,096]"),
-    (["train", "--arch", "fc2", "--lr", "1e308"], "learning rate must lie in (0, 1000]"),
+    (["train", "--arch", "fc2", "--lr", "1e308"], "learning rate must lie in (0, 1e6]"),
     (["train", "--arch", "fc2", "--seed", str(2**64)], "seed must be a whole number in [0, 2^62)"),
     (["train", "--arch", "fc2", "--data", "{t}/biglabel.pt"], "class indices must be below 1,000,000"),
     (["convert", "{m}/fc2.safetensors", "--cores", "2000", "-D", "4"], "--cores must be at most 8"),

@@ -31,7 +31,7 @@ class TrainConfig:
         checks = [
             (isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be a whole number >= 1, got {self.epochs!r}"),
             (isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch size must be a whole number >= 1, got {self.batch_size!r}"),
-            (math.isfinite(self.lr) and 0 < self.lr <= 1e3, f"learning rate must lie in (0, 1000], got {self.lr!r}"),
+            (math.isfinite(self.lr) and 0 < self.lr <= 1e6, f"learning rate must lie in (0, 1e6], got {self.lr!r}"),
             (isinstance(self.seed, int) and 0 <= self.seed < 2**62, f"seed must be a whole number in [0, 2^62), got {self.seed!r}"),
             (math.isfinite(self.weight_decay) and self.weight_decay <= 1e3, f"weight decay must be at most 1000, got {self.weight_decay!r}"),
             (0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum!r}"),
