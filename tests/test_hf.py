@@ -515,3 +515,15 @@ def test_torchrun_distils_like_one_process(folders, sentences, tmp_path):
     one_model, two_model = load(tmp_path / "one.safetensors"), load(tmp_path / "two.safetensors")
     _, test = _text_sets(one_model, sentences)
     assert agreement(two_model, one_model, test)["output_rel_error"] < 1e-3
+
+
+def test_cli_converts_a_named_embedding_and_refuses_it_as_lowrank(folders, tmp_path):
+    rep = run_json("convert", folders / "bert", "-D", "4", "--layers", "embeddings.word_embeddings", "-o", tmp_path / "e.safetensors")
+    (layer,) = rep["layers"]
+    assert layer["structure"] == "mpo_embedding" and layer["kind"] == "embedding"
+    assert layer["params_original"] == len(VOCAB) * 32 and layer["params_mpo"] < layer["params_original"]
+    model = load(tmp_path / "e.safetensors")
+    assert type(model.embeddings.word_embeddings).__name__ == "MPOEmbedding"
+    r = invoke("convert", folders / "bert", "-D", "4", "--structure", "lowrank", "--layers", "embeddings.word_embeddings",
+               "-o", tmp_path / "l.safetensors")  # fmt: skip
+    assert r.exit_code == 2 and "cannot become lowrank" in r.stderr and not (tmp_path / "l.safetensors").exists()
