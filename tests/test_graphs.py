@@ -1,10 +1,8 @@
 """Every factorized layer traces (torch.jit.trace), exports (torch.export) and compiles
 (torch.compile(fullgraph=True): no graph break) with outputs equal to eager within 1e-5, also on a
 second input of another batch size where the captured graph allows it.
-
-Known and left to the inference issue (15): under torch.no_grad, torch.jit.trace of MPOLinear and
-MPOConv2d fails the tracer's own sanity check (the graphs of its two check runs differ), so the layers
-are traced here in the default grad mode, as `torch.jit.trace` is usually called."""
+Tracing runs in both grad modes: under torch.no_grad an MPO layer once failed the tracer's own sanity
+check (a plan remembered after the first run made the second run's graph differ)."""
 
 import warnings
 
@@ -29,13 +27,14 @@ def _cases():
 CASES = _cases()
 
 
-@pytest.mark.parametrize("how", ["trace", "export", "compile"])
+@pytest.mark.parametrize("how", ["trace", "trace without grad", "export", "compile"])
 @pytest.mark.parametrize("name, layer, x, other", CASES, ids=[c[0] for c in CASES])
 def test_a_factorized_layer_traces_exports_and_compiles(name, layer, x, other, how):
     layer.eval()
-    with warnings.catch_warnings():
+    grad = torch.no_grad() if how == "trace without grad" else torch.enable_grad()
+    with warnings.catch_warnings(), grad:
         warnings.simplefilter("ignore")  # tracer notes on Python values
-        if how == "trace":
+        if how.startswith("trace"):
             graph = torch.jit.trace(layer, x)
         elif how == "export":
             graph = torch.export.export(layer, (x,)).module()
