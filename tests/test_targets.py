@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mpocompress.io.data import load_dataset
-from mpocompress.compress import CompressionConfig, compress_, summarize
-from mpocompress.train import TrainConfig, fit, prepare_finetune_
-from mpocompress.models import build_model, build_mpo_net
+from mpocompress.compress import summarize
+from mpocompress.train import TrainConfig, fit
+from mpocompress.models import build_mpo_net
 
 pytestmark = pytest.mark.slow
 
