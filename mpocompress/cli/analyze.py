@@ -10,11 +10,10 @@ from mpocompress.cli import app
 from mpocompress.cli.common import (
     ARCH_OPT, BOND_OPT, CALIB_DATA_DIR_OPT, CALIB_OPT, CALIB_SAMPLES_OPT, CORES_OPT, EPS_OPT, EXCLUDE_OPT, JSON_OPT,
     LAYERS_OPT, MAX_ERROR_OPT, MAX_LENGTH_OPT, MODEL_ARG, SHAPE_OPT, STRUCTURE_OPT, TARGET_OPT, TRUST_OPT, build_config,
-    handle_errors, parse_input_shape, print_json,
+    handle_errors, parse_input_shape, print_json, read_calibration,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, make_err_console, render_report, working
 from mpocompress.io import load_model
-from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.compress import add_macs, rows_per_sample
 from mpocompress.compress import analyze as analyze_model
 from mpocompress.models import default_input_shape
@@ -59,9 +58,7 @@ def analyze(
     err = make_err_console()
     with working(err, f"loading {model}"):
         loaded = load_model(model, arch, trust_pickle)
-    with working(err, f"reading calibration data {calib}" if calib else None):
-        batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length,
-                                      served=(loaded.metadata or {}).get("data")) if calib else None  # fmt: skip
+    batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
     with working(err, "analyzing the layers (spectra" + (", calibration" if calib else "") + ")"):
         report = analyze_model(loaded.model, config, calibration=batches)
         sample = sample or default_input_shape(loaded.arch)

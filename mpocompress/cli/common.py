@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 
 import typer
 
+from mpocompress.cli.render import working
 from mpocompress.errors import Interrupted, MPOCompressError
+from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.tensors import parse_shape_spec
 from mpocompress.compress import CompressionConfig
 
@@ -182,6 +184,17 @@ def build_config(
         mpo_cores=(n,) if n is not None else (),
         sequential=sequential,
     )
+
+
+def read_calibration(
+    err: Any, calib: str | None, loaded: Any, samples: int, data_dir: Path | None, max_length: int = 128
+) -> list[dict[str, Any]] | None:  # fmt: skip
+    """--calib's batches (None without it), served as the model file records its data, with a
+    spinner on `err` while they are read."""
+    if calib is None:
+        return None
+    with working(err, f"reading calibration data {calib}"):
+        return calibration_batches(calib, loaded.model, samples, data_dir, max_length, served=(loaded.metadata or {}).get("data"))
 
 
 def print_json(obj: Any) -> None:

@@ -10,11 +10,10 @@ from mpocompress.cli import app
 from mpocompress.cli.common import (
     ARCH_OPT, BOND_OPT, CALIB_DATA_DIR_OPT, CALIB_OPT, CALIB_SAMPLES_OPT, CORES_OPT, EPS_OPT, EXCLUDE_OPT, JSON_OPT,
     LAYERS_OPT, MAX_ERROR_OPT, MAX_LENGTH_OPT, MODEL_ARG, SEQUENTIAL_OPT, SHAPE_OPT, STRUCTURE_OPT, TARGET_OPT, TRUST_OPT,
-    build_config, fail, handle_errors, print_json,
+    build_config, fail, handle_errors, print_json, read_calibration,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, make_err_console, render_report, working
 from mpocompress.io import check_output_path, load_model, save
-from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.compress import compress_
 
 
@@ -61,9 +60,7 @@ def convert(
     err = make_err_console()
     with working(err, f"loading {model}"):
         loaded = load_model(model, arch, trust_pickle, check_values=False)  # checked per layer and by save
-    with working(err, f"reading calibration data {calib}" if calib else None):
-        batches = calibration_batches(calib, loaded.model, calib_samples, data_dir, max_length,
-                                      served=(loaded.metadata or {}).get("data")) if calib else None  # fmt: skip
+    batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
     with working(err, "factorizing" + (" (calibrating, sizing the layers)" if calib or config.allocating else "")):
         report = compress_(loaded.model, config, calibration=batches)
     if calib:

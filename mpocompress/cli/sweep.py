@@ -13,7 +13,7 @@ from rich.table import Table
 from mpocompress.cli import app
 from mpocompress.cli.common import (
     ARCH_OPT, CALIB_OPT, CALIB_SAMPLES_OPT, CORES_OPT, EXCLUDE_OPT, JSON_OPT, LAYERS_OPT, MODEL_ARG, SHAPE_OPT, STRUCTURE_OPT,
-    TRUST_OPT, build_config, handle_errors, print_json,
+    TRUST_OPT, build_config, handle_errors, print_json, read_calibration,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
@@ -22,7 +22,6 @@ from mpocompress.cli.training import (
 )  # fmt: skip
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io import load_model
-from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.io.data.unlabelled import is_unlabelled
 from mpocompress.io.sweep_files import prepare_folder, write_csv, write_plot, write_state
 from mpocompress.train.sweep import parse_settings, sweep_point
@@ -85,14 +84,13 @@ def sweep(
                 "finetune_epochs": finetune_epochs, "runs": runs, "seed": seed, "lr": lr, "batch_size": batch_size,
                 "layers": list(layers), "exclude": list(exclude), "shape": list(shape), "cores": cores, "structure": structure,
                 "calib": calib, "calib_samples": calib_samples}  # fmt: skip
-    if saved is not None and saved["identity"] != json.loads(json.dumps(identity)):
-        differ = sorted(k for k in identity if saved["identity"].get(k) != json.loads(json.dumps(identity[k])))
+    identity = json.loads(json.dumps(identity))  # as the state file holds it (tuples become lists)
+    if saved is not None and saved["identity"] != identity:
+        differ = sorted(k for k in identity if saved["identity"].get(k) != identity[k])
         raise MPOCompressError(f"{output}/sweep.json was written by a different sweep (its {', '.join(differ)} differ); "
                                "rerun with the same options to resume, or drop --resume and add --force to start over")  # fmt: skip
     err = make_err_console()
-    calibration = None
-    if calib is not None:
-        calibration = calibration_batches(calib, loaded.model, calib_samples, data_dir, served=(loaded.metadata or {}).get("data"))
+    calibration = read_calibration(err, calib, loaded, calib_samples, data_dir)
     if saved is None:
         acc, loss = evaluate(loaded.model, test_set, dev)
         state: dict[str, Any] = {

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from mpocompress.io.data import ImageSet, is_tensor_file, load_dataset, parse_normalize
+from mpocompress.io.data import ImageSet, default_normalization, is_tensor_file, load_dataset, parse_normalize
 from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, is_unlabelled, load_unlabelled, read_lines
 from mpocompress.io.data.calibration import model_tokenizer
 from mpocompress.errors import Interrupted, MPOCompressError
@@ -79,7 +79,7 @@ class DataChoice:
         """The report's `data_options`."""
         norm = self.normalize
         if norm is None and not is_unlabelled(self.name):  # the source's default, said outright
-            norm = "none" if is_tensor_file(self.name) else "dataset"
+            norm = default_normalization(self.name)
         return {"image_size": self.image_size, "channels": self.channels, "normalize": norm, "from": self.origin}
 
     def split(self, split: str, data_dir: Path | None, augment: bool | None = None) -> ImageSet:

@@ -226,15 +226,18 @@ def _output(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def measure_sensitivity(
-    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], seed: int = 0
-) -> dict[str, float]:
+    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], seed: int = 0,
+    reference: Sequence[torch.Tensor] | None = None,
+) -> dict[str, float]:  # fmt: skip
     """For each named module: E||change of the model's main output||^2 / E||noise||^2 when Gaussian
     noise (NOISE times the output's RMS) is added to that module's output alone, over the batches
-    (padding positions excluded, in the noise and in the output)."""
+    (padding positions excluded, in the noise and in the output). `reference`: the model's outputs on
+    the batches (`outputs`), when the caller has them already."""
+    if reference is None:
+        reference = outputs(model, batches)
     was_training = model.training
     model.eval()
     try:
-        reference = [_output(model, b) for b in batches]
         gen = torch.Generator().manual_seed(seed)
         state: dict[str, object] = {"energy": 0.0, "mask": None}
 

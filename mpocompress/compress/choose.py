@@ -26,7 +26,7 @@ from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.report import LayerReport, SkippedLayer, count_params, layer_report
 from mpocompress.compress.select import first_match
 from mpocompress.compress.structures import AUTO_CORES, BOND_GRID, COARSE_GRID, Factors, Option, layer_options, make_factors
-from mpocompress.compress.targets import LayerTarget, decompose, weight_of
+from mpocompress.compress.targets import LayerTarget, decompose, reported_structure, weight_of
 from mpocompress.errors import MPOCompressError
 from mpocompress.tensors import (
     MPOShape, Whitening, bond_spectra, cross_whitening, lowrank_spectrum, truncation_errors, whitening,
@@ -120,9 +120,9 @@ class LayerPlan:
             else:
                 white = self._white(t)
             f = _make(t, d.option, white, self.config.refine_steps)
-            structure = "mpo_embedding" if t.cand.kind == "embedding" else f.structure
             self.layers.append(layer_report(
-                name, t.cand.kind, t.cand.ny, t.cand.nx, f.shape, f.spectra, f.rel_error, structure, f.output_rel_error,
+                name, t.cand.kind, t.cand.ny, t.cand.nx, f.shape, f.spectra, f.rel_error, reported_structure(t, f.structure),
+                f.output_rel_error,
                 params_original=t.cand.numel,
             ))  # fmt: skip
             yield t, f
@@ -258,14 +258,13 @@ def _allocate(
                 break
             probe.append(b)
             n += int(next(iter(b.values())).shape[0])
-        calib.sensitivity = measure_sensitivity(model, {t.cand.name: t.cand.module for t in free}, probe)
+        reference = outputs(model, probe)  # the original's outputs, shared by both kinds of probe
+        calib.sensitivity = measure_sensitivity(model, {t.cand.name: t.cand.module for t in free}, probe, reference=reference)
     sens = [calib.sensitivity.get(t.cand.name, 1.0) if calib is not None and calib.sensitivity else 1.0 for t in free]
     scale = [[1.0] * len(opts) for opts in options]  # measured / predicted output change, per option
     if config.target_params is not None and calib is not None:
-        reference = None
         for i, t in enumerate(free):
             if t.cand.kind == "embedding":  # its error is not noise-like: measure what it does (see _probed)
-                reference = reference if reference is not None else outputs(model, probe)
                 scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference)
     if config.target_params is None:  # an error cap alone: the smallest form within it
         picks = [cheapest_within([Choice(o.params, 0.0) for o in opts], [o.rel_error for o in opts], config.max_error) for opts in options]

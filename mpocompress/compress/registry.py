@@ -55,8 +55,7 @@ class Converter:
     def set_dense(self, module: nn.Module, w: torch.Tensor) -> None:
         """Write the dense matrix w (N_y, N_x) into a dense module of this type, in its own layout."""
         with torch.no_grad():
-            w = w.T if self.transposed else w
-            module.weight.copy_(w[: module.weight.shape[0]].reshape(module.weight.shape))
+            module.weight.copy_((w.T if self.transposed else w).reshape(module.weight.shape))
 
     def rows_per_output(self, out: torch.Tensor) -> int:
         """Input vectors a call handled, from its output: positions for a conv, rows for a linear."""

@@ -101,8 +101,12 @@ def decompose(t: LayerTarget, bond_dim: int | None, eps: float | None) -> TTDeco
 
 def report_for(t: LayerTarget, dec: TTDecomposition) -> LayerReport:
     shape = MPOShape(t.in_modes, t.out_modes, tuple(dec.bond_dims))
-    structure = "mpo_embedding" if t.cand.kind == "embedding" else "mpo"
     return layer_report(t.cand.name, t.cand.kind, t.cand.ny, t.cand.nx, shape, bond_spectra(dec.cores), dec.rel_error,
-                        structure, params_original=t.cand.numel)  # fmt: skip
+                        reported_structure(t, "mpo"), params_original=t.cand.numel)  # fmt: skip
+
+
+def reported_structure(t: LayerTarget, structure: str) -> str:
+    """What the report calls a layer's form: an embedding's MPO is an `mpo_embedding`."""
+    return "mpo_embedding" if t.cand.kind == "embedding" and structure == "mpo" else structure
 
 

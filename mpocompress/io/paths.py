@@ -3,6 +3,7 @@ mpocompress writes goes through `atomic_write`."""
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -70,7 +71,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     """Remove temporaries of `path` that a killed run left (ours are named .NAME.PID.XXXX.tmp; one
     whose process is gone is stale). Returns what was removed."""
     removed = []
-    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         parts = tmp.name[len(path.name) + 2 :].split(".")
         if len(parts) == 3 and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _alive(int(parts[0])):
             try:
@@ -80,10 +81,6 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
                 pass
     REMOVED_STALE.extend(removed)
     return removed
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def atomic_write(path: Path, write: Any) -> None:

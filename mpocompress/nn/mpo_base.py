@@ -163,12 +163,12 @@ class MPOLayer(MPOCores, FactorizedLayer):
             rows = _NOMINAL_ROWS
         if rows == 0:  # an empty batch: rebuild W and let the dense op return the empty output
             return ContractionPlan((len(self.in_modes),))
-        key = (rows, backward, cached, self.forward_strategy)
+        kind = None if self.forward_strategy == "auto" else self.forward_strategy
         if torch.jit.is_tracing():  # every traced call reads the same attributes: no remembered plan
-            return choose_plan(self.shape, rows, cached, backward, None if self.forward_strategy == "auto" else self.forward_strategy)
+            return choose_plan(self.shape, rows, cached, backward, kind)
+        key = (rows, backward, cached, self.forward_strategy)
         plan = self._plans.get(key)
         if plan is None:
-            kind = None if self.forward_strategy == "auto" else self.forward_strategy
             plan = choose_plan(self.shape, rows, cached, backward, kind)
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()

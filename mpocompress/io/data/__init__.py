@@ -86,7 +86,7 @@ def load_dataset(
             f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, or give a .pt/.npz/.safetensors "
             "file holding tensors x and y"
         )
-    _serve(ds, key, image_size, channels, normalize if normalize is not None else ("none" if is_tensor_file(name) else "dataset"))
+    _serve(ds, key, image_size, channels, normalize if normalize is not None else default_normalization(name))
     pad, flip = AUGMENT.get(key, (0, False))
     ds.crop_pad, ds.flip = pad, flip
     ds.augment = (pad > 0 or flip) and split == "train" and (augment is None or augment)
@@ -115,6 +115,11 @@ def _serve(ds: ImageSet, key: str, image_size: int | None, channels: int | None,
         raise MPOCompressError(f"unknown normalization {normalize!r}: use none, dataset or MEAN,STD")
 
 
+def default_normalization(name: str) -> str:
+    """What --normalize means when not given: a file's values as they are, a named set's statistics."""
+    return "none" if is_tensor_file(name) else "dataset"
+
+
 def parse_normalize(text: str) -> str | tuple[float, float]:
     """--normalize none | dataset | MEAN,STD."""
     t = text.strip().lower()
@@ -136,5 +141,5 @@ def _mean_std(mean: float, std: float) -> tuple[float, float]:
 
 __all__ = [
     "DATASETS", "DIGITS_TEST_FRACTION", "TENSOR_FILE_SUFFIXES", "ImageSet", "batch_indices", "data_root", "digits",
-    "is_tensor_file", "load_dataset", "parse_normalize",
+    "default_normalization", "is_tensor_file", "load_dataset", "parse_normalize",
 ]  # fmt: skip
