@@ -16,13 +16,22 @@ from mpocompress.compress import (  # noqa: E402
 from mpocompress.errors import MPOCompressError  # noqa: E402
 from mpocompress.io import load, load_model, save  # noqa: E402
 from mpocompress.models import ARCHITECTURES, build_model, register_arch  # noqa: E402
-from mpocompress.nn import MPOConv2d, MPOLayer, MPOLinear, materialized  # noqa: E402
+from mpocompress.nn import (  # noqa: E402
+    InferenceReport,
+    MPOConv2d,
+    MPOLayer,
+    MPOLinear,
+    materialized,
+    optimize_for_inference,
+    resident_bytes,
+)
 
 __all__ = [
     "__version__",
     "ARCHITECTURES",
     "CompressionConfig",
     "CompressionReport",
+    "InferenceReport",
     "LayerReport",
     "MPOCompressError",
     "MPOConv2d",
@@ -35,6 +44,8 @@ __all__ = [
     "load",
     "load_model",
     "materialized",
+    "optimize_for_inference",
     "register_arch",
+    "resident_bytes",
     "save",
 ]

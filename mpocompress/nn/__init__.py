@@ -11,9 +11,16 @@ from __future__ import annotations
 from typing import Any
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.nn.cache import WeightCache, cached_layers, materialized
+from mpocompress.nn.cache import WeightCache, cached_bytes, cached_layers, materialized
 from mpocompress.nn.conv_geometry import conv_geometry, dense_patches
 from mpocompress.nn.factorized import FactorizedLayer
+from mpocompress.nn.inference import (  # noqa: E402  (after the layers it times)
+    InferenceReport,
+    LayerInference,
+    optimize_for_inference,
+    parameter_bytes,
+    resident_bytes,
+)
 from mpocompress.nn.lowrank import LowRankConv2d, LowRankLinear
 from mpocompress.nn.mpo_base import STRATEGIES, MPOLayer, Strategy
 from mpocompress.nn.mpo_conv import MPOConv2d
@@ -34,7 +41,7 @@ def layer_from_spec(spec: dict[str, Any]) -> FactorizedLayer:
 
 
 __all__ = [
-    "LAYER_KINDS", "STRATEGIES", "FactorizedLayer", "LowRankConv2d", "LowRankLinear", "MPOConv2d", "MPOEmbedding", "MPOLayer",
-    "MPOLinear", "Strategy", "WeightCache", "cached_layers", "conv_geometry", "dense_patches", "layer_from_spec", "materialized",
-    "padded_vocab", "vocab_modes",
+    "LAYER_KINDS", "STRATEGIES", "FactorizedLayer", "InferenceReport", "LayerInference", "LowRankConv2d", "LowRankLinear", "MPOConv2d", "MPOEmbedding", "MPOLayer",
+    "MPOLinear", "Strategy", "WeightCache", "cached_bytes", "cached_layers", "conv_geometry", "dense_patches", "layer_from_spec", "materialized",
+    "optimize_for_inference", "padded_vocab", "parameter_bytes", "resident_bytes", "vocab_modes",
 ]  # fmt: skip

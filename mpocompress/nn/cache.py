@@ -61,6 +61,28 @@ class WeightCache:
         return {"enabled": self.enabled, "_entries": {}}
 
 
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def cached_bytes(model: nn.Module) -> int:
+    """Bytes every weight cache of `model` holds now beyond its parameters (each storage counted
+    once; a group of one core is the core itself)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+    for m in cached_layers(model):
+        for _, value in m.weight_cache._entries.values():
+            for t in _tensors(value):
+                s = t.untyped_storage()
+                if s.data_ptr() not in own:
+                    seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
 def cached_layers(model: nn.Module) -> list[nn.Module]:
     """Every module of `model` that has a weight cache (the factorized layers)."""
     return [m for m in model.modules() if isinstance(getattr(m, "weight_cache", None), WeightCache)]

@@ -30,6 +30,7 @@ from mpocompress.tensors import (
     resolve_modes,
     tt_svd,
 )
+from mpocompress.tensors.contract import tracing
 
 Strategy = Literal["auto", "contract", "merged", "dense"]
 STRATEGIES = ("auto", "contract", "merged", "dense")
@@ -101,9 +102,14 @@ class MPOLayer(MPOCores, FactorizedLayer):
         self.forward_strategy: Strategy = "auto"
         self.weight_cache = WeightCache()
         self._plans: dict[tuple[Any, ...], ContractionPlan] = {}
+        self._pinned: dict[int, tuple[ContractionPlan, bool]] = {}  # rows -> (plan, keep), see pin_plan
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles never carry remembered plans
         return {**self.__dict__, "_plans": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # pickles from before plans were pinned
+        super().__setstate__(state)
+        self.__dict__.setdefault("_pinned", {})
 
     def _init_random(
         self, nx: int, ny: int, bond_dim: int | Sequence[int], in_modes: Sequence[int] | None,
@@ -139,6 +145,24 @@ class MPOLayer(MPOCores, FactorizedLayer):
             raise MPOCompressError(f"unknown forward strategy {strategy!r}; choose one of {STRATEGIES}")
         self.forward_strategy = strategy
         self._plans.clear()
+        self._pinned.clear()
+
+    def pin_plan(self, rows: int, plan: ContractionPlan | None, keep: bool = False) -> None:
+        """Use `plan` for calls of `rows` input vectors that need no gradient (what
+        `optimize_for_inference` measured fastest there); with `keep`, its merged cores are kept
+        between calls while the layer is materialized, and never without `keep`. None unpins.
+        Calls that train, and other row counts, keep the cost model's choice."""
+        if plan is None:
+            self._pinned.pop(rows, None)
+            return
+        if sum(plan.sizes) != len(self.in_modes) or len(plan.forms) != max(len(plan.sizes) - 1, 0):
+            raise MPOCompressError(f"plan {plan.describe()} does not fit a layer of {len(self.in_modes)} cores")
+        self._pinned[rows] = (plan, keep)
+
+    @property
+    def pinned_plans(self) -> dict[int, tuple[ContractionPlan, bool]]:
+        """The (plan, keep) pinned per row count (`pin_plan`)."""
+        return dict(self._pinned)
 
     def materialize(self) -> MPOLayer:
         """Keep the merged cores (W for the dense plan) between calls that need no gradient for the
@@ -193,13 +217,18 @@ class MPOLayer(MPOCores, FactorizedLayer):
 
     def _plan_call(self, n_rows: int, x: torch.Tensor) -> tuple[ContractionPlan, bool]:
         """This call's plan and whether it may use cached merged cores (only when materialized and
-        no gradient must reach the cores)."""
-        enabled = self.weight_cache.enabled
+        no gradient must reach the cores): the plan pinned for this row count if any, else the cost
+        model's."""
+        enabled = self.weight_cache.enabled and not tracing()  # a graph computes from the cores
         if torch.is_grad_enabled():
             core_grad = any(c.requires_grad for c in self._core_params())
             use_cache, backward = enabled and not core_grad, core_grad or x.requires_grad
         else:
             use_cache, backward = enabled, False
+        # a plan measured for inference serves calls that take no gradient, and every call in eval mode
+        pinned = None if (backward and self.training) or not isinstance(n_rows, int) else self._pinned.get(n_rows)
+        if pinned is not None:  # kept merged cores only where they paid (and never when the cores need a gradient)
+            return pinned[0], pinned[1] and use_cache
         return self.plan_for(n_rows, backward, use_cache), use_cache
 
     def _contract(self, rows: torch.Tensor, plan: ContractionPlan, use_cache: bool) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 from mpocompress.nn.cache import stamp
 from mpocompress.nn.factorized import dense_linear, whole_field
 from mpocompress.nn.mpo_base import MPOLayer, copied, factorized_cores
+from mpocompress.tensors.contract import tracing
 
 
 class MPOLinear(MPOLayer):
@@ -104,7 +105,7 @@ class MPOLinear(MPOLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cache = self.weight_cache
-        fast = cache.enabled and x.dim() == 2 and not torch.is_grad_enabled()
+        fast = cache.enabled and x.dim() == 2 and not torch.is_grad_enabled() and not tracing()
         if fast:  # materialized, no grad: W of the last dense-plan call, if the cores are unchanged
             current = stamp(self._core_params())
             hit = cache.get("fast", current)

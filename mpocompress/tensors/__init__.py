@@ -22,8 +22,11 @@ from mpocompress.tensors.cost import (
     candidate_plans,
     choose_plan,
     contract_macs,
+    dense_cost,
     grouped_macs,
+    lowrank_cost,
     plan_cost,
+    plan_numbers,
     rebuild_macs,
 )
 from mpocompress.tensors.decompose import (
@@ -71,6 +74,9 @@ __all__ = [
     "choose_plan",
     "compression_ratio",
     "contract_macs",
+    "dense_cost",
+    "lowrank_cost",
+    "plan_numbers",
     "cross_whitening",
     "entanglement_entropy",
     "error_meter",

@@ -131,7 +131,9 @@ def _contract_rows(x: torch.Tensor, cores: Sequence[torch.Tensor], forms: Sequen
         t = t.reshape(m, r0 * i, -1)
         mat = core.permute(1, 3, 0, 2).reshape(j * r1, r0 * i)  # (J_k D_k, D_{k-1} I_k)
         if forms is not None and forms[k] == "bmm" and not tracing():
-            t = _SharedBmm.apply(mat, t)
+            needs_grad = torch.is_grad_enabled() and (mat.requires_grad or t.requires_grad)
+            # without a gradient to take, the plain batched GEMM (no autograd.Function to enter)
+            t = _SharedBmm.apply(mat, t) if needs_grad else torch.bmm(mat.expand(t.shape[0], *mat.shape), t)
         else:
             t = torch.matmul(mat, t)
         m *= j

@@ -145,6 +145,31 @@ def plan_cost(
     return merge + fwd + (2 * merge + bwd if backward else 0.0)
 
 
+def dense_cost(rows: int, n_in: int, n_out: int, backward: bool = False, model: CostModel | None = None) -> float:
+    """Estimated time of a dense layer y = W x (N_y x N_x) for `rows` inputs (and of its backward)."""
+    model = model or CostModel()
+    fwd = model.gemm(rows, n_in, n_out)
+    return fwd * (3 if backward else 1)
+
+
+def lowrank_cost(
+    rows: int, n_in: int, n_out: int, rank: int, backward: bool = False, model: CostModel | None = None
+) -> float:  # fmt: skip
+    """Estimated time of a low-rank layer y = B (A x), two GEMMs through r numbers per row (and of
+    its backward)."""
+    model = model or CostModel()
+    fwd = model.gemm(rows, n_in, rank) + model.gemm(rows, rank, n_out)
+    return fwd * (3 if backward else 1)
+
+
+def plan_numbers(shape: MPOShape, plan: ContractionPlan) -> int:
+    """Numbers a layer keeps for `plan` when its merged groups are cached: the groups' sizes (W for
+    the dense plan; the cores themselves for groups of one, which cost nothing extra)."""
+    return sum(
+        r0 * j * i * r1 for m, (r0, j, i, r1) in zip(plan.sizes, shape.grouped(plan.sizes)) if m > 1
+    )  # fmt: skip
+
+
 def grouped_macs(shape: MPOShape, sizes: Sequence[int], rows: int, merged_cached: bool = False) -> int:
     """Multiply-adds of a forward pass for `rows` inputs with the cores merged into groups of the
     given sizes (the merging itself counted unless cached; one group: rebuild W, dense product)."""

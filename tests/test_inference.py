@@ -1,0 +1,222 @@
+"""Inference: every plan, from the cores or with kept merged cores, equals the dense product; the
+memory policy of `optimize_for_inference` is honoured (resident tensors counted); its pinned plans
+are the ones used; an optimized model still trains, traces, exports and compiles."""
+
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mpocompress import MPOCompressError, optimize_for_inference, resident_bytes
+from mpocompress.nn import LowRankLinear, MPOConv2d, MPOEmbedding, MPOLinear, cached_bytes, parameter_bytes
+from mpocompress.tensors import ContractionPlan, candidate_plans, plan_numbers
+
+
+def _dense_reference(layer, x):
+    """The layer's output from its rebuilt dense form, in float64."""
+    dense = layer.to_dense().double()
+    return dense(x.double())
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["from cores", "kept"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_every_pinned_plan_kept_or_not_equals_the_dense_product(kind, keep):
+    """Every plan of a 4-core layer, pinned for the batch's rows, in float64 against the dense
+    layer (1e-10), also after the cores change in place (a kept W must not be reused)."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer = MPOLinear(48, 36, bond_dim=3, in_modes=(2, 3, 4, 2), out_modes=(3, 2, 3, 2), dtype=torch.float64)
+        x = torch.randn(7, 48, dtype=torch.float64)
+        rows = 7
+    else:
+        layer = MPOConv2d(4, 6, 3, bond_dim=3, padding=1, in_modes=(2, 2, 3, 3), out_modes=(1, 2, 3, 1), dtype=torch.float64)
+        x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+        rows = 2 * 5 * 5
+    layer.eval()
+    plans = candidate_plans(4)
+    assert len(plans) == 27
+    for plan in plans:
+        layer.release()
+        layer.pin_plan(rows, plan, keep=keep)
+        if keep:
+            layer.materialize()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), _dense_reference(layer, x), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(layer(x), _dense_reference(layer, x), rtol=1e-10, atol=1e-10)  # from the kept groups
+            kept = cached_bytes(layer)
+            assert (kept > 0) == (keep and plan.kind != "contract"), plan.describe()  # groups of one are the cores
+            layer.cores[1].mul_(1.5)
+            torch.testing.assert_close(layer(x), _dense_reference(layer, x), rtol=1e-10, atol=1e-10)
+
+
+def _model():
+    torch.manual_seed(1)
+    return nn.Sequential(
+        MPOConv2d(3, 8, 3, bond_dim=3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        MPOLinear(8 * 6 * 6, 64, bond_dim=4),
+        nn.ReLU(),
+        LowRankLinear(64, 32, rank=6),
+        nn.ReLU(),
+        MPOLinear(32, 10, bond_dim=2),
+    )
+
+
+def _mpo_layers(model):
+    return [m for m in model.modules() if isinstance(m, (MPOLinear, MPOConv2d))]
+
+
+def test_memory_policy_keeps_nothing_but_the_stored_factors():
+    model = _model().eval()
+    x = torch.randn(16, 3, 6, 6)
+    with torch.no_grad():
+        before = model(x)
+    report = optimize_for_inference(model, x, prefer="memory", batch=(1, 16), budget_s=0.002)
+    assert not model.training
+    with torch.no_grad():
+        after = model(x)
+        model(x[:1])
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    # resident tensors counted: the parameters and nothing else, and every cache is empty
+    assert cached_bytes(model) == 0 and report.cache_bytes == 0
+    assert resident_bytes(model) == parameter_bytes(model) == sum(p.numel() * 4 for p in model.parameters())
+    assert all(len(m.weight_cache) == 0 for m in _mpo_layers(model))
+    assert all(not lr.kept for lr in report.layers)
+    # one choice per MPO layer and batch size, for the rows the layer really saw
+    rows = {(lr.name, lr.batch): lr.rows for lr in report.layers if lr.structure == "mpo"}
+    assert rows == {("0", 1): 36, ("0", 16): 576, ("3", 1): 1, ("3", 16): 16, ("7", 1): 1, ("7", 16): 16}
+    assert [lr.plan for lr in report.layers if lr.name == "5"] == ["two GEMMs", "two GEMMs"]
+    for m in _mpo_layers(model):
+        assert all(not keep for _, keep in m.pinned_plans.values())
+
+
+def test_speed_policy_keeps_only_what_it_reports_and_within_the_budget():
+    model = _model().eval()
+    x = torch.randn(16, 3, 6, 6)
+    with torch.no_grad():
+        before = model(x)
+    report = optimize_for_inference(model, x, prefer="speed", batch=(1, 16), budget_s=0.002)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+        model(x[:1])
+    kept = [lr for lr in report.layers if lr.kept]
+    assert cached_bytes(model) == report.cache_bytes <= sum(lr.kept_bytes for lr in kept)
+    for lr in kept:
+        assert lr.kept_bytes == plan_numbers(dict(model.named_modules())[lr.name].shape, _plan(lr.plan, 4)) * 4
+    # no budget for kept cores: the speed policy keeps nothing
+    report0 = optimize_for_inference(model, x, prefer="speed", batch=(1, 16), max_cache_bytes=0, budget_s=0.002)
+    assert report0.cache_bytes == 0 == cached_bytes(model)
+    # a budget below everything one layer would keep: what is kept fits it
+    if kept:
+        budget = max(lr.kept_bytes for lr in kept) - 1
+        report1 = optimize_for_inference(model, x, prefer="speed", batch=(1, 16), max_cache_bytes=budget, budget_s=0.002)
+        assert sum({(lr.name, lr.plan): lr.kept_bytes for lr in report1.layers if lr.kept}.values()) <= budget
+
+
+def _plan(described, n):
+    return next(p for p in candidate_plans(n) if p.describe() == described)
+
+
+def test_pinned_plans_are_used_without_asking_the_cost_model(monkeypatch):
+    model = _model()
+    x = torch.randn(4, 3, 6, 6)
+    optimize_for_inference(model, x, prefer="memory", budget_s=0.002)
+    import mpocompress.nn.mpo_base as base
+
+    def refuse(*a, **k):
+        raise AssertionError("the cost model was asked for a pinned row count")
+
+    monkeypatch.setattr(base, "choose_plan", refuse)
+    for m in _mpo_layers(model):
+        m._plans.clear()
+    with torch.no_grad():
+        model(x)
+    with torch.no_grad(), pytest.raises(AssertionError, match="cost model"):
+        model(torch.randn(3, 3, 6, 6))  # a batch size nothing was measured for
+
+
+def test_an_optimized_model_still_trains_and_its_gradients_reach_the_cores():
+    model = _model()
+    x, y = torch.randn(8, 3, 6, 6), torch.randint(0, 10, (8,))
+    optimize_for_inference(model, x, prefer="speed", budget_s=0.002)
+    model.train()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    for m in _mpo_layers(model):
+        assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in m.cores)
+    # and the training plan's gradient is the dense product's
+    layer = model[3]
+    inp = torch.randn(8, layer.in_features)
+    layer.zero_grad()
+    (layer(inp) ** 2).sum().backward()
+    ref = torch.autograd.grad((nn.functional.linear(inp, layer.weight_matrix(), layer.bias) ** 2).sum(), list(layer.cores))
+    for core, g in zip(layer.cores, ref):
+        torch.testing.assert_close(core.grad, g, rtol=1e-3, atol=1e-5)  # float32, different summation orders
+
+
+@pytest.mark.parametrize("prefer", ["memory", "speed"])
+@pytest.mark.parametrize("how", ["trace", "export", "compile"])
+def test_an_optimized_small_model_traces_exports_and_compiles(prefer, how):
+    model = _model()
+    x = torch.randn(4, 3, 6, 6)
+    optimize_for_inference(model, x, prefer=prefer, budget_s=0.002)
+    with torch.no_grad():
+        eager = model(x)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if how == "trace":
+            graph = torch.jit.trace(model, x)
+        elif how == "export":
+            graph = torch.export.export(model, (x,)).module()
+        else:
+            torch._dynamo.reset()
+            graph = torch.compile(model, fullgraph=True)
+        torch.testing.assert_close(graph(x), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_embeddings_and_token_models_are_timed_and_reported():
+    torch.manual_seed(0)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = MPOEmbedding(500, 32, bond_dim=4)
+            self.proj = MPOLinear(32, 16, bond_dim=3)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.proj(self.emb(input_ids))
+
+    model = Tiny()
+    ids = torch.randint(0, 500, (2, 9))
+    report = optimize_for_inference(model, {"input_ids": ids}, prefer="memory", batch=(1, 4), budget_s=0.002)
+    by = {(lr.name, lr.batch): lr for lr in report.layers}
+    assert by[("emb", 4)].plan == "lookup" and by[("emb", 4)].rows == 36
+    assert by[("proj", 1)].rows == 9 and by[("proj", 4)].rows == 36  # batch x tokens
+    assert report.to_dict()["resident_bytes"] == parameter_bytes(model)
+
+
+def test_bad_requests_are_one_line_errors():
+    model = _model()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(MPOCompressError, match="choose memory or speed"):
+        optimize_for_inference(model, x, prefer="fast")
+    with pytest.raises(MPOCompressError, match="batch sizes"):
+        optimize_for_inference(model, x, batch=0)
+    with pytest.raises(MPOCompressError, match="max_cache_bytes"):
+        optimize_for_inference(model, x, prefer="speed", max_cache_bytes=-1)
+    with pytest.raises(MPOCompressError, match="does not fit"):
+        model[3].pin_plan(2, ContractionPlan((1, 1), ("fold",)))
+
+
+def test_layers_pickled_before_pinning_existed_still_run():
+    layer = MPOLinear(16, 8, bond_dim=2)
+    state = layer.__getstate__()
+    del state["_pinned"]
+    old = MPOLinear.__new__(MPOLinear)
+    old.__setstate__(state)
+    again = pickle.loads(pickle.dumps(old))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(again(x), layer(x))
