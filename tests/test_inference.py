@@ -220,3 +220,39 @@ def test_layers_pickled_before_pinning_existed_still_run():
     again = pickle.loads(pickle.dumps(old))
     x = torch.randn(3, 16)
     torch.testing.assert_close(again(x), layer(x))
+
+
+def test_evaluate_prefer_reports_what_the_served_model_holds(tmp_path):
+    """`evaluate --prefer memory|speed`: the same accuracy and loss as a plain evaluation, the
+    resident weights counted (memory: the parameters only), and a one-line error for other values."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mpocompress import CompressionConfig, build_model, compress_, save
+    from mpocompress.cli import app
+
+    torch.manual_seed(0)
+    model = build_model("lenet5")
+    compress_(model, CompressionConfig(bond_dim=3))
+    path = tmp_path / "m.safetensors"
+    save(model, path, arch="lenet5")
+    runner = CliRunner()
+
+    def run(*extra):
+        r = runner.invoke(app, ["evaluate", str(path), "--data", "digits", "--image-size", "28", "--batch-size", "50", "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    plain, memory, speed = run(), run("--prefer", "memory"), run("--prefer", "speed")
+    assert "inference" not in plain
+    for rep in (memory, speed):
+        assert rep["accuracy"] == plain["accuracy"]
+        assert rep["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert memory["inference"]["resident_bytes"] == memory["inference"]["parameter_bytes"] == params
+    assert memory["inference"]["cache_bytes"] == 0
+    assert speed["inference"]["resident_bytes"] == params + speed["inference"]["cache_bytes"]
+    assert {lr["name"] for lr in memory["inference"]["layers"]} == {"conv3", "fc1"}
+    bad = runner.invoke(app, ["evaluate", str(path), "--data", "digits", "--image-size", "28", "--prefer", "fast"])
+    assert bad.exit_code == 2 and "--prefer takes memory or speed" in bad.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -19,7 +20,14 @@ from mpocompress.errors import MPOCompressError
 from mpocompress.io import load_model
 from mpocompress.compress import summarize
 from mpocompress.train import evaluate as evaluate_model
-from mpocompress.train import resolve_device
+from mpocompress.train import optimize_on_first_batch, resolve_device
+
+PREFER_HELP = (
+    "Run the model as it would be served and report its resident weights and time: each MPO layer's "
+    "contraction plan is timed on the first batch and the fastest kept. memory: nothing is kept besides "
+    "the stored factors; speed: merged cores (up to W) are kept where that is faster. Without it, every "
+    "factorized layer keeps W for the loop and frees it after (the fastest one-off evaluation)."
+)
 
 
 @app.command()
@@ -38,6 +46,7 @@ def evaluate(
     reference_arch: str | None = typer.Option(None, "--reference-arch", metavar="SPEC", help="Architecture of ORIGINAL when it is a state_dict (default: that of MODEL).", show_default=False),
     max_length: int = typer.Option(128, "--max-length", metavar="N", help="Tokens per sample for text:FILE data."),
     max_samples: int | None = typer.Option(None, "--max-samples", metavar="N", help="Use at most the first N samples of text:FILE or x-only data (before the 80/20 split; the held-out 20 % is measured).", show_default=False),
+    prefer: str | None = typer.Option(None, "--prefer", metavar="memory|speed", help=PREFER_HELP, show_default=False),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -48,6 +57,8 @@ def evaluate(
         raise MPOCompressError(f"--batch-size must be at least 1, got {batch_size}")
     if max_samples is not None and max_samples < 2:
         raise MPOCompressError(f"--max-samples must be at least 2, got {max_samples}")
+    if prefer is not None and prefer not in ("memory", "speed"):
+        raise MPOCompressError(f"--prefer takes memory or speed, got {prefer!r}")
     dev = resolve_device(device)
     loaded = load_model(model, arch, trust_pickle)
     ref_model = load_model(reference, reference_arch or loaded.arch, trust_pickle).model if reference else None
@@ -60,13 +71,23 @@ def evaluate(
         test_set = load_unlabelled_data(data, loaded.model, ref_model, max_length, max_samples)[1]
         rep.update(data=test_set.name, examples=len(test_set), accuracy=None, loss=None)
         probe_set = test_set
+        served = test_set
     else:
-        images = choice.split("test", data_dir)
-        accuracy, loss = evaluate_model(loaded.model, images, dev, batch_size)
+        images = served = choice.split("test", data_dir)
+    inference = None
+    if prefer is not None:
+        loaded.model.to(dev)
+        inference = optimize_on_first_batch(loaded.model, served, prefer, dev, batch_size)
+    t0 = time.perf_counter()
+    if not is_unlabelled(data):
+        accuracy, loss = evaluate_model(loaded.model, images, dev, batch_size, materialize=prefer is None)
         rep.update(data=images.name, examples=len(images), accuracy=accuracy, loss=loss)
         probe_set = FeatureSet(images.name, "test", images.tensors()[0]) if ref_model is not None else None
     if ref_model is not None:
         rep.update(reference=str(reference), **agreement(loaded.model, ref_model, probe_set, dev, batch_size))
+    rep["seconds"] = time.perf_counter() - t0
+    if inference is not None:
+        rep["inference"] = inference.to_dict()
     rep["data_options"] = choice.options()
     s = summarize(loaded.model)
     rep.update(rho=s["rho"], params_model_after=s["params_model"], params_model_dense=s["params_model_dense"],
@@ -88,6 +109,12 @@ def evaluate(
         if rep["top1_agreement"] is not None:
             t.add_row("top-1 agreement", f"{rep['top1_agreement']:.2%}")
     t.add_row("parameters", f"{s['params_model']:,} (dense equivalent {s['params_model_dense']:,})")
+    if inference is not None:
+        kept = sum(1 for lr in inference.layers if lr.kept)
+        t.add_row(f"resident weights (--prefer {prefer})",
+                  f"{inference.resident_bytes / 2**20:.2f} MiB (parameters {inference.parameter_bytes / 2**20:.2f} MiB, "
+                  f"kept merged cores {inference.cache_bytes / 2**20:.2f} MiB in {kept} layer/batch choices)")  # fmt: skip
+        t.add_row("time", f"{rep['seconds']:.2f} s for {rep['examples']:,} samples (batch {batch_size})")
     if s["mpo_layers"]:  # a dense model has no rho to show
         t.add_row("rho (factorized / dense weights, Eq. 9)", f"{s['rho']:.4g}")
         t.add_row("factorized layers", ", ".join(f"{m['name']} {m['notation']}" for m in s["mpo_layers"]))

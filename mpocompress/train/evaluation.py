@@ -3,8 +3,10 @@ sigma over runs (Eqs. 10-11)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,7 @@ from torch import nn
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.data import ImageSet
-from mpocompress.nn import materialized
+from mpocompress.nn import InferenceReport, materialized, optimize_for_inference
 from mpocompress.train.data import as_dataset
 
 
@@ -29,16 +31,19 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: ImageSet, device: torch.device | str = "cpu", batch_size: int = 1000
-) -> tuple[float, float]:
+    model: nn.Module, dataset: ImageSet, device: torch.device | str = "cpu", batch_size: int = 1000,
+    materialize: bool = True,
+) -> tuple[float, float]:  # fmt: skip
     """Top-1 accuracy (a fraction) and mean cross-entropy of `model` on `dataset` (mpocompress's, or
-    any map-style Dataset of (x, y) pairs or a DataLoader over one), in eval mode."""
+    any map-style Dataset of (x, y) pairs or a DataLoader over one), in eval mode. With `materialize`
+    every factorized layer keeps W for the loop (freed after); without, the layers run as they are
+    set (e.g. by `optimize_for_inference`)."""
     dataset = as_dataset(dataset)
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0
     try:
-        with materialized(model):  # nothing writes the cores during the loop: W is built once per layer
+        with materialized(model) if materialize else contextlib.nullcontext():  # nothing writes the cores meanwhile
             for idx in torch.arange(len(dataset)).split(batch_size):
                 x, y = dataset.batch(idx, device)
                 logits = forward_checked(model, x, dataset)
@@ -47,6 +52,17 @@ def evaluate(
     finally:
         model.train(was_training)
     return correct / len(dataset), loss_sum / len(dataset)
+
+
+def optimize_on_first_batch(
+    model: nn.Module, dataset: Any, prefer: str, device: torch.device | str = "cpu", batch_size: int = 1000
+) -> InferenceReport:
+    """`optimize_for_inference` on the first `batch_size` samples of `dataset` (images with labels,
+    or the unlabelled sets' token or x-only batches), as the model will be run on them."""
+    idx = torch.arange(min(batch_size, len(dataset)))
+    batch = dataset.batch(idx, device)
+    example = batch[0] if isinstance(batch, tuple) else batch["x"] if set(batch) == {"x"} else batch
+    return optimize_for_inference(model, example, prefer=prefer)  # type: ignore[arg-type]
 
 
 def forward_checked(model: nn.Module, x: torch.Tensor, dataset: ImageSet) -> torch.Tensor:
