@@ -14,6 +14,11 @@ Sections:
            and tensorly's `tensor_train_matrix` (pytorch backend).
   nets     forward+backward of LeNet-5 and the paper's VGG-16 (CIFAR-sized input), dense against
            the MPO-Net.
+  plans    the cost model against the clock: every contraction plan of each layer is timed (forward
+           from the cores, forward with kept merged cores, forward+backward) and ranked by its
+           estimate; per case, the measured time of the model's pick over the fastest plan's
+           ("regret") and the rank correlation of estimates and times. Also dense against low-rank
+           layers of several ranks: the estimated and measured time ratios.
 
 Times are medians of repeated runs after warm-up. Ratios are baseline time / mpocompress time, so
 above 1 means mpocompress is faster. Peers are optional: `pip install -e '.[bench]'`.
@@ -39,8 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpocompress.models import build_model, build_mpo_net
-from mpocompress.nn import MPOLinear
-from mpocompress.tensors import mpo_to_matrix, tt_svd
+from mpocompress.nn import LowRankLinear, MPOLinear
+from mpocompress.tensors import candidate_plans, choose_plan, dense_cost, lowrank_cost, mpo_to_matrix, plan_cost, tt_svd
 
 LAYERS = [  # (in, out, in_modes, out_modes, D)
     *[(784, 256, (4, 7, 7, 4), (4, 4, 4, 4), d) for d in (2, 4, 8, 16)],
@@ -253,6 +258,90 @@ def bench_nets(budget: float) -> list[dict]:
     return rows
 
 
+def _spearman(a: list[float], b: list[float]) -> float:
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        for k, i in enumerate(order):
+            r[i] = float(k)
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.mean(ra), statistics.mean(rb)
+    num = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    den = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return num / den if den else 1.0
+
+
+def bench_plans(budget: float, configs: list[tuple], batches: tuple[int, ...]) -> tuple[list[dict], list[dict]]:
+    """Every plan timed against its estimate; dense against low-rank, estimated and measured."""
+    rows = []
+    per_plan = budget / 10
+    for nin, nout, im, om, d in configs:
+        torch.manual_seed(0)
+        layer = MPOLinear(nin, nout, d, im, om)
+        shape = layer.shape
+        for b in batches:
+            x = torch.randn(b, nin)
+            xg = x.clone().requires_grad_()
+            for mode in ("forward", "forward (kept)", "forward+backward"):
+                backward, kept = mode == "forward+backward", mode == "forward (kept)"
+                est, meas, plans = [], [], candidate_plans(shape.n_cores)
+                for plan in plans:
+                    layer.release()
+                    layer.eval()
+                    layer.pin_plan(b, plan, keep=kept)
+                    if kept:
+                        layer.materialize()
+                    if backward:
+                        layer.train()
+                        params = [xg, *layer.cores]
+                        layer.set_forward_strategy("auto")
+                        layer._plans[(b, True, False, "auto")] = plan  # the training plan, forced for the timing
+
+                        def fn(params=params):
+                            torch.autograd.grad(layer(xg).square().sum(), params)
+                    else:
+
+                        def fn():
+                            with torch.no_grad():
+                                layer(x)
+
+                    est.append(plan_cost(shape, plan, b, kept, backward))
+                    meas.append(median_time(fn, per_plan))
+                layer.release()
+                layer.set_forward_strategy("auto")
+                pick = choose_plan(shape, b, kept, backward)
+                best = min(range(len(plans)), key=meas.__getitem__)
+                rows.append({
+                    "layer": f"{nin}->{nout}", "in_modes": list(im), "D": d, "batch": b, "mode": mode, "plans": len(plans),
+                    "pick": pick.describe(), "pick_ms": meas[plans.index(pick)] * 1e3, "best": plans[best].describe(),
+                    "best_ms": meas[best] * 1e3, "regret": meas[plans.index(pick)] / meas[best], "spearman": _spearman(est, meas),
+                })  # fmt: skip
+                r = rows[-1]
+                print(f"  {r['layer']:>10} D={d:<3} B={b:<4} {mode:<17} pick {r['pick']:<24} {r['pick_ms']:8.3f} ms  best "
+                      f"{r['best']:<24} {r['best_ms']:8.3f} ms  regret {r['regret']:.2f}  rho {r['spearman']:.2f}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+    structures = []
+    for nin, nout in ((784, 256), (384, 1536), (4096, 4096)):
+        for b in batches:
+            x = torch.randn(b, nin)
+            dense = nn.Linear(nin, nout)
+            with torch.no_grad():
+                t_dense = median_time(lambda: dense(x), budget / 3)
+            for share in (0.25, 0.5):
+                r = max(1, int(share * nin * nout / (nin + nout)))
+                low = LowRankLinear(nin, nout, r)
+                with torch.no_grad():
+                    t_low = median_time(lambda low=low: low(x), budget / 3)
+                structures.append({
+                    "layer": f"{nin}->{nout}", "batch": b, "rank": r,
+                    "estimated_lowrank_over_dense": lowrank_cost(b, nin, nout, r) / dense_cost(b, nin, nout),
+                    "measured_lowrank_over_dense": t_low / t_dense, "dense_ms": t_dense * 1e3, "lowrank_ms": t_low * 1e3,
+                })  # fmt: skip
+    return rows, structures
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -311,12 +400,37 @@ def markdown(result: dict[str, Any]) -> str:
             t = r["times_ms"]
             out.append(f"| {r['net']} | {t['dense']:.1f} | {t['MPO-Net']:.1f} | {r['dense_over_mpo']:.2f} |")
         out.append("")
+    if result.get("plans"):
+        out += [
+            "### The cost model against measured plan times (ms; regret = the pick's time / the fastest plan's)",
+            "",
+            "| layer | modes in | D | batch | pass | plans | cost model's pick | its time | fastest measured | its time | regret | rank correlation |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["plans"]:
+            out.append(
+                f"| {r['layer']} | {tuple(r['in_modes'])} | {r['D']} | {r['batch']} | {r['mode']} | {r['plans']} | {r['pick']} | "
+                f"{r['pick_ms']:.3f} | {r['best']} | {r['best_ms']:.3f} | {r['regret']:.2f} | {r['spearman']:.2f} |"
+            )  # fmt: skip
+        regrets = [r["regret"] for r in result["plans"]]
+        out += ["", f"Median regret {statistics.median(regrets):.2f}, largest {max(regrets):.2f}, "
+                f"within 1.2x in {sum(g <= 1.2 for g in regrets)} of {len(regrets)} cases.", ""]  # fmt: skip
+        out += [
+            "| layer | batch | rank | low-rank / dense, estimated | low-rank / dense, measured | dense ms | low-rank ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in result["structures"]:
+            out.append(
+                f"| {r['layer']} | {r['batch']} | {r['rank']} | {r['estimated_lowrank_over_dense']:.2f} | "
+                f"{r['measured_lowrank_over_dense']:.2f} | {r['dense_ms']:.3f} | {r['lowrank_ms']:.3f} |"
+            )  # fmt: skip
+        out.append("")
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sections", default="layers,convert,nets", help="comma-separated: layers, convert, nets")
+    ap.add_argument("--sections", default="layers,convert,nets,plans", help="comma-separated: layers, convert, nets, plans")
     ap.add_argument("--quick", action="store_true", help="fewer repeats; skip the 25088x4096 conversion")
     ap.add_argument("--out", default="benchmarks/results", help="write OUT.md and OUT.json")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -324,9 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    unknown = sections - {"layers", "convert", "nets"}
+    unknown = sections - {"layers", "convert", "nets", "plans"}
     if unknown:
-        ap.error(f"unknown sections {sorted(unknown)}; choose from layers, convert, nets")
+        ap.error(f"unknown sections {sorted(unknown)}; choose from layers, convert, nets, plans")
     budget = 0.3 if args.quick else 1.0
     result: dict[str, Any] = {
         "environment": {
@@ -345,6 +459,10 @@ def main(argv: list[str] | None = None) -> None:
     if "nets" in sections:
         print("nets", file=sys.stderr)
         result["nets"] = bench_nets(budget)
+    if "plans" in sections:
+        print("plans", file=sys.stderr)
+        configs = [c for c in LAYERS if len(c[2]) == 4] if args.quick else LAYERS
+        result["plans"], result["structures"] = bench_plans(budget, configs, BATCHES)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     md = markdown(result)

@@ -256,3 +256,16 @@ def test_evaluate_prefer_reports_what_the_served_model_holds(tmp_path):
     assert {lr["name"] for lr in memory["inference"]["layers"]} == {"conv3", "fc1"}
     bad = runner.invoke(app, ["evaluate", str(path), "--data", "digits", "--image-size", "28", "--prefer", "fast"])
     assert bad.exit_code == 2 and "--prefer takes memory or speed" in bad.output
+
+
+def test_the_prepared_gpu_check_passes_on_the_cpu():
+    """benchmarks/gpu_check.py is what a session lent a GPU runs; CI runs the same checks on the
+    CPU so the script is known to work (and to fail loudly: it exits 1 on a difference)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--no-timing"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stdout.count("\nok  ") >= 2 * 27 * 2 and "0 failed" in r.stdout

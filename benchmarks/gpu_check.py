@@ -1,0 +1,162 @@
+"""The GPU check: every contraction plan of the factorized layers on a CUDA device, forward and
+backward, against the dense product in float64 on the CPU; the batched step's own backward against
+autograd's; `optimize_for_inference` on the device; and a short timing of plans at batch 1 and 512.
+
+    python benchmarks/gpu_check.py                 # on a machine with a CUDA GPU (about a minute)
+    python benchmarks/gpu_check.py --device cpu    # the same checks on the CPU (what CI runs)
+
+Exits 1 with the failing check's name when an output or gradient differs from the reference by more
+than the tolerance (float32: 1e-4 relative to the reference's norm; TF32 matmuls are turned off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from mpocompress import optimize_for_inference
+from mpocompress.nn import LowRankConv2d, LowRankLinear, MPOConv2d, MPOEmbedding, MPOLinear
+from mpocompress.tensors import candidate_plans
+from mpocompress.tensors.contract import _SharedBmm
+
+TOL = 1e-4
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check(name: str, err: float, failures: list[str]) -> None:
+    ok = err <= TOL
+    print(f"{'ok  ' if ok else 'FAIL'} {name:<58} relative difference {err:.2e}")
+    if not ok:
+        failures.append(name)
+
+
+def plans_agree(device: torch.device, failures: list[str]) -> None:
+    torch.manual_seed(0)
+    cases = [
+        ("MPOLinear 784->256 D=8", MPOLinear(784, 256, 8, (4, 7, 7, 4), (4, 4, 4, 4)), (512, 784)),
+        ("MPOConv2d 16->32 k3 D=4", MPOConv2d(16, 32, 3, bond_dim=4, padding=1), (8, 16, 12, 12)),
+    ]
+    for name, layer, shape in cases:
+        ref_layer = layer.to_dense().double()
+        layer.to(device)
+        x = torch.randn(*shape)
+        ref = ref_layer(x.double())
+        rows = x.numel() // layer.in_features if isinstance(layer, MPOLinear) else shape[0] * shape[2] * shape[3]
+        for plan in candidate_plans(len(layer.cores)):
+            for keep in (False, True):
+                layer.release()
+                layer.pin_plan(rows, plan, keep=keep)
+                if keep:
+                    layer.materialize()
+                with torch.no_grad():
+                    y = layer(x.to(device))
+                check(f"{name} {plan.describe()}{' kept' if keep else ''}", rel(y, ref), failures)
+            layer.release()
+            layer.pin_plan(rows, None)
+        # training plans (cost model's choice) and their gradients against the dense product's
+        layer.train()
+        xg = x.to(device).requires_grad_()
+        y = layer(xg)
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [xg, *layer.cores], g)
+        w = layer.weight_matrix()
+        dense_out = torch.nn.functional.linear(layer.patches(xg) if isinstance(layer, MPOConv2d) else xg, w)
+        if isinstance(layer, MPOConv2d):
+            b, _, h, wd = shape
+            dense_out = dense_out.reshape(b, h * wd, -1).transpose(1, 2).reshape(y.shape) + layer.bias[:, None, None]
+        else:
+            dense_out = dense_out + layer.bias
+        ref_grads = torch.autograd.grad(dense_out, [xg, *layer.cores], g)
+        for k, (a, r) in enumerate(zip(grads, ref_grads)):
+            check(f"{name} gradient {'input' if k == 0 else f'core {k - 1}'}", rel(a, r), failures)
+
+
+def shared_bmm_backward(device: torch.device, failures: list[str]) -> None:
+    torch.manual_seed(1)
+    a = torch.randn(24, 40, device=device, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(300, 40, 17, device=device, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(300, 24, 17, device=device, dtype=torch.float64)
+    ours = torch.autograd.grad(_SharedBmm.apply(a, t), [a, t], g)
+    ref = torch.autograd.grad(torch.bmm(a.expand(300, 24, 40), t), [a, t], g)
+    check("batched step backward: grad A", rel(ours[0], ref[0]), failures)
+    check("batched step backward: grad T", rel(ours[1], ref[1]), failures)
+
+
+def optimized_model(device: torch.device, failures: list[str]) -> None:
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        MPOConv2d(3, 16, 3, bond_dim=4, padding=1), nn.ReLU(), LowRankConv2d(16, 16, 3, rank=4, padding=1), nn.ReLU(),
+        nn.Flatten(), MPOLinear(16 * 8 * 8, 128, bond_dim=8), nn.ReLU(), LowRankLinear(128, 10, rank=4),
+    ).to(device)  # fmt: skip
+    emb = MPOEmbedding(1000, 64, bond_dim=4).to(device)
+    x = torch.randn(32, 3, 8, 8, device=device)
+    with torch.no_grad():
+        ref = model(x)
+        for prefer in ("memory", "speed"):
+            optimize_for_inference(model, x, prefer=prefer, batch=(1, 32), budget_s=0.01)
+            check(f"optimize_for_inference({prefer}) model output", rel(model(x), ref), failures)
+        ids = torch.randint(0, 1000, (4, 9), device=device)
+        check("MPOEmbedding lookup", rel(emb(ids), emb.to_dense().weight[ids]), failures)
+
+
+def timings(device: torch.device) -> None:
+    torch.manual_seed(3)
+    layer = MPOLinear(4096, 4096, 16, (8, 8, 8, 8), (8, 8, 8, 8)).to(device)
+    dense = layer.to_dense().to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"\n{'batch':>5} {'plan (from cores)':<26} {'ms':>8} {'dense nn.Linear ms':>19}")
+    for b in (1, 512):
+        x = torch.randn(b, 4096, device=device)
+        with torch.no_grad():
+            for plan in candidate_plans(4)[:: 9]:
+                layer.pin_plan(b, plan)
+                times = []
+                for _ in range(20):
+                    sync()
+                    t0 = time.perf_counter()
+                    layer(x)
+                    sync()
+                    times.append(time.perf_counter() - t0)
+                times_d = []
+                for _ in range(20):
+                    sync()
+                    t0 = time.perf_counter()
+                    dense(x)
+                    sync()
+                    times_d.append(time.perf_counter() - t0)
+                print(f"{b:>5} {plan.describe():<26} {statistics.median(times) * 1e3:8.3f} {statistics.median(times_d) * 1e3:19.3f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-timing", action="store_true")
+    args = ap.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: no CUDA device here; run with --device cpu for the same checks on the CPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    device = torch.device(args.device)
+    print(f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    failures: list[str] = []
+    plans_agree(device, failures)
+    shared_bmm_backward(device, failures)
+    optimized_model(device, failures)
+    if not args.no_timing:
+        timings(device)
+    print(f"\n{len(failures)} failed" + (": " + ", ".join(failures) if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
