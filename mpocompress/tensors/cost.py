@@ -59,7 +59,9 @@ class CostModel:
     """A roofline estimate of a plan's time: each kernel costs a fixed launch overhead, its
     multiply-adds at peak rate, and the bytes it moves through memory when they do not fit in
     cache; a batched GEMM of small slices runs below peak. The defaults are round figures for a
-    small CPU; only the ranking of plans matters, not the absolute times."""
+    small CPU; only the ranking of plans matters, not the absolute times. `benchmarks/bench.py
+    --sections plans` times every plan against this ranking (docs/performance.md, "The cost model
+    against the clock"); `optimize_for_inference` times its shortlist rather than trusting it."""
 
     macs_per_s: float = 1e11
     bytes_per_s: float = 5e9
