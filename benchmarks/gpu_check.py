@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -113,27 +114,24 @@ def timings(device: torch.device) -> None:
     layer = MPOLinear(4096, 4096, 16, (8, 8, 8, 8), (8, 8, 8, 8)).to(device)
     dense = layer.to_dense().to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def median_ms(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(20):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
     print(f"\n{'batch':>5} {'plan (from cores)':<26} {'ms':>8} {'dense nn.Linear ms':>19}")
     for b in (1, 512):
         x = torch.randn(b, 4096, device=device)
         with torch.no_grad():
-            for plan in candidate_plans(4)[:: 9]:
+            for plan in candidate_plans(4)[::9]:
                 layer.pin_plan(b, plan)
-                times = []
-                for _ in range(20):
-                    sync()
-                    t0 = time.perf_counter()
-                    layer(x)
-                    sync()
-                    times.append(time.perf_counter() - t0)
-                times_d = []
-                for _ in range(20):
-                    sync()
-                    t0 = time.perf_counter()
-                    dense(x)
-                    sync()
-                    times_d.append(time.perf_counter() - t0)
-                print(f"{b:>5} {plan.describe():<26} {statistics.median(times) * 1e3:8.3f} {statistics.median(times_d) * 1e3:19.3f}")
+                print(f"{b:>5} {plan.describe():<26} {median_ms(lambda x=x: layer(x)):8.3f} {median_ms(lambda x=x: dense(x)):19.3f}")
 
 
 def main() -> int:

@@ -269,3 +269,24 @@ def test_the_prepared_gpu_check_passes_on_the_cpu():
     r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--no-timing"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count("\nok  ") >= 2 * 27 * 2 and "0 failed" in r.stdout
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo exporter", "TorchScript exporter"])
+@pytest.mark.parametrize("prefer", ["memory", "speed"])
+def test_an_optimized_small_model_exports_to_onnx_with_both_exporters(tmp_path, prefer, dynamo):
+    """torch.onnx.export (both exporters) of a model of MPO and low-rank layers after
+    optimize_for_inference; onnxruntime's output equals eager within 1e-5."""
+    import onnxruntime as ort
+
+    model = _model()
+    x = torch.randn(4, 3, 6, 6)
+    optimize_for_inference(model, x, prefer=prefer, budget_s=0.002)
+    with torch.no_grad():
+        eager = model(x)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), str(path), dynamo=dynamo, input_names=["x"], external_data=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
