@@ -12,16 +12,14 @@ than the tolerance (float32: 1e-4 relative to the reference's norm; TF32 matmuls
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from mpocompress import optimize_for_inference
 from mpocompress.nn import LowRankConv2d, LowRankLinear, MPOConv2d, MPOEmbedding, MPOLinear
+from mpocompress.nn.inference import median_ms
 from mpocompress.tensors import candidate_plans
 from mpocompress.tensors.contract import _SharedBmm
 
@@ -113,25 +111,13 @@ def timings(device: torch.device) -> None:
     torch.manual_seed(3)
     layer = MPOLinear(4096, 4096, 16, (8, 8, 8, 8), (8, 8, 8, 8)).to(device)
     dense = layer.to_dense().to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def median_ms(fn: Callable[[], object]) -> float:
-        times = []
-        for _ in range(20):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-
     print(f"\n{'batch':>5} {'plan (from cores)':<26} {'ms':>8} {'dense nn.Linear ms':>19}")
     for b in (1, 512):
         x = torch.randn(b, 4096, device=device)
         with torch.no_grad():
             for plan in candidate_plans(4)[::9]:
                 layer.pin_plan(b, plan)
-                print(f"{b:>5} {plan.describe():<26} {median_ms(lambda x=x: layer(x)):8.3f} {median_ms(lambda x=x: dense(x)):19.3f}")
+                print(f"{b:>5} {plan.describe():<26} {median_ms(lambda x=x: layer(x), device, 0.2):8.3f} {median_ms(lambda x=x: dense(x), device, 0.2):19.3f}")
 
 
 def main() -> int:

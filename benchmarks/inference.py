@@ -44,7 +44,7 @@ from torch import nn
 
 from mpocompress import CompressionConfig, build_model, compress_, optimize_for_inference, resident_bytes
 from mpocompress.models import build_mpo_net
-from mpocompress.nn import FactorizedLayer, parameter_bytes
+from mpocompress.nn import FactorizedLayer, cached_bytes, parameter_bytes
 from mpocompress.nn.inference import call_model
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "docstrings-en.txt"
@@ -102,8 +102,6 @@ def inference_rows(
 def encoder_linear_bytes(model: nn.Module) -> int:
     """Bytes held by the encoder's Linear layers or the factorized layers that replaced them,
     with what they keep between calls."""
-    from mpocompress.nn import cached_bytes
-
     mods = [m for n, m in model.named_modules() if n.startswith("encoder.") and isinstance(m, (nn.Linear, FactorizedLayer))]
     return sum(parameter_bytes(m) + cached_bytes(m) for m in mods)
 

@@ -10,7 +10,15 @@ import torch
 from torch import nn
 
 from mpocompress import MPOCompressError, optimize_for_inference, resident_bytes
-from mpocompress.nn import LowRankLinear, MPOConv2d, MPOEmbedding, MPOLinear, cached_bytes, parameter_bytes
+from mpocompress.nn import (
+    LowRankConv2d,
+    LowRankLinear,
+    MPOConv2d,
+    MPOEmbedding,
+    MPOLinear,
+    cached_bytes,
+    parameter_bytes,
+)
 from mpocompress.tensors import ContractionPlan, candidate_plans, plan_numbers
 
 
@@ -196,6 +204,12 @@ def test_embeddings_and_token_models_are_timed_and_reported():
     assert by[("emb", 4)].plan == "lookup" and by[("emb", 4)].rows == 36
     assert by[("proj", 1)].rows == 9 and by[("proj", 4)].rows == 36  # batch x tokens
     assert report.to_dict()["resident_bytes"] == parameter_bytes(model)
+
+
+def test_a_low_rank_convolution_is_reported_by_its_positions():
+    model = nn.Sequential(LowRankConv2d(3, 4, 3, rank=2, padding=1, stride=2))
+    report = optimize_for_inference(model, torch.randn(2, 3, 6, 6), budget_s=0.002)
+    assert [(lr.plan, lr.rows) for lr in report.layers] == [("two GEMMs", 2 * 3 * 3)]
 
 
 def test_bad_requests_are_one_line_errors():

@@ -8,14 +8,33 @@ import typer
 
 from mpocompress.cli import app
 from mpocompress.cli.common import (
-    ARCH_OPT, BOND_OPT, CALIB_DATA_DIR_OPT, CALIB_OPT, CALIB_SAMPLES_OPT, CORES_OPT, EPS_OPT, EXCLUDE_OPT, JSON_OPT,
-    LAYERS_OPT, MAX_ERROR_OPT, MAX_LENGTH_OPT, MODEL_ARG, SHAPE_OPT, STRUCTURE_OPT, TARGET_OPT, TRUST_OPT, build_config,
-    handle_errors, parse_input_shape, print_json, read_calibration,
+    ARCH_OPT,
+    BOND_OPT,
+    CALIB_DATA_DIR_OPT,
+    CALIB_OPT,
+    CALIB_SAMPLES_OPT,
+    CORES_OPT,
+    EPS_OPT,
+    EXCLUDE_OPT,
+    JSON_OPT,
+    LAYERS_OPT,
+    MAX_ERROR_OPT,
+    MAX_LENGTH_OPT,
+    MODEL_ARG,
+    SHAPE_OPT,
+    STRUCTURE_OPT,
+    TARGET_OPT,
+    TRUST_OPT,
+    build_config,
+    handle_errors,
+    parse_input_shape,
+    print_json,
+    read_calibration,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, make_err_console, render_report, working
-from mpocompress.io import load_model
 from mpocompress.compress import add_macs, rows_per_sample
 from mpocompress.compress import analyze as analyze_model
+from mpocompress.io import load_model
 from mpocompress.models import default_input_shape
 
 

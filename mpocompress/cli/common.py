@@ -16,10 +16,10 @@ from typing import Any, TypeVar
 import typer
 
 from mpocompress.cli.render import working
+from mpocompress.compress import CompressionConfig
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.tensors import parse_shape_spec
-from mpocompress.compress import CompressionConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 

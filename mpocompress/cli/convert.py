@@ -8,13 +8,33 @@ import typer
 
 from mpocompress.cli import app
 from mpocompress.cli.common import (
-    ARCH_OPT, BOND_OPT, CALIB_DATA_DIR_OPT, CALIB_OPT, CALIB_SAMPLES_OPT, CORES_OPT, EPS_OPT, EXCLUDE_OPT, JSON_OPT,
-    LAYERS_OPT, MAX_ERROR_OPT, MAX_LENGTH_OPT, MODEL_ARG, SEQUENTIAL_OPT, SHAPE_OPT, STRUCTURE_OPT, TARGET_OPT, TRUST_OPT,
-    build_config, fail, handle_errors, print_json, read_calibration,
+    ARCH_OPT,
+    BOND_OPT,
+    CALIB_DATA_DIR_OPT,
+    CALIB_OPT,
+    CALIB_SAMPLES_OPT,
+    CORES_OPT,
+    EPS_OPT,
+    EXCLUDE_OPT,
+    JSON_OPT,
+    LAYERS_OPT,
+    MAX_ERROR_OPT,
+    MAX_LENGTH_OPT,
+    MODEL_ARG,
+    SEQUENTIAL_OPT,
+    SHAPE_OPT,
+    STRUCTURE_OPT,
+    TARGET_OPT,
+    TRUST_OPT,
+    build_config,
+    fail,
+    handle_errors,
+    print_json,
+    read_calibration,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, make_err_console, render_report, working
-from mpocompress.io import check_output_path, load_model, save
 from mpocompress.compress import compress_
+from mpocompress.io import check_output_path, load_model, save
 
 
 @app.command()

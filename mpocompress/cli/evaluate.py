@@ -12,15 +12,22 @@ from mpocompress.cli import app
 from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, handle_errors, print_json
 from mpocompress.cli.render import make_console
 from mpocompress.cli.training import (
-    CHANNELS_OPT, DATA_DIR_OPT, DATA_OPT, EVAL_DEVICE_OPT, IMAGE_SIZE_OPT, NORMALIZE_OPT, choose_data, load_unlabelled_data,
+    CHANNELS_OPT,
+    DATA_DIR_OPT,
+    DATA_OPT,
+    EVAL_DEVICE_OPT,
+    IMAGE_SIZE_OPT,
+    NORMALIZE_OPT,
+    choose_data,
+    load_unlabelled_data,
 )  # fmt: skip
-from mpocompress.io.data.unlabelled import FeatureSet, is_unlabelled
-from mpocompress.train.distill import agreement
+from mpocompress.compress import summarize
 from mpocompress.errors import MPOCompressError
 from mpocompress.io import load_model
-from mpocompress.compress import summarize
+from mpocompress.io.data.unlabelled import FeatureSet, is_unlabelled
 from mpocompress.train import evaluate as evaluate_model
 from mpocompress.train import optimize_on_first_batch, resolve_device
+from mpocompress.train.distill import agreement
 
 PREFER_HELP = (
     "Run the model as it would be served and report its resident weights and time: each MPO layer's "

@@ -8,7 +8,16 @@ import typer
 from rich.table import Table
 
 from mpocompress.cli import app
-from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, fail, handle_errors, parse_input_shape, print_json
+from mpocompress.cli.common import (
+    ARCH_OPT,
+    JSON_OPT,
+    MODEL_ARG,
+    TRUST_OPT,
+    fail,
+    handle_errors,
+    parse_input_shape,
+    print_json,
+)
 from mpocompress.cli.render import make_console
 from mpocompress.io import check_output_path, load_model
 from mpocompress.io.export import FORMATS, export_model

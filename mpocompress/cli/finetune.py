@@ -10,15 +10,45 @@ from mpocompress.cli import app
 from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, fail, handle_errors, print_json
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
-    AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, CHANNELS_OPT, IMAGE_SIZE_OPT, KEEP_CKPT_OPT, MOMENTUM_OPT, NORMALIZE_OPT, RESUME_OPT,
-    RUNS_OPT, SEED_OPT, Job, check_outputs, choose_data, data_inputs, load_data, load_unlabelled_data, output_option, render, report, run_all,
+    AUGMENT_OPT,
+    BATCH_OPT,
+    CHANNELS_OPT,
+    DATA_DIR_OPT,
+    DATA_OPT,
+    DEVICE_OPT,
+    EPOCHS_HELP,
+    FORCE_OPT,
+    IMAGE_SIZE_OPT,
+    KEEP_CKPT_OPT,
+    MOMENTUM_OPT,
+    NORMALIZE_OPT,
+    RESUME_OPT,
+    RUNS_OPT,
+    SEED_OPT,
+    Job,
+    check_outputs,
+    choose_data,
+    data_inputs,
+    load_data,
+    load_unlabelled_data,
+    output_option,
+    render,
+    report,
+    run_all,
 )  # fmt: skip
 from mpocompress.io import load_model
 from mpocompress.io.data.unlabelled import is_unlabelled
-from mpocompress.train.distill import DistillConfig, agreement, distill, metric_of
 from mpocompress.train import (
-    FINETUNE_DEFAULTS, TrainConfig, dist_env, evaluate, freeze_, init_distributed, prepare_finetune_, resolve_device,
+    FINETUNE_DEFAULTS,
+    TrainConfig,
+    dist_env,
+    evaluate,
+    freeze_,
+    init_distributed,
+    prepare_finetune_,
+    resolve_device,
 )  # fmt: skip
+from mpocompress.train.distill import DistillConfig, agreement, distill, metric_of
 
 _D = FINETUNE_DEFAULTS
 _DD = DistillConfig()

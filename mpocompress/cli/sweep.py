@@ -12,21 +12,44 @@ from rich.table import Table
 
 from mpocompress.cli import app
 from mpocompress.cli.common import (
-    ARCH_OPT, CALIB_OPT, CALIB_SAMPLES_OPT, CORES_OPT, EXCLUDE_OPT, JSON_OPT, LAYERS_OPT, MODEL_ARG, SHAPE_OPT, STRUCTURE_OPT,
-    TRUST_OPT, build_config, handle_errors, print_json, read_calibration,
+    ARCH_OPT,
+    CALIB_OPT,
+    CALIB_SAMPLES_OPT,
+    CORES_OPT,
+    EXCLUDE_OPT,
+    JSON_OPT,
+    LAYERS_OPT,
+    MODEL_ARG,
+    SHAPE_OPT,
+    STRUCTURE_OPT,
+    TRUST_OPT,
+    build_config,
+    handle_errors,
+    print_json,
+    read_calibration,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
-    BATCH_OPT, CHANNELS_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, FORCE_OPT, IMAGE_SIZE_OPT, NORMALIZE_OPT, SEED_OPT,
-    choose_data, load_data, output_option,
+    BATCH_OPT,
+    CHANNELS_OPT,
+    DATA_DIR_OPT,
+    DATA_OPT,
+    DEVICE_OPT,
+    FORCE_OPT,
+    IMAGE_SIZE_OPT,
+    NORMALIZE_OPT,
+    SEED_OPT,
+    choose_data,
+    load_data,
+    output_option,
 )  # fmt: skip
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io import load_model
 from mpocompress.io.data.unlabelled import is_unlabelled
 from mpocompress.io.sweep_files import prepare_folder, write_csv, write_plot, write_state
-from mpocompress.train.sweep import parse_settings, sweep_point
 from mpocompress.train import FINETUNE_DEFAULTS, StopOnSignal, evaluate, resolve_device
 from mpocompress.train.signals import signal_name
+from mpocompress.train.sweep import parse_settings, sweep_point
 
 _D = FINETUNE_DEFAULTS
 

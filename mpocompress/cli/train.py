@@ -10,12 +10,37 @@ from mpocompress.cli import app
 from mpocompress.cli.common import BOND_OPT, JSON_OPT, fail, handle_errors, parse_bond_dims, print_json
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
-    AUGMENT_OPT, BATCH_OPT, DATA_DIR_OPT, DATA_OPT, DEVICE_OPT, EPOCHS_HELP, FORCE_OPT, CHANNELS_OPT, IMAGE_SIZE_OPT, KEEP_CKPT_OPT, MOMENTUM_OPT, NORMALIZE_OPT, RESUME_OPT,
-    RUNS_OPT, SCHEDULE_OPT, SEED_OPT, WARMUP_OPT, WD_OPT, Job, check_outputs, choose_data, data_inputs, count_trainable, load_data,
-    output_option, render, report, run_all,
+    AUGMENT_OPT,
+    BATCH_OPT,
+    CHANNELS_OPT,
+    DATA_DIR_OPT,
+    DATA_OPT,
+    DEVICE_OPT,
+    EPOCHS_HELP,
+    FORCE_OPT,
+    IMAGE_SIZE_OPT,
+    KEEP_CKPT_OPT,
+    MOMENTUM_OPT,
+    NORMALIZE_OPT,
+    RESUME_OPT,
+    RUNS_OPT,
+    SCHEDULE_OPT,
+    SEED_OPT,
+    WARMUP_OPT,
+    WD_OPT,
+    Job,
+    check_outputs,
+    choose_data,
+    count_trainable,
+    data_inputs,
+    load_data,
+    output_option,
+    render,
+    report,
+    run_all,
 )  # fmt: skip
-from mpocompress.train import TrainConfig, dist_env, init_distributed, resolve_device
 from mpocompress.models import adapt_arch, build_model, build_mpo_net
+from mpocompress.train import TrainConfig, dist_env, init_distributed, resolve_device
 
 
 @app.command()

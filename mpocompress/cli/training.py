@@ -16,16 +16,27 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
-from mpocompress.io.data import ImageSet, default_normalization, is_tensor_file, load_dataset, parse_normalize
-from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, is_unlabelled, load_unlabelled, read_lines
-from mpocompress.io.data.calibration import model_tokenizer
+from mpocompress.compress import summarize
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io import (
-    check_output_path, checkpoint_path_for, load_train_state, mpo_layer_specs, save, save_train_state,
+    check_output_path,
+    checkpoint_path_for,
+    load_train_state,
+    mpo_layer_specs,
+    save,
+    save_train_state,
 )  # fmt: skip
-from mpocompress.compress import summarize
+from mpocompress.io.data import ImageSet, default_normalization, is_tensor_file, load_dataset, parse_normalize
+from mpocompress.io.data.calibration import model_tokenizer
+from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, is_unlabelled, load_unlabelled, read_lines
 from mpocompress.train import (
-    DistEnv, EpochStats, FitResult, StopOnSignal, count_params, fit, mean_std,
+    DistEnv,
+    EpochStats,
+    FitResult,
+    StopOnSignal,
+    count_params,
+    fit,
+    mean_std,
 )  # fmt: skip
 
 # ----------------------------------------------------------------------------- shared options

@@ -4,10 +4,10 @@
 from mpocompress.compress.analyze import SWEEP_BOND_DIMS, add_macs, analyze, rows_per_sample
 from mpocompress.compress.config import CompressionConfig, LayerSelection, MPOSettings
 from mpocompress.compress.convert import compress_
-from mpocompress.compress.targets import LayerTarget, select_targets
 from mpocompress.compress.registry import CONVERTERS, Converter, converter_for, register_converter
 from mpocompress.compress.report import CompressionReport, LayerReport, SkippedLayer, count_params, summarize
 from mpocompress.compress.select import Candidate, FilterFn, candidates, match
+from mpocompress.compress.targets import LayerTarget, select_targets
 
 __all__ = [
     "CONVERTERS", "SWEEP_BOND_DIMS", "Candidate", "CompressionConfig", "CompressionReport", "Converter", "FilterFn",

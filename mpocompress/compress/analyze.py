@@ -11,12 +11,18 @@ from torch import nn
 
 from mpocompress.compress.choose import plan_layers
 from mpocompress.compress.config import CompressionConfig
-from mpocompress.compress.targets import (
-    LayerTarget, check_layer_finite, current_cores, decompose, report_for, select_targets, weight_of,
-)  # fmt: skip
 from mpocompress.compress.registry import converter_for
 from mpocompress.compress.report import CompressionReport, LayerReport, count_params, layer_report, totals
 from mpocompress.compress.select import FilterFn
+from mpocompress.compress.targets import (
+    LayerTarget,
+    check_layer_finite,
+    current_cores,
+    decompose,
+    report_for,
+    select_targets,
+    weight_of,
+)  # fmt: skip
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn import MPOLayer
 from mpocompress.tensors import MPOShape, bond_spectra, choose_plan, grouped_macs, unfolding_spectra

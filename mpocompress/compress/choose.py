@@ -20,16 +20,36 @@ from torch import nn
 
 from mpocompress.compress.allocate import Choice, allocate, cheapest_within
 from mpocompress.compress.calibrate import (
-    Calibration, CrossStats, collect_cross, collect_grams, measure_sensitivity, measure_swap, outputs,
+    Calibration,
+    CrossStats,
+    collect_cross,
+    collect_grams,
+    measure_sensitivity,
+    measure_swap,
+    outputs,
 )  # fmt: skip
 from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.report import LayerReport, SkippedLayer, count_params, layer_report
 from mpocompress.compress.select import first_match
-from mpocompress.compress.structures import AUTO_CORES, BOND_GRID, COARSE_GRID, Factors, Option, layer_options, make_factors
+from mpocompress.compress.structures import (
+    AUTO_CORES,
+    BOND_GRID,
+    COARSE_GRID,
+    Factors,
+    Option,
+    layer_options,
+    make_factors,
+)
 from mpocompress.compress.targets import LayerTarget, decompose, reported_structure, weight_of
 from mpocompress.errors import MPOCompressError
 from mpocompress.tensors import (
-    MPOShape, Whitening, bond_spectra, cross_whitening, lowrank_spectrum, truncation_errors, whitening,
+    MPOShape,
+    Whitening,
+    bond_spectra,
+    cross_whitening,
+    lowrank_spectrum,
+    truncation_errors,
+    whitening,
 )  # fmt: skip
 
 SENSITIVITY_SAMPLES = 64  # calibration samples the sensitivity probes run on

@@ -9,12 +9,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-import torch.nn.functional as F
-
 from mpocompress.nn import (
-    LowRankConv2d, LowRankLinear, MPOConv2d, MPOEmbedding, MPOLayer, MPOLinear, conv_geometry, dense_patches, padded_vocab,
+    LowRankConv2d,
+    LowRankLinear,
+    MPOConv2d,
+    MPOEmbedding,
+    MPOLayer,
+    MPOLinear,
+    conv_geometry,
+    dense_patches,
+    padded_vocab,
 )  # fmt: skip
 from mpocompress.nn.conv_geometry import ConvGeometry
 

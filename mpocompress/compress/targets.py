@@ -14,7 +14,15 @@ from mpocompress.compress.select import Candidate, FilterFn, first_match, select
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn import MPOEmbedding, MPOLayer
 from mpocompress.tensors import (
-    Modes, MPOShape, TTDecomposition, all_finite, bond_spectra, check_modes, factorize, tt_round, tt_svd,
+    Modes,
+    MPOShape,
+    TTDecomposition,
+    all_finite,
+    bond_spectra,
+    check_modes,
+    factorize,
+    tt_round,
+    tt_svd,
 )  # fmt: skip
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.utils import bounded_json
 from mpocompress.nn import LAYER_KINDS, MPOEmbedding, MPOLayer
 from mpocompress.tensors import all_finite, bond_caps
+from mpocompress.utils import bounded_json
 
 FORMAT = "mpocompress"
 FORMAT_VERSION = 3  # 2: the metadata records tensors_sha256; 3: also metadata_sha256 (versions 1 and 2 are still read)

@@ -23,11 +23,18 @@ from torch import nn
 
 from mpocompress._version import __version__
 from mpocompress.errors import MPOCompressError
+from mpocompress.io.hf import decode_tokenizer_files, is_hf_dir, load_hf_dir
 from mpocompress.io.metadata import (
-    DIGEST_KEY, FORMAT, FORMAT_VERSION, META_DIGEST_KEY, check_finite, check_layer_spec, metadata_digest, parse_own_metadata,
+    DIGEST_KEY,
+    FORMAT,
+    FORMAT_VERSION,
+    META_DIGEST_KEY,
+    check_finite,
+    check_layer_spec,
+    metadata_digest,
+    parse_own_metadata,
     tensors_digest,
 )  # fmt: skip
-from mpocompress.io.hf import decode_tokenizer_files, is_hf_dir, load_hf_dir
 from mpocompress.io.paths import atomic_write, check_output_path, check_readable
 from mpocompress.io.pickles import torch_load, unwrap_state_dict
 from mpocompress.models import ARCHITECTURES, ArchSpec, build_model, parse_arch

@@ -11,14 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.nn.cache import WeightCache, cached_bytes, cached_layers, materialized
+from mpocompress.nn.cache import WeightCache, cached_bytes, cached_layers, materialized, parameter_bytes
 from mpocompress.nn.conv_geometry import conv_geometry, dense_patches
 from mpocompress.nn.factorized import FactorizedLayer
 from mpocompress.nn.inference import (  # noqa: E402  (after the layers it times)
     InferenceReport,
     LayerInference,
     optimize_for_inference,
-    parameter_bytes,
     resident_bytes,
 )
 from mpocompress.nn.lowrank import LowRankConv2d, LowRankLinear

@@ -15,7 +15,7 @@ counters. So a layer is never materialized behind the user's back: `materialize(
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -69,18 +69,22 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
+def _storages(tensors: Iterable[torch.Tensor]) -> dict[int, int]:
+    """Bytes of each distinct storage behind `tensors`, by address."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each storage counted once)."""
+    return sum(_storages([*model.parameters(), *model.buffers()]).values())
+
+
 def cached_bytes(model: nn.Module) -> int:
     """Bytes every weight cache of `model` holds now beyond its parameters (each storage counted
     once; a group of one core is the core itself)."""
-    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: dict[int, int] = {}
-    for m in cached_layers(model):
-        for _, value in m.weight_cache._entries.values():
-            for t in _tensors(value):
-                s = t.untyped_storage()
-                if s.data_ptr() not in own:
-                    seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
+    own = _storages([*model.parameters(), *model.buffers()])
+    kept = _storages(t for m in cached_layers(model) for _, value in m.weight_cache._entries.values() for t in _tensors(value))
+    return sum(n for ptr, n in kept.items() if ptr not in own)
 
 
 def cached_layers(model: nn.Module) -> list[nn.Module]:

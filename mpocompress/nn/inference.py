@@ -27,10 +27,11 @@ import torch
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
-from mpocompress.nn.cache import cached_bytes, cached_layers
+from mpocompress.nn.cache import cached_bytes, cached_layers, parameter_bytes
+from mpocompress.nn.conv_geometry import ConvGeometry
 from mpocompress.nn.factorized import FactorizedLayer
 from mpocompress.nn.mpo_base import MPOLayer
-from mpocompress.nn.mpo_conv import MPOConv2d
+from mpocompress.nn.mpo_embedding import MPOEmbedding
 from mpocompress.tensors import ContractionPlan, candidate_plans, plan_cost, plan_numbers
 
 Prefer = Literal["memory", "speed"]
@@ -72,15 +73,6 @@ class InferenceReport:
         return {**asdict(self), "resident_bytes": self.resident_bytes}
 
 
-def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (each storage counted once)."""
-    seen: dict[int, int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
-
-
 def resident_bytes(model: nn.Module) -> int:
     """Bytes the model holds for its weights now: parameters, buffers and every kept merged core."""
     return parameter_bytes(model) + cached_bytes(model)
@@ -118,7 +110,8 @@ def _leading(example: Any) -> int:
 
 
 def median_ms(fn: Callable[[], Any], device: torch.device, budget_s: float, max_reps: int = 30) -> float:
-    """Median wall time of fn() in milliseconds over repeats filling about `budget_s`."""
+    """Median wall time of fn() in milliseconds over repeats filling about `budget_s`, after one
+    call that warms up (and fills what a kept plan keeps)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fn()
     sync()
@@ -150,14 +143,17 @@ def _layer_inputs(model: nn.Module, example: Any) -> dict[str, torch.Tensor]:
     return seen
 
 
-def _rows(layer: MPOLayer, x: torch.Tensor) -> int:
-    """Input vectors one call of `layer` on x contracts (what `plan_for` is asked for)."""
-    if isinstance(layer, MPOConv2d):
+def _rows(layer: FactorizedLayer, x: torch.Tensor) -> int:
+    """Input vectors one call of `layer` on x multiplies (what an MPO layer's `plan_for` is asked
+    for): batch x positions for a convolution, every token for an embedding, else every vector."""
+    if isinstance(layer, ConvGeometry):
         xb = x if x.dim() == 4 else x.unsqueeze(0)
         xp, pad = layer._padded(xb)
         oh, ow = layer._output_hw(xp, pad)
         return int(xb.shape[0] * oh * ow)
-    return x.numel() // layer.in_features
+    if isinstance(layer, MPOEmbedding):
+        return x.numel()
+    return x.numel() // x.shape[-1]
 
 
 @dataclass
@@ -181,7 +177,6 @@ def _time_options(layer: MPOLayer, x: torch.Tensor, rows: int, prefer: str, budg
             layer.pin_plan(rows, plan, keep=kept)
             if kept:
                 layer.materialize()
-            layer(x)  # fills the kept groups before timing
             options.append(_Option(plan, kept, median_ms(lambda: layer(x), x.device, budget_s)))
     layer.release()
     layer.pin_plan(rows, None)
@@ -238,8 +233,8 @@ def optimize_for_inference(
                 x = inputs.get(name)
                 if x is None:
                     continue  # not reached by this example
+                rows = _rows(layer, x)
                 if isinstance(layer, MPOLayer):
-                    rows = _rows(layer, x)
                     if (name, rows) in rows_done:
                         continue
                     rows_done.add((name, rows))
@@ -247,8 +242,7 @@ def optimize_for_inference(
                     results.append((name, b, rows, options, default_ms))
                 else:
                     ms = median_ms(lambda layer=layer, x=x: layer(x), x.device, budget_s)
-                    how = "lookup" if layer.structure == "mpo_embedding" else "two GEMMs"
-                    rows = x.numel() if how == "lookup" else x.numel() // x.shape[-1] if x.dim() > 1 else 1
+                    how = "lookup" if isinstance(layer, MPOEmbedding) else "two GEMMs"
                     others.append(LayerInference(name, layer.structure, b, rows, how, False, 0, ms, None))
     chosen = _choose(mpo, results, max_cache_bytes)
     layers = []

@@ -13,7 +13,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
-
 def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Contract consecutive cores (D_a, J_k, I_k, D_k) .. (D_{l-1}, J_l, I_l, D_b) into one core
     (D_a, J_k..J_l, I_k..I_l, D_b) whose mode sizes are the products. Differentiable."""

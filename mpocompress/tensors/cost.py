@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from mpocompress.tensors.shape import MPOShape
 
 
-
 def group_sizes(n: int) -> list[tuple[int, ...]]:
     """Every way to split n cores into consecutive groups, as tuples of group sizes (2^(n-1) ways)."""
     if n <= 1:

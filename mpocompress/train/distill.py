@@ -28,7 +28,14 @@ from mpocompress.errors import MPOCompressError, check_all
 from mpocompress.train.distributed import DistEnv, dist_env
 from mpocompress.train.evaluation import distillation_loss
 from mpocompress.train.loop import (
-    BatchCallback, EpochCallback, FitResult, Loop, Objective, StateCallback, freeze_teacher, local_batch_size,
+    BatchCallback,
+    EpochCallback,
+    FitResult,
+    Loop,
+    Objective,
+    StateCallback,
+    freeze_teacher,
+    local_batch_size,
     wrap_distributed,
 )  # fmt: skip
 from mpocompress.train.state import restore_state
