@@ -89,15 +89,23 @@ class CostModel:
         )  # fmt: skip
 
 
-def _merge_time(chain: Sequence[tuple[int, int, int, int]], model: CostModel) -> float:
-    """Estimated time of `merge_cores` on cores of the given shapes."""
+Core = tuple[int, int, int, int]
+
+
+def merge_steps(chain: Sequence[Core]) -> tuple[Core, list[tuple[int, int, int]]]:
+    """The merged shape of `merge_cores` on cores of the given shapes, and the GEMMs (m, k, n) it
+    runs (each join of two halves: one GEMM over the shared bond, then a copy of its m x n output)."""
     if len(chain) == 1:
-        return 0.0
-    t, left = 0.0, chain[0][0] * chain[0][1] * chain[0][2]
-    for r0, j, i, r1 in chain[1:]:
-        t += model.gemm(left, r0, j * i * r1)
-        left *= j * i
-    return t + model.copy(left * chain[-1][3])
+        return chain[0], []
+    half = len(chain) // 2
+    (da, j1, i1, dk), left = merge_steps(chain[:half])
+    (_, j2, i2, db), right = merge_steps(chain[half:])
+    return (da, j1 * j2, i1 * i2, db), [*left, *right, (da * j1 * i1, dk, j2 * i2 * db)]
+
+
+def _merge_time(chain: Sequence[Core], model: CostModel) -> float:
+    """Estimated time of `merge_cores` on cores of the given shapes."""
+    return sum(model.gemm(m, k, n) + model.copy(m * n) for m, k, n in merge_steps(chain)[1])
 
 
 def plan_cost(
@@ -174,14 +182,11 @@ def plan_numbers(shape: MPOShape, plan: ContractionPlan) -> int:
 def grouped_macs(shape: MPOShape, sizes: Sequence[int], rows: int, merged_cached: bool = False) -> int:
     """Multiply-adds of a forward pass for `rows` inputs with the cores merged into groups of the
     given sizes (the merging itself counted unless cached; one group: rebuild W, dense product)."""
-    full, in_modes, out_modes = shape.full_bonds, shape.in_modes, shape.out_modes
     total, k = 0, 0
     if not merged_cached:
+        chain = shape.core_shapes()
         for m in sizes:
-            left = full[k] * out_modes[k] * in_modes[k]
-            for q in range(k + 1, k + m):
-                total += left * full[q] * out_modes[q] * in_modes[q] * full[q + 1]
-                left *= out_modes[q] * in_modes[q]
+            total += sum(a * b * c for a, b, c in merge_steps(chain[k : k + m])[1])
             k += m
     shapes = shape.grouped(sizes)
     ins = [sh[2] for sh in shapes]
