@@ -67,7 +67,8 @@ class CostModel:
     cache_bytes: int = 8 << 20
     overhead_s: float = 8e-6
     slice_overhead_s: float = 6e-7
-    copy_s_per_element: float = 1.2e-9  # a transposing copy, in cache or not
+    copy_s_per_element: float = 1.2e-9  # a transposing copy of the contraction (small inner runs), in cache or not
+    join_copy_s_per_element: float = 0.25e-9  # merge_cores' 4-index transpose (long inner runs) in cache
     item_bytes: int = 4
 
     def traffic(self, elements: int) -> float:
@@ -79,6 +80,10 @@ class CostModel:
 
     def copy(self, elements: int) -> float:
         return self.overhead_s + elements * self.copy_s_per_element
+
+    def join_copy(self, elements: int) -> float:
+        """The copy that ends each join of `merge_cores`; beyond the cache it reads and writes memory."""
+        return self.overhead_s + elements * self.join_copy_s_per_element + 2 * self.traffic(elements)
 
     def bmm(self, batch: int, m: int, k: int, n: int) -> float:
         """`batch` products (m x k) @ (k x n); slices with a small dimension run below peak."""
@@ -105,7 +110,7 @@ def merge_steps(chain: Sequence[Core]) -> tuple[Core, list[tuple[int, int, int]]
 
 def _merge_time(chain: Sequence[Core], model: CostModel) -> float:
     """Estimated time of `merge_cores` on cores of the given shapes."""
-    return sum(model.gemm(m, k, n) + model.copy(m * n) for m, k, n in merge_steps(chain)[1])
+    return sum(model.gemm(m, k, n) + model.join_copy(m * n) for m, k, n in merge_steps(chain)[1])
 
 
 def plan_cost(
