@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from mpocompress import build_model, load
+from mpocompress.tensors import MPOShape, rebuild_macs
 from mpocompress.cli import app, main
 
 runner = CliRunner()
@@ -153,10 +154,15 @@ def test_analyze_reports_macs_per_layer_and_model(ckpts):
     d = json.loads(r.stdout)
     conv1 = 6 * 1 * 5 * 5 * 28 * 28  # LeNet-5's conv1 (padding 2) has 28x28 output positions
     assert d["macs_model_dense"] > conv1
-    assert d["macs_model_mpo"] < d["macs_model_dense"]
+    # the model's MPO total swaps each reported layer's dense count for its MPO count
+    swapped = sum(layer["macs_mpo"] - layer["macs_dense"] for layer in d["layers"])
+    assert d["macs_model_mpo"] == d["macs_model_dense"] + swapped
     for layer in d["layers"]:
         assert layer["macs_dense"] == layer["rows_per_sample"] * layer["params_original"]
         assert 0 < layer["macs_mpo"] and layer["plan"]
+        if layer["plan"] == "dense":  # a training step of 64 samples rebuilds W once, then the dense product
+            shape = MPOShape(tuple(layer["in_modes"]), tuple(layer["out_modes"]), tuple(layer["bond_dims"]))
+            assert layer["macs_mpo"] == layer["macs_dense"] + rebuild_macs(shape) // 64
     bad = invoke("analyze", ckpts / "lenet5.pt", "--arch", "lenet5", "--input-shape", "1,x,28")
     assert bad.exit_code != 0 and "--input-shape" in bad.output
 
