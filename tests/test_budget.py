@@ -61,6 +61,20 @@ def test_lowrank_conv_equals_its_dense_kernel(geom):
     assert torch.allclose(layer(x[0]), layer(x)[0], atol=1e-5)  # an unbatched input too
 
 
+def test_lowrank_conv_whose_kernel_covers_its_input_is_two_matrix_products(monkeypatch):
+    torch.manual_seed(0)
+    layer = LowRankConv2d(16, 120, 5, rank=6).double()
+    x = torch.randn(4, 16, 5, 5, dtype=torch.float64)
+    ref = layer.to_dense()(x)  # nn.Conv2d, before F.conv2d is taken away
+
+    def no_conv(*args, **kwargs):
+        raise AssertionError("a kernel that covers its input must not reach F.conv2d")
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", no_conv)
+    torch.testing.assert_close(layer(x), ref, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(layer(x[0]), ref[0], atol=1e-12, rtol=1e-10)  # unbatched
+
+
 def test_lowrank_layers_save_and_load(tmp_path):
     model = build_model("lenet5")
     compress_(model, CompressionConfig(bond_dim=6, structure="lowrank"))

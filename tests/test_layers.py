@@ -200,6 +200,55 @@ def test_conv_plans_match_dense_conv(strategy):
     torch.testing.assert_close(gx, gx_ref, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("strategy", ["contract", "merged", "dense"])
+def test_a_kernel_that_covers_its_input_is_one_matrix_product(strategy, monkeypatch):
+    """LeNet-5's conv3 (16 -> 120 channels, 5x5 kernel on 5x5 maps) is a linear map of the flattened
+    input: every plan, cached or not, with gradients, against the float64 dense convolution, and
+    without a call to the convolution routine."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(16, 120, 5).double()
+    mpo = MPOConv2d.from_conv(conv, bond_dim=10_000, in_modes=(2, 5, 10, 4), out_modes=(2, 5, 6, 2))
+    mpo.set_forward_strategy(strategy)
+    x = torch.randn(3, 16, 5, 5, dtype=torch.float64, requires_grad=True)
+    y_ref = conv(x)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref.square().sum(), [x, conv.weight])
+    assert mpo.covers_input(x, (0, 0))
+
+    def no_conv(*args, **kwargs):
+        raise AssertionError("a kernel that covers its input must not reach F.conv2d")
+
+    monkeypatch.setattr(F, "conv2d", no_conv)
+    y = mpo(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    gx, *g_cores = torch.autograd.grad(y.square().sum(), [x, *mpo.cores])
+    torch.testing.assert_close(gx, gx_ref, atol=1e-10, rtol=1e-10)
+    # the cores' gradient is the dense kernel's gradient pulled back through W = merge(cores)
+    g_via_w = torch.autograd.grad(mpo.weight_matrix(), list(mpo.cores), gw_ref.reshape(120, -1))
+    for a, b in zip(g_cores, g_via_w):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    mpo.eval().materialize()
+    with torch.no_grad():
+        for _ in range(2):  # the second call takes the cached fast path
+            torch.testing.assert_close(mpo(x), y_ref, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(mpo(x[0]), y_ref[0], atol=1e-10, rtol=1e-10)  # an unbatched input
+
+
+@pytest.mark.parametrize("conv, hw, covers", [
+    (dict(kernel_size=5), (5, 5), True),
+    (dict(kernel_size=(3, 5)), (3, 5), True),
+    (dict(kernel_size=5), (6, 5), False),  # two positions
+    (dict(kernel_size=5, padding=1), (3, 3), False),  # zero padding left to the conv
+    (dict(kernel_size=3, dilation=2), (5, 5), False),  # dilated: one position, but it skips pixels
+    (dict(kernel_size=3, stride=4), (3, 3), True),  # one position whatever the stride
+])  # fmt: skip
+def test_covers_input_only_when_the_kernel_sees_everything_once(conv, hw, covers):
+    layer = MPOConv2d(2, 4, bond_dim=2, **conv)
+    x = torch.randn(3, 2, *hw)
+    xp, pad = layer._padded(x)
+    assert layer.covers_input(xp, pad) is covers
+    torch.testing.assert_close(layer(x), layer.to_dense()(x), **TOL)  # either way, the dense kernel's numbers
+
+
 def test_materialized_layer_reuses_w_until_the_cores_change():
     torch.manual_seed(0)
     layer = MPOLinear(784, 256, bond_dim=16, in_modes=(4, 7, 7, 4), out_modes=(4, 4, 4, 4)).eval().materialize()

@@ -143,26 +143,33 @@ class MPOConv2d(ConvGeometry, MPOLayer):
             x = x.unsqueeze(0)
         cache = self.weight_cache
         fast = cache.enabled and not torch.is_grad_enabled() and not tracing()
-        if fast:  # materialized, no grad: the kernel of the last dense-plan call on this input shape
+        if fast:  # materialized, no grad: the weight of the last dense-plan call on this input shape
             current = stamp(self._core_params())
             hit = cache.get("fast", current)
             if hit is not None and hit[0] == x.shape:
                 xp, pad = self._padded(x)
-                y = F.conv2d(xp, hit[1], self._parameters["bias"], self.stride, pad, self.dilation)
+                if hit[2]:
+                    y = F.linear(xp.reshape(x.shape[0], -1), hit[1], self._parameters["bias"])[:, :, None, None]
+                else:
+                    y = F.conv2d(xp, hit[1], self._parameters["bias"], self.stride, pad, self.dilation)
                 return y if batched else y.squeeze(0)
         b = x.shape[0]
         xp, pad = self._padded(x)
         oh, ow = self._output_hw(xp, pad)
+        whole = self.covers_input(xp, pad)
         plan, use_cache = self._plan_call(b * oh * ow, x)
         if plan.kind == "dense":
-            kernel = self._weight(use_cache).reshape(self.out_channels, self.in_channels, *self.kernel_size)
+            w = self._weight(use_cache)
+            if not whole:
+                w = w.reshape(self.out_channels, self.in_channels, *self.kernel_size)
             if fast and use_cache:
-                cache.put("fast", current, (x.shape, kernel))
-            y = F.conv2d(xp, kernel, self.bias, self.stride, pad, self.dilation)
+                cache.put("fast", current, (x.shape, w, whole))
+            if whole:
+                y = F.linear(xp.reshape(b, -1), w, self.bias)[:, :, None, None]
+            else:
+                y = F.conv2d(xp, w, self.bias, self.stride, pad, self.dilation)
         else:
-            cols = F.unfold(xp, self.kernel_size, dilation=self.dilation, padding=pad, stride=self.stride)  # (B, Nx, L)
-            rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (B L, Nx)
-            y = self._contract(rows, plan, use_cache)  # (B L, C_out)
+            y = self._contract(self._unfolded(xp, pad), plan, use_cache)  # (B L, C_out)
             y = y.reshape(b, oh * ow, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, oh, ow)
         return y if batched else y.squeeze(0)
 
