@@ -9,6 +9,7 @@ from torch import nn
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn import MPOConv2d, MPOLinear, layer_from_spec
+from mpocompress.nn.cache import stamp
 
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32
 
@@ -247,6 +248,25 @@ def test_covers_input_only_when_the_kernel_sees_everything_once(conv, hw, covers
     xp, pad = layer._padded(x)
     assert layer.covers_input(xp, pad) is covers
     torch.testing.assert_close(layer(x), layer.to_dense()(x), **TOL)  # either way, the dense kernel's numbers
+
+
+@pytest.mark.parametrize("rows, laid_out", [(1, True), (8, True), (9, False), (64, False)])
+def test_merged_groups_are_laid_out_for_the_contraction_only_for_a_few_rows(rows, laid_out):
+    from mpocompress.tensors import ContractionPlan
+
+    torch.manual_seed(0)
+    layer = MPOLinear(96, 60, bond_dim=4, in_modes=(2, 4, 3, 4), out_modes=(3, 2, 5, 2)).double().eval()
+    plan = ContractionPlan((2, 2), ("bmm",))
+    layer.pin_plan(rows, plan, keep=True)
+    layer.materialize()
+    x = torch.randn(rows, 96, dtype=torch.float64)
+    with torch.no_grad():
+        y = layer(x)
+        first, last = layer.weight_cache.get((2, 2), stamp(layer._core_params()))
+    torch.testing.assert_close(y, x @ layer.weight_matrix().detach().T + layer.bias.detach(), rtol=1e-10, atol=1e-10)
+    for g in (first, last):  # memory (D_a, I, J, D_b) when laid out, else (D_a, J, I, D_b)
+        assert g.transpose(1, 2).is_contiguous() is laid_out
+        assert g.is_contiguous() is not laid_out
 
 
 def test_materialized_layer_reuses_w_until_the_cores_change():

@@ -274,6 +274,38 @@ def test_grouped_macs_and_merge_cores_agree_with_the_dense_matrix():
     assert grouped_macs(shape, (1, 1, 1), 7) == contract_macs(shape, 7)
 
 
+@pytest.mark.parametrize("sizes", [(2, 3), (3, 2), (1, 4), (4, 1), (2, 1, 2), (1, 2, 2)])
+def test_groups_merged_for_the_contraction_are_the_same_numbers_in_place(sizes):
+    """`merge_cores(..., for_contraction=True)` gives the usual merged core as a view whose memory
+    is (D_a, I, J, D_b): the matrix each contraction step multiplies by is then a view, no copy,
+    and contracting through such groups equals the dense product (float64)."""
+    from mpocompress.tensors import merge_cores, mpo_contract
+
+    torch.manual_seed(0)
+    shape = MPOShape((2, 3, 4, 2, 3), (3, 2, 2, 4, 2), (2, 3, 4, 3))
+    cores = random_cores(shape, 1.0, dtype=torch.float64)
+    groups, laid, k = [], [], 0
+    for m in sizes:
+        groups.append(merge_cores(cores[k : k + m]))
+        laid.append(merge_cores(cores[k : k + m], for_contraction=True))
+        k += m
+    for m, g, lo in zip(sizes, groups, laid):
+        assert lo.shape == g.shape
+        torch.testing.assert_close(lo, g, rtol=0, atol=1e-12)
+        if m > 1:  # a merged group (a lone core is the core itself)
+            assert lo.transpose(1, 2).is_contiguous()  # memory (D_a, I, J, D_b)
+            da, j, i, db = lo.shape
+            mat = lo.permute(1, 3, 0, 2).reshape(j * db, da * i)  # what a middle step multiplies by
+            assert mat.data_ptr() == lo.data_ptr()
+            if db == 1:  # the last step's (D_a I) x J
+                assert lo.permute(0, 2, 1, 3).reshape(da * i, j).data_ptr() == lo.data_ptr()
+    x = torch.randn(3, shape.nx, dtype=torch.float64)
+    ref = x @ mpo_to_matrix(cores).T
+    for forms in (["fold"] * (len(sizes) - 1), ["bmm"] * (len(sizes) - 1)):
+        torch.testing.assert_close(mpo_contract(x, laid, forms), ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(mpo_contract(x[:1], laid, forms), ref[:1], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("in_modes, out_modes, d", [((4, 7, 7, 4), (4, 4, 4, 4), 4), ((3, 5, 2), (2, 6, 4), 6)])
 def test_first_step_read_from_w_equals_the_step_on_the_permuted_unfolding(in_modes, out_modes, d, monkeypatch):
     """The first TT-SVD step is computed from blocks of W, without the permuted copy of W: the same

@@ -36,6 +36,7 @@ Strategy = Literal["auto", "contract", "merged", "dense"]
 STRATEGIES = ("auto", "contract", "merged", "dense")
 _MAX_PLANS = 64  # plans remembered per layer (one per input row count and mode)
 _NOMINAL_ROWS = 64  # the row count a plan is chosen for when the real one is symbolic
+_FEW_ROWS = 8  # up to this many input rows, merged groups are laid out for the contraction (see _groups)
 
 
 def copied(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -199,17 +200,23 @@ class MPOLayer(MPOCores, FactorizedLayer):
             self._plans[key] = plan
         return plan
 
-    def _groups(self, sizes: tuple[int, ...], use_cache: bool) -> list[torch.Tensor]:
-        """The cores merged into consecutive groups of the given sizes (cached when allowed)."""
+    def _groups(self, sizes: tuple[int, ...], use_cache: bool, rows: int = _NOMINAL_ROWS) -> list[torch.Tensor]:
+        """The cores merged into consecutive groups of the given sizes (cached when allowed).
+
+        For a few rows (`_FEW_ROWS`) the groups are laid out for the contraction (`merge_cores`'s
+        `for_contraction`: one copy per group instead of two), which pays where the merges are most
+        of a call (batch 1; docs/performance.md); for large batches the usual layout multiplies
+        faster. A kept entry serves every row count in the layout it was made in."""
         cores = self._core_params()
         if use_cache:
             current = stamp(cores)
             hit = self.weight_cache.get(sizes, current)
             if hit is not None:
                 return hit
+        laid_out = len(sizes) > 1 and isinstance(rows, int) and rows <= _FEW_ROWS
         groups, k = [], 0
         for m in sizes:
-            groups.append(merge_cores(cores[k : k + m]))
+            groups.append(merge_cores(cores[k : k + m], for_contraction=laid_out))
             k += m
         if use_cache:
             self.weight_cache.put(sizes, current, [g.detach() for g in groups])
@@ -233,7 +240,7 @@ class MPOLayer(MPOCores, FactorizedLayer):
 
     def _contract(self, rows: torch.Tensor, plan: ContractionPlan, use_cache: bool) -> torch.Tensor:
         """y = W rows + bias through the plan's merged groups."""
-        y = mpo_contract(rows, self._groups(plan.sizes, use_cache), plan.forms)
+        y = mpo_contract(rows, self._groups(plan.sizes, use_cache, rows.shape[0]), plan.forms)
         return y + self.bias if self.bias is not None else y
 
     def _weight(self, use_cache: bool) -> torch.Tensor:

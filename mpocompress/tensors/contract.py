@@ -13,7 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
-def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
+def merge_cores(cores: Sequence[torch.Tensor], for_contraction: bool = False) -> torch.Tensor:
     """Contract consecutive cores (D_a, J_k, I_k, D_k) .. (D_{l-1}, J_l, I_l, D_b) into one core
     (D_a, J_k..J_l, I_k..I_l, D_b) whose mode sizes are the products. Differentiable.
 
@@ -21,20 +21,28 @@ def merge_cores(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     shared bond and one copy that moves the right half's J before the left half's I: every product
     has the bond as its inner dimension and every copy is a 4-index transpose, where merging left
     to right ends with a GEMM whose other side is a single small core and a 2n-index permutation
-    (2-3x slower for small layers, 1.3x for large ones; docs/performance.md)."""
+    (2-3x slower for small layers, 1.3x for large ones; docs/performance.md).
+
+    With `for_contraction` the last join lays the group out as (D_a, I, J, D_b) in memory (a
+    (D_a, J, I, D_b) view of it is returned): `mpo_contract` multiplies by the (J D_b) x (D_a I)
+    matrix of each group, which is then a transposed view of that memory, and by (D_a I) x J for
+    the last group, a plain view: one copy per group instead of two.
+    """
     if len(cores) == 1:
         return cores[0]
     half = len(cores) // 2
-    return _join(merge_cores(cores[:half]), merge_cores(cores[half:]))
+    return _join(merge_cores(cores[:half]), merge_cores(cores[half:]), for_contraction)
 
 
-def _join(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def _join(left: torch.Tensor, right: torch.Tensor, for_contraction: bool = False) -> torch.Tensor:
     """(D_a, J1, I1, D_k) and (D_k, J2, I2, D_b) merged into (D_a, J1 J2, I1 I2, D_b)."""
     da, j1, i1, dk = left.shape
     _, j2, i2, db = right.shape
-    t = (left.reshape(da * j1 * i1, dk) @ right.reshape(dk, j2 * i2 * db)).reshape(da, j1, i1, j2, i2 * db)
-    return t.transpose(2, 3).reshape(da, j1 * j2, i1 * i2, db)
-
+    t = left.reshape(da * j1 * i1, dk) @ right.reshape(dk, j2 * i2 * db)
+    if for_contraction:
+        t = t.reshape(da, j1, i1, j2, i2, db).permute(0, 2, 4, 1, 3, 5).reshape(da, i1 * i2, j1 * j2, db)
+        return t.transpose(1, 2)
+    return t.reshape(da, j1, i1, j2, i2 * db).transpose(2, 3).reshape(da, j1 * j2, i1 * i2, db)
 
 def mpo_to_matrix(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     """Rebuild W (N_y x N_x) from the cores (Eq. 5). Differentiable."""
@@ -131,7 +139,7 @@ def _contract_rows(x: torch.Tensor, cores: Sequence[torch.Tensor], forms: Sequen
     for k, core in enumerate(cores):
         r0, j, i, r1 = core.shape
         if k == n - 1:  # the rest is a vector per slice: one GEMM (M, D I) @ (D I, J)
-            t = t.reshape(m, r0 * i) @ core.permute(0, 2, 1, 3).reshape(r0 * i, j * r1)
+            t = t.reshape(m, r0 * i) @ core.permute(0, 2, 1, 3).reshape(r0 * i, j * r1)  # a view of a group merged for it
             break
         t = t.reshape(m, r0 * i, -1)
         mat = core.permute(1, 3, 0, 2).reshape(j * r1, r0 * i)  # (J_k D_k, D_{k-1} I_k)
