@@ -1,7 +1,8 @@
 """Low-rank layers: W = B A with A (r x N_x) and B (N_y x r), run as two skinny products.
 
 `LowRankLinear` computes x A^T B^T + b; `LowRankConv2d` is a k x k convolution to r channels (A, with
-the original geometry) followed by a 1x1 convolution (B, with the bias). As an MPO this is the 2-core
+the original geometry) followed by a 1x1 convolution (B, with the bias), or two matrix products of the
+flattened input when the kernel covers it whole (`ConvGeometry.covers_input`). As an MPO this is the 2-core
 MPO with input modes (1, N_x), output modes (N_y, 1) and bond r, which is how the report counts it.
 """
 
