@@ -212,6 +212,66 @@ def test_a_low_rank_convolution_is_reported_by_its_positions():
     assert [(lr.plan, lr.rows) for lr in report.layers] == [("two GEMMs", 2 * 3 * 3)]
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_both_forms_of_a_low_rank_linear_equal_the_dense_product(bias):
+    """"transposed" takes the first product as (A x^T)^T: the same numbers as x A^T B^T + b (float64,
+    3-D input), with the input's gradient too (eval mode, where pins apply)."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(40, 24, rank=7, bias=bias).double().eval()
+    x = torch.randn(2, 5, 40, dtype=torch.float64, requires_grad=True)
+    ref = _dense_reference(layer, x)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), [x])
+    for form in ("rows", "transposed"):
+        layer.pin_form(10, form)
+        y = layer(x)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        (g,) = torch.autograd.grad(y.square().sum(), [x])
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(MPOCompressError, match="unknown form"):
+        layer.pin_form(10, "columns")
+
+
+def _first_product_shapes(layer, x):
+    """The input shapes of the matrix products one call of `layer` runs."""
+    with torch.profiler.profile(record_shapes=True) as prof:
+        layer(x)
+    return [tuple(map(tuple, e.input_shapes[:2])) for e in prof.events() if e.name in ("aten::mm", "aten::addmm")]
+
+
+def test_optimize_pins_the_faster_form_per_row_count_and_training_ignores_it(monkeypatch):
+    import mpocompress.nn.inference as inference
+
+    model = nn.Sequential(LowRankLinear(64, 48, rank=8), nn.ReLU(), LowRankLinear(48, 16, rank=4))
+    times = iter([2.0, 1.0, 1.0, 2.0] * 2)  # per layer and batch: rows, then transposed
+    monkeypatch.setattr(inference, "median_ms", lambda fn, device, budget_s: next(times))
+    report = optimize_for_inference(model, torch.randn(5, 64), batch=(1, 5))
+    got = {(lr.name, lr.rows): (lr.plan, lr.time_ms, lr.default_time_ms) for lr in report.layers}
+    assert got[("0", 1)] == ("two GEMMs (transposed first)", 1.0, 2.0)
+    assert got[("2", 1)] == ("two GEMMs", 1.0, 1.0)
+    assert model[0].pinned_forms == {1: "transposed", 5: "transposed"} and model[2].pinned_forms == {1: "rows", 5: "rows"}
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert ((8, 64), (64, 5)) in _first_product_shapes(model[0], x)  # A x^T: the transposed form ran
+        assert ((5, 64), (64, 8)) not in _first_product_shapes(model[0], x)
+        assert ((3, 64), (64, 8)) in _first_product_shapes(model[0], torch.randn(3, 64))  # 3 rows: nothing pinned
+    model.train()
+    assert ((5, 64), (64, 8)) in _first_product_shapes(model[0], x)  # training with gradients: the default form
+    model[0].pin_form(5, None)
+    assert model[0].pinned_forms == {1: "transposed"}
+
+
+def test_low_rank_layers_pickled_before_forms_existed_still_run():
+    layer = LowRankLinear(16, 8, rank=3)
+    state = layer.__getstate__()
+    del state["_forms"]
+    old = LowRankLinear.__new__(LowRankLinear)
+    old.__setstate__(state)
+    again = pickle.loads(pickle.dumps(old))
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(again(x), layer(x))
+    assert again.pinned_forms == {}
+
+
 def test_bad_requests_are_one_line_errors():
     model = _model()
     x = torch.randn(2, 3, 6, 6)

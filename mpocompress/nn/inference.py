@@ -12,7 +12,9 @@ that guess by measurement on the batch sizes the model will serve:
   what all layers keep together: the layers that save the most time per byte keep theirs first.
 
 Low-rank layers always run as two GEMMs (they are never larger than the dense layer, and W would
-be); MPO embeddings look tokens up from the cores. Both are reported with their measured time.
+be); for a low-rank Linear both orders of the first GEMM are timed and the faster is pinned
+(`LowRankLinear.pin_form`), whatever the preference, since neither keeps anything. MPO embeddings
+look tokens up from the cores. All are reported with their measured time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from mpocompress.errors import MPOCompressError
 from mpocompress.nn.cache import cached_bytes, cached_layers, parameter_bytes
 from mpocompress.nn.conv_geometry import ConvGeometry
 from mpocompress.nn.factorized import FactorizedLayer
+from mpocompress.nn.lowrank import FORMS, LowRankLinear
 from mpocompress.nn.mpo_base import MPOLayer
 from mpocompress.nn.mpo_embedding import MPOEmbedding
 from mpocompress.tensors import ContractionPlan, candidate_plans, plan_cost, plan_numbers
@@ -47,7 +50,7 @@ class LayerInference:
     structure: str  # "mpo", "lowrank", "mpo_embedding"
     batch: int
     rows: int  # input vectors per call (batch x positions for a conv, batch x tokens for a sequence)
-    plan: str  # ContractionPlan.describe(), "two GEMMs" (low-rank) or "lookup" (embedding)
+    plan: str  # ContractionPlan.describe(), "two GEMMs" or "two GEMMs (transposed first)" (low-rank), "lookup" (embedding)
     kept: bool  # whether the plan reuses merged cores kept between calls
     kept_bytes: int  # bytes those kept cores take (0 when not kept)
     time_ms: float  # measured median time of one call on the layer's inputs
@@ -223,6 +226,9 @@ def optimize_for_inference(
     mpo = {n: m for n, m in named.items() if isinstance(m, MPOLayer)}
     for m in mpo.values():
         m._pinned.clear()
+    for m in named.values():
+        if isinstance(m, LowRankLinear):
+            m._forms.clear()
     rows_done: set[tuple[str, int]] = set()
     results: list[tuple[str, int, int, list[_Option], float]] = []
     others: list[LayerInference] = []
@@ -240,6 +246,8 @@ def optimize_for_inference(
                     rows_done.add((name, rows))
                     options, default_ms = _time_options(layer, x, rows, prefer, budget_s)
                     results.append((name, b, rows, options, default_ms))
+                elif isinstance(layer, LowRankLinear):
+                    others.append(_pin_fastest_form(name, layer, x, b, rows, budget_s))
                 else:
                     ms = median_ms(lambda layer=layer, x=x: layer(x), x.device, budget_s)
                     how = "lookup" if isinstance(layer, MPOEmbedding) else "two GEMMs"
@@ -256,6 +264,18 @@ def optimize_for_inference(
         for b in batches:
             call_model(model, resized(example, b))
     return InferenceReport(prefer, batches, layers + others, parameter_bytes(model), cached_bytes(model), max_cache_bytes)
+
+
+def _pin_fastest_form(name: str, layer: LowRankLinear, x: torch.Tensor, batch: int, rows: int, budget_s: float) -> LayerInference:
+    """Time both orders of a low-rank Linear's first GEMM on its input and pin the faster."""
+    times = {}
+    for form in FORMS:
+        layer.pin_form(rows, form)
+        times[form] = median_ms(lambda: layer(x), x.device, budget_s)
+    best = min(FORMS, key=lambda f: times[f])
+    layer.pin_form(rows, best)
+    how = "two GEMMs" if best == "rows" else "two GEMMs (transposed first)"
+    return LayerInference(name, layer.structure, batch, rows, how, False, 0, times[best], times["rows"])
 
 
 def _choose(
