@@ -103,8 +103,8 @@ class LowRankLinear(_LowRank):
     def pin_form(self, rows: int, form: str | None) -> None:
         """How calls of `rows` input vectors that need no gradient (and every call in eval mode) take
         the first product: "rows", x A^T (the default), or "transposed", (A x^T)^T, the same numbers
-        from a GEMM with the short side first, which BLAS runs 10-20 % faster for some shapes (a
-        1536 -> 384 layer at rank 83-215 on 3008 rows) and slower for others, so
+        from a GEMM with the short side first, which BLAS runs faster for some shapes (a low rank
+        against a long input, as MiniLM's 1536 -> 384 FFN outputs) and slower for others, so
         `optimize_for_inference` measures which. None unpins."""
         if form is None:
             self._forms.pop(rows, None)
