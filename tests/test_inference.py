@@ -260,18 +260,6 @@ def test_optimize_pins_the_faster_form_per_row_count_and_training_ignores_it(mon
     assert model[0].pinned_forms == {1: "transposed"}
 
 
-def test_low_rank_layers_pickled_before_forms_existed_still_run():
-    layer = LowRankLinear(16, 8, rank=3)
-    state = layer.__getstate__()
-    del state["_forms"]
-    old = LowRankLinear.__new__(LowRankLinear)
-    old.__setstate__(state)
-    again = pickle.loads(pickle.dumps(old))
-    x = torch.randn(3, 16)
-    torch.testing.assert_close(again(x), layer(x))
-    assert again.pinned_forms == {}
-
-
 def test_bad_requests_are_one_line_errors():
     model = _model()
     x = torch.randn(2, 3, 6, 6)
@@ -285,15 +273,19 @@ def test_bad_requests_are_one_line_errors():
         model[3].pin_plan(2, ContractionPlan((1, 1), ("fold",)))
 
 
-def test_layers_pickled_before_pinning_existed_still_run():
-    layer = MPOLinear(16, 8, bond_dim=2)
+@pytest.mark.parametrize("make, field", [
+    (lambda: MPOLinear(16, 8, bond_dim=2), "_pinned"), (lambda: LowRankLinear(16, 8, rank=3), "_forms"),
+], ids=["mpo", "lowrank"])  # fmt: skip
+def test_layers_pickled_before_pinning_existed_still_run(make, field):
+    layer = make()
     state = layer.__getstate__()
-    del state["_pinned"]
-    old = MPOLinear.__new__(MPOLinear)
+    del state[field]
+    old = type(layer).__new__(type(layer))
     old.__setstate__(state)
     again = pickle.loads(pickle.dumps(old))
     x = torch.randn(3, 16)
     torch.testing.assert_close(again(x), layer(x))
+    assert getattr(again, field) == {}
 
 
 def test_evaluate_prefer_reports_what_the_served_model_holds(tmp_path):
