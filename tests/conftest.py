@@ -45,3 +45,30 @@ def shared_data() -> Path:
         assert path.is_file(), f"{path} listed in SHA256SUMS is missing"
         assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{path} does not match SHA256SUMS"
     return SHARED_DATA
+
+
+@pytest.fixture
+def graph_of():
+    """build(module, x, how): the module captured as a graph by `how` ("trace", "export" or
+    "compile", fullgraph) in the caller's grad mode, returned as a function that runs it; the
+    tracer's and compiler's notes are silenced while capturing and running."""
+    import warnings
+
+    def quiet(fn, *args):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on Python values, deprecation notes
+            return fn(*args)
+
+    def capture(module, x, how):
+        if how == "trace":
+            return torch.jit.trace(module, x)
+        if how == "export":
+            return torch.export.export(module, (x,)).module()
+        torch._dynamo.reset()
+        return torch.compile(module, fullgraph=True)
+
+    def build(module, x, how):
+        graph = quiet(capture, module, x, how)
+        return lambda inp: quiet(graph, inp)
+
+    return build

@@ -4,8 +4,6 @@ second input of another batch size where the captured graph allows it.
 Tracing runs in both grad modes: under torch.no_grad an MPO layer once failed the tracer's own sanity
 check (a plan remembered after the first run made the second run's graph differ)."""
 
-import warnings
-
 import pytest
 import torch
 
@@ -29,18 +27,11 @@ CASES = _cases()
 
 @pytest.mark.parametrize("how", ["trace", "trace without grad", "export", "compile"])
 @pytest.mark.parametrize("name, layer, x, other", CASES, ids=[c[0] for c in CASES])
-def test_a_factorized_layer_traces_exports_and_compiles(name, layer, x, other, how):
+def test_a_factorized_layer_traces_exports_and_compiles(name, layer, x, other, how, graph_of):
     layer.eval()
     grad = torch.no_grad() if how == "trace without grad" else torch.enable_grad()
-    with warnings.catch_warnings(), grad:
-        warnings.simplefilter("ignore")  # tracer notes on Python values
-        if how.startswith("trace"):
-            graph = torch.jit.trace(layer, x)
-        elif how == "export":
-            graph = torch.export.export(layer, (x,)).module()
-        else:
-            torch._dynamo.reset()
-            graph = torch.compile(layer, fullgraph=True)
+    with grad:
+        graph = graph_of(layer, x, how.split()[0])
         torch.testing.assert_close(graph(x), layer(x), rtol=1e-5, atol=1e-5)
         if how != "export":  # an export is specialised to its example's shapes unless given dynamic dims
             torch.testing.assert_close(graph(other), layer(other), rtol=1e-5, atol=1e-5)

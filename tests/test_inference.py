@@ -167,22 +167,13 @@ def test_an_optimized_model_still_trains_and_its_gradients_reach_the_cores():
 
 @pytest.mark.parametrize("prefer", ["memory", "speed"])
 @pytest.mark.parametrize("how", ["trace", "export", "compile"])
-def test_an_optimized_small_model_traces_exports_and_compiles(prefer, how):
+def test_an_optimized_small_model_traces_exports_and_compiles(prefer, how, graph_of):
     model = _model()
     x = torch.randn(4, 3, 6, 6)
     optimize_for_inference(model, x, prefer=prefer, budget_s=0.002)
     with torch.no_grad():
         eager = model(x)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if how == "trace":
-            graph = torch.jit.trace(model, x)
-        elif how == "export":
-            graph = torch.export.export(model, (x,)).module()
-        else:
-            torch._dynamo.reset()
-            graph = torch.compile(model, fullgraph=True)
-        torch.testing.assert_close(graph(x), eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(graph_of(model, x, how)(x), eager, rtol=1e-5, atol=1e-5)
 
 
 def test_embeddings_and_token_models_are_timed_and_reported():

@@ -25,6 +25,7 @@ from mpocompress.compress import summarize
 from mpocompress.errors import MPOCompressError
 from mpocompress.io import load_model
 from mpocompress.io.data.unlabelled import FeatureSet, is_unlabelled
+from mpocompress.nn.inference import PREFERENCES
 from mpocompress.train import evaluate as evaluate_model
 from mpocompress.train import optimize_on_first_batch, resolve_device
 from mpocompress.train.distill import agreement
@@ -64,8 +65,8 @@ def evaluate(
         raise MPOCompressError(f"--batch-size must be at least 1, got {batch_size}")
     if max_samples is not None and max_samples < 2:
         raise MPOCompressError(f"--max-samples must be at least 2, got {max_samples}")
-    if prefer is not None and prefer not in ("memory", "speed"):
-        raise MPOCompressError(f"--prefer takes memory or speed, got {prefer!r}")
+    if prefer is not None and prefer not in PREFERENCES:
+        raise MPOCompressError(f"--prefer takes {' or '.join(PREFERENCES)}, got {prefer!r}")
     dev = resolve_device(device)
     loaded = load_model(model, arch, trust_pickle)
     ref_model = load_model(reference, reference_arch or loaded.arch, trust_pickle).model if reference else None
