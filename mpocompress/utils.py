@@ -47,6 +47,16 @@ def is_hf_model(model: nn.Module) -> bool:
     return isinstance(getattr(getattr(model, "config", None), "model_type", None), str)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` is a transformers decoder language model (LlamaForCausalLM, GPT2LMHeadModel,
+    ...): a transformers model with an output embedding (the LM head) that is not an encoder-decoder
+    and not a masked LM. A duck test on the class, so transformers is never imported for it."""
+    if not is_hf_model(model) or getattr(model.config, "is_encoder_decoder", False):
+        return False
+    name = type(model).__name__
+    return name.endswith(("ForCausalLM", "LMHeadModel")) and callable(getattr(model, "get_output_embeddings", None))
+
+
 def call_with(model: nn.Module, inputs: Mapping[str, torch.Tensor], hidden_states: bool = False) -> Any:
     """A model called on a batch as the datasets serve it: model(x) for {"x": ...}, model(**inputs)
     for token inputs (with every block's output when asked)."""

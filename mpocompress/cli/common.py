@@ -187,7 +187,7 @@ def build_config(
 
 
 def read_calibration(
-    err: Any, calib: str | None, loaded: Any, samples: int, data_dir: Path | None, max_length: int = 128
+    err: Any, calib: str | None, loaded: Any, samples: int | None, data_dir: Path | None, max_length: int | None = None
 ) -> list[dict[str, Any]] | None:  # fmt: skip
     """--calib's batches (None without it), served as the model file records its data, with a
     spinner on `err` while they are read."""
@@ -233,9 +233,9 @@ STRUCTURE_OPT = typer.Option("auto", "--structure", metavar="auto|mpo|lowrank", 
 TARGET_OPT = typer.Option(None, "--target-params", metavar="P", help="The model's size after: a count (12000000, 12M) or a fraction of its size now (0.5). The allocator spreads it over the layers; a layer that nothing smaller serves stays dense.", show_default=False)
 MAX_ERROR_OPT = typer.Option(None, "--max-error", metavar="E", help="Largest relative error a layer may have, in (0, 1): its output error on --calib data, else its weight error. Alone: each layer takes its smallest form within E.", show_default=False)
 CALIB_OPT = typer.Option(None, "--calib", metavar="DATA", help="Calibration data (anything --data accepts: a dataset name, a tensors file, a folder of images, text:FILE for a text model). Factorizations then minimize each layer's error on its real inputs.", show_default=False)
-CALIB_SAMPLES_OPT = typer.Option(512, "--calib-samples", metavar="N", help="Samples of --calib to use (the first N of its training split).")
+CALIB_SAMPLES_OPT = typer.Option(None, "--calib-samples", metavar="N", help="Samples of --calib to use (the first N of its training split). [default: 512; for a causal LM 128 windows of --max-length tokens]", show_default=False)
 SEQUENTIAL_OPT = typer.Option(False, "--sequential", help="Calibrate each layer on the inputs the already compressed layers give it (slower: a pass per layer group), so errors do not compound.")
-MAX_LENGTH_OPT = typer.Option(128, "--max-length", metavar="N", help="Tokens per sample for text:FILE calibration data (longer samples are cut).")
+MAX_LENGTH_OPT = typer.Option(None, "--max-length", metavar="N", help="Tokens per sample of text:FILE data: a causal LM's text is one stream cut into windows of N tokens, other models' lines are cut at N. [default: 512 for a causal LM, else 128]", show_default=False)
 CALIB_DATA_DIR_OPT = typer.Option(None, "--data-dir", metavar="DIR", help="Folder with the dataset files of --calib (default: $MPOCOMPRESS_DATA, else ./data).", show_default=False)
 TRUST_OPT = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled model. Unpickling can run arbitrary code: only for files you trust.")
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")

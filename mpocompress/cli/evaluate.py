@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
 
 from mpocompress.cli import app
-from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, handle_errors, print_json
+from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MAX_LENGTH_OPT, MODEL_ARG, TRUST_OPT, handle_errors, print_json
 from mpocompress.cli.render import make_console
 from mpocompress.cli.training import (
     CHANNELS_OPT,
@@ -23,12 +24,15 @@ from mpocompress.cli.training import (
 )  # fmt: skip
 from mpocompress.compress import summarize
 from mpocompress.errors import MPOCompressError
-from mpocompress.io import load_model
-from mpocompress.io.data.unlabelled import FeatureSet, is_unlabelled
+from mpocompress.io import arch_for_second, load_model
+from mpocompress.io.data.calibration import model_tokenizer
+from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, is_unlabelled
 from mpocompress.nn.inference import PREFERENCES
 from mpocompress.train import evaluate as evaluate_model
 from mpocompress.train import optimize_on_first_batch, resolve_device
 from mpocompress.train.distill import agreement
+from mpocompress.train.lm import greedy_continuation, lm_scores
+from mpocompress.utils import is_causal_lm
 
 PREFER_HELP = (
     "Run the model as it would be served and report its resident weights and time: each MPO layer's "
@@ -48,28 +52,44 @@ def evaluate(
     image_size: int | None = IMAGE_SIZE_OPT,
     channels: int | None = CHANNELS_OPT,
     normalize: str | None = NORMALIZE_OPT,
-    batch_size: int = typer.Option(1000, "--batch-size", metavar="B", help="Images per forward pass."),
+    batch_size: int | None = typer.Option(None, "--batch-size", metavar="B", help="Samples per forward pass. [default: 1000; 4 windows for a causal LM]", show_default=False),
     device: str = EVAL_DEVICE_OPT,
     reference: Path | None = typer.Option(None, "--reference", metavar="ORIGINAL", help="Also measure agreement with this model (usually the uncompressed original): cosine of pooled outputs, relative output error, top-1 agreement for classifiers.", show_default=False),
     reference_arch: str | None = typer.Option(None, "--reference-arch", metavar="SPEC", help="Architecture of ORIGINAL when it is a state_dict (default: that of MODEL).", show_default=False),
-    max_length: int = typer.Option(128, "--max-length", metavar="N", help="Tokens per sample for text:FILE data."),
+    max_length: int | None = MAX_LENGTH_OPT,
     max_samples: int | None = typer.Option(None, "--max-samples", metavar="N", help="Use at most the first N samples of text:FILE or x-only data (before the 80/20 split; the held-out 20 % is measured).", show_default=False),
     prefer: str | None = typer.Option(None, "--prefer", metavar="memory|speed", help=PREFER_HELP, show_default=False),
+    prompt: list[str] = typer.Option([], "--prompt", metavar="TEXT", help="A causal LM's greedy continuation of TEXT (and the reference's, with --reference), side by side (repeatable).", show_default=False),
+    new_tokens: int = typer.Option(32, "--new-tokens", metavar="N", help="Tokens each --prompt continuation adds."),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Top-1 accuracy and loss on the test split, with the model's parameters and rho (factorized
     weights / dense weights of its factorized layers, Eq. 9); with
-    --reference, agreement with the original (also on data without labels: text:FILE, x-only files)."""
-    if batch_size < 1:
+    --reference, agreement with the original (also on data without labels: text:FILE, x-only files).
+
+    A causal language model is measured on text:FILE as the field does: perplexity over the held-out
+    20 % of the lines, packed into windows of --max-length tokens (stride = window); with --reference
+    also the mean next-token KL divergence and top-1 next-token agreement; --prompt TEXT shows its
+    greedy continuation (and the reference's)."""
+    if batch_size is not None and batch_size < 1:
         raise MPOCompressError(f"--batch-size must be at least 1, got {batch_size}")
     if max_samples is not None and max_samples < 2:
         raise MPOCompressError(f"--max-samples must be at least 2, got {max_samples}")
     if prefer is not None and prefer not in PREFERENCES:
         raise MPOCompressError(f"--prefer takes {' or '.join(PREFERENCES)}, got {prefer!r}")
+    if new_tokens < 1:
+        raise MPOCompressError(f"--new-tokens must be at least 1, got {new_tokens}")
     dev = resolve_device(device)
     loaded = load_model(model, arch, trust_pickle)
-    ref_model = load_model(reference, reference_arch or loaded.arch, trust_pickle).model if reference else None
+    ref_model = load_model(reference, arch_for_second(reference, reference_arch, loaded.arch), trust_pickle).model if reference else None
+    if is_causal_lm(loaded.model):
+        _evaluate_lm(model, loaded, ref_model, reference, data, dev, batch_size or 4, max_length, max_samples, prefer,
+                     prompt, new_tokens, json_out)  # fmt: skip
+        return
+    if prompt:
+        raise MPOCompressError(f"--prompt continues text with a causal language model; {model} is not one")
+    batch_size = batch_size or 1000
     choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model))
     data = choice.name
     rep: dict = {"model": str(model), "arch": loaded.arch}
@@ -127,3 +147,74 @@ def evaluate(
         t.add_row("rho (factorized / dense weights, Eq. 9)", f"{s['rho']:.4g}")
         t.add_row("factorized layers", ", ".join(f"{m['name']} {m['notation']}" for m in s["mpo_layers"]))
     make_console().print(t)
+
+
+def _evaluate_lm(
+    model: Path, loaded: Any, ref_model: Any, reference: Path | None, data: str | None, dev: Any, batch_size: int,
+    max_length: int | None, max_samples: int | None, prefer: str | None, prompts: list[str], new_tokens: int,
+    json_out: bool,
+) -> None:  # fmt: skip
+    """evaluate for a causal LM: perplexity (and KL, top-1 agreement against the reference) on the
+    held-out windows of text:FILE, greedy continuations of the prompts."""
+    recorded = (loaded.metadata or {}).get("data") or {}
+    if data is None:
+        data = recorded.get("name") if str(recorded.get("name", "")).startswith(TEXT_PREFIX) else None
+    if data is None and not prompts:
+        raise MPOCompressError(f"{model} is a causal language model, measured on text: add --data text:FILE (one sentence or paragraph per line)")
+    rep: dict[str, Any] = {"model": str(model), "arch": loaded.arch, "accuracy": None, "loss": None}
+    inference = None
+    t0 = time.perf_counter()
+    if data is not None:
+        if not data.startswith(TEXT_PREFIX):
+            raise MPOCompressError(f"a causal language model is measured on text; give --data text:FILE instead of {data}")
+        test_set = load_unlabelled_data(data, loaded.model, ref_model, max_length, max_samples)[1]
+        if prefer is not None:
+            loaded.model.to(dev)
+            inference = optimize_on_first_batch(loaded.model, test_set, prefer, dev, batch_size)
+            t0 = time.perf_counter()
+        rep.update(data=test_set.name, examples=len(test_set), **lm_scores(loaded.model, test_set, dev, batch_size, ref_model))
+        if reference is not None:
+            rep["reference"] = str(reference)
+    rep["seconds"] = time.perf_counter() - t0
+    if prompts:
+        tokenizer = model_tokenizer(loaded.model, ref_model)
+        loaded.model.to(dev)
+        if ref_model is not None:
+            ref_model.to(dev)
+        rep["continuations"] = [
+            {"prompt": p, "model": greedy_continuation(loaded.model, tokenizer, p, new_tokens, dev),
+             "reference": greedy_continuation(ref_model, tokenizer, p, new_tokens, dev) if ref_model is not None else None}
+            for p in prompts
+        ]  # fmt: skip
+    if inference is not None:
+        rep["inference"] = inference.to_dict()
+    s = summarize(loaded.model)
+    rep.update(rho=s["rho"], params_model_after=s["params_model"], params_model_dense=s["params_model_dense"],
+               params_mpo=s["params_mpo"], mpo_layers=s["mpo_layers"])  # fmt: skip
+    if json_out:
+        print_json(rep)
+        return
+    console = make_console()
+    t = Table(title=f"{model}" + (f" on {rep['data']} (held-out 20 %: {rep['windows']:,} windows of {rep['window']} tokens, stride {rep['stride']})" if data else ""),
+              title_justify="left", show_header=False, box=None, pad_edge=False)  # fmt: skip
+    t.add_column(style="bold")
+    t.add_column()
+    if data is not None:
+        t.add_row("perplexity", f"{rep['perplexity']:.3f} over {rep['tokens_scored']:,} tokens")
+        if ref_model is not None:
+            t.add_row("reference perplexity", f"{rep['reference_perplexity']:.3f} (ratio {rep['perplexity'] / rep['reference_perplexity']:.3f})")
+            t.add_row("next-token KL (mean)", f"{rep['kl_mean']:.4f} nats")
+            t.add_row("top-1 next-token agreement", f"{rep['top1_agreement']:.2%}")
+    t.add_row("parameters", f"{s['params_model']:,} (dense equivalent {s['params_model_dense']:,})")
+    if s["mpo_layers"]:
+        t.add_row("rho (factorized / dense weights, Eq. 9)", f"{s['rho']:.4g}")
+        t.add_row("factorized layers", f"{len(s['mpo_layers'])}")
+    console.print(t)
+    for c in rep.get("continuations", []):
+        g = Table(title=f"greedy continuation of {c['prompt']!r}", title_justify="left", show_header=False, box=None, pad_edge=False)
+        g.add_column(style="bold")
+        g.add_column()
+        g.add_row("model", c["model"])
+        if c["reference"] is not None:
+            g.add_row("reference", c["reference"])
+        console.print(g)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from mpocompress.cli import app
-from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MODEL_ARG, TRUST_OPT, fail, handle_errors, print_json
+from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MAX_LENGTH_OPT, MODEL_ARG, TRUST_OPT, fail, handle_errors, print_json
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
     AUGMENT_OPT,
@@ -36,7 +36,7 @@ from mpocompress.cli.training import (
     report,
     run_all,
 )  # fmt: skip
-from mpocompress.io import load_model
+from mpocompress.io import arch_for_second, load_model
 from mpocompress.io.data.unlabelled import is_unlabelled
 from mpocompress.train import (
     FINETUNE_DEFAULTS,
@@ -79,7 +79,7 @@ def finetune(
     schedule: str | None = typer.Option(None, "--schedule", metavar="NAME", help="Learning rate over the run: cosine|step|constant for SGD (default cosine), linear|cosine|constant for AdamW (default linear).", show_default=False),
     warmup: float | None = typer.Option(None, "--warmup", metavar="EPOCHS", help=f"Linear learning-rate warm-up, in epochs (default: {_D.warmup_epochs:g} for SGD, {_DD.warmup:g} of the run when distilling).", show_default=False),
     loss: str = typer.Option("auto", "--loss", metavar="auto|ce|kd|match", help="ce: cross-entropy on labels (plus soft targets with --distill-from); kd: soft targets only; match: reproduce the teacher's outputs (an encoder's hidden states and pooled embedding, a classifier's logits). auto: ce for labelled data, match without labels."),
-    max_length: int = typer.Option(128, "--max-length", metavar="N", help="Tokens per sample for text:FILE data (longer samples are cut)."),
+    max_length: int | None = MAX_LENGTH_OPT,
     max_samples: int | None = typer.Option(None, "--max-samples", metavar="N", help="Use at most the first N samples of text:FILE or x-only data (before the 80/20 split).", show_default=False),
     match_blocks: float = typer.Option(_DD.layer_weight, "--match-blocks", metavar="W", help="When matching an encoder, also match every block's output with this weight."),
     eval_every: int = typer.Option(0, "--eval-every", metavar="STEPS", help="When distilling, also measure the held-out agreement every this many steps (a learning curve in the JSON's runs)."),
@@ -121,7 +121,7 @@ def finetune(
                              seed=seed, distill_alpha=distill_alpha, distill_temperature=distill_temperature)  # fmt: skip
     teacher = None
     if distill_from is not None:
-        teacher = load_model(distill_from, teacher_arch or loaded.arch, trust_pickle).model
+        teacher = load_model(distill_from, arch_for_second(distill_from, teacher_arch, loaded.arch), trust_pickle).model
     parts = tuple(dict.fromkeys(freeze))
     freeze_(loaded.model.cpu(), parts)  # validates --freeze now
 

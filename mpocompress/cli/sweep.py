@@ -78,7 +78,7 @@ def sweep(
     cores: str | None = CORES_OPT,
     structure: str = STRUCTURE_OPT,
     calib: str | None = CALIB_OPT,
-    calib_samples: int = CALIB_SAMPLES_OPT,
+    calib_samples: int | None = CALIB_SAMPLES_OPT,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep in OUT: the settings already measured are kept."),
     force: bool = FORCE_OPT,
     device: str = DEVICE_OPT,

@@ -27,7 +27,8 @@ from mpocompress.io import (
     save_train_state,
 )  # fmt: skip
 from mpocompress.io.data import ImageSet, default_normalization, is_tensor_file, load_dataset, parse_normalize
-from mpocompress.io.data.calibration import model_tokenizer
+from mpocompress.io.data.calibration import model_tokenizer, text_max_length
+from mpocompress.utils import is_causal_lm
 from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, is_unlabelled, load_unlabelled, read_lines
 from mpocompress.train import (
     DistEnv,
@@ -126,15 +127,17 @@ def load_data(data: DataChoice, data_dir: Path | None, augment: bool | None) -> 
 
 
 def load_unlabelled_data(
-    data: str, model: nn.Module, teacher: nn.Module | None, max_length: int, max_samples: int | None
+    data: str, model: nn.Module, teacher: nn.Module | None, max_length: int | None, max_samples: int | None
 ) -> tuple[TokenSet | FeatureSet, TokenSet | FeatureSet]:
     """The train and held-out splits of text:FILE (tokenized with the model's tokenizer, else the
-    teacher's) or of a tensors file holding x only."""
+    teacher's; a causal LM's as packed windows, see `text_max_length`) or of a tensors file holding x only."""
     tokenizer = None
+    causal = is_causal_lm(model)
+    length = text_max_length(model, max_length)
     if data.startswith(TEXT_PREFIX):
         read_lines(Path(data[len(TEXT_PREFIX) :]), max_samples)  # a missing or empty file is named first
         tokenizer = model_tokenizer(model, teacher)
-    return tuple(load_unlabelled(data, split, tokenizer, max_length, 0, max_samples) for split in ("train", "test"))  # type: ignore[return-value]
+    return tuple(load_unlabelled(data, split, tokenizer, length, 0, max_samples, pack=causal) for split in ("train", "test"))  # type: ignore[return-value]
 
 
 def run_output(out: Path, run: int) -> Path:

@@ -12,12 +12,14 @@ import base64
 import contextlib
 import io as _io
 import logging
+import importlib.util
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from mpocompress.errors import MPOCompressError
@@ -28,7 +30,7 @@ CONFIG_FILE = "config.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
-    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+    "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
 )  # fmt: skip
 MAX_TOKENIZER_BYTES = 32 << 20
 
@@ -89,6 +91,53 @@ def load_hf_dir(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str,
             f"cannot load the Hugging Face model in {path} ({short_error(e)}); the weights may be truncated or damaged"
         ) from None
     return model.eval(), "hf:" + type(model).__name__, read_tokenizer_files(path)
+
+
+GGUF_SUFFIX = ".gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether `path` is a GGUF file (llama.cpp's format): by its suffix, or by its magic bytes."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == GGUF_SUFFIX:
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == GGUF_MAGIC
+
+
+def load_gguf(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str, str]]:
+    """The model in a GGUF file, dequantized to float32 by transformers' GGUF reader, in eval mode,
+    with its spec (hf:CLASS, a causal LM unless --arch names another class) and its tokenizer files
+    (the tokenizer the file carries, written as tokenizer.json)."""
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise MPOCompressError(f"{path} is not a GGUF file (it lacks the GGUF magic bytes); give a .gguf model or a model folder")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MPOCompressError(
+            f"reading {path} needs transformers' GGUF reader: pip install {' '.join(missing)} (or pip install -e '.[gguf]')"
+        )
+    transformers = transformers_module(f"{path} (a GGUF model)")
+    cls = hf_class({}, arch, str(path)) if arch is not None else transformers.AutoModelForCausalLM
+    folder, name = str(path.parent), path.name
+    try:
+        with quiet_transformers(), contextlib.redirect_stderr(_io.StringIO()):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            model = cls.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
+    except MPOCompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the reader raises many kinds for a file it cannot take
+        raise MPOCompressError(
+            f"cannot load the GGUF model {path} ({short_error(e)}); transformers reads GGUF files of the architectures it "
+            "lists (llama, mistral, qwen2, gemma, gpt2, phi3, ...)"
+        ) from None
+    with tempfile.TemporaryDirectory(prefix="mpocompress-gguf-tok-") as tmp:
+        with quiet_transformers():
+            tokenizer.save_pretrained(tmp)
+        files = read_tokenizer_files(Path(tmp))
+    return model.eval(), "hf:" + type(model).__name__, files
 
 
 def read_tokenizer_files(path: Path) -> dict[str, str]:

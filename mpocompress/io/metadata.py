@@ -22,6 +22,7 @@ FORMAT_VERSION = 3  # 2: the metadata records tensors_sha256; 3: also metadata_s
 DIGEST_KEY = "tensors_sha256"
 META_DIGEST_KEY = "metadata_sha256"
 META_COVERED = ("arch", "layers", "hf_config", "hf_tokenizer", "data")  # what changes what the model computes
+META_COVERED_IF_PRESENT = ("tied",)  # covered when a file records it (files written before it stay valid)
 
 
 def parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
@@ -117,6 +118,9 @@ def metadata_digest(meta: Mapping[str, str]) -> str:
     for key in META_COVERED:
         value = meta.get(key)
         h.update(f"{key}\0{'' if value is None else value}\0".encode())
+    for key in META_COVERED_IF_PRESENT:
+        if key in meta:
+            h.update(f"{key}\0{meta[key]}\0".encode())
     return h.hexdigest()
 
 

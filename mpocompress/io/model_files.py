@@ -23,7 +23,7 @@ from torch import nn
 
 from mpocompress._version import __version__
 from mpocompress.errors import MPOCompressError
-from mpocompress.io.hf import decode_tokenizer_files, is_hf_dir, load_hf_dir
+from mpocompress.io.hf import decode_tokenizer_files, is_gguf, is_hf_dir, load_gguf, load_hf_dir
 from mpocompress.io.metadata import (
     DIGEST_KEY,
     FORMAT,
@@ -49,7 +49,7 @@ class LoadedModel:
 
     model: nn.Module
     arch: str | None  # the architecture spec, if one is known
-    source: str  # "state_dict", "pickled_module", "mpocompress" or "huggingface"
+    source: str  # "state_dict", "pickled_module", "mpocompress", "huggingface" or "gguf"
     path: Path
     metadata: dict[str, Any] | None = None  # parsed metadata of an mpocompress file
 
@@ -117,6 +117,12 @@ def load_model(
         remember(model, spec, tokenizer)
         return LoadedModel(model, spec, "huggingface", path)
     check_readable(path)
+    if is_gguf(path):
+        model, spec, tokenizer = load_gguf(path, arch_text)
+        if check_values:
+            check_finite(model.state_dict(), path)
+        remember(model, spec, tokenizer)
+        return LoadedModel(model, spec, "gguf", path)
     if is_safetensors(path):
         meta = read_metadata(path)
         if meta is not None and meta.get("format") == FORMAT:
@@ -138,6 +144,22 @@ def load_model(
     if check_values:
         check_finite(state, path)
     return LoadedModel(_model_from_state(state, path, arch_text), arch_text, "state_dict", path)
+
+
+def arch_for_second(path: str | os.PathLike, asked: str | None, model_arch: str | None) -> str | None:
+    """The architecture to read a second model (a reference, a teacher) with: the one asked for; else
+    none for a model that says what it is (a Hugging Face folder, a GGUF file, a file mpocompress
+    wrote), and the first model's for a bare state_dict."""
+    if asked is not None:
+        return asked
+    p = Path(path)
+    if p.is_dir() or is_gguf(p):
+        return None
+    try:
+        own = (read_metadata(p) or {}).get("format") == FORMAT
+    except MPOCompressError:
+        own = False
+    return None if own else model_arch
 
 
 def load(path: str | os.PathLike, arch: str | ArchSpec | None = None, trust_pickle: bool = False) -> nn.Module:
@@ -283,6 +305,8 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_value
             )
     if check_values:
         check_finite(state, path)
+    tied = _tied_record(meta, path)
+    state = _untie_state(state, tied, path)
 
     hf_config = info["hf_config"] if arch.startswith(HF_PREFIX) else None
     tokenizer = info["hf_tokenizer"]
@@ -293,12 +317,27 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_value
         model = _assemble(skeleton, info["layers"], path, arch, on_meta=True)
         _fit_state_dict(model, state, path, arch, assign=True)
         if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            _retie(model, tied)
             remember(model, arch, tokenizer)
             return LoadedModel(model, arch, "mpocompress", path, info)
     model = _assemble(_build(arch, hf_config), info["layers"], path, arch, on_meta=False)
     _fit_state_dict(model, state, path, arch)
+    _retie(model, tied)
     remember(model, arch, tokenizer)
     return LoadedModel(model, arch, "mpocompress", path, info)
+
+
+def _tied_record(meta: Mapping[str, str], path: Path) -> dict[str, str]:
+    text = meta.get("tied")
+    if text is None:
+        return {}
+    try:
+        tied = json.loads(text)
+    except ValueError:
+        tied = None
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise MPOCompressError(f"{path}: its record of tied parameters is not a mapping of names; the file is damaged")
+    return tied
 
 
 def _assemble(model: nn.Module, layers: Mapping[str, Any], path: Path, arch: str, on_meta: bool) -> nn.Module:
@@ -322,10 +361,45 @@ def _assemble(model: nn.Module, layers: Mapping[str, Any], path: Path, arch: str
     return model
 
 
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """Parameters reachable under a second name (a tied input embedding and LM head; a module shared
+    by two parents): {second name: first name}. A file stores each once and records the rest."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
+
+
+def _untie_state(state: Mapping[str, torch.Tensor], tied: Mapping[str, str], path: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors with every tied name filled from the one it shares (checked: a tied name is
+    not stored, the name it shares is)."""
+    out = dict(state)
+    for name, source in tied.items():
+        if name in state or source not in state:
+            raise MPOCompressError(f"{path}: its record of tied parameters ({name} -> {source}) does not fit its tensors; the file is damaged")
+        out[name] = state[source]
+    return out
+
+
+def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
+    """Make each tied name hold the very Parameter of the name it shares (load_state_dict with assign
+    gives each name a Parameter of its own)."""
+    for name, source in tied.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source))
+
+
 def _tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[tuple[int, int]] = set()
     out = {}
+    tied = tied_parameters(model)
     for k, v in model.state_dict().items():
+        if k in tied:
+            continue  # stored once, under the name it shares; the file records the tie
         v = v.detach()
         key = (v.untyped_storage().data_ptr(), v.storage_offset())
         if key in seen or not v.is_contiguous():
@@ -374,6 +448,9 @@ def save(
         tokenizer = getattr(model, "mpocompress_tokenizer", None)
         if tokenizer:
             metadata["hf_tokenizer"] = json.dumps(tokenizer, sort_keys=True)
+    tied = tied_parameters(model)
+    if tied:
+        metadata["tied"] = json.dumps(tied, sort_keys=True)
     for k, v in (extra_metadata or {}).items():
         metadata[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
     tensors = _tensors_for_saving(model)

@@ -5,7 +5,9 @@ encoder) the loss matches the last hidden states (mean squared error relative to
 mean square, over real tokens) and the pooled embedding (1 - cosine of the mean over real tokens,
 what sentence encoders such as all-MiniLM-L6-v2 use), optionally also every block's output. For a
 classifier (2-D logits) it is Hinton's soft-target term (`kd`) or the mean squared error of the
-logits (`match`). AdamW with linear warm-up and decay; bf16 autocast on CUDA.
+logits (`match`). For a causal language model it is the next-token KL divergence at a temperature
+(T^2 KL(teacher || student), averaged over real token positions), whatever `loss` says, optionally
+plus every block's output (`layer_weight`). AdamW with linear warm-up and decay; bf16 autocast on CUDA.
 
 The student trains with dropout off and batch-norm statistics frozen (eval mode), so that it
 matches the teacher's deterministic outputs. The same `Loop` as `fit` runs the steps, so stops on signals, resumable states (bit-identical on
@@ -27,6 +29,7 @@ from torch import nn
 from mpocompress.errors import MPOCompressError, check_all
 from mpocompress.train.distributed import DistEnv, dist_env
 from mpocompress.train.evaluation import distillation_loss
+from mpocompress.train.lm import lm_scores, next_token_kl
 from mpocompress.train.loop import (
     BatchCallback,
     EpochCallback,
@@ -39,7 +42,7 @@ from mpocompress.train.loop import (
     wrap_distributed,
 )  # fmt: skip
 from mpocompress.train.state import restore_state
-from mpocompress.utils import call_with, main_output
+from mpocompress.utils import call_with, is_causal_lm, main_output
 
 LOSSES = ("match", "kd")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -118,6 +121,30 @@ def _relative_mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -
     return d2.sum() / t2.sum().clamp_min(1e-12)
 
 
+def _block_loss(s_out: Any, t_out: Any, mask: torch.Tensor | None) -> torch.Tensor:
+    """Every block's output matched: relative MSE over real tokens, averaged over the blocks."""
+    sh, th = getattr(s_out, "hidden_states", None), getattr(t_out, "hidden_states", None)
+    if not sh or not th or len(sh) != len(th):
+        raise MPOCompressError("matching block outputs needs a model that returns hidden_states for every block")
+    return torch.stack([_relative_mse(a, b, mask) for a, b in zip(sh[1:], th[1:])]).mean()
+
+
+def lm_distill_loss(
+    s_out: Any, t_out: Any, mask: torch.Tensor | None, config: DistillConfig
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A causal LM's distillation: T^2 KL(teacher || student) of the next-token distributions at
+    temperature T, averaged over real positions (plus `layer_weight` x the blocks' outputs); the
+    agreement is the number of positions where both predict the same next token."""
+    s, t = main_output(s_out), main_output(t_out)
+    keep = torch.ones(s.shape[:2], dtype=torch.bool, device=s.device) if mask is None else mask.bool()
+    kl = next_token_kl(s[keep], t[keep], config.temperature)
+    loss = kl.mean() * config.temperature**2
+    if config.layer_weight > 0:
+        loss = loss + config.layer_weight * _block_loss(s_out, t_out, mask)
+    agree = (s.detach()[keep].argmax(-1) == t[keep].argmax(-1)).sum()
+    return loss, agree, int(keep.sum())
+
+
 def distill_loss(
     s_out: Any, t_out: Any, mask: torch.Tensor | None, config: DistillConfig
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -133,11 +160,7 @@ def distill_loss(
     cos = F.cosine_similarity(ps, pt, dim=-1)
     loss = config.hidden_weight * _relative_mse(s, t, mask) + config.pooled_weight * (1 - cos).mean()
     if config.layer_weight > 0:
-        sh, th = getattr(s_out, "hidden_states", None), getattr(t_out, "hidden_states", None)
-        if not sh or not th or len(sh) != len(th):
-            raise MPOCompressError("matching block outputs needs a model that returns hidden_states for every block")
-        blocks = [_relative_mse(a, b, mask) for a, b in zip(sh[1:], th[1:])]
-        loss = loss + config.layer_weight * torch.stack(blocks).mean()
+        loss = loss + config.layer_weight * _block_loss(s_out, t_out, mask)
     return loss, cos.detach().sum(), s.shape[0]
 
 
@@ -155,6 +178,7 @@ def autocast(config: DistillConfig, device: torch.device) -> Iterator[None]:
 
 def _matching(train_set: Any, teacher: nn.Module, config: DistillConfig, device: torch.device) -> Objective:
     hidden = config.layer_weight > 0
+    loss_fn = lm_distill_loss if is_causal_lm(teacher) else distill_loss
 
     def objective(net: nn.Module, epoch: int, i: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         inputs = train_set.batch(idx, device)
@@ -162,7 +186,7 @@ def _matching(train_set: Any, teacher: nn.Module, config: DistillConfig, device:
             with torch.no_grad():
                 t_out = call_with(teacher, inputs, hidden)
             s_out = call_with(net, inputs, hidden)
-        return distill_loss(s_out, t_out, inputs.get("attention_mask"), config)
+        return loss_fn(s_out, t_out, inputs.get("attention_mask"), config)
 
     return objective
 
@@ -176,7 +200,12 @@ def agreement(
 ) -> dict[str, float | None]:
     """How closely `model` reproduces `reference` on `dataset`: mean and minimum cosine of the pooled
     outputs (per sample), relative error of the main outputs (||model - reference|| / ||reference||
-    over the whole set, real tokens only), and top-1 agreement for classifiers (else None)."""
+    over the whole set, real tokens only), and top-1 agreement for classifiers (else None). For a
+    causal LM: `lm_scores` (perplexities, next-token KL, top-1 next-token agreement), with the
+    cosines None and the relative error the mean KL."""
+    if is_causal_lm(reference):
+        rep = lm_scores(model, dataset, device, max(1, min(batch_size, 4)), reference=reference)
+        return {"agreement_cosine": None, "agreement_cosine_min": None, "output_rel_error": rep["kl_mean"], **rep}
     was = model.training, reference.training
     model.eval(), reference.eval()
     cosines, diff2, ref2, same, n, classifier = [], 0.0, 0.0, 0, 0, False
@@ -208,7 +237,8 @@ def agreement(
 
 
 def metric_of(rep: Mapping[str, float | None]) -> tuple[str, float]:
-    """The agreement a run reports: top-1 agreement for a classifier, else the mean cosine."""
+    """The agreement a run reports: top-1 agreement for a classifier or a causal LM (next tokens),
+    else the mean cosine."""
     if rep["top1_agreement"] is not None:
         return "top1_agreement", float(rep["top1_agreement"])
     return "agreement_cosine", float(rep["agreement_cosine"])

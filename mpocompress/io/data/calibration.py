@@ -16,8 +16,40 @@ from mpocompress.errors import MPOCompressError
 from mpocompress.io.data import load_dataset, parse_normalize
 from mpocompress.io.data.unlabelled import TEXT_PREFIX, is_unlabelled, load_unlabelled, read_lines
 from mpocompress.io.hf import decode_tokenizer_files, load_tokenizer
+from mpocompress.utils import is_causal_lm
 
 Batch = dict[str, torch.Tensor]
+
+LM_MAX_LENGTH = 512  # tokens per window of a causal LM's packed text (SVD-LLM uses 2048 on a GPU)
+TEXT_MAX_LENGTH = 128  # tokens per line of an encoder's text
+LM_CALIB_WINDOWS = 128  # calibration windows of a causal LM (--calib-samples); 512 samples for other models
+CALIB_SAMPLES = 512
+LM_BATCH = 8  # windows per calibration batch of a causal LM
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a transformers model takes (its position table), if its config says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def text_max_length(model: nn.Module, asked: int | None) -> int:
+    """--max-length: as asked (checked against the model's positions), else 512 tokens per window
+    for a causal LM (at most its positions) and 128 per line for other text models."""
+    longest = max_positions(model)
+    if asked is None:
+        if is_causal_lm(model):
+            return min(LM_MAX_LENGTH, longest) if longest else LM_MAX_LENGTH
+        return TEXT_MAX_LENGTH
+    if not isinstance(asked, int) or asked < 2:
+        raise MPOCompressError(f"--max-length must be a whole number >= 2, got {asked!r}")
+    if longest is not None and asked > longest and is_causal_lm(model):
+        raise MPOCompressError(f"--max-length {asked} is longer than the {longest} positions the model takes; give at most {longest}")
+    return asked
 
 
 def model_tokenizer(model: nn.Module, teacher: nn.Module | None = None) -> object:
@@ -34,17 +66,21 @@ def model_tokenizer(model: nn.Module, teacher: nn.Module | None = None) -> objec
 
 
 def calibration_batches(
-    spec: str, model: nn.Module, samples: int = 512, data_dir: str | os.PathLike | None = None,
-    max_length: int = 128, batch_size: int = 32, served: Mapping[str, Any] | None = None,
+    spec: str, model: nn.Module, samples: int | None = None, data_dir: str | os.PathLike | None = None,
+    max_length: int | None = None, batch_size: int | None = None, served: Mapping[str, Any] | None = None,
 ) -> list[Batch]:  # fmt: skip
     """Up to `samples` samples of the training split of `spec`, in batches of `batch_size`. Images
     are served as `served` says (`image_size`, `channels`, `normalize`: how the model was trained,
-    from its file's data record)."""
+    from its file's data record). A causal LM's text comes as packed windows (default: 128 windows
+    of 512 tokens, 8 a batch); other models' default is 512 samples, 32 a batch."""
+    causal = is_causal_lm(model)
+    samples = (LM_CALIB_WINDOWS if causal else CALIB_SAMPLES) if samples is None else samples
+    batch_size = (LM_BATCH if causal else 32) if batch_size is None else batch_size
     if not isinstance(samples, int) or samples < 1:
         raise MPOCompressError(f"--calib-samples must be a whole number >= 1, got {samples!r}")
     if spec.startswith(TEXT_PREFIX):
         read_lines(Path(spec[len(TEXT_PREFIX) :]))  # a missing or empty file is named before the tokenizer
-        ds = load_unlabelled(spec, "train", model_tokenizer(model), max_length)
+        ds = load_unlabelled(spec, "train", model_tokenizer(model), text_max_length(model, max_length), pack=causal)
     elif is_unlabelled(spec):
         ds = load_unlabelled(spec, "train")
     else:

@@ -4,6 +4,11 @@ the model's tokenizer) and tensors files holding inputs `x` only.
 Both serve batches as keyword arguments of the model: a `TokenSet` gives input_ids, attention_mask
 (and token_type_ids), trimmed to the longest sequence of the batch; a `FeatureSet` gives {"x": ...},
 which is passed positionally.
+
+For a causal language model, text is packed as LLM tools do: the lines of a split are joined by
+newlines into one token stream and cut into windows of exactly `max_length` tokens (the last,
+shorter remainder is dropped unless it is all there is), so every sample is a full window of
+running text and no token is padding.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class TokenSet:
     split: str
     inputs: dict[str, torch.Tensor]  # (N, L) each: input_ids, attention_mask, token_type_ids
     augment: bool = False
+    packed: bool = False  # windows cut from one token stream (a causal LM's text), no padding
 
     def __len__(self) -> int:
         return int(self.inputs["input_ids"].shape[0])
@@ -93,10 +99,31 @@ def read_lines(path: Path, limit: int | None = None) -> list[str]:
     return lines[:limit] if limit else lines
 
 
+PACK_LINES = 512  # lines tokenized at a time when packing (the stream is built in pieces)
+
+
+def pack_windows(lines: list[str], tokenizer: Any, window: int) -> torch.Tensor:
+    """The lines joined by newlines as one token stream (no special tokens), cut into windows of
+    `window` tokens: (N, window) int64. The remainder after the last full window is dropped, unless
+    the stream is shorter than one window (then it is the one sample)."""
+    ids: list[int] = []
+    for start in range(0, len(lines), PACK_LINES):
+        text = "\n".join(lines[start : start + PACK_LINES]) + "\n"
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) < 2:
+        raise MPOCompressError(f"the text holds {len(ids)} token{'s' if len(ids) != 1 else ''}; give more text")
+    n = len(ids) // window
+    if n == 0:
+        return torch.tensor([ids], dtype=torch.int64)
+    return torch.tensor(ids[: n * window], dtype=torch.int64).view(n, window)
+
+
 def load_unlabelled(
-    spec: str, split: str, tokenizer: Any = None, max_length: int = 128, seed: int = 0, limit: int | None = None
-) -> TokenSet | FeatureSet:
-    """One split (seeded 80/20) of text:FILE (tokenized with `tokenizer`) or of a tensors file with x only."""
+    spec: str, split: str, tokenizer: Any = None, max_length: int = 128, seed: int = 0, limit: int | None = None,
+    pack: bool = False,
+) -> TokenSet | FeatureSet:  # fmt: skip
+    """One split (seeded 80/20 by line) of text:FILE (tokenized with `tokenizer`; with `pack`, as
+    windows of `max_length` tokens of one stream, see `pack_windows`) or of a tensors file with x only."""
     if split not in ("train", "test"):
         raise MPOCompressError(f"split must be 'train' or 'test', got {split!r}")
     if not isinstance(max_length, int) or max_length < 2:
@@ -107,7 +134,11 @@ def load_unlabelled(
         if tokenizer is None:
             raise MPOCompressError("text data needs the model's tokenizer, and this model has none; give a model with one")
         train_idx, test_idx = seeded_split(len(lines), seed)
-        chosen = [lines[i] for i in (train_idx if split == "train" else test_idx).tolist()]
+        chosen_idx = (train_idx if split == "train" else test_idx).tolist()
+        chosen = [lines[i] for i in (sorted(chosen_idx) if pack else chosen_idx)]  # a stream keeps the file's order
+        if pack:
+            ids = pack_windows(chosen, tokenizer, max_length)
+            return TokenSet(path.name, split, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, packed=True)
         if getattr(tokenizer, "pad_token", "") is None:  # GPT-2 and relatives: padding is masked, any token serves
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
         enc = tokenizer(chosen, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
