@@ -23,6 +23,7 @@ from mpocompress.cli.common import (
     MODEL_ARG,
     SHAPE_OPT,
     STRUCTURE_OPT,
+    REMOVE_OPT,
     TARGET_OPT,
     TRUST_OPT,
     build_config,
@@ -51,6 +52,7 @@ def analyze(
     cores: str | None = CORES_OPT,
     structure: str = STRUCTURE_OPT,
     target_params: str | None = TARGET_OPT,
+    remove: str | None = REMOVE_OPT,
     max_error: str | None = MAX_ERROR_OPT,
     calib: str | None = CALIB_OPT,
     calib_samples: int | None = CALIB_SAMPLES_OPT,
@@ -72,7 +74,7 @@ def analyze(
     training step of batch 64 takes. rho = factorized weights / dense weights of a layer (Eq. 9;
     above 1 means larger than dense). The model file is only read.
     """
-    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error)
+    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, remove=remove)
     sample = parse_input_shape(input_shape)
     err = make_err_console()
     with working(err, f"loading {model}"):

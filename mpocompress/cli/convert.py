@@ -24,6 +24,7 @@ from mpocompress.cli.common import (
     SEQUENTIAL_OPT,
     SHAPE_OPT,
     STRUCTURE_OPT,
+    REMOVE_OPT,
     TARGET_OPT,
     TRUST_OPT,
     build_config,
@@ -51,6 +52,7 @@ def convert(
     cores: str | None = CORES_OPT,
     structure: str = STRUCTURE_OPT,
     target_params: str | None = TARGET_OPT,
+    remove: str | None = REMOVE_OPT,
     max_error: str | None = MAX_ERROR_OPT,
     calib: str | None = CALIB_OPT,
     calib_samples: int | None = CALIB_SAMPLES_OPT,
@@ -69,11 +71,11 @@ def convert(
     weights of the converted layers (Eq. 9). The output is safetensors with metadata to
     rebuild the model: `mpocompress.load(OUT)` returns it. The input file is never modified.
     """
-    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, sequential)
+    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, sequential, remove)
     if output is None:
         fail("convert needs an output file: add -o OUT.safetensors")
     if config.bond_dim is None and config.eps is None and not config.bond_dims and not config.allocating:
-        fail("convert needs a truncation or a budget: add --bond-dim D (e.g. --bond-dim 4), --eps E or --target-params P (e.g. 0.5); `mpocompress analyze` helps choose")
+        fail("convert needs a truncation or a budget: add --bond-dim D (e.g. --bond-dim 4), --eps E, --target-params P (e.g. 0.5) or --remove R (e.g. 0.2); `mpocompress analyze` helps choose")
     if sequential and calib is None:
         fail("--sequential calibrates layer by layer and needs --calib DATA")
     out = check_output_path(output, force, inputs=(model,))

@@ -8,6 +8,14 @@ attention_mask is 0) are left out. `measure_sensitivity` injects small Gaussian 
 layer's output at a time and measures the mean squared change of the model's main output per unit
 of noise energy: the factor that turns a layer's output error into an error at the model's output
 (the allocator's currency).
+
+For a causal language model the output is measured in the currency of next-token KL divergence
+(`HeadFisher`): the final hidden state times a square root of the LM head's Fisher information,
+averaged over calibration tokens, so a squared change is (to second order) twice the KL between
+the next-token distributions; the 49k-wide logits are never kept. Its sensitivities come from one
+backward pass per batch (`gradient_sensitivity`: the squared gradient of a random projection of the
+output at every layer's output at once, Hutchinson's estimate of ||J||_F^2) instead of one noisy
+forward pass per layer.
 """
 
 from __future__ import annotations
@@ -219,22 +227,125 @@ def collect_cross(
     return out
 
 
-def _output(model: nn.Module, batch: Batch) -> torch.Tensor:
+OutputFn = Callable[[nn.Module, Batch], torch.Tensor]
+FISHER_TOKENS = 2048  # calibration tokens the head's averaged Fisher is estimated on
+MICRO_TOKENS = 1024  # tokens per backward pass of gradient_sensitivity
+
+
+def _output(model: nn.Module, batch: Batch, fn: OutputFn | None = None) -> torch.Tensor:
+    if fn is not None:
+        return fn(model, batch).detach()
     y = main_output(_run(model, batch)).detach().to(torch.float64)
     return _real_rows(y, _row_mask(batch)) if y.dim() >= 3 else y
+
+
+class HeadFisher:
+    """A causal LM's output as the allocator measures it: h L for the final hidden state h (what the
+    LM head reads), where L L^T = F, the head's Fisher information averaged over calibration tokens,
+    F = mean_t E^T (diag p_t - p_t p_t^T) E (E the head's weight, p_t the next-token distribution).
+    Since KL(p || p') = 1/2 dz^T (diag p - p p^T) dz + O(dz^3) for a logit change dz = E dh, a
+    squared change of h L is twice the next-token KL, with the per-token Fisher replaced by its
+    mean. Calls run the model's base (its blocks) only, never the head."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], tokens: int = FISHER_TOKENS) -> None:
+        head = model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise MPOCompressError(f"the LM head of this model is a {type(head).__name__}, not a Linear; leave it dense to calibrate on next-token KL")
+        self.base = model.base_model
+        with torch.no_grad():
+            hs = [self._hidden(b) for b in batches]
+            h = torch.cat(hs)
+            if h.shape[0] > tokens:  # evenly spread over the calibration tokens
+                h = h[torch.linspace(0, h.shape[0] - 1, tokens).long()]
+            weight = head.weight.detach().float()
+            logits = h.float() @ weight.T
+            if head.bias is not None:
+                logits = logits + head.bias.detach().float()
+            p = torch.softmax(logits, -1)
+            e = weight.to(torch.float64)
+            mean_p = p.mean(0).to(torch.float64)
+            m = (p @ weight).to(torch.float64)  # E^T p_t per token
+            fisher = (e * mean_p[:, None]).T @ e - m.T @ m / m.shape[0]
+            vals, vecs = torch.linalg.eigh((fisher + fisher.T) / 2)
+            self.root = vecs * vals.clamp_min(0).sqrt()  # F = root root^T
+        self.tokens = int(h.shape[0])
+
+    def _hidden(self, batch: Batch) -> torch.Tensor:
+        out = _run(self.base, {**batch, "use_cache": False})
+        y = main_output(out)
+        return _real_rows(y, _row_mask(batch)) if y.dim() >= 3 else y
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self._hidden(batch).to(torch.float64) @ self.root
+
+
+def gradient_sensitivity(
+    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], fn: OutputFn, seed: int = 0
+) -> dict[str, float]:  # fmt: skip
+    """For each named module: ||J||_F^2 / (its output entries), J the Jacobian of the output `fn`
+    gives with respect to that module's output (real positions only), estimated by Hutchinson's
+    trick with one Gaussian projection u of the output per pass: E||J^T u||^2 = ||J||_F^2. That is
+    what `measure_sensitivity`'s noise probes measure (E||J n||^2 / E||n||^2 for isotropic noise n),
+    for every layer from one backward pass per micro-batch of MICRO_TOKENS tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    grad2 = {name: 0.0 for name in modules}
+    entries = {name: 0 for name in modules}
+    kept: dict[str, torch.Tensor] = {}
+    mask: torch.Tensor | None = None
+
+    def keep(name: str):  # noqa: ANN202
+        def hook(m: nn.Module, args: object, y: torch.Tensor) -> None:
+            if isinstance(y, torch.Tensor) and y.requires_grad:
+                kept[name] = y
+        return hook
+
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    model.eval()
+    handles = [mod.register_forward_hook(keep(name)) for name, mod in modules.items()]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                n, length = next(iter(batch.values())).shape[:2]
+                step = max(1, MICRO_TOKENS // max(int(length), 1))
+                for s in range(0, int(n), step):
+                    micro = {k: v[s : s + step] for k, v in batch.items()}
+                    mask = _row_mask(micro)
+                    kept.clear()
+                    y = fn(model, micro)
+                    u = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y)
+                    names = list(kept)
+                    grads = torch.autograd.grad((y * u).sum(), [kept[k] for k in names], allow_unused=True)
+                    for name, g in zip(names, grads):
+                        if g is None:
+                            continue
+                        g = _real_rows(g, mask)
+                        grad2[name] += float(g.double().square().sum())
+                        entries[name] += g.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        kept.clear()
+        model.train(was_training)
+    return {name: grad2[name] / entries[name] if entries[name] else 0.0 for name in modules}
 
 
 @torch.no_grad()
 def measure_sensitivity(
     model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], seed: int = 0,
-    reference: Sequence[torch.Tensor] | None = None,
+    reference: Sequence[torch.Tensor] | None = None, fn: OutputFn | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """For each named module: E||change of the model's main output||^2 / E||noise||^2 when Gaussian
     noise (NOISE times the output's RMS) is added to that module's output alone, over the batches
     (padding positions excluded, in the noise and in the output). `reference`: the model's outputs on
     the batches (`outputs`), when the caller has them already."""
     if reference is None:
-        reference = outputs(model, batches)
+        reference = outputs(model, batches, fn)
     was_training = model.training
     model.eval()
     try:
@@ -260,7 +371,7 @@ def measure_sensitivity(
             try:
                 for b, ref in zip(batches, reference):
                     state["mask"] = _row_mask(b)
-                    change += float((_output(model, b) - ref).square().sum())
+                    change += float((_output(model, b, fn) - ref).square().sum())
             finally:
                 handle.remove()
             energy = float(state["energy"])
@@ -270,19 +381,21 @@ def measure_sensitivity(
         model.train(was_training)
 
 
-def outputs(model: nn.Module, batches: Sequence[Batch]) -> list[torch.Tensor]:
-    """The model's main output on each batch (float64, padding positions left out), in eval mode."""
+def outputs(model: nn.Module, batches: Sequence[Batch], fn: OutputFn | None = None) -> list[torch.Tensor]:
+    """The model's main output on each batch (float64, padding positions left out), or what `fn`
+    makes of it, in eval mode."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return [_output(model, b) for b in batches]
+            return [_output(model, b, fn) for b in batches]
     finally:
         model.train(was_training)
 
 
 def measure_swap(
-    model: nn.Module, names: Sequence[str], new: nn.Module, batches: Sequence[Batch], reference: Sequence[torch.Tensor]
+    model: nn.Module, names: Sequence[str], new: nn.Module, batches: Sequence[Batch], reference: Sequence[torch.Tensor],
+    fn: OutputFn | None = None,
 ) -> float:  # fmt: skip
     """The mean squared change of the model's main output per sample (against `reference`, from
     `outputs`) while the module reachable under `names` is replaced by `new`; restored afterwards."""
@@ -291,7 +404,7 @@ def measure_swap(
     try:
         for n in names:
             set_module(model, n, new)
-        return sum(float((y - ref).square().sum()) for y, ref in zip(outputs(model, batches), reference)) / max(samples, 1)
+        return sum(float((y - ref).square().sum()) for y, ref in zip(outputs(model, batches, fn), reference)) / max(samples, 1)
     finally:
         for n in names:
             set_module(model, n, old)

@@ -22,8 +22,10 @@ from mpocompress.compress.allocate import Choice, allocate, cheapest_within
 from mpocompress.compress.calibrate import (
     Calibration,
     CrossStats,
+    HeadFisher,
     collect_cross,
     collect_grams,
+    gradient_sensitivity,
     measure_sensitivity,
     measure_swap,
     outputs,
@@ -42,6 +44,7 @@ from mpocompress.compress.structures import (
 )
 from mpocompress.compress.targets import LayerTarget, decompose, reported_structure, weight_of
 from mpocompress.errors import MPOCompressError
+from mpocompress.utils import is_causal_lm
 from mpocompress.tensors import (
     MPOShape,
     Whitening,
@@ -53,6 +56,7 @@ from mpocompress.tensors import (
 )  # fmt: skip
 
 SENSITIVITY_SAMPLES = 64  # calibration samples the sensitivity probes run on
+SENSITIVITY_TOKENS = 8192  # a causal LM's: calibration tokens its backward passes run on
 
 
 @dataclass
@@ -271,32 +275,52 @@ def _allocate(
             opts = [o for o in opts if o.rel_error <= config.max_error]  # dense (error 0) always stays
         options.append(opts)
         costs.append(plan.energy(t, w))
-    if config.target_params is not None and calib is not None:
+    fn: HeadFisher | None = None
+    if config.budgeted and calib is not None:
+        causal = is_causal_lm(model) and not _head_selected(model, free)
         probe, n = [], 0
         for b in plan.batches:
-            if n >= SENSITIVITY_SAMPLES:
+            if n >= (SENSITIVITY_TOKENS if causal else SENSITIVITY_SAMPLES):
                 break
             probe.append(b)
-            n += int(next(iter(b.values())).shape[0])
-        reference = outputs(model, probe)  # the original's outputs, shared by both kinds of probe
-        calib.sensitivity = measure_sensitivity(model, {t.cand.name: t.cand.module for t in free}, probe, reference=reference)
+            n += int(b["input_ids"].numel()) if causal else int(next(iter(b.values())).shape[0])
+        mods = {t.cand.name: t.cand.module for t in free}
+        if causal:  # next-token KL as the currency, every layer's sensitivity from backward passes
+            fn = HeadFisher(model, probe)
+            reference = outputs(model, probe, fn)
+            calib.sensitivity = gradient_sensitivity(model, mods, probe, fn)
+            plan.notes.append(
+                f"allocated on next-token KL (the LM head's Fisher over {fn.tokens:,} tokens), sensitivities from "
+                f"backward passes over {n:,} calibration tokens"
+            )
+        else:
+            reference = outputs(model, probe)  # the original's outputs, shared by both kinds of probe
+            calib.sensitivity = measure_sensitivity(model, mods, probe, reference=reference)
     sens = [calib.sensitivity.get(t.cand.name, 1.0) if calib is not None and calib.sensitivity else 1.0 for t in free]
     scale = [[1.0] * len(opts) for opts in options]  # measured / predicted output change, per option
-    if config.target_params is not None and calib is not None:
+    if config.budgeted and calib is not None:
         for i, t in enumerate(free):
             if t.cand.kind == "embedding":  # its error is not noise-like: measure what it does (see _probed)
-                scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference)
-    if config.target_params is None:  # an error cap alone: the smallest form within it
+                scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference, fn)
+    if not config.budgeted:  # an error cap alone: the smallest form within it
         picks = [cheapest_within([Choice(o.params, 0.0) for o in opts], [o.rel_error for o in opts], config.max_error) for opts in options]
         return [_decision(t, opts[k], "no smaller form within --max-error") for t, opts, k in zip(free, options, picks)]
     total = count_params(model)
-    target = int(config.target_params) if config.target_params > 1 else round(config.target_params * total)
-    rest = total - sum(t.cand.numel for t in free) - sum(d.target.cand.numel for d in plan.decisions) + fixed_params
+    selected = sum(t.cand.numel for t in free) + sum(d.target.cand.numel for d in plan.decisions)
+    if config.remove is not None:
+        target = total - round(config.remove * selected)
+        plan.notes.append(
+            f"budget: remove {config.remove:.0%} of the selected layers' {selected:,} weights: "
+            f"{total:,} -> {target:,} parameters in the model"
+        )
+    else:
+        target = int(config.target_params) if config.target_params > 1 else round(config.target_params * total)
+    rest = total - selected + fixed_params
     budget = target - rest
     if budget < sum(min(o.params for o in opts) for opts in options):
         least = rest + sum(min(o.params for o in opts) for opts in options)
         raise MPOCompressError(
-            f"--target-params {target:,} cannot be met: the layers left out of compression alone hold {rest:,} parameters "
+            f"the budget of {target:,} parameters cannot be met: the layers left out of compression alone hold {rest:,} parameters "
             f"and the selected ones need at least {least - rest:,}; the smallest reachable is {least:,} (select more "
             "layers with --layers, or raise the target)"
         )
@@ -312,9 +336,15 @@ def _allocate(
 PROBES = 5  # forms of an embedding whose effect on the output is measured
 
 
+def _head_selected(model: nn.Module, free: list[LayerTarget]) -> bool:
+    """Whether the LM head itself (or the embedding tied to it) is among the layers to size."""
+    head = model.get_output_embeddings()
+    return any(t.cand.module is head or getattr(t.cand.module, "weight", None) is getattr(head, "weight", False) for t in free)
+
+
 def _probed(
     model: nn.Module, t: LayerTarget, opts: list[Option], energy: float, probe: Sequence[Mapping[str, torch.Tensor]],
-    reference: Sequence[torch.Tensor],
+    reference: Sequence[torch.Tensor], fn: HeadFisher | None = None,
 ) -> list[float]:  # fmt: skip
     """Per option, the ratio of the measured change of the model's output to the predicted one
     (sensitivity x energy x error^2). An embedding's truncation error is not the isotropic noise the
@@ -331,7 +361,7 @@ def _probed(
     for k in picks:
         f = make_factors(w, opts[k], None, 0)
         new = t.cand.converter.build(t.cand.module, f.factors, f.structure).eval()
-        real = measure_swap(model, t.cand.names, new, probe, reference)
+        real = measure_swap(model, t.cand.names, new, probe, reference, fn)
         predicted = energy * f.rel_error**2
         if predicted > 0 and real > 0:
             points.append((math.log(opts[k].params), math.log(real / predicted)))

@@ -61,6 +61,7 @@ class CompressionConfig:
     mpo_cores: tuple[int, ...] = ()  # core counts the allocator tries for an MPO (empty: 3 and 4, or n_cores if given)
     refine_steps: int = 30  # L-BFGS iterations on the calibrated objective per MPO layer (0: none)
     sequential: bool = False  # calibrate each layer on the inputs the already-compressed layers give it
+    remove: float | None = None  # instead of target_params: the share of the selected layers' weights to remove
 
     def __post_init__(self) -> None:
         for what, d in [("bond dimension", self.bond_dim), *((f"bond dimension of {k}", v) for k, v in self.bond_dims.items())]:
@@ -78,9 +79,13 @@ class CompressionConfig:
             raise MPOCompressError(f"target parameters must be a count >= 1 or a fraction in (0, 1], got {self.target_params!r}")
         if self.target_params is not None and self.target_params > 1 and self.target_params != int(self.target_params):
             raise MPOCompressError(f"target parameters above 1 must be a whole count, got {self.target_params!r}")
+        if self.remove is not None and not (math.isfinite(self.remove) and 0.0 < self.remove < 1.0):
+            raise MPOCompressError(f"the share of weights to remove must lie strictly between 0 and 1, got {self.remove!r}; e.g. --remove 0.2")
+        if self.remove is not None and self.target_params is not None:
+            raise MPOCompressError("--remove R and --target-params P both set the budget; give one of them")
         if self.max_error is not None and not (0.0 < float(self.max_error) < 1.0):
             raise MPOCompressError(f"max error must lie strictly between 0 and 1, got {self.max_error!r}")
-        if (self.target_params is not None or self.max_error is not None) and (self.bond_dim is not None or self.eps is not None):
+        if (self.budgeted or self.max_error is not None) and (self.bond_dim is not None or self.eps is not None):
             raise MPOCompressError(
                 "--bond-dim D / --eps fix every layer's size, which leaves nothing to allocate: give either them or "
                 "--target-params / --max-error (NAME=D for single layers works with both)"
@@ -102,9 +107,14 @@ class CompressionConfig:
                 )
 
     @property
+    def budgeted(self) -> bool:
+        """Whether a parameter budget was given (--target-params or --remove)."""
+        return self.target_params is not None or self.remove is not None
+
+    @property
     def allocating(self) -> bool:
         """Whether layer sizes are chosen by the allocator (a budget or an error cap was given)."""
-        return self.target_params is not None or self.max_error is not None
+        return self.budgeted or self.max_error is not None
 
     @property
     def selection(self) -> LayerSelection:
@@ -137,6 +147,7 @@ class CompressionConfig:
             "mpo_cores": list(self.mpo_cores),
             "refine_steps": self.refine_steps,
             "sequential": self.sequential,
+            "remove": self.remove,
         }
 
     @classmethod
@@ -156,4 +167,5 @@ class CompressionConfig:
             mpo_cores=tuple(d.get("mpo_cores", ())),
             refine_steps=d.get("refine_steps", 30),
             sequential=d.get("sequential", False),
+            remove=d.get("remove"),
         )

@@ -71,7 +71,7 @@ def select_targets(
     named = {"per-layer bond dim": tuple(settings.bond_dims), "per-layer shape": tuple(settings.shapes)}
     chosen, skipped = select_layers(
         model, config.selection, named, not settings.has_global_truncation, filter_fn, reject,
-        embeddings=config.target_params is not None,
+        embeddings=config.budgeted,
     )
     return [target_for(c, settings) for c in chosen], skipped
 

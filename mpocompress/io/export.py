@@ -27,7 +27,7 @@ from mpocompress.errors import MPOCompressError
 from mpocompress.io.hf import decode_tokenizer_files, quiet_transformers, save_pretrained_quietly, write_files
 from mpocompress.models.hf import build_hf, hf_config_json, probe_inputs, transformers_module
 from mpocompress.nn import FactorizedLayer
-from mpocompress.utils import call_with, is_hf_model, main_output, short_error
+from mpocompress.utils import call_with, is_causal_lm, is_hf_model, main_output, short_error
 
 FORMATS = ("hf", "onnx", "pt2")
 TOLERANCE = 1e-4
@@ -180,7 +180,8 @@ def _export_onnx(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor],
         raise MPOCompressError(f"--format onnx needs onnxruntime to check the export; {ONNX_HINT}") from None
 
     def write(wrapper: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], path: Path, shapes: Any) -> None:
-        torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=["output"], dynamic_shapes=shapes,
+        output = "logits" if is_causal_lm(model) else "output"  # a causal LM's next-token logits, as ONNX runtimes for LLMs name them
+        torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=[output], dynamic_shapes=shapes,
                           dynamo=True, external_data=False)  # fmt: skip
 
     def run(path: Path) -> torch.Tensor:

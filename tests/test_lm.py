@@ -1,0 +1,260 @@
+"""Decoder language models end to end, on tiny models built from configs (tests/lm_models.py): a
+Llama with grouped-query attention and tied embeddings, a Qwen2 and a GPT-2 LM head, all with a
+byte-level tokenizer, and the Llama as a GGUF file.
+
+Perplexity against a hand-computed cross-entropy, KL against torch's, packed windows against the
+tokenizer, tied parameters through save/load, the head-Fisher currency against the exact KL,
+gradient sensitivities against the noise probes, and every command on the models.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+import mpocompress
+from lm_models import CLASSES, byte_tokenizer, make_lm, write_folder, write_gguf
+from mpocompress import CompressionConfig, MPOCompressError, compress_, load, load_model, save
+from mpocompress.compress.calibrate import HeadFisher, gradient_sensitivity, measure_sensitivity
+from mpocompress.io.data.unlabelled import TokenSet, load_unlabelled, pack_windows
+from mpocompress.train.lm import lm_scores, next_token_kl
+from mpocompress.utils import is_causal_lm
+from test_cli_train import invoke, run_json
+
+WORDS = "the model reads a window of text and predicts every next token from those before it".split()
+
+
+def _lines(n: int, seed: int = 0) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(6, 14, (1,), generator=g))
+        words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g)]
+        out.append(" ".join(words).capitalize() + ".")
+    return out
+
+
+@pytest.fixture(scope="module")
+def lms(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm")
+    folders = {kind: write_folder(kind, d / kind) for kind in CLASSES}
+    text = d / "text.txt"
+    text.write_text("\n".join(_lines(600)) + "\n")
+    gguf = write_gguf(make_lm("llama"), d / "tiny.gguf")
+    return {"dir": d, "text": text, "gguf": gguf, **folders}
+
+
+def test_decoder_classes_are_causal_lms_and_encoders_are_not(lms):
+    for kind in CLASSES:
+        assert is_causal_lm(load(lms[kind]))
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    assert not is_causal_lm(bert) and not is_causal_lm(torch.nn.Linear(2, 2))
+
+
+def test_gguf_file_loads_as_the_model_it_was_written_from(lms):
+    """The GGUF reader undoes llama.cpp's q/k row order: the logits equal the original's exactly
+    (F32 tensors), and the tokenizer the file carries is recorded."""
+    ref = make_lm("llama")
+    loaded = load_model(lms["gguf"])
+    assert loaded.arch == "hf:LlamaForCausalLM" and loaded.source == "gguf"
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits, rtol=0, atol=1e-6)
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight  # tied, as the file says
+    assert "tokenizer.json" in loaded.model.mpocompress_tokenizer
+
+
+def test_a_file_that_is_not_gguf_is_named(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"NOPE" + bytes(100))
+    with pytest.raises(MPOCompressError, match="not a GGUF file"):
+        load_model(bad)
+
+
+def test_default_selection_takes_every_block_projection_with_narrow_kv(lms):
+    model = load(lms["llama"])
+    rep = compress_(model, CompressionConfig(bond_dim=4, structure="lowrank"))
+    names = {lr.name for lr in rep.layers}
+    parts = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    assert names == {f"model.layers.{i}.{p}" for i in range(2) for p in parts}
+    k = model.get_submodule("model.layers.0.self_attn.k_proj")
+    assert k.out_features == 32 < model.get_submodule("model.layers.0.self_attn.q_proj").out_features  # GQA: 2 of 4 heads
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # never untied
+    skipped = {s.name: s.reason for s in rep.skipped}
+    assert "outside the transformer blocks" in skipped["lm_head"]
+
+
+def test_tied_pair_is_stored_once_and_stays_tied_after_load(lms, tmp_path):
+    from safetensors import safe_open
+
+    model = load(lms["llama"])
+    compress_(model, CompressionConfig(bond_dim=3, structure="lowrank"))
+    path = save(model, tmp_path / "m.safetensors")
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        assert json.loads(f.metadata()["tied"]) == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    back = load(path)
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_packed_windows_are_the_token_stream_cut_in_full_windows():
+    tok = byte_tokenizer()
+    lines = ["First line here.", "Second one.", "And a third, longer line of text."]
+    ids = pack_windows(lines, tok, 8)
+    stream = tok("\n".join(lines) + "\n", add_special_tokens=False)["input_ids"]
+    assert ids.shape == (len(stream) // 8, 8)
+    assert ids.flatten().tolist() == stream[: ids.numel()]
+    short = pack_windows(lines[:1], tok, 1000)  # shorter than a window: one sample of all of it
+    assert short.shape == (1, len(tok(lines[0] + "\n")["input_ids"]))
+
+
+def test_causal_text_split_is_packed_and_held_out_by_line(lms):
+    tok = byte_tokenizer()
+    train = load_unlabelled(f"text:{lms['text']}", "train", tok, 64, pack=True)
+    test = load_unlabelled(f"text:{lms['text']}", "test", tok, 64, pack=True)
+    assert train.packed and train.inputs["input_ids"].shape[1] == 64 and bool(train.inputs["attention_mask"].all())
+    assert 3 * len(test) < len(train) < 5 * len(test)  # 80/20 by line
+
+
+def test_perplexity_is_the_token_weighted_cross_entropy_and_kl_is_torchs(lms):
+    model, other = load(lms["llama"]), make_lm("llama", seed=3)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (5, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0  # a padded row: its padding is never scored
+    ds = TokenSet("t", "test", {"input_ids": ids, "attention_mask": mask})
+    rep = lm_scores(model, ds, batch_size=2, reference=other)
+    with torch.no_grad():
+        a, b = model(ids).logits.double(), other(ids).logits.double()
+    nll, kl, same, n = 0.0, 0.0, 0, 0
+    for r in range(5):
+        for t in range(11):
+            if mask[r, t] and mask[r, t + 1]:
+                nll -= float(F.log_softmax(a[r, t], -1)[ids[r, t + 1]])
+                kl += float(F.kl_div(F.log_softmax(a[r, t], -1), F.log_softmax(b[r, t], -1), log_target=True, reduction="sum"))
+                same += int(a[r, t].argmax() == b[r, t].argmax())
+                n += 1
+    assert rep["tokens_scored"] == n == 5 * 11 - 5
+    assert rep["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    assert rep["kl_mean"] == pytest.approx(kl / n, rel=1e-4)
+    assert rep["top1_agreement"] == same / n
+    assert torch.allclose(next_token_kl(a, a), torch.zeros(a.shape[:2], dtype=torch.float32), atol=1e-6)
+
+
+def test_head_fisher_squared_change_is_twice_the_next_token_kl(lms):
+    """For a small change of the final hidden state, |dh L|^2 (the allocator's currency) matches
+    2 KL of the next-token distributions to within the spread of the per-token Fisher (the
+    averaged Fisher is exact on average over the tokens it was estimated on)."""
+    model = load(lms["llama"]).double()
+    tok = byte_tokenizer()
+    ds = load_unlabelled(f"text:{lms['text']}", "train", tok, 64, pack=True)
+    batches = [ds.batch(torch.arange(i, i + 4)) for i in range(0, 16, 4)]
+    fisher = HeadFisher(model, batches)
+    head = model.get_output_embeddings()
+    g = torch.Generator().manual_seed(0)
+    h = torch.cat([fisher._hidden(b) for b in batches]).double()
+    dh = 1e-3 * torch.randn(h.shape, generator=g, dtype=torch.float64) * h.std()
+    with torch.no_grad():
+        kl = next_token_kl(head(h + dh).double(), head(h).double()).double().sum()  # float32 softmax inside
+        quad = ((dh @ fisher.root) ** 2).sum()
+    assert float(quad) == pytest.approx(2 * float(kl), rel=0.15)
+
+
+def test_gradient_sensitivities_match_the_noise_probes(lms):
+    """Hutchinson's estimate of ||J||_F^2 / entries per layer from backward passes against the
+    noise probes' E|J n|^2 / E|n|^2, both in the head-Fisher currency: same order for every layer."""
+    model = load(lms["llama"])
+    tok = byte_tokenizer()
+    ds = load_unlabelled(f"text:{lms['text']}", "train", tok, 64, pack=True)
+    batches = [ds.batch(torch.arange(i, i + 8)) for i in range(0, 32, 8)]
+    fisher = HeadFisher(model, batches)
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    grad = gradient_sensitivity(model, mods, batches, fisher)
+    noise = measure_sensitivity(model, mods, batches, fn=fisher)
+    ratios = torch.tensor([grad[n] / noise[n] for n in mods])
+    assert ratios.min() > 0.6 and ratios.max() < 1.6, ratios
+    order_g = sorted(mods, key=grad.get)
+    order_n = sorted(mods, key=noise.get)
+    assert order_g[-3:] == order_n[-3:] or set(order_g[-4:]) & set(order_n[-4:])
+
+
+def test_remove_budgets_a_share_of_the_selected_weights(lms):
+    model = load(lms["llama"])
+    tok = byte_tokenizer()
+    ds = load_unlabelled(f"text:{lms['text']}", "train", tok, 64, pack=True)
+    batches = [ds.batch(torch.arange(i, i + 8)) for i in range(0, 32, 8)]
+    before = sum(p.numel() for p in model.parameters())
+    rep = compress_(model, CompressionConfig(remove=0.3, structure="lowrank"), calibration=batches)
+    selected = sum(m.weight.numel() for n, m in load(lms["llama"]).named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    after = sum(p.numel() for p in model.parameters())
+    assert after <= before - 0.3 * selected + 1
+    assert after >= before - 0.3 * selected - max(m.in_features + m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert any("next-token KL" in n for n in rep.notes) and any("remove 30%" in n for n in rep.notes)
+    with pytest.raises(MPOCompressError, match="both set the budget"):
+        CompressionConfig(remove=0.3, target_params=0.5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_every_command_on_a_decoder(lms, tmp_path, kind):
+    """convert (calibrated, --remove) -> evaluate (perplexity, KL, top-1, prompts) -> finetune
+    (next-token distillation) -> export hf (loads with AutoModelForCausalLM, same greedy tokens)
+    and onnx (logits for ids and mask); analyze and sweep run on the folder."""
+    folder, text = lms[kind], f"text:{lms['text']}"
+    out = tmp_path / "c.safetensors"
+    conv = run_json("convert", str(folder), "-o", str(out), "--calib", text, "--calib-samples", "16", "--remove", "0.3")
+    assert conv["params_model_after"] < conv["params_model_before"]
+    rep = run_json("evaluate", str(out), "--data", text, "--reference", str(folder), "--prompt", "The model", "--new-tokens", "5")
+    assert rep["window"] == 128 and rep["stride"] == 128 and rep["tokens_scored"] == rep["windows"] * 127
+    assert 0 <= rep["kl_mean"] and 0 <= rep["top1_agreement"] <= 1 and rep["perplexity"] > 1
+    assert rep["continuations"][0]["prompt"] == "The model" and isinstance(rep["continuations"][0]["reference"], str)
+    tuned = tmp_path / "t.safetensors"
+    ft = run_json("finetune", str(out), "--distill-from", str(folder), "--data", text, "-o", str(tuned), "--epochs", "1",
+                  "--batch-size", "4", "--max-samples", "200", "--max-length", "32")  # fmt: skip
+    assert ft["runs"][0]["accuracy"] is not None
+    back = load(tuned)
+    assert is_causal_lm(back)
+    hf = tmp_path / "hf"
+    run_json("export", str(tuned), "--format", "hf", "-o", str(hf))
+    dense = transformers.AutoModelForCausalLM.from_pretrained(hf, local_files_only=True).eval()
+    ids = torch.tensor([[40, 72, 68, 0, 76, 78, 67]])
+    with torch.no_grad():
+        a = dense.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=256)
+        b = back.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=256)
+    assert torch.equal(a, b)
+    onnx = tmp_path / "m.onnx"
+    run_json("export", str(tuned), "--format", "onnx", "-o", str(onnx))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    x = torch.randint(0, 256, (3, 13))
+    got = session.run(None, {"input_ids": x.numpy(), "attention_mask": torch.ones_like(x).numpy()})[0]
+    with torch.no_grad():
+        want = back(input_ids=x, attention_mask=torch.ones_like(x)).logits
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluate_asks_for_text_for_a_causal_lm(lms):
+    res = invoke("evaluate", str(lms["llama"]))
+    assert res.exit_code == 2 and "add --data text:FILE" in res.output
+    res = invoke("evaluate", str(lms["llama"]), "--data", "digits")
+    assert res.exit_code == 2 and "measured on text" in res.output
+    res = invoke("evaluate", str(lms["llama"]), "--data", f"text:{lms['text']}", "--max-length", "4096")
+    assert res.exit_code == 2 and "longer than the 128 positions" in res.output
+
+
+def test_gguf_through_convert_and_evaluate(lms, tmp_path):
+    out = tmp_path / "g.safetensors"
+    text = f"text:{lms['text']}"
+    run_json("convert", str(lms["gguf"]), "-o", str(out), "--calib", text, "--calib-samples", "8", "--remove", "0.2")
+    model = mpocompress.load(out)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and "tokenizer.json" in model.mpocompress_tokenizer
+    rep = run_json("evaluate", str(out), "--data", text, "--reference", str(lms["gguf"]))
+    assert rep["reference_perplexity"] > 1 and rep["kl_mean"] >= 0
