@@ -37,6 +37,7 @@ from mpocompress.cli.training import (
     run_all,
 )  # fmt: skip
 from mpocompress.io import arch_for_second, load_model
+from mpocompress.utils import is_causal_lm
 from mpocompress.io.data.unlabelled import is_unlabelled
 from mpocompress.train import (
     FINETUNE_DEFAULTS,
@@ -141,7 +142,8 @@ def finetune(
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
                   data_record=choice.record(),
                   describe={**describe, "data": data, "max_length": max_length, "max_samples": max_samples},
-                  teacher=teacher, trainer=distill, metric=metric, eval_every=eval_every)  # fmt: skip
+                  teacher=teacher, trainer=distill, metric=metric, eval_every=eval_every,
+                  start=(value, before["output_rel_error"]), by_loss=is_causal_lm(teacher))  # fmt: skip
     else:
         train_set, test_set = load_data(choice, data_dir, augment)
         accuracy_before, loss_before = evaluate(loaded.model, test_set, dev)

@@ -156,6 +156,7 @@ class RunOutcome:
     summary: dict[str, Any]
     trainable: int
     curve: list[dict[str, float]] = field(default_factory=list)  # (step, metric, loss) every job.eval_every steps
+    kept: str | None = None  # with Job.start: which state was saved ("start", "epoch N")
 
 
 @dataclass
@@ -179,6 +180,9 @@ class Job:
     eval_every: int = 0  # distillation: also measure the agreement every this many steps (the curve)
     keep_checkpoint: bool = False  # keep OUT.ckpt after the runs succeed
     data_record: dict[str, Any] | None = None  # the data recorded in the output files (`DataChoice.record`)
+    start: tuple[float, float] | None = None  # distillation: the held-out (metric, loss) before training; the best
+    # held-out state (by loss, lower is better, when `by_loss`; else by metric) is what gets saved, the start included
+    by_loss: bool = False
 
 
 def data_inputs(data: str | None) -> tuple[Path, ...]:
@@ -248,7 +252,14 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
             progress.update(task, description=f"{label} epoch {epoch}/{config.epochs}", completed=(epoch - 1) * steps + step,
                             total=config.epochs * steps, stats=f"loss {loss:.4f}  acc {acc:.2%}")  # fmt: skip
 
+        best: dict[str, Any] = {}
+        if job.start is not None and resume_state is None:  # the start is a candidate: never save worse than it
+            best.update(score=_score(job, *job.start), at="start", state=_cpu_state(model), values=job.start)
+
         def on_epoch(s: EpochStats) -> None:
+            if best and _score(job, s.test_accuracy, s.test_loss) > best["score"]:
+                best.update(score=_score(job, s.test_accuracy, s.test_loss), at=f"epoch {s.epoch}", state=_cpu_state(model),
+                            values=(s.test_accuracy, s.test_loss))  # fmt: skip
             if job.metric == "accuracy":
                 text = (f"train loss {s.train_loss:.4f} acc {s.train_accuracy:.2%} | test loss {s.test_loss:.4f} "
                         f"acc {s.test_accuracy:.2%}")  # fmt: skip
@@ -276,6 +287,14 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
                 console.print(f"interrupted: {ckpt} holds the last checkpoint; add --resume to continue", highlight=False)
             raise
     model = model.cpu()
+    kept = None
+    if best:
+        kept = best["at"]
+        if kept != f"epoch {result.epochs}":  # a later epoch did worse on held-out data: save the best one
+            model.load_state_dict(best["state"])
+            result.accuracy, result.loss = best["values"]
+            console.print(f"{label}: the held-out {'loss' if job.by_loss else job.metric} was best {'at the start' if kept == 'start' else 'after ' + kept}; "
+                          f"saving that state", highlight=False)  # fmt: skip
     if out is not None and job.env.is_main:
         extra = {"source_format": job.command, "training": {**job.describe, "config": config.to_dict(),
                  "accuracy": result.accuracy, "loss": result.loss, "epochs": result.epochs}}  # fmt: skip
@@ -285,7 +304,16 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
     if stop() and r + 1 < job.runs:
         raise Interrupted(f"interrupted after run {r + 1}/{job.runs}: {out} is complete; rerun the same command "
                           "with --resume for the remaining runs", stop())  # fmt: skip
-    return RunOutcome(seed, result, out, summarize(model), trainable, curve)
+    return RunOutcome(seed, result, out, summarize(model), trainable, curve, kept)
+
+
+def _score(job: Job, metric: float, loss: float) -> float:
+    """Higher is better: the held-out metric, or minus the loss with `job.by_loss`."""
+    return -loss if job.by_loss else metric
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _resume_state(ckpt: Path, identity: dict[str, Any], first: bool, out: Path) -> dict[str, Any] | None:
@@ -350,7 +378,7 @@ def report(job: Job, outcomes: list[RunOutcome], extra: dict[str, Any]) -> dict[
         "config": job.config.to_dict(),
         "runs": [
             {"seed": o.seed, "output": str(o.output) if o.output else None, **o.result.to_dict(),
-             **({"curve": o.curve} if job.eval_every else {})}
+             **({"curve": o.curve} if job.eval_every else {}), **({"kept": o.kept} if o.kept is not None else {})}
             for o in outcomes
         ],  # fmt: skip
     }

@@ -210,7 +210,10 @@ def plan_layers(
         if len(batches) == 0:
             raise MPOCompressError("the calibration data is empty; give at least one sample")
         mods = {t.cand.name: t.cand.module for t in targets}
-        calib = collect_grams(model, mods, batches)
+        head = model.get_output_embeddings() if is_causal_lm(model) else None
+        # a causal LM's pass ends at its last selected layer: the vocabulary-wide head is never run for it
+        stop = set(mods) if head is not None and all(m is not head for m in mods.values()) else None
+        calib = collect_grams(model, mods, batches, stop_after=stop)
     plan = LayerPlan([], config, calib, batches)
     fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
     free = [t for t in targets if t.bond_dim is None and t.eps is None]

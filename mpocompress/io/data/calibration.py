@@ -22,7 +22,7 @@ Batch = dict[str, torch.Tensor]
 
 LM_MAX_LENGTH = 512  # tokens per window of a causal LM's packed text (SVD-LLM uses 2048 on a GPU)
 TEXT_MAX_LENGTH = 128  # tokens per line of an encoder's text
-LM_CALIB_WINDOWS = 128  # calibration windows of a causal LM (--calib-samples); 512 samples for other models
+LM_CALIB_WINDOWS = 64  # calibration windows of a causal LM (--calib-samples; 32,768 tokens); 512 samples for other models
 CALIB_SAMPLES = 512
 LM_BATCH = 8  # windows per calibration batch of a causal LM
 
@@ -71,7 +71,7 @@ def calibration_batches(
 ) -> list[Batch]:  # fmt: skip
     """Up to `samples` samples of the training split of `spec`, in batches of `batch_size`. Images
     are served as `served` says (`image_size`, `channels`, `normalize`: how the model was trained,
-    from its file's data record). A causal LM's text comes as packed windows (default: 128 windows
+    from its file's data record). A causal LM's text comes as packed windows (default: 64 windows
     of 512 tokens, 8 a batch); other models' default is 512 samples, 32 a batch."""
     causal = is_causal_lm(model)
     samples = (LM_CALIB_WINDOWS if causal else CALIB_SAMPLES) if samples is None else samples
