@@ -96,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--remove", default="0.2,0.4", help="shares of the decoder's linear weights to remove")
     ap.add_argument("--methods", default="svd,svd-llm,ours", help="svd (plain), svd-llm (whitened uniform rank), ours (the allocator)")
-    ap.add_argument("--calib-samples", type=int, default=128, help="calibration windows of 512 tokens")
+    ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows of 512 tokens (32,768 tokens, as the anchor's 128 x 256)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None, help="write every report as JSON here")
     ap.add_argument("--work", type=Path, default=None, help="keep the converted models in this folder")

@@ -202,12 +202,14 @@ def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
     assert (tmp_path / "m.safetensors").read_bytes() == old  # the old file is intact
 
 
-def test_shared_tensors_are_saved(tmp_path):
+def test_shared_tensors_are_saved_once_with_the_tie_recorded(tmp_path):
     shared = MPOLinear(256, 256, bond_dim=4)
     model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
     path = save(model, tmp_path / "s.safetensors", arch=None)
     with safe_open(str(path), framework="pt") as f:
-        assert {"0.cores.0", "2.cores.0"} <= set(f.keys())
+        keys, tied = set(f.keys()), json.loads(f.metadata()["tied"])
+    assert "0.cores.0" in keys and "2.cores.0" not in keys
+    assert tied == {f"2.cores.{k}": f"0.cores.{k}" for k in range(4)} | ({"2.bias": "0.bias"} if shared.bias is not None else {})
 
 
 def test_tensor_digest_is_verified_and_version_1_files_still_load(tmp_path):
