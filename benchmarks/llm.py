@@ -64,7 +64,7 @@ def heldout_prose(out: Path) -> Path:
 
 def cli(*args: str) -> dict:
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "mpocompress", *args, "--json"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "mpocompress", *args, "--json"], capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise SystemExit(f"mpocompress {' '.join(args)} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
     rep = json.loads(res.stdout)
@@ -128,7 +128,7 @@ def main() -> None:
                          rep["top1_agreement"], rep["params_model_after"], seconds))  # fmt: skip
             print(f"{method} {remove:.0%}: perplexity {rep['perplexity']:.2f} ({rep['perplexity'] / base['perplexity']:.2f}x) in {seconds:.0f} s", flush=True)
     print(f"\nheld-out: {base['windows']} windows of {base['window']} tokens ({base['tokens_scored']:,} scored) of {held.name}")
-    print(f"| method | removed | perplexity | x original | KL (nats) | top-1 agreement | parameters | convert s |")
+    print("| method | removed | perplexity | x original | KL (nats) | top-1 agreement | parameters | convert s |")
     print("|---|---|---|---|---|---|---|---|")
     for m, r, ppl, ratio, kl, top1, params, s in rows:
         print(f"| {m} | {r} | {ppl:.2f} | {ratio:.2f} | {kl:.3f} | {top1:.1%} | {params:,} | {s:.0f} |")

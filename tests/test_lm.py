@@ -14,15 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from lm_models import CLASSES, byte_tokenizer, make_lm, write_folder, write_gguf
+from test_cli_train import invoke, run_json
 
 import mpocompress
-from lm_models import CLASSES, byte_tokenizer, make_lm, write_folder, write_gguf
 from mpocompress import CompressionConfig, MPOCompressError, compress_, load, load_model, save
 from mpocompress.compress.calibrate import HeadFisher, gradient_sensitivity, measure_sensitivity
 from mpocompress.io.data.unlabelled import TokenSet, load_unlabelled, pack_windows
 from mpocompress.train.lm import lm_scores, next_token_kl
 from mpocompress.utils import is_causal_lm
-from test_cli_train import invoke, run_json
 
 WORDS = "the model reads a window of text and predicts every next token from those before it".split()
 

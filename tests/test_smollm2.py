@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli_train import run_json
 
 import mpocompress
 from mpocompress.io.data.calibration import model_tokenizer
-from test_cli_train import run_json
 
 pytestmark = pytest.mark.slow
 TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "docstrings-en.txt"

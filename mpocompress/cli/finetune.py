@@ -7,11 +7,19 @@ from pathlib import Path
 import typer
 
 from mpocompress.cli import app
-from mpocompress.cli.common import ARCH_OPT, JSON_OPT, MAX_LENGTH_OPT, MODEL_ARG, TRUST_OPT, fail, handle_errors, print_json
+from mpocompress.cli.common import (
+    ARCH_OPT,
+    JSON_OPT,
+    MAX_LENGTH_OPT,
+    MODEL_ARG,
+    TRUST_OPT,
+    fail,
+    handle_errors,
+    print_json,
+)
 from mpocompress.cli.render import make_console, make_err_console
 from mpocompress.cli.training import (
     AUGMENT_OPT,
-    BATCH_OPT,
     CHANNELS_OPT,
     DATA_DIR_OPT,
     DATA_OPT,
@@ -37,7 +45,6 @@ from mpocompress.cli.training import (
     run_all,
 )  # fmt: skip
 from mpocompress.io import arch_for_second, load_model
-from mpocompress.utils import is_causal_lm
 from mpocompress.io.data.unlabelled import is_unlabelled
 from mpocompress.train import (
     FINETUNE_DEFAULTS,
@@ -50,7 +57,9 @@ from mpocompress.train import (
     resolve_device,
 )  # fmt: skip
 from mpocompress.train.distill import DistillConfig, agreement, distill, metric_of
+from mpocompress.utils import is_causal_lm
 
+LM_BATCH_SIZE = 4  # windows per step of a causal LM: 4 x 512 tokens x a 49k vocabulary is 0.4 GB per logits tensor
 _D = FINETUNE_DEFAULTS
 _DD = DistillConfig()
 
@@ -73,7 +82,7 @@ def finetune(
     distill_temperature: float = typer.Option(_D.distill_temperature, "--distill-temperature", metavar="T", help="Softmax temperature of the soft targets."),
     freeze: list[str] = typer.Option([], "--freeze", metavar="central|dense", help="Train only part of the model: 'central' freezes the central core of every MPO, 'dense' every layer that is not an MPO (repeatable).", show_default=False),
     epochs: int = typer.Option(_D.epochs, "--epochs", metavar="N", help=EPOCHS_HELP),
-    batch_size: int = BATCH_OPT,
+    batch_size: int | None = typer.Option(None, "--batch-size", metavar="B", help="Global batch size (split evenly over torchrun processes). [default: 64; 4 windows for a causal LM, whose vocabulary-wide logits dominate memory]", show_default=False),
     lr: float | None = typer.Option(None, "--lr", metavar="LR", help=f"Peak learning rate (default: {_D.lr:g} for SGD on labels, {_DD.lr:g} for AdamW when distilling without labels).", show_default=False),
     momentum: float = MOMENTUM_OPT,
     weight_decay: float | None = typer.Option(None, "--weight-decay", metavar="L", help=f"L2 coefficient lambda of Eq. 7 for SGD (default {_D.weight_decay:g}); AdamW's decoupled decay when distilling (default {_DD.weight_decay:g}).", show_default=False),
@@ -108,6 +117,8 @@ def finetune(
     choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model))
     data = choice.name
     distilling = _distilling(loss, data, distill_from, max_samples, eval_every)
+    if batch_size is None:
+        batch_size = LM_BATCH_SIZE if is_causal_lm(loaded.model) else 64
     if distilling:
         config: TrainConfig | DistillConfig = DistillConfig(
             epochs=epochs, batch_size=batch_size, lr=_DD.lr if lr is None else lr,

@@ -28,7 +28,6 @@ from mpocompress.io import (
 )  # fmt: skip
 from mpocompress.io.data import ImageSet, default_normalization, is_tensor_file, load_dataset, parse_normalize
 from mpocompress.io.data.calibration import model_tokenizer, text_max_length
-from mpocompress.utils import is_causal_lm
 from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, is_unlabelled, load_unlabelled, read_lines
 from mpocompress.train import (
     DistEnv,
@@ -39,6 +38,7 @@ from mpocompress.train import (
     fit,
     mean_std,
 )  # fmt: skip
+from mpocompress.utils import is_causal_lm
 
 # ----------------------------------------------------------------------------- shared options
 

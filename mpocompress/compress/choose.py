@@ -44,7 +44,6 @@ from mpocompress.compress.structures import (
 )
 from mpocompress.compress.targets import LayerTarget, decompose, reported_structure, weight_of
 from mpocompress.errors import MPOCompressError
-from mpocompress.utils import is_causal_lm
 from mpocompress.tensors import (
     MPOShape,
     Whitening,
@@ -54,6 +53,7 @@ from mpocompress.tensors import (
     truncation_errors,
     whitening,
 )  # fmt: skip
+from mpocompress.utils import is_causal_lm
 
 SENSITIVITY_SAMPLES = 64  # calibration samples the sensitivity probes run on
 SENSITIVITY_TOKENS = 8192  # a causal LM's: calibration tokens its backward passes run on

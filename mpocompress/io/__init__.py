@@ -8,7 +8,7 @@ from mpocompress.io.paths import check_output_path, checkpoint_path_for
 from mpocompress.io.train_state import load_train_state, save_train_state
 
 __all__ = [
-    "DIGEST_KEY", "FORMAT", "FORMAT_VERSION", "LoadedModel", "check_output_path", "checkpoint_path_for", "load",
-    "arch_for_second", "load_model", "load_train_state", "mpo_layer_specs", "read_metadata", "save", "save_train_state",
+    "DIGEST_KEY", "FORMAT", "FORMAT_VERSION", "LoadedModel", "arch_for_second", "check_output_path", "checkpoint_path_for",
+    "load", "load_model", "load_train_state", "mpo_layer_specs", "read_metadata", "save", "save_train_state",
     "tensors_digest",
 ]  # fmt: skip

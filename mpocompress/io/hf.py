@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import io as _io
 import logging
-import importlib.util
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
