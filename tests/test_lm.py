@@ -258,3 +258,32 @@ def test_gguf_through_convert_and_evaluate(lms, tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight and "tokenizer.json" in model.mpocompress_tokenizer
     rep = run_json("evaluate", str(out), "--data", text, "--reference", str(lms["gguf"]))
     assert rep["reference_perplexity"] > 1 and rep["kl_mean"] >= 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_sequential_statistics_streamed_by_block_equal_the_whole_model_passes(lms, kind, monkeypatch):
+    """--sequential on a transformer keeps each block's inputs and runs one block per group: the
+    factors equal those of the whole-model passes (`collect_cross`) to float64 rounding."""
+    import mpocompress.compress.choose as choose
+
+    tok = byte_tokenizer()
+    ds = load_unlabelled(f"text:{lms['text']}", "train", tok, 32, pack=True)
+    batches = [ds.batch(torch.arange(i, i + 4)) for i in range(0, 12, 4)]
+    config = CompressionConfig(bond_dim=6, structure="lowrank", sequential=True)
+    streamed = load(lms[kind]).double()
+    served = []
+    cross = choose.BlockStream.cross
+    monkeypatch.setattr(choose.BlockStream, "cross", lambda self, names: served.append(names) or cross(self, names))
+    compress_(streamed, config, calibration=batches)
+    assert len(served) == 2 * 4  # every group of both blocks: qkv, o, gate/up, down (GPT-2: c_attn, c_proj, c_fc, c_proj)
+    monkeypatch.setattr(choose, "BlockStream", None)  # the stream is never made: every group runs the whole model
+    monkeypatch.setattr(choose, "transformer_blocks", lambda m: [])
+    whole = load(lms[kind]).double()
+    compress_(whole, config, calibration=batches)
+    a, b = streamed.state_dict(), whole.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-7, atol=1e-9)
+    plain = load(lms[kind]).double()
+    compress_(plain, CompressionConfig(bond_dim=6, structure="lowrank"), calibration=batches)
+    assert any(not torch.allclose(a[k], plain.state_dict()[k]) for k in a)  # sequential did change the fit

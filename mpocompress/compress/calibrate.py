@@ -227,20 +227,7 @@ def collect_cross(
                 with _input_hooks(table, grab(store)):
                     _run(net, batch)
             for n in names:
-                x, xp = seen[n], current[n]
-                if x.shape != xp.shape:
-                    raise MPOCompressError(f"layer {n} sees inputs of shape {tuple(xp.shape)} after compression, {tuple(x.shape)} before")
-                s = out.get(n)
-                if s is None:
-                    z = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-                    v = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-                    s = out[n] = CrossStats(z.clone(), v.clone(), z.clone(), v.clone(), z.clone(), 0)
-                s.gram.addmm_(x.T, x)
-                s.gram_in.addmm_(xp.T, xp)
-                s.cross.addmm_(xp.T, x)
-                s.total += x.sum(0)
-                s.sum_in += xp.sum(0)
-                s.rows += int(x.shape[0])
+                _accumulate(out, n, seen[n], current[n])
             seen.clear()
     finally:
         reference.train(states[0]), model.train(states[1])
@@ -250,6 +237,23 @@ def collect_cross(
 OutputFn = Callable[[nn.Module, Batch], torch.Tensor]
 FISHER_TOKENS = 2048  # calibration tokens the head's averaged Fisher is estimated on
 MICRO_TOKENS = 1024  # tokens per backward pass of gradient_sensitivity
+
+
+def _accumulate(out: dict[str, CrossStats], name: str, x: torch.Tensor, xp: torch.Tensor) -> None:
+    """Add one batch's rows of a layer's original inputs x and current inputs x' to its statistics."""
+    if x.shape != xp.shape:
+        raise MPOCompressError(f"layer {name} sees inputs of shape {tuple(xp.shape)} after compression, {tuple(x.shape)} before")
+    s = out.get(name)
+    if s is None:
+        z = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        v = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        s = out[name] = CrossStats(z.clone(), v.clone(), z.clone(), v.clone(), z.clone(), 0)
+    s.gram.addmm_(x.T, x)
+    s.gram_in.addmm_(xp.T, xp)
+    s.cross.addmm_(xp.T, x)
+    s.total += x.sum(0)
+    s.sum_in += xp.sum(0)
+    s.rows += int(x.shape[0])
 
 
 def _output(model: nn.Module, batch: Batch, fn: OutputFn | None = None) -> torch.Tensor:
@@ -428,3 +432,107 @@ def measure_swap(
     finally:
         for n in names:
             set_module(model, n, old)
+
+
+class BlockStream:
+    """`collect_cross` for the layers of a transformer's stack of blocks, one block at a time: the
+    hidden states entering the current block are kept for every batch, from the original model and
+    from the partly compressed one (with the arguments the model passes every block: attention mask,
+    positions, rotary embeddings), so a group's statistics cost one pass through its own block, not
+    through the model up to it. Groups must be asked for in forward order; a block is left (its
+    outputs become the next block's inputs) when a later block's group is asked for, by which time
+    the caller has swapped all of its compressed layers. `cross` gives exactly what `collect_cross`
+    gives (tests check it against that)."""
+
+    def __init__(self, reference: nn.Module, model: nn.Module, blocks: str, batches: Sequence[Batch]) -> None:
+        self.reference, self.model, self.prefix = reference, model, blocks + "."
+        self.stacks = (reference.get_submodule(blocks), model.get_submodule(blocks))
+        self.masks = [_row_mask(b) for b in batches]
+        self.index = 0
+        self.states = [self._capture(net, stack[0], batches) for net, stack in zip((reference, model), self.stacks)]
+
+    def block_of(self, name: str) -> int | None:
+        if not name.startswith(self.prefix):
+            return None
+        head = name[len(self.prefix) :].split(".", 1)[0]
+        return int(head) if head.isdigit() and int(head) < len(self.stacks[0]) else None
+
+    def can_serve(self, names: Sequence[str]) -> bool:
+        blocks = {self.block_of(n) for n in names}
+        return len(blocks) == 1 and None not in blocks and next(iter(blocks)) >= self.index
+
+    @staticmethod
+    def _capture(net: nn.Module, first: nn.Module, batches: Sequence[Batch]) -> list[tuple[torch.Tensor, tuple, dict]]:
+        got: list[tuple[torch.Tensor, tuple, dict]] = []
+
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            got.append((args[0].detach(), args[1:], kwargs))
+            raise _Stop
+
+        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        was = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                for b in batches:
+                    _run(net, {**b, "use_cache": False})
+        finally:
+            handle.remove()
+            net.train(was)
+        if len(got) != len(batches):
+            raise MPOCompressError("the transformer's first block is not called once per calibration batch; calibrate without --sequential")
+        return got
+
+    @staticmethod
+    def _block(block: nn.Module, state: tuple[torch.Tensor, tuple, dict]) -> torch.Tensor:
+        out = block(state[0], *state[1], **state[2])
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _advance(self) -> None:
+        with torch.no_grad():
+            for k, stack in enumerate(self.stacks):
+                block, was = stack[self.index], stack[self.index].training
+                block.eval()
+                try:
+                    self.states[k] = [(self._block(block, s), s[1], s[2]) for s in self.states[k]]
+                finally:
+                    block.train(was)
+        self.index += 1
+
+    @torch.no_grad()
+    def cross(self, names: Sequence[str]) -> dict[str, CrossStats]:
+        """The statistics of a group of layers of one block (see `collect_cross`)."""
+        i = self.block_of(names[0])
+        if i is None or not self.can_serve(names):
+            raise MPOCompressError(f"internal: block statistics asked out of order for {names[0]}")
+        while self.index < i:
+            self._advance()
+        out: dict[str, CrossStats] = {}
+        pending: set[str] = set()
+        for b, mask in enumerate(self.masks):
+            seen: list[dict[str, torch.Tensor]] = [{}, {}]
+            for k, (net, stack) in enumerate(zip((self.reference, self.model), self.stacks)):
+                store = seen[k]
+
+                def hook(name: str, mod: nn.Module, x: torch.Tensor, store: dict = store) -> None:
+                    conv = converter_for(mod)
+                    store[name] = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach().to(torch.float64)
+                    pending.discard(name)
+                    if not pending:
+                        raise _Stop
+
+                pending = set(names)
+                block = stack[i]
+                was = block.training
+                block.eval()
+                try:
+                    with _input_hooks({n: net.get_submodule(n) for n in names}, hook):
+                        try:
+                            self._block(block, self.states[k][b])
+                        except _Stop:
+                            pass
+                finally:
+                    block.train(was)
+            for n in names:
+                _accumulate(out, n, seen[0][n], seen[1][n])
+        return out

@@ -21,6 +21,7 @@ from torch import nn
 from mpocompress.compress.allocate import Choice, allocate, cheapest_within
 from mpocompress.compress.calibrate import (
     Calibration,
+    BlockStream,
     CrossStats,
     HeadFisher,
     collect_cross,
@@ -32,7 +33,7 @@ from mpocompress.compress.calibrate import (
 )  # fmt: skip
 from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.report import LayerReport, SkippedLayer, count_params, layer_report
-from mpocompress.compress.select import first_match
+from mpocompress.compress.select import first_match, transformer_blocks
 from mpocompress.compress.structures import (
     AUTO_CORES,
     BOND_GRID,
@@ -130,6 +131,8 @@ class LayerPlan:
         order = [n for n in order if n in todo] + [n for n in todo if n not in order]
         sequential = self.config.sequential and model is not None and self.batches is not None
         reference = copy.deepcopy(model) if sequential else None  # the original, before any swap
+        stream: BlockStream | None = None  # made at the first block's group, after any earlier swap (an embedding)
+        streamable = sequential and len(transformer_blocks(model)) == 1
         fresh: dict[str, CrossStats] = {}
         for name in order:
             d = todo[name]
@@ -137,7 +140,13 @@ class LayerPlan:
             if sequential and t.cand.kind != "embedding":
                 if name not in fresh:
                     group = next((g for g in self.calibration.groups if name in g), [name])
-                    fresh = collect_cross(reference, model, [n for n in group if n in todo], self.batches)
+                    names = [n for n in group if n in todo]
+                    if streamable and stream is None and names[0].startswith(transformer_blocks(model)[0] + "."):
+                        stream = BlockStream(reference, model, transformer_blocks(model)[0], self.batches)
+                    if stream is not None and stream.can_serve(names):  # one block's pass, from its kept inputs
+                        fresh = stream.cross(names)
+                    else:
+                        fresh = collect_cross(reference, model, names, self.batches)
                 st = fresh[name]
                 centre = getattr(t.cand.module, "bias", None) is not None
                 white = cross_whitening(st.gram_in, st.sum_in, st.gram, st.total, st.cross, st.rows, centre=centre)
