@@ -114,12 +114,8 @@ def evaluate(
     if ref_model is not None:
         rep.update(reference=str(reference), **agreement(loaded.model, ref_model, probe_set, dev, batch_size))
     rep["seconds"] = time.perf_counter() - t0
-    if inference is not None:
-        rep["inference"] = inference.to_dict()
     rep["data_options"] = choice.options()
-    s = summarize(loaded.model)
-    rep.update(rho=s["rho"], params_model_after=s["params_model"], params_model_dense=s["params_model_dense"],
-               params_mpo=s["params_mpo"], mpo_layers=s["mpo_layers"])  # fmt: skip
+    s = _finish(rep, loaded.model, inference)
     if json_out:
         print_json(rep)
         return
@@ -147,6 +143,16 @@ def evaluate(
         t.add_row("rho (factorized / dense weights, Eq. 9)", f"{s['rho']:.4g}")
         t.add_row("factorized layers", ", ".join(f"{m['name']} {m['notation']}" for m in s["mpo_layers"]))
     make_console().print(t)
+
+
+def _finish(rep: dict[str, Any], model: Any, inference: Any) -> dict[str, Any]:
+    """Add the served-model report and the model's sizes (rho, parameters) to `rep`; the summary."""
+    if inference is not None:
+        rep["inference"] = inference.to_dict()
+    s = summarize(model)
+    rep.update(rho=s["rho"], params_model_after=s["params_model"], params_model_dense=s["params_model_dense"],
+               params_mpo=s["params_mpo"], mpo_layers=s["mpo_layers"])  # fmt: skip
+    return s
 
 
 def _evaluate_lm(
@@ -186,11 +192,7 @@ def _evaluate_lm(
              "reference": greedy_continuation(ref_model, tokenizer, p, new_tokens, dev) if ref_model is not None else None}
             for p in prompts
         ]  # fmt: skip
-    if inference is not None:
-        rep["inference"] = inference.to_dict()
-    s = summarize(loaded.model)
-    rep.update(rho=s["rho"], params_model_after=s["params_model"], params_model_dense=s["params_model_dense"],
-               params_mpo=s["params_mpo"], mpo_layers=s["mpo_layers"])  # fmt: skip
+    s = _finish(rep, loaded.model, inference)
     if json_out:
         print_json(rep)
         return
