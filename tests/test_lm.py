@@ -287,3 +287,26 @@ def test_sequential_statistics_streamed_by_block_equal_the_whole_model_passes(lm
     plain = load(lms[kind]).double()
     compress_(plain, CompressionConfig(bond_dim=6, structure="lowrank"), calibration=batches)
     assert any(not torch.allclose(a[k], plain.state_dict()[k]) for k in a)  # sequential did change the fit
+
+
+def test_grams_shared_by_one_input_equal_each_layers_own(lms):
+    """q/k/v (and gate/up) read one tensor and share one Gram per batch; every layer's Gram over
+    several batches equals X^T X of the inputs its own hook saw (a freed input's memory reused by a
+    later one must never be taken for it)."""
+    from mpocompress.compress.calibrate import collect_grams
+
+    model = load(lms["llama"]).double()
+    tok = byte_tokenizer()
+    ds = load_unlabelled(f"text:{lms['text']}", "train", tok, 32, pack=True)
+    batches = [ds.batch(torch.arange(i, i + 4)) for i in range(0, 20, 4)]
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    seen = {n: [] for n in mods}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).clone())) for n, m in mods.items()]
+    cal = collect_grams(model, mods, batches)
+    for h in handles:
+        h.remove()
+    for n in mods:
+        x = torch.cat(seen[n])
+        torch.testing.assert_close(cal.grams[n], x.T @ x, rtol=1e-10, atol=1e-9)
+        assert cal.rows[n] == x.shape[0]
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"] in cal.groups

@@ -121,7 +121,7 @@ def collect_grams(
     pending: set[str] = set()
     calls: list[tuple[str, int]] = []  # (name, id of its input) at its first call, in call order
     alive: list[torch.Tensor] = []
-    shared: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}  # this batch's Grams by input tensor
+    shared: dict[str, tuple] = {}  # the last Linear input seen (held) and its Gram: consecutive calls on it share it
 
     def hook(name: str, mod: nn.Module, x: torch.Tensor) -> None:
         if name not in rows:
@@ -134,14 +134,14 @@ def collect_grams(
             grams[name] = sums[name] = grams[name] + counts if name in grams else counts
             rows[name] = rows.get(name, 0) + int(ids.numel())
         else:
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride())) if conv.kind == "linear" else None
-            if key is not None and key in shared:  # q/k/v, gate/up: one input, one Gram for the batch
-                dg, ds, n = shared[key]
+            last = shared.get("last")
+            if conv.kind == "linear" and last is not None and last[0] is x:  # q/k/v, gate/up: one input, one Gram
+                dg, ds, n = last[1:]
             else:
                 vecs = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach()
                 dg, ds, n = _gram_of(vecs)
-                if key is not None:
-                    shared[key] = (dg, ds, n)
+                if conv.kind == "linear":  # the very tensor is held, so no later input can be mistaken for it
+                    shared["last"] = (x, dg, ds, n)
             if name in grams:
                 grams[name] += dg
                 sums[name] += ds
