@@ -35,7 +35,8 @@ def smol(tmp_path_factory):
 
 def test_convert_removes_a_fifth_of_the_decoder_and_keeps_the_tie(smol):
     conv = smol["convert"]
-    selected = 30 * (3 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
+    selected = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)  # q, o; k, v (GQA); gate, up, down
+    assert selected == 106_168_320
     assert conv["params_model_before"] == 134_515_008
     assert conv["params_model_after"] <= conv["params_model_before"] - 0.2 * selected + 1
     model = mpocompress.load(smol["out"])
