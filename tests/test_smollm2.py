@@ -46,7 +46,7 @@ def test_convert_removes_a_fifth_of_the_decoder_and_keeps_the_tie(smol):
 def test_evaluate_reports_perplexity_kl_and_continuations(smol):
     rep = run_json("evaluate", str(smol["out"]), "--data", f"text:{smol['text']}", "--reference", str(smol["gguf"]),
                    "--prompt", "The function returns", "--new-tokens", "8", "--max-samples", "1000")  # fmt: skip
-    assert 5 < rep["reference_perplexity"] < 60  # the original on English technical prose
+    assert 5 < rep["reference_perplexity"] < 150  # the original on shuffled docstring sentences packed into one stream (measured 72.9)
     assert rep["reference_perplexity"] < rep["perplexity"] < 20 * rep["reference_perplexity"]
     assert 0 < rep["kl_mean"] < 3 and 0.3 < rep["top1_agreement"] < 1
     assert len(rep["continuations"][0]["reference"]) > 10
