@@ -121,7 +121,7 @@ def collect_grams(
     pending: set[str] = set()
     calls: list[tuple[str, int]] = []  # (name, id of its input) at its first call, in call order
     alive: list[torch.Tensor] = []
-    shared: dict[str, tuple] = {}  # the last Linear input seen (held) and its Gram: consecutive calls on it share it
+    last: list[tuple] = []  # the last Linear input seen (held) and its Gram: consecutive calls on it share it
 
     def hook(name: str, mod: nn.Module, x: torch.Tensor) -> None:
         if name not in rows:
@@ -134,14 +134,13 @@ def collect_grams(
             grams[name] = sums[name] = grams[name] + counts if name in grams else counts
             rows[name] = rows.get(name, 0) + int(ids.numel())
         else:
-            last = shared.get("last")
-            if conv.kind == "linear" and last is not None and last[0] is x:  # q/k/v, gate/up: one input, one Gram
-                dg, ds, n = last[1:]
+            if conv.kind == "linear" and last and last[0][0] is x:  # q/k/v, gate/up: one input, one Gram
+                dg, ds, n = last[0][1:]
             else:
                 vecs = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach()
                 dg, ds, n = _gram_of(vecs)
                 if conv.kind == "linear":  # the very tensor is held, so no later input can be mistaken for it
-                    shared["last"] = (x, dg, ds, n)
+                    last[:] = [(x, dg, ds, n)]
             if name in grams:
                 grams[name] += dg
                 sums[name] += ds
@@ -162,7 +161,7 @@ def collect_grams(
                 pending = set(stop_after) if stop_after is not None else set()
                 _run(model, batch)
                 alive.clear()
-                shared.clear()
+                last.clear()
                 samples += int(next(iter(batch.values())).shape[0])
     finally:
         model.train(was_training)
@@ -269,15 +268,22 @@ class HeadFisher:
     F = mean_t E^T (diag p_t - p_t p_t^T) E (E the head's weight, p_t the next-token distribution).
     Since KL(p || p') = 1/2 dz^T (diag p - p p^T) dz + O(dz^3) for a logit change dz = E dh, a
     squared change of h L is twice the next-token KL, with the per-token Fisher replaced by its
-    mean. Calls run the model's base (its blocks) only, never the head."""
+    mean. Calls run the model's base (its blocks) only, never the head; `reference` holds what they
+    give on the batches it was made from (the pass that estimates F gives them too)."""
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], tokens: int = FISHER_TOKENS) -> None:
         head = model.get_output_embeddings()
         if not isinstance(head, nn.Linear):
             raise MPOCompressError(f"the LM head of this model is a {type(head).__name__}, not a Linear; leave it dense to calibrate on next-token KL")
         self.base = model.base_model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                hs = [self._hidden(b) for b in batches]
+        finally:
+            model.train(was_training)
         with torch.no_grad():
-            hs = [self._hidden(b) for b in batches]
             h = torch.cat(hs)
             if h.shape[0] > tokens:  # evenly spread over the calibration tokens
                 h = h[torch.linspace(0, h.shape[0] - 1, tokens).long()]
@@ -292,6 +298,7 @@ class HeadFisher:
             fisher = (e * mean_p[:, None]).T @ e - m.T @ m / m.shape[0]
             vals, vecs = torch.linalg.eigh((fisher + fisher.T) / 2)
             self.root = vecs * vals.clamp_min(0).sqrt()  # F = root root^T
+            self.reference = [x.to(torch.float64) @ self.root for x in hs]  # the model's outputs now, per batch
         self.tokens = int(h.shape[0])
 
     def _hidden(self, batch: Batch) -> torch.Tensor:

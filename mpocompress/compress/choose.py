@@ -299,7 +299,7 @@ def _allocate(
         mods = {t.cand.name: t.cand.module for t in free}
         if causal:  # next-token KL as the currency, every layer's sensitivity from backward passes
             fn = HeadFisher(model, probe)
-            reference = outputs(model, probe, fn)
+            reference = fn.reference
             calib.sensitivity = gradient_sensitivity(model, mods, probe, fn)
             plan.notes.append(
                 f"allocated on next-token KL (the LM head's Fisher over {fn.tokens:,} tokens), sensitivities from "
