@@ -150,7 +150,7 @@ def main() -> None:
 
     evals: list[float] = []
 
-    def on_eval(step: int, metric: float, loss: float) -> None:
+    def on_eval(step: int, metric: float, loss: float, more: dict | None = None) -> None:
         nonlocal trained
         e0 = time.perf_counter()
         measure(step)

@@ -1,5 +1,5 @@
 """Small helpers shared across packages: module surgery by dotted path, importing user code from
-the working directory, and short error texts."""
+the working directory, short error texts, and a status line long steps report to."""
 
 from __future__ import annotations
 
@@ -7,11 +7,32 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 from torch import nn
+
+_STATUS: ContextVar[Callable[[str], None] | None] = ContextVar("mpocompress_status", default=None)
+
+
+def status(message: str) -> None:
+    """Say what a long step is doing now ("calibration pass 3/8"), to whoever watches (the CLI's
+    progress line, see `watching`); silent when nobody does. The library never prints."""
+    fn = _STATUS.get()
+    if fn is not None:
+        fn(message)
+
+
+@contextlib.contextmanager
+def watching(fn: Callable[[str], None]) -> Iterator[None]:
+    """Within the block, `status(message)` calls fn(message)."""
+    token = _STATUS.set(fn)
+    try:
+        yield
+    finally:
+        _STATUS.reset(token)
 
 
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:

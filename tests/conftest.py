@@ -22,6 +22,18 @@ settings.load_profile("mpocompress")
 
 
 @pytest.fixture(autouse=True)
+def _no_plain_progress(monkeypatch):
+    """In-process commands see stderr as a log; their plain progress lines (printed for steps slower than
+    a couple of seconds, as a loaded machine makes any step) are off, so that an error is the one line
+    the contract promises. tests/test_first_hour.py turns them on to test them."""
+    import mpocompress.cli.render as rendering
+
+    monkeypatch.setattr(rendering, "PLAIN_AFTER_S", float("inf"))
+    monkeypatch.setattr(rendering, "PLAIN_EVERY_S", float("inf"))
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same random state."""
     torch.manual_seed(0)

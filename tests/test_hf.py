@@ -380,6 +380,8 @@ def test_cli_finetune_distils_on_text_and_evaluate_measures_agreement(folders, s
     assert rep["output_rel_error"] < rep["output_rel_error_before"]
     assert [c["step"] for c in rep["runs"][0]["curve"]] == [10, 20, 30, 40]
     assert rep["runs"][0]["curve"][-1]["agreement_cosine"] == pytest.approx(rep["agreement_cosine"])
+    seconds = [c["seconds"] for c in rep["runs"][0]["curve"]]  # wall time since the run began, for curves against time
+    assert all(0 < a < b for a, b in zip(seconds, seconds[1:]))
     ev = run_json("evaluate", tmp_path / "ft.safetensors", "--data", f"text:{sentences}", "--reference", folders / "bert")
     assert {"agreement_cosine", "agreement_cosine_min", "output_rel_error", "top1_agreement"} <= set(ev)
     assert ev["output_rel_error"] == pytest.approx(rep["output_rel_error"], rel=1e-5) and ev["top1_agreement"] is None

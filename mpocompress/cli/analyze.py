@@ -21,6 +21,7 @@ from mpocompress.cli.common import (
     MAX_ERROR_OPT,
     MAX_LENGTH_OPT,
     MODEL_ARG,
+    OF_OPT,
     REMOVE_OPT,
     SHAPE_OPT,
     STRUCTURE_OPT,
@@ -53,6 +54,7 @@ def analyze(
     structure: str = STRUCTURE_OPT,
     target_params: str | None = TARGET_OPT,
     remove: str | None = REMOVE_OPT,
+    budget_of: str = OF_OPT,
     max_error: str | None = MAX_ERROR_OPT,
     calib: str | None = CALIB_OPT,
     calib_samples: int | None = CALIB_SAMPLES_OPT,
@@ -73,8 +75,13 @@ def analyze(
     allocation at the budget. Multiply-adds per sample are shown dense and as MPO with the plan a
     training step of batch 64 takes. rho = factorized weights / dense weights of a layer (Eq. 9;
     above 1 means larger than dense). The model file is only read.
+
+    \b
+    Examples:
+      mpocompress analyze MODEL_DIR --calib text:sentences.txt --remove 0.3
+      mpocompress analyze runs/fc2.safetensors --bond-dim 8
     """
-    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, remove=remove)
+    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, remove=remove, budget_of=budget_of)
     sample = parse_input_shape(input_shape)
     err = make_err_console()
     with working(err, f"loading {model}"):

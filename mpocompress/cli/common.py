@@ -165,8 +165,12 @@ def parse_target_params(text: str | None) -> float | None:
 def build_config(
     bond_dim: list[str], shape: list[str], layers: list[str], exclude: list[str], eps: str | None, cores: str | None,
     structure: str = "auto", target_params: str | None = None, max_error: str | None = None, sequential: bool = False,
-    remove: str | None = None,
+    remove: str | None = None, budget_of: str = "model",
 ) -> CompressionConfig:  # fmt: skip
+    if budget_of not in ("model", "selected"):
+        raise MPOCompressError(f"unknown --of {budget_of!r}: choose model (the whole model's size) or selected (the selected layers')")
+    if budget_of != "model" and target_params is None:
+        raise MPOCompressError("--of says what --target-params counts; give --target-params P with it (--remove always counts the selected layers)")
     d, per_layer = parse_bond_dims(bond_dim)
     n = _positive_int(cores, "--cores", "use e.g. --cores 4") if cores is not None else None
     if n is not None and n > 8:
@@ -184,6 +188,7 @@ def build_config(
         max_error=parse_fraction(max_error, "--max-error", *["give a relative error such as 0.2"] * 2),
         mpo_cores=(n,) if n is not None else (),
         sequential=sequential,
+        budget_of=budget_of,
         remove=parse_fraction(remove, "--remove", "give the share of the selected layers' weights to remove, e.g. 0.2", "e.g. --remove 0.2") if remove is not None else None,
     )
 
@@ -233,6 +238,7 @@ EPS_OPT = typer.Option(None, "--eps", metavar="E", help="Target relative Frobeni
 CORES_OPT = typer.Option(None, "--cores", metavar="N", help="Number of MPO cores n (2-6 typical) for layers without --shape. [default: 4; with --target-params the allocator tries 3 and 4]", show_default=False)
 STRUCTURE_OPT = typer.Option("auto", "--structure", metavar="auto|mpo|lowrank", help="Forms a layer may take: lowrank (two factors), mpo, or auto (the allocator picks per layer; with --bond-dim/--eps alone, auto means mpo).")
 REMOVE_OPT = typer.Option(None, "--remove", metavar="R", help="The budget as the LLM literature counts it: remove this share of the selected layers' weights (e.g. 0.2: 20 % of a decoder's block projections), instead of --target-params.", show_default=False)
+OF_OPT = typer.Option("model", "--of", metavar="model|selected", help="What --target-params counts: model (its size after, embeddings and every layer left dense included) or selected (the layers chosen for compression: 0.5 keeps half of their weights). --remove always counts the selected.")
 TARGET_OPT = typer.Option(None, "--target-params", metavar="P", help="The model's size after: a count (12000000, 12M) or a fraction of its size now (0.5). The allocator spreads it over the layers; a layer that nothing smaller serves stays dense.", show_default=False)
 MAX_ERROR_OPT = typer.Option(None, "--max-error", metavar="E", help="Largest relative error a layer may have, in (0, 1): its output error on --calib data, else its weight error. Alone: each layer takes its smallest form within E.", show_default=False)
 CALIB_OPT = typer.Option(None, "--calib", metavar="DATA", help="Calibration data (anything --data accepts: a dataset name, a tensors file, a folder of images, text:FILE for a text model). Factorizations then minimize each layer's error on its real inputs.", show_default=False)

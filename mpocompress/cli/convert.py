@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import torch
 import typer
+from torch import nn
 
 from mpocompress.cli import app
 from mpocompress.cli.common import (
@@ -21,6 +24,7 @@ from mpocompress.cli.common import (
     MAX_ERROR_OPT,
     MAX_LENGTH_OPT,
     MODEL_ARG,
+    OF_OPT,
     REMOVE_OPT,
     SEQUENTIAL_OPT,
     SHAPE_OPT,
@@ -34,8 +38,13 @@ from mpocompress.cli.common import (
     read_calibration,
 )  # fmt: skip
 from mpocompress.cli.render import make_console, make_err_console, render_report, working
+from mpocompress.cli.training import choose_data, takes_text
 from mpocompress.compress import compress_
+from mpocompress.errors import MPOCompressError
 from mpocompress.io import check_output_path, load_model, save
+from mpocompress.io.data.calibration import calibration_batches
+from mpocompress.models.hf import probe_inputs
+from mpocompress.utils import call_with, is_causal_lm, main_output
 
 
 @app.command()
@@ -53,6 +62,7 @@ def convert(
     structure: str = STRUCTURE_OPT,
     target_params: str | None = TARGET_OPT,
     remove: str | None = REMOVE_OPT,
+    budget_of: str = OF_OPT,
     max_error: str | None = MAX_ERROR_OPT,
     calib: str | None = CALIB_OPT,
     calib_samples: int | None = CALIB_SAMPLES_OPT,
@@ -70,8 +80,13 @@ def convert(
     minimize each layer's error on its real inputs. The report's rho is factorized weights / dense
     weights of the converted layers (Eq. 9). The output is safetensors with metadata to
     rebuild the model: `mpocompress.load(OUT)` returns it. The input file is never modified.
+
+    \b
+    Examples:
+      mpocompress convert MODEL_DIR --calib text:sentences.txt --remove 0.3 -o small.safetensors
+      mpocompress convert runs/fc2.safetensors --bond-dim 8 -o runs/fc2_d8.safetensors
     """
-    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, sequential, remove)
+    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, sequential, remove, budget_of)
     if output is None:
         fail("convert needs an output file: add -o OUT.safetensors")
     if config.bond_dim is None and config.eps is None and not config.bond_dims and not config.allocating:
@@ -83,8 +98,17 @@ def convert(
     with working(err, f"loading {model}"):
         loaded = load_model(model, arch, trust_pickle, check_values=False)  # checked per layer and by save
     batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
+    probe, whence = _probe_batch(loaded, calib, data_dir, max_length)
+    try:
+        before = _outputs(loaded.model, probe) if probe is not None else None
+    except (RuntimeError, ValueError, TypeError, IndexError):  # data that does not fit: calibration names it below
+        probe = before = None
     with working(err, "factorizing" + (" (calibrating, sizing the layers)" if calib or config.allocating else "")):
         report = compress_(loaded.model, config, calibration=batches)
+    measured = _probe_change(loaded.model, probe, before, whence) if probe is not None else None
+    if measured is not None:
+        report.notes.append(f"on its probe ({whence}) the output changed by {measured['output_rel_error']:.3g} (relative), "
+                            f"cosine {measured['cosine_mean']:.3f}")  # fmt: skip
     if calib:
         report.notes.append(f"calibrated on {sum(len(next(iter(b.values()))) for b in batches)} samples of {calib}")
     if loaded.arch is None:
@@ -92,9 +116,69 @@ def convert(
     extra = {"source_format": loaded.source, "compression": config.to_dict()}
     if loaded.metadata and loaded.metadata.get("data"):  # the data the original was trained on goes with it
         extra["data"] = loaded.metadata["data"]
+    elif calib:  # else the calibration data: what evaluate and finetune default to (its held-out split)
+        extra["data"] = choose_data(calib, None, None, None, data_dir=data_dir).record()
     with working(err, f"writing {out}"):
         save(loaded.model, out, loaded.arch, force=force, extra_metadata=extra)
+    if measured is not None and measured["cosine_mean"] < PROBE_WARN:
+        hint = ("calibrate and budget instead: --calib DATA (text:FILE for a text model) with --target-params P or --remove R"
+                if calib is None else "give a larger budget, or heal it: mpocompress finetune OUT --distill-from MODEL")  # fmt: skip
+        err.print(f"warning: the converted model keeps little of the original's output: on its probe ({whence}) the mean cosine "
+                  f"to the original's is {measured['cosine_mean']:.2f} (this warns below {PROBE_WARN}; relative error "
+                  f"{measured['output_rel_error']:.0%}); {hint}", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
     if json_out:
-        print_json({"model": str(model), "output": str(out), "arch": loaded.arch, **report.to_dict()})
+        print_json({"model": str(model), "output": str(out), "arch": loaded.arch, **report.to_dict(), "probe": measured})
     else:
         render_report(make_console(), report, f"{model} -> {out}")
+
+
+PROBE_WARN = 0.8  # convert warns when the mean cosine of its output to the original's on the probe is below this
+PROBE_SAMPLES = 32  # held-out samples in the probe (a causal LM: 2 windows)
+
+
+def _probe_batch(loaded: Any, calib: str | None, data_dir: Path | None, max_length: int | None) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Held-out inputs to compare the model before and after: the held-out split of --calib (or of
+    the data the file records), else random tokens for a text model; None when there is nothing."""
+    spec, served = calib, None
+    if spec is None and loaded.metadata and (loaded.metadata.get("data") or {}).get("name"):
+        served = loaded.metadata["data"]
+        spec = served["name"]
+    if spec is not None:
+        n = 2 if is_causal_lm(loaded.model) else PROBE_SAMPLES
+        try:
+            batches = calibration_batches(spec, loaded.model, n, data_dir, max_length, batch_size=n, served=served, split="test")
+        except MPOCompressError:
+            if calib is not None:
+                raise
+            batches = []  # the recorded data is gone: no probe from it
+        if batches:
+            return batches[0], f"{len(next(iter(batches[0].values())))} held-out samples of {spec}"
+    if takes_text(loaded.model):
+        return probe_inputs(loaded.model, batch=4, length=32), "4 random token sequences"
+    return None, ""
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, probe: dict[str, torch.Tensor]) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        out = call_with(model, {**probe, "use_cache": False} if is_causal_lm(model) else probe)
+        return main_output(out).detach().float()
+    finally:
+        model.train(was)
+
+
+def _probe_change(model: nn.Module, probe: dict[str, torch.Tensor], before: torch.Tensor, whence: str) -> dict[str, Any]:
+    """How much the model's main output moved on the probe: relative error and mean cosine over its
+    rows (a sample's output, or a real token's)."""
+    after = _outputs(model, probe)
+    a, b = after.reshape(-1, after.shape[-1]), before.reshape(-1, before.shape[-1])
+    mask = probe.get("attention_mask")
+    if mask is not None and after.dim() == 3 and mask.shape == after.shape[:2]:
+        keep = mask.reshape(-1).bool()
+        a, b = a[keep], b[keep]
+    a, b = a.double(), b.double()
+    rel = float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-30).mean())
+    return {"inputs": whence, "output_rel_error": rel, "cosine_mean": cos}

@@ -71,7 +71,13 @@ def evaluate(
     A causal language model is measured on text:FILE as the field does: perplexity over the held-out
     20 % of the lines, packed into windows of --max-length tokens (stride = window); with --reference
     also the mean next-token KL divergence and top-1 next-token agreement; --prompt TEXT shows its
-    greedy continuation (and the reference's)."""
+    greedy continuation (and the reference's).
+
+    \b
+    Examples:
+      mpocompress evaluate small.safetensors --data text:heldout.txt --reference MODEL_DIR
+      mpocompress evaluate runs/fc2_d8.safetensors --data digits
+    """
     if batch_size is not None and batch_size < 1:
         raise MPOCompressError(f"--batch-size must be at least 1, got {batch_size}")
     if max_samples is not None and max_samples < 2:
@@ -90,7 +96,7 @@ def evaluate(
     if prompt:
         raise MPOCompressError(f"--prompt continues text with a causal language model; {model} is not one")
     batch_size = batch_size or 1000
-    choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model))
+    choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model), data_dir, loaded.model)
     data = choice.name
     rep: dict = {"model": str(model), "arch": loaded.arch}
     if is_unlabelled(data):

@@ -41,6 +41,11 @@ def export(
     The export is run on a probe batch after writing and must agree with the model within 1e-4
     (relative); otherwise nothing is written. A text model's ONNX graph takes input_ids,
     attention_mask (and token_type_ids) and returns the last hidden state first.
+
+    \b
+    Examples:
+      mpocompress export small.safetensors --format onnx -o small.onnx
+      mpocompress export small.safetensors --format hf -o small_hf
     """
     if fmt not in FORMATS:
         fail(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -60,4 +65,5 @@ def export(
     t.add_row("parameters", f"{rep.params:,}")
     t.add_row("probe batch", ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in rep.probe_shapes.items()))
     t.add_row("relative output error", f"{rep.rel_error:.3g} (allowed 1e-4)")
+    t.add_row("factorized layers", "kept" if rep.factorized else "multiplied out: dense weights, the original's size (onnx and pt2 keep the factors)")
     make_console().print(t)

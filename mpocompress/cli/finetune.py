@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import torch
 import typer
+from torch import nn
 
 from mpocompress.cli import app
 from mpocompress.cli.common import (
@@ -17,7 +20,7 @@ from mpocompress.cli.common import (
     handle_errors,
     print_json,
 )
-from mpocompress.cli.render import make_console, make_err_console
+from mpocompress.cli.render import make_console, make_err_console, working
 from mpocompress.cli.training import (
     AUGMENT_OPT,
     CHANNELS_OPT,
@@ -43,6 +46,7 @@ from mpocompress.cli.training import (
     render,
     report,
     run_all,
+    takes_text,
 )  # fmt: skip
 from mpocompress.io import arch_for_second, load_model
 from mpocompress.io.data.unlabelled import is_unlabelled
@@ -57,7 +61,7 @@ from mpocompress.train import (
     resolve_device,
 )  # fmt: skip
 from mpocompress.train.distill import DistillConfig, agreement, distill, metric_of
-from mpocompress.utils import is_causal_lm
+from mpocompress.utils import call_with, is_causal_lm, main_output, short_error
 
 LM_BATCH_SIZE = 4  # windows per step of a causal LM: 4 x 512 tokens x a 49k vocabulary is 0.4 GB per logits tensor
 _D = FINETUNE_DEFAULTS
@@ -108,13 +112,20 @@ def finetune(
     Reports the test accuracy before and after, rho (factorized weights / dense weights, Eq. 9), and
     the number of trainable parameters.
     The input file is never modified.
+
+    \b
+    Examples:
+      mpocompress finetune small.safetensors --distill-from MODEL_DIR --data text:sentences.txt -o healed.safetensors
+      mpocompress finetune runs/fc2_d8.safetensors --data digits -o runs/fc2_d8_ft.safetensors
     """
     env = dist_env()
     dev = resolve_device(device, env)
     inputs = (model,) + ((distill_from,) if distill_from else ()) + data_inputs(data)
     check_outputs("finetune", output, runs, force or resume, env, inputs)
-    loaded = load_model(model, arch, trust_pickle)  # errors about the model before the data is read
-    choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model))
+    err = make_err_console()
+    with working(err, f"loading {model}"):
+        loaded = load_model(model, arch, trust_pickle)  # errors about the model before the data is read
+    choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model), data_dir, loaded.model)
     data = choice.name
     distilling = _distilling(loss, data, distill_from, max_samples, eval_every)
     if batch_size is None:
@@ -133,7 +144,11 @@ def finetune(
                              seed=seed, distill_alpha=distill_alpha, distill_temperature=distill_temperature)  # fmt: skip
     teacher = None
     if distill_from is not None:
-        teacher = load_model(distill_from, arch_for_second(distill_from, teacher_arch, loaded.arch), trust_pickle).model
+        with working(err, f"loading the teacher {distill_from}"):
+            taught = load_model(distill_from, arch_for_second(distill_from, teacher_arch, loaded.arch), trust_pickle)
+        teacher = taught.model
+        if takes_text(teacher) != takes_text(loaded.model):  # before any data is read for the wrong one
+            fail(_mismatch(model, loaded, distill_from, taught, "reads different inputs"))
     parts = tuple(dict.fromkeys(freeze))
     freeze_(loaded.model.cpu(), parts)  # validates --freeze now
 
@@ -146,8 +161,11 @@ def finetune(
     describe = {"model": str(model), "freeze": list(parts), "balance": balance,
                 "distill_from": str(distill_from) if distill_from else None}  # fmt: skip
     if distilling:
-        train_set, test_set = load_unlabelled_data(data, loaded.model, teacher, max_length, max_samples)
-        before = agreement(loaded.model, teacher, test_set, dev)
+        with working(err, f"reading {data}"):
+            train_set, test_set = load_unlabelled_data(data, loaded.model, teacher, max_length, max_samples)
+        _check_outputs_match(model, loaded, distill_from, taught, test_set)
+        with working(err, f"measuring the start on the held-out split ({len(test_set)} samples)"):
+            before = agreement(loaded.model, teacher, test_set, dev)
         metric, value = metric_of(before)
         extra = {f"{metric}_before": value, "output_rel_error_before": before["output_rel_error"], "loss_kind": config.loss}
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
@@ -157,6 +175,8 @@ def finetune(
                   start=(value, before["output_rel_error"]), by_loss=is_causal_lm(teacher))  # fmt: skip
     else:
         train_set, test_set = load_data(choice, data_dir, augment)
+        if teacher is not None:
+            _check_outputs_match(model, loaded, distill_from, taught, test_set)
         accuracy_before, loss_before = evaluate(loaded.model, test_set, dev)
         extra = {"accuracy_before": accuracy_before, "loss_before": loss_before}
         if teacher is not None:  # what distillation pulls towards, measured on the same test split
@@ -165,7 +185,7 @@ def finetune(
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
                   data_record=choice.record(), describe={"data": train_set.name, **describe}, teacher=teacher)  # fmt: skip
     init_distributed(dev, env)
-    outcomes = run_all(job, make_err_console())
+    outcomes = run_all(job, err)
     if not env.is_main:
         return
     rep = report(job, outcomes, {"model": str(model), "arch": loaded.arch, "data": train_set.name,
@@ -177,6 +197,38 @@ def finetune(
         print_json(rep)
     else:
         render(make_console(), rep)
+
+
+def _what(model: nn.Module, arch: str | None) -> str:
+    kind = "a text model" if takes_text(model) else "a model of tensor inputs"
+    return f"{kind} ({arch or type(model).__name__})"
+
+
+def _mismatch(model: Path, loaded: Any, distill_from: Path, taught: Any, how: str) -> str:
+    return (f"the teacher {distill_from} does not match the student {model}: the teacher is {_what(taught.model, taught.arch)}, "
+            f"the student {_what(loaded.model, loaded.arch)}, and it {how}; distil from the original the student was converted from")  # fmt: skip
+
+
+@torch.no_grad()
+def _check_outputs_match(model: Path, loaded: Any, distill_from: Path, taught: Any, data: Any) -> None:
+    """Both models on one held-out sample: the teacher must run on the student's data and give
+    outputs of the student's shape (a wrong teacher is named as such, not met as an internal error)."""
+    b = data.batch(torch.arange(1))
+    inputs = {"x": b[0]} if isinstance(b, tuple) else dict(b)
+    was = [loaded.model.training, taught.model.training]
+    loaded.model.eval()
+    taught.model.eval()
+    try:
+        mine = main_output(call_with(loaded.model, inputs)).shape
+        try:
+            theirs = main_output(call_with(taught.model, inputs)).shape
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            fail(_mismatch(model, loaded, distill_from, taught, f"cannot run on the student's data ({short_error(e, 120)})"))
+    finally:
+        loaded.model.train(was[0])
+        taught.model.train(was[1])
+    if mine != theirs:
+        fail(_mismatch(model, loaded, distill_from, taught, f"gives outputs of shape {tuple(theirs)} where the student's are {tuple(mine)}"))
 
 
 def _distilling(loss: str, data: str, distill_from: Path | None, max_samples: int | None, eval_every: int) -> bool:

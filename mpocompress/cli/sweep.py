@@ -42,6 +42,7 @@ from mpocompress.cli.training import (
     choose_data,
     load_data,
     output_option,
+    takes_text,
 )  # fmt: skip
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io import load_model
@@ -89,7 +90,12 @@ def sweep(
     --finetune-epochs, after fine-tuning (--runs times); print the table and write OUT/sweep.json,
     OUT/sweep.csv and OUT/sweep.png (accuracy against rho = factorized weights / dense weights,
     Eq. 9, with the dense model's accuracy as a line: the paper's Fig. 2). Ctrl-C stops after the
-    current setting's step; --resume continues from the settings already measured."""
+    current setting's step; --resume continues from the settings already measured.
+
+    \b
+    Examples:
+      mpocompress sweep runs/fc2.safetensors -D 2,4,8,16 --finetune-epochs 1 -o runs/sweep
+    """
     if output is None:
         raise MPOCompressError("sweep needs an output folder: add -o DIR")
     if finetune_epochs < 0 or runs < 1:
@@ -99,7 +105,13 @@ def sweep(
     saved = prepare_folder(output, (model,), resume, force)
     dev = resolve_device(device)
     loaded = load_model(model, arch, trust_pickle)
-    choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model))
+    if takes_text(loaded.model) and (data is None or is_unlabelled(data)):  # a text model's data has no labels
+        raise MPOCompressError(
+            f"sweep measures accuracy on labelled data, and {model} is a text model: for its error against size use "
+            f"`mpocompress analyze {model} --calib text:FILE`, or convert at each size and `mpocompress evaluate OUT "
+            f"--data text:FILE --reference {model}`"
+        )  # fmt: skip
+    choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model), data_dir, loaded.model)
     if is_unlabelled(choice.name):
         raise MPOCompressError(f"{choice.name} has no labels; sweep measures accuracy, so give labelled data with --data")
     train_set, test_set = load_data(choice, data_dir, None)

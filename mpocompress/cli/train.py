@@ -76,6 +76,10 @@ def train(
     With --mpo the network is the paper's MPO-Net: e.g. --arch fc2 --mpo --bond-dim 16 is FC2 with
     M^{4,4,4,4}_{4,7,7,4}(16) and M^{1,1,10,1}_{4,4,4,4}(4). --bond-dim D sets the D the paper varies
     (FC2: the first layer's; other networks: every MPO layer's); --bond-dim NAME=D sets one layer's.
+
+    \b
+    Examples:
+      mpocompress train --arch fc2 --data digits -o runs/fc2.safetensors
     """
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          schedule=schedule, warmup_epochs=warmup, seed=seed)  # fmt: skip
@@ -85,7 +89,7 @@ def train(
     env = dist_env()
     dev = resolve_device(device, env)
     check_outputs("train", output, runs, force or resume, env, data_inputs(data))
-    choice = choose_data(data, image_size, channels, normalize)
+    choice = choose_data(data, image_size, channels, normalize, data_dir=data_dir)
     train_set, test_set = load_data(choice, data_dir, augment)
     spec = adapt_arch(arch, train_set.image_shape, train_set.num_classes)
     build_mpo_net(spec, d, per_layer) if mpo else build_model(spec)  # a bad spec fails now, before any work

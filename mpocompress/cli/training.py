@@ -4,6 +4,8 @@ checkpoints and --resume, progress on stderr, and the final report."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
+import mpocompress.cli.render as rendering
 from mpocompress.compress import summarize
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io import (
@@ -26,7 +29,15 @@ from mpocompress.io import (
     save,
     save_train_state,
 )  # fmt: skip
-from mpocompress.io.data import ImageSet, default_normalization, is_tensor_file, load_dataset, parse_normalize
+from mpocompress.io.data import (
+    DATASETS,
+    ImageSet,
+    data_root,
+    default_normalization,
+    is_tensor_file,
+    load_dataset,
+    parse_normalize,
+)
 from mpocompress.io.data.calibration import model_tokenizer, text_max_length
 from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, is_unlabelled, load_unlabelled, read_lines
 from mpocompress.train import (
@@ -38,11 +49,11 @@ from mpocompress.train import (
     fit,
     mean_std,
 )  # fmt: skip
-from mpocompress.utils import is_causal_lm
+from mpocompress.utils import is_causal_lm, is_hf_model
 
 # ----------------------------------------------------------------------------- shared options
 
-DATA_OPT = typer.Option(None, "--data", metavar="NAME|FILE", help="Dataset: digits (bundled, no files), mnist, fashion-mnist, cifar10, svhn, or a .pt/.npz/.safetensors file holding x and y. Default: the data the model file records (it was trained or fine-tuned on), else digits.", show_default=False)
+DATA_OPT = typer.Option(None, "--data", metavar="NAME|FILE", help="Dataset: text:FILE (plain text, one sample per line) for a Hugging Face text model; digits (bundled, no files), mnist, fashion-mnist, cifar10, svhn; or a .pt/.npz/.safetensors file holding x and y. Default: the data the model file records (trained, fine-tuned or calibrated on), else digits for an image model.", show_default=False)
 IMAGE_SIZE_OPT = typer.Option(None, "--image-size", metavar="N", help="Serve N x N images: digits are rendered at N (8 = scikit-learn's own 8x8 digits), other images resized. Default: as the model file records, else the dataset's size.", show_default=False)
 CHANNELS_OPT = typer.Option(None, "--channels", metavar="C", help="Serve C channels: 1 averages colour images, 3 repeats gray ones. Default: as the model file records, else the dataset's.", show_default=False)
 NORMALIZE_OPT = typer.Option(None, "--normalize", metavar="none|dataset|MEAN,STD", help="How inputs are normalized: dataset (the training split's mean and std), none (raw values, [0, 1] for 8-bit images) or MEAN,STD. Default: as the model file records, else dataset for named datasets and none for files.", show_default=False)
@@ -79,13 +90,18 @@ class DataChoice:
     channels: int | None = None
     normalize: str | None = None  # "none", "dataset" or "MEAN,STD"; None: the source's default
     origin: str = "default"  # "option", "file" or "default"
+    data_dir: str | None = None  # a named set's folder: --data-dir, else $MPOCOMPRESS_DATA, else the file's record
 
     def record(self) -> dict[str, Any]:
-        """What the output file records (a file's path absolute, so the record holds wherever it is read)."""
+        """What the output file records (paths absolute, so the record holds wherever it is read;
+        a named set's folder too, so the next command finds it without --data-dir)."""
         name = str(Path(self.name).resolve()) if is_tensor_file(self.name) else self.name
         if self.name.startswith(TEXT_PREFIX):
             name = TEXT_PREFIX + str(Path(self.name[len(TEXT_PREFIX):]).resolve())
-        return {"name": name, "image_size": self.image_size, "channels": self.channels, "normalize": self.normalize}
+        rec = {"name": name, "image_size": self.image_size, "channels": self.channels, "normalize": self.normalize}
+        if self.name in DATASETS and self.name != "digits":  # digits are bundled: no folder
+            rec["data_dir"] = str(data_root(self.data_dir).resolve())
+        return rec
 
     def options(self) -> dict[str, Any]:
         """The report's `data_options`."""
@@ -94,31 +110,46 @@ class DataChoice:
             norm = default_normalization(self.name)
         return {"image_size": self.image_size, "channels": self.channels, "normalize": norm, "from": self.origin}
 
-    def split(self, split: str, data_dir: Path | None, augment: bool | None = None) -> ImageSet:
+    def split(self, split: str, data_dir: Path | None = None, augment: bool | None = None) -> ImageSet:
         norm = parse_normalize(self.normalize) if self.normalize is not None else None
-        return load_dataset(self.name, split, data_dir, augment, self.image_size, channels=self.channels, normalize=norm)
+        folder = data_dir if data_dir is not None else self.data_dir
+        return load_dataset(self.name, split, folder, augment, self.image_size, channels=self.channels, normalize=norm)
+
+
+def takes_text(model: nn.Module | None) -> bool:
+    """Whether `model` reads token ids (a transformers text model: BERT, Llama, GPT-2, ...)."""
+    return model is not None and is_hf_model(model) and getattr(model, "main_input_name", None) == "input_ids"
 
 
 def choose_data(
     data: str | None, image_size: int | None, channels: int | None, normalize: str | None,
-    recorded: dict[str, Any] | None = None, what: str = "the model",
+    recorded: dict[str, Any] | None = None, what: str = "the model", data_dir: Path | None = None,
+    model: nn.Module | None = None,
 ) -> DataChoice:  # fmt: skip
-    """--data and its serving options, each defaulting to the model file's record."""
+    """--data and its serving options, each defaulting to the model file's record. Without either,
+    an image model gets the bundled digits and a text model a clear error asking for text:FILE."""
     rec = recorded or {}
     if normalize is not None:
         parse_normalize(normalize)  # a bad value is named before anything is read
     origin = "option" if data is not None else "file" if rec.get("name") else "default"
+    if origin == "default" and takes_text(model):
+        raise MPOCompressError(f"{what} reads text and records no data to default to; give its data with --data "
+                               "text:FILE (plain text, one sentence or paragraph per line)")  # fmt: skip
     name = data if data is not None else rec.get("name") or "digits"
     if origin == "file":
         path = name[len(TEXT_PREFIX):] if name.startswith(TEXT_PREFIX) else name if is_tensor_file(name) else None
         if path is not None and not Path(path).is_file():
             raise MPOCompressError(f"{what} was trained on {name}, which is not there any more; give the data with --data")
+    folder = data_dir if data_dir is not None else os.environ.get("MPOCOMPRESS_DATA") or None
+    if folder is None and rec.get("data_dir") and name == rec.get("name"):
+        folder = rec["data_dir"]
     return DataChoice(
         name,
         image_size if image_size is not None else rec.get("image_size"),
         channels if channels is not None else rec.get("channels"),
         normalize if normalize is not None else rec.get("normalize"),
         origin,
+        str(folder) if folder is not None else None,
     )
 
 
@@ -155,7 +186,7 @@ class RunOutcome:
     output: Path | None
     summary: dict[str, Any]
     trainable: int
-    curve: list[dict[str, float]] = field(default_factory=list)  # (step, metric, loss) every job.eval_every steps
+    curve: list[dict[str, float]] = field(default_factory=list)  # (step, metric, loss, seconds) every job.eval_every steps
     kept: str | None = None  # with Job.start: which state was saved ("start", "epoch N")
 
 
@@ -247,10 +278,16 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
     with _progress(console, job.env) as progress:
         task = progress.add_task(label, total=None, stats="")
 
+        plain = {"at": time.monotonic()}  # not a terminal: a plain line every PLAIN_EVERY_S instead of the bar
+
         def on_batch(epoch: int, step: int, steps: int, loss: float, acc: float) -> None:
             # one bar over the whole run (steps of all epochs): its clock runs until the last step
+            stats = f"loss {loss:.4f}" + (f"  acc {acc:.2%}" if job.metric == "accuracy" else "")  # what the run optimizes
             progress.update(task, description=f"{label} epoch {epoch}/{config.epochs}", completed=(epoch - 1) * steps + step,
-                            total=config.epochs * steps, stats=f"loss {loss:.4f}  acc {acc:.2%}")  # fmt: skip
+                            total=config.epochs * steps, stats=stats)  # fmt: skip
+            if not console.is_terminal and job.env.is_main and time.monotonic() - plain["at"] >= rendering.PLAIN_EVERY_S:
+                plain["at"] = time.monotonic()
+                console.print(f"{label} epoch {epoch}/{config.epochs} step {step}/{steps}: {stats}", markup=False, highlight=False, soft_wrap=True)
 
         best: dict[str, Any] = {}
         if job.start is not None and resume_state is None:  # the start is a candidate: never save worse than it
@@ -268,9 +305,12 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
             progress.console.print(f"{label} epoch {s.epoch}/{config.epochs}: {text} | lr {s.lr:.3g} | {s.time_s:.1f} s", highlight=False)
 
         curve: list[dict[str, float]] = []
+        began = time.perf_counter()
 
-        def on_eval(step: int, metric: float, loss: float) -> None:
-            curve.append({"step": step, job.metric: metric, "output_rel_error": loss})
+        def on_eval(step: int, metric: float, loss: float, more: dict[str, float] | None = None) -> None:
+            # seconds: wall time since the run began, evaluations included; a causal LM's perplexity and KL too
+            curve.append({"step": step, job.metric: metric, "output_rel_error": loss, **(more or {}),
+                          "seconds": round(time.perf_counter() - began, 3)})  # fmt: skip
             progress.console.print(f"{label} step {step}: {job.metric} {metric:.4f}, output error {loss:.4f}", highlight=False)
 
         extra = {"eval_every": job.eval_every, "on_eval": on_eval} if job.eval_every else {}

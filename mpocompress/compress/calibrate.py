@@ -29,7 +29,7 @@ from torch import nn
 
 from mpocompress.compress.registry import converter_for
 from mpocompress.errors import MPOCompressError
-from mpocompress.utils import call_with, main_output, set_module
+from mpocompress.utils import call_with, main_output, set_module, status
 
 Batch = Mapping[str, torch.Tensor]
 NOISE = 0.05  # probe noise, as a share of the layer's output RMS
@@ -156,7 +156,8 @@ def collect_grams(
     samples = 0
     try:
         with _input_hooks(unique, hook):
-            for batch in batches:
+            for k, batch in enumerate(batches):
+                status(f"calibration pass {k + 1}/{len(batches)}")
                 mask = _row_mask(batch)
                 pending = set(stop_after) if stop_after is not None else set()
                 _run(model, batch)
@@ -339,7 +340,8 @@ def gradient_sensitivity(
         for p in params:
             p.requires_grad_(True)
         with torch.enable_grad():
-            for batch in batches:
+            for k, batch in enumerate(batches):
+                status(f"sensitivities: backward pass {k + 1}/{len(batches)}")
                 n, length = next(iter(batch.values())).shape[:2]
                 step = max(1, MICRO_TOKENS // max(int(length), 1))
                 for s in range(0, int(n), step):
@@ -395,7 +397,8 @@ def measure_sensitivity(
             return y + noise
 
         out: dict[str, float] = {}
-        for name, mod in modules.items():
+        for k, (name, mod) in enumerate(modules.items()):
+            status(f"sensitivity of layer {k + 1}/{len(modules)} ({name})")
             state["energy"] = 0.0
             handle = mod.register_forward_hook(add_noise)
             change = 0.0

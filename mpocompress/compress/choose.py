@@ -20,8 +20,8 @@ from torch import nn
 
 from mpocompress.compress.allocate import Choice, allocate, cheapest_within
 from mpocompress.compress.calibrate import (
-    Calibration,
     BlockStream,
+    Calibration,
     CrossStats,
     HeadFisher,
     collect_cross,
@@ -54,7 +54,7 @@ from mpocompress.tensors import (
     truncation_errors,
     whitening,
 )  # fmt: skip
-from mpocompress.utils import is_causal_lm
+from mpocompress.utils import is_causal_lm, status
 
 SENSITIVITY_SAMPLES = 64  # calibration samples the sensitivity probes run on
 SENSITIVITY_TOKENS = 8192  # a causal LM's: calibration tokens its backward passes run on
@@ -134,7 +134,8 @@ class LayerPlan:
         stream: BlockStream | None = None  # made at the first block's group, after any earlier swap (an embedding)
         streamable = sequential and len(transformer_blocks(model)) == 1
         fresh: dict[str, CrossStats] = {}
-        for name in order:
+        for k, name in enumerate(order):
+            status(f"factorizing layer {k + 1}/{len(order)} ({name})")
             d = todo[name]
             t = d.target
             if sequential and t.cand.kind != "embedding":
@@ -280,7 +281,8 @@ def _allocate(
 ) -> list[Decision]:
     calib = plan.calibration
     options, costs = [], []
-    for t in free:
+    for k, t in enumerate(free):
+        status(f"weighing the forms of layer {k + 1}/{len(free)} ({t.cand.name})")
         w = weight_of(t)
         opts = _options_of(t, w, config, plan)
         if config.max_error is not None:
@@ -318,15 +320,33 @@ def _allocate(
         picks = [cheapest_within([Choice(o.params, 0.0) for o in opts], [o.rel_error for o in opts], config.max_error) for opts in options]
         return [_decision(t, opts[k], "no smaller form within --max-error") for t, opts, k in zip(free, options, picks)]
     total = count_params(model)
-    selected = sum(t.cand.numel for t in free) + sum(d.target.cand.numel for d in plan.decisions)
+    everything = [*free, *(d.target for d in plan.decisions)]
+    selected = sum(t.cand.numel for t in everything)
+    # what a share counts: the selected layers, less the embeddings a budget offers the allocator on its own
+    # (they may shrink to pay for the rest, but "remove 20 %" means 20 % of the projections); a named one counts
+    named = dict.fromkeys(config.layers, True)
+    counted = sum(t.cand.numel for t in everything if t.cand.kind != "embedding" or first_match(named, t.cand.names))
+    counted = counted or selected
+    offered = "" if counted == selected else f" (the {selected - counted:,} of the embeddings offered besides are not counted)"
     if config.remove is not None:
-        target = total - round(config.remove * selected)
+        target = total - round(config.remove * counted)
         plan.notes.append(
-            f"budget: remove {config.remove:.0%} of the selected layers' {selected:,} weights: "
+            f"budget: remove {config.remove:.0%} of the selected layers' {counted:,} weights{offered}: "
+            f"{total:,} -> {target:,} parameters in the model"
+        )
+    elif config.budget_of == "selected":
+        keep = int(config.target_params) if config.target_params > 1 else round(config.target_params * counted)
+        target = total - counted + keep
+        plan.notes.append(
+            f"budget: the selected layers' {counted:,} weights{offered} -> {keep:,} ({keep / counted:.0%}); "
             f"{total:,} -> {target:,} parameters in the model"
         )
     else:
         target = int(config.target_params) if config.target_params > 1 else round(config.target_params * total)
+        plan.notes.append(
+            f"budget: {target:,} parameters for the whole model ({target / total:.0%} of its {total:,}); the selected layers "
+            f"hold {selected:,} of them, the other {total - selected:,} stay as they are (--of selected counts the selected only)"
+        )
     rest = total - selected + fixed_params
     budget = target - rest
     if budget < sum(min(o.params for o in opts) for opts in options):

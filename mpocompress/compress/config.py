@@ -62,6 +62,7 @@ class CompressionConfig:
     refine_steps: int = 30  # L-BFGS iterations on the calibrated objective per MPO layer (0: none)
     sequential: bool = False  # calibrate each layer on the inputs the already-compressed layers give it
     remove: float | None = None  # instead of target_params: the share of the selected layers' weights to remove
+    budget_of: str = "model"  # what target_params counts: "model" (its size after) or "selected" (the selected layers')
 
     def __post_init__(self) -> None:
         for what, d in [("bond dimension", self.bond_dim), *((f"bond dimension of {k}", v) for k, v in self.bond_dims.items())]:
@@ -81,6 +82,8 @@ class CompressionConfig:
             raise MPOCompressError(f"target parameters above 1 must be a whole count, got {self.target_params!r}")
         if self.remove is not None and not (math.isfinite(self.remove) and 0.0 < self.remove < 1.0):
             raise MPOCompressError(f"the share of weights to remove must lie strictly between 0 and 1, got {self.remove!r}; e.g. --remove 0.2")
+        if self.budget_of not in ("model", "selected"):
+            raise MPOCompressError(f"--of must be model or selected, got {self.budget_of!r}")
         if self.remove is not None and self.target_params is not None:
             raise MPOCompressError("--remove R and --target-params P both set the budget; give one of them")
         if self.max_error is not None and not (0.0 < float(self.max_error) < 1.0):
@@ -148,6 +151,7 @@ class CompressionConfig:
             "refine_steps": self.refine_steps,
             "sequential": self.sequential,
             "remove": self.remove,
+            "budget_of": self.budget_of,
         }
 
     @classmethod
@@ -168,4 +172,5 @@ class CompressionConfig:
             refine_steps=d.get("refine_steps", 30),
             sequential=d.get("sequential", False),
             remove=d.get("remove"),
+            budget_of=d.get("budget_of", "model"),
         )

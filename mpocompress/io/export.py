@@ -25,6 +25,7 @@ from torch import nn
 from mpocompress.compress import converter_for
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.hf import decode_tokenizer_files, quiet_transformers, save_pretrained_quietly, write_files
+from mpocompress.io.paths import usual_modes
 from mpocompress.models.hf import build_hf, hf_config_json, probe_inputs, transformers_module
 from mpocompress.nn import FactorizedLayer
 from mpocompress.utils import call_with, is_causal_lm, is_hf_model, main_output, short_error
@@ -45,8 +46,14 @@ class ExportReport:
     params: int  # parameters of the exported model (dense for hf)
     dynamic: bool  # batch (and sequence) sizes free; False: fixed to the probe's shapes
 
+    @property
+    def factorized(self) -> bool:
+        """Whether the factorized layers stay factorized (onnx, pt2: the size and speed gain kept);
+        hf multiplies them out into dense weights (the original's size)."""
+        return self.format != "hf"
+
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "factorized": self.factorized}
 
 
 def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -84,6 +91,7 @@ def _staging(out: Path, is_dir: bool) -> Iterator[Path]:
         if is_dir:
             staged.mkdir()
         yield staged
+        usual_modes(staged)  # what the libraries wrote through temporaries is 0600
         if is_dir and out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staged, out)

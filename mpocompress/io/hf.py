@@ -12,7 +12,9 @@ import base64
 import contextlib
 import importlib.util
 import io as _io
+import json
 import logging
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -33,6 +35,14 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
 )  # fmt: skip
 MAX_TOKENIZER_BYTES = 32 << 20
+# a sentence-transformers model's own files (pooling, normalization, max length), carried with the tokenizer so
+# that an exported folder loads in SentenceTransformer as the original did; a module's config sits in its folder
+SENTENCE_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+MODULE_CONFIG = re.compile(r"[0-9]+_[A-Za-z][A-Za-z0-9_]*/config\.json")
+
+
+def _carried(name: str) -> bool:
+    return name in TOKENIZER_FILES or name in SENTENCE_FILES or MODULE_CONFIG.fullmatch(name) is not None
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -143,9 +153,9 @@ def load_gguf(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str, s
 def read_tokenizer_files(path: Path) -> dict[str, str]:
     """The tokenizer files of a folder, base64 by name (empty when it has none)."""
     out, total = {}, 0
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, *SENTENCE_FILES, *_module_configs(path)):
         f = path / name
-        if f.is_file():
+        if f.is_file() and f.resolve().is_relative_to(path.resolve()):  # nothing from outside the folder
             data = f.read_bytes()
             total += len(data)
             if total > MAX_TOKENIZER_BYTES:
@@ -154,13 +164,26 @@ def read_tokenizer_files(path: Path) -> dict[str, str]:
     return out
 
 
+def _module_configs(path: Path) -> list[str]:
+    """The config files of the sentence-transformers modules modules.json lists (1_Pooling/config.json)."""
+    f = path / "modules.json"
+    if not f.is_file() or f.stat().st_size > 1 << 20:
+        return []
+    try:
+        modules = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return []
+    names = [f"{m.get('path')}/config.json" for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    return [n for n in names if MODULE_CONFIG.fullmatch(n)]
+
+
 def decode_tokenizer_files(recorded: Any, source: str) -> dict[str, bytes]:
     """Tokenizer files recorded in a file's metadata, checked: plain file names, base64 contents."""
     if not isinstance(recorded, Mapping):
         raise MPOCompressError(f"{source}: the recorded tokenizer is not a mapping of files; the file is damaged")
     out = {}
     for name, data in recorded.items():
-        if name not in TOKENIZER_FILES or not isinstance(data, str):
+        if not isinstance(name, str) or not _carried(name) or not isinstance(data, str):
             raise MPOCompressError(f"{source}: the recorded tokenizer holds an unexpected entry {name!r}; the file is damaged")
         try:
             out[name] = base64.b64decode(data, validate=True)
@@ -171,6 +194,7 @@ def decode_tokenizer_files(recorded: Any, source: str) -> dict[str, bytes]:
 
 def write_files(folder: Path, files: Mapping[str, bytes]) -> None:
     for name, data in files.items():
+        (folder / name).parent.mkdir(exist_ok=True)  # a sentence-transformers module's folder
         (folder / name).write_bytes(data)
 
 

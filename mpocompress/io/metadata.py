@@ -54,8 +54,8 @@ def parse_own_metadata(path: Path, meta: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _data_record(path: Path, text: str | None) -> dict[str, Any] | None:
-    """The data a model was trained or fine-tuned on, as recorded: {"name", "image_size", "channels",
-    "normalize"} (None when the file records none)."""
+    """The data a model was trained, fine-tuned or calibrated on, as recorded: {"name", "image_size",
+    "channels", "normalize", "data_dir"} (a named set's folder; None when the file records none)."""
     if not text:
         return None
     try:
@@ -66,10 +66,11 @@ def _data_record(path: Path, text: str | None) -> dict[str, Any] | None:
         isinstance(rec, dict) and isinstance(rec.get("name"), str) and rec["name"]
         and all(rec.get(k) is None or (type(rec[k]) is int and 1 <= rec[k] <= 4096) for k in ("image_size", "channels"))
         and (rec.get("normalize") is None or isinstance(rec["normalize"], str))
+        and (rec.get("data_dir") is None or isinstance(rec["data_dir"], str))
     )  # fmt: skip
     if not ok:
         raise MPOCompressError(f"{path} has unreadable data metadata (the dataset it was trained on); the file is damaged or was edited")
-    return {k: rec.get(k) for k in ("name", "image_size", "channels", "normalize")}
+    return {k: rec.get(k) for k in ("name", "image_size", "channels", "normalize", "data_dir")}
 
 
 def check_layer_spec(path: Path, name: str, spec: Mapping[str, Any]) -> None:

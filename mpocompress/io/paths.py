@@ -83,6 +83,16 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+def usual_modes(root: Path) -> None:
+    """Give `root` (and, for a folder, everything in it) the modes the user's umask gives a new file
+    or folder: temporary files (mkstemp, and libraries that write through them) are 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *(root.rglob("*") if root.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def atomic_write(path: Path, write: Any) -> None:
     """Call write(tmp_path) for a temporary file beside `path`, fsync it, and rename it into place:
     a killed process leaves either the old file or the complete new one. The temporary is removed on
@@ -95,9 +105,7 @@ def atomic_write(path: Path, write: Any) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        usual_modes(Path(tmp))  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

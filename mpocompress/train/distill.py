@@ -89,8 +89,14 @@ class DistillConfig:
         return asdict(self)
 
 
+MIN_WARMUP_STEPS = 20  # a short run still warms up over this many steps (at most half of it): its first steps are tame
+
+
 def lr_at(config: DistillConfig, step: int, total: int) -> float:
-    warm = config.warmup * total
+    """The learning rate of step `step` of `total`: a linear warm-up over the share `config.warmup` of
+    the run (at least MIN_WARMUP_STEPS, at most half the run, when there is a warm-up at all), then
+    the schedule."""
+    warm = max(config.warmup * total, min(MIN_WARMUP_STEPS, total / 2)) if config.warmup > 0 else 0.0
     if warm > 0 and step < warm:
         return config.lr * (step + 1) / warm
     if config.schedule == "constant":
@@ -262,7 +268,7 @@ def distill(
     env: DistEnv | None = None,
     should_stop: Callable[[], int] | None = None,
     eval_every: int = 0,
-    on_eval: Callable[[int, float, float], None] | None = None,
+    on_eval: Callable[..., None] | None = None,
 ) -> FitResult:
     """Train `model` in place to reproduce `teacher` on unlabelled data, for `config.epochs` epochs.
 
@@ -270,7 +276,8 @@ def distill(
     pooled outputs for an encoder, top-1 agreement for a classifier) and `loss` the relative error
     of the outputs there (`agreement`'s output_rel_error); the keyword arguments behave as in `fit`.
     With `eval_every` = k, the agreement is also measured every k steps and passed to
-    `on_eval(step, metric, rel_error)` (a learning curve).
+    `on_eval(step, metric, rel_error, more)` (a learning curve; `more` holds a causal LM's
+    perplexity and mean KL, else nothing).
     """
     if teacher is None:
         raise MPOCompressError("distillation needs a teacher: pass --distill-from ORIGINAL")
@@ -286,6 +293,10 @@ def distill(
     if resume_state is not None:
         start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device, config.epochs, steps_per_epoch)
     net = wrap_distributed(model, env, device, find_unused=True)
+    last: dict[str, float] = {}  # a causal LM's perplexity and KL at the last evaluation, for the curve
+    if on_eval is not None and eval_every:
+        curve_fn = on_eval
+        on_eval = lambda step, metric, loss: curve_fn(step, metric, loss, dict(last))  # noqa: E731
     loop = Loop(model, net, optimizer, train_set, _matching(train_set, teacher, config, device),
                 lambda k: lr_at(config, k, total), config.lr, config.epochs, config.seed, device, env, local_batch, history,
                 save_state, on_batch, should_stop, step=start_epoch * steps_per_epoch + skip,
@@ -293,6 +304,8 @@ def distill(
 
     def evaluate_fn() -> tuple[float, float]:
         rep = agreement(model, teacher, test_set, device, config.eval_batch_size)
+        last.clear()
+        last.update({k: rep[k] for k in ("perplexity", "kl_mean") if rep.get(k) is not None})
         return metric_of(rep)[1], rep["output_rel_error"]
 
     return loop.run(start_epoch, skip, partial, evaluate_fn, on_epoch)

@@ -82,8 +82,9 @@ def load_dataset(
     elif key == "svhn":
         ds = svhn_set(split, data_root(data_dir))
     else:
+        text = f"for a text model's plain text give text:{name}; else " if Path(name).is_file() or key.endswith((".txt", ".text", ".md")) else ""
         raise MPOCompressError(
-            f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}, or give a .pt/.npz/.safetensors "
+            f"unknown dataset {name!r}: {text}choose one of {', '.join(DATASETS)}, or give a .pt/.npz/.safetensors "
             "file holding tensors x and y"
         )
     _serve(ds, key, image_size, channels, normalize if normalize is not None else default_normalization(name))

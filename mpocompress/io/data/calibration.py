@@ -68,8 +68,9 @@ def model_tokenizer(model: nn.Module, teacher: nn.Module | None = None) -> objec
 def calibration_batches(
     spec: str, model: nn.Module, samples: int | None = None, data_dir: str | os.PathLike | None = None,
     max_length: int | None = None, batch_size: int | None = None, served: Mapping[str, Any] | None = None,
+    split: str = "train",
 ) -> list[Batch]:  # fmt: skip
-    """Up to `samples` samples of the training split of `spec`, in batches of `batch_size`. Images
+    """Up to `samples` samples of the training split of `spec` (or of `split`), in batches of `batch_size`. Images
     are served as `served` says (`image_size`, `channels`, `normalize`: how the model was trained,
     from its file's data record). A causal LM's text comes as packed windows (default: 64 windows
     of 512 tokens, 8 a batch); other models' default is 512 samples, 32 a batch."""
@@ -80,13 +81,13 @@ def calibration_batches(
         raise MPOCompressError(f"--calib-samples must be a whole number >= 1, got {samples!r}")
     if spec.startswith(TEXT_PREFIX):
         read_lines(Path(spec[len(TEXT_PREFIX) :]))  # a missing or empty file is named before the tokenizer
-        ds = load_unlabelled(spec, "train", model_tokenizer(model), text_max_length(model, max_length), pack=causal)
+        ds = load_unlabelled(spec, split, model_tokenizer(model), text_max_length(model, max_length), pack=causal)
     elif is_unlabelled(spec):
-        ds = load_unlabelled(spec, "train")
+        ds = load_unlabelled(spec, split)
     else:
         opts = served or {}
         norm = opts.get("normalize")
-        ds = load_dataset(spec, "train", data_dir, augment=False, image_size=opts.get("image_size"), channels=opts.get("channels"),
+        ds = load_dataset(spec, split, data_dir, augment=False, image_size=opts.get("image_size"), channels=opts.get("channels"),
                           normalize=parse_normalize(norm) if norm is not None else None)  # fmt: skip
     n = min(samples, len(ds))
     out = []

@@ -4,6 +4,7 @@ y_train, x_test and y_test."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +54,19 @@ def _as_images(x: torch.Tensor, source: str) -> torch.Tensor:
     raise MPOCompressError(f"{source}: x must be (N, F), (N, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
 
 
+def not_data(path: Path, tensors: dict[str, Any]) -> str:
+    """Why a tensors file is not a dataset, in one short line: a few of its names, and what --data
+    wants when it is a model's weights (names like `fc1.weight`) rather than data."""
+    names = sorted(tensors)
+    if not names:
+        return f"dataset file {path} holds nothing; it needs tensors x and y"
+    shown = ", ".join(n[:40] for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    if any("." in n or n.endswith(("weight", "bias")) for n in names):
+        return (f"{path} holds a model's weights ({shown}), not data; --data wants what the model runs on: text:FILE "
+                "for a text model, a dataset name (digits, mnist, ...), or a file of tensors x and y")  # fmt: skip
+    return f"dataset file {path} holds {shown}; it needs tensors x and y"
+
+
 def tensor_file_set(path: Path, split: str, seed: int) -> ImageSet:
     t = read_tensor_file(path)
     if "x_train" in t or "x_test" in t:
@@ -62,7 +76,7 @@ def tensor_file_set(path: Path, split: str, seed: int) -> ImageSet:
     elif "x" in t and "y" in t:
         pairs = {"all": (t["x"], t["y"])}
     else:
-        raise MPOCompressError(f"dataset file {path} holds {', '.join(sorted(t)) or 'nothing'}; it needs tensors x and y")
+        raise MPOCompressError(not_data(path, t))
     for x, y in pairs.values():  # the whole file is checked, whichever split is asked for
         if y.dtype.is_floating_point or y.dtype == torch.bool or y.ndim != 1:
             raise MPOCompressError(f"{path}: labels y must be a 1-D tensor of class indices, got {y.dtype} {tuple(y.shape)}")
