@@ -269,3 +269,29 @@ def test_the_readme_python_example_for_a_hugging_face_model_runs(folders, senten
     small = load(tmp_path / "small.safetensors")
     assert f"{sum(p.numel() for p in small.parameters()):,} parameters" in r.stdout
     assert (ROOT / "examples" / "hf_api.py").read_text().split('"""', 2)[2].strip() in (ROOT / "README.md").read_text()
+
+
+def test_every_command_holds_out_the_same_lines_whatever_max_samples(tmp_path):
+    """The held-out lines of a short run are held out of the full one too (and the other way round):
+    a heal on --max-samples N is never measured on lines it trained on."""
+    from mpocompress.io.data.unlabelled import load_unlabelled
+
+    class LineNumbers:  # a tokenizer that reads each line as its own number: rows name their lines
+        pad_token = "0"
+
+        def __call__(self, texts, **kw):
+            ids = torch.tensor([[int(t)] for t in texts])
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    text = tmp_path / "lines.txt"
+    text.write_text("".join(f"{i}\n" for i in range(1, 401)))
+
+    def rows(split, limit=None):
+        return set(load_unlabelled(f"text:{text}", split, LineNumbers(), 8, limit=limit).inputs["input_ids"][:, 0].tolist())
+
+    full_train, full_test = rows("train"), rows("test")
+    assert len(full_test) == 80 and not (full_train & full_test)
+    for limit in (10, 100, 250):
+        train, test = rows("train", limit), rows("test", limit)
+        assert train <= full_train and test <= full_test
+        assert (len(train), len(test)) == (round(0.8 * limit), limit - round(0.8 * limit))

@@ -68,7 +68,7 @@ def test_a_budget_sweep_meets_each_budget(dense, tmp_path):
     (["-D", "4,4"], "given twice"),
     (["--target-params", "1.5"], "fractions in (0, 1]"),
     (["--runs", "0"], "--runs >= 1"),
-    (["--data", "text:{tmp}/s.txt"], "has no labels"),
+    (["--data", "text:{tmp}/s.txt"], "does not read text"),
     (["--normalize", "x"], "cannot read --normalize"),
 ])  # fmt: skip
 def test_bad_sweeps_are_one_line_errors_and_write_nothing(dense, tmp_path, args, fragment):

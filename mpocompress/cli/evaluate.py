@@ -57,7 +57,7 @@ def evaluate(
     reference: Path | None = typer.Option(None, "--reference", metavar="ORIGINAL", help="Also measure agreement with this model (usually the uncompressed original): cosine of pooled outputs, relative output error, top-1 agreement for classifiers.", show_default=False),
     reference_arch: str | None = typer.Option(None, "--reference-arch", metavar="SPEC", help="Architecture of ORIGINAL when it is a state_dict (default: that of MODEL).", show_default=False),
     max_length: int | None = MAX_LENGTH_OPT,
-    max_samples: int | None = typer.Option(None, "--max-samples", metavar="N", help="Use at most the first N samples of text:FILE or x-only data (before the 80/20 split; the held-out 20 % is measured).", show_default=False),
+    max_samples: int | None = typer.Option(None, "--max-samples", metavar="N", help="Use at most N samples: of text:FILE, the first 20 % of N of its held-out lines (the file is split 80/20 whole, so every command holds out the same lines); of x-only data, the first N before its split.", show_default=False),
     prefer: str | None = typer.Option(None, "--prefer", metavar="memory|speed", help=PREFER_HELP, show_default=False),
     prompt: list[str] = typer.Option([], "--prompt", metavar="TEXT", help="A causal LM's greedy continuation of TEXT (and the reference's, with --reference), side by side (repeatable).", show_default=False),
     new_tokens: int = typer.Option(32, "--new-tokens", metavar="N", help="Tokens each --prompt continuation adds."),

@@ -136,6 +136,12 @@ def choose_data(
         raise MPOCompressError(f"{what} reads text and records no data to default to; give its data with --data "
                                "text:FILE (plain text, one sentence or paragraph per line)")  # fmt: skip
     name = data if data is not None else rec.get("name") or "digits"
+    if model is not None and takes_text(model) and not name.startswith(TEXT_PREFIX) and name.lower() in DATASETS:
+        raise MPOCompressError(f"{what} reads text, and {name} is a set of images; give its data with --data text:FILE "
+                               "(plain text, one sentence or paragraph per line)")  # fmt: skip
+    if model is not None and not takes_text(model) and name.startswith(TEXT_PREFIX):
+        raise MPOCompressError(f"{what} does not read text (it is no Hugging Face text model), so {name} cannot feed it; "
+                               "give the data it was trained on (a dataset name or a file of tensors x and y)")  # fmt: skip
     if origin == "file":
         path = name[len(TEXT_PREFIX):] if name.startswith(TEXT_PREFIX) else name if is_tensor_file(name) else None
         if path is not None and not Path(path).is_file():

@@ -25,7 +25,7 @@ from torch import nn
 from mpocompress.compress import converter_for
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.hf import decode_tokenizer_files, quiet_transformers, save_pretrained_quietly, write_files
-from mpocompress.io.paths import usual_modes
+from mpocompress.io.paths import remove_stale_temporaries, usual_modes
 from mpocompress.models.hf import build_hf, hf_config_json, probe_inputs, transformers_module
 from mpocompress.nn import FactorizedLayer
 from mpocompress.utils import call_with, is_causal_lm, is_hf_model, main_output, short_error
@@ -85,7 +85,8 @@ def _call(model: Callable[..., Any], probe: Mapping[str, torch.Tensor]) -> torch
 def _staging(out: Path, is_dir: bool) -> Iterator[Path]:
     """A temporary path in a hidden folder beside `out`; it replaces `out` (by a rename) only when
     the block succeeds, and the folder is removed in any case."""
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    remove_stale_temporaries(out)  # one a killed export left (its process is gone)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
     try:
         staged = tmpdir / out.name
         if is_dir:

@@ -41,6 +41,23 @@ SENTENCE_FILES = ("modules.json", "config_sentence_transformers.json", "sentence
 MODULE_CONFIG = re.compile(r"[0-9]+_[A-Za-z][A-Za-z0-9_]*/config\.json")
 
 
+EXPORT_WEIGHTS = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+EXPORT_FILES = ("config.json", "generation_config.json")
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What in `folder` no Hugging Face export writes (a model's config, weights, tokenizer and
+    sentence-transformers files): `export --force` replaces a model folder, never one holding these."""
+    out = []
+    for p in sorted(folder.iterdir()):
+        name = p.name
+        if p.is_dir() and not p.is_symlink() and re.fullmatch(r"[0-9]+_[A-Za-z][A-Za-z0-9_]*", name):
+            out += [f"{name}/{q.name}" for q in sorted(p.iterdir()) if q.name != "config.json" or not q.is_file()]
+        elif not (p.is_file() and not p.is_symlink() and (name in EXPORT_FILES or _carried(name) or EXPORT_WEIGHTS.fullmatch(name))):
+            out.append(name)
+    return out
+
+
 def _carried(name: str) -> bool:
     return name in TOKENIZER_FILES or name in SENTENCE_FILES or MODULE_CONFIG.fullmatch(name) is not None
 
@@ -93,14 +110,42 @@ def load_hf_dir(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str,
         kwargs["trust_remote_code"] = False
     try:
         with quiet_transformers():
-            model = cls.from_pretrained(str(path), **kwargs)
+            model, info = cls.from_pretrained(str(path), output_loading_info=True, **kwargs)
     except MPOCompressError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged or truncated file surfaces as many exception types
         raise MPOCompressError(
             f"cannot load the Hugging Face model in {path} ({short_error(e)}); the weights may be truncated or damaged"
         ) from None
+    check_loaded(model, info, path)
     return model.eval(), "hf:" + type(model).__name__, read_tokenizer_files(path)
+
+
+def check_loaded(model: nn.Module, info: Mapping[str, Any], path: Path) -> None:
+    """Refuse a model transformers built with some of its weights left at random, or with weights of
+    the file left unused, unless that is a head the file never had (a classifier on an encoder's
+    checkpoint) or one the class does not have (an encoder read from a classifier's checkpoint):
+    a weights file missing tensors, a config whose layer count disagrees with the file, and a class
+    that is not the file's all fail here, naming the tensors."""
+    mine = set(model.state_dict())
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()]
+    top = {k.split(".", 1)[0] for k in (mine - missing) | unexpected}  # what the file holds, by first name
+    def shown(keys: Any) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    if mismatched:
+        raise MPOCompressError(f"{path}: tensors of the wrong shape for its config ({shown(mismatched)}); the config and the weights are not of one model")
+    real_missing = {k for k in missing if k.split(".", 1)[0] in top} if len(missing) * 2 < len(mine) else missing
+    if real_missing:
+        raise MPOCompressError(f"{path}: the weights lack {len(real_missing)} of the model's tensors ({shown(real_missing)}); "
+                               "they would be random: give the complete weights, or the --arch of the class they belong to")  # fmt: skip
+    mine_top = {name for name, _ in model.named_children()} | {k.split(".", 1)[0] for k in mine}  # (an empty stack too)
+    stray = {k for k in unexpected if k.split(".", 1)[0] in mine_top}
+    if stray:
+        raise MPOCompressError(f"{path}: the weights hold {len(stray)} tensors the config's model has no place for ({shown(stray)}); "
+                               "the config (its layer count, sizes or class) does not describe these weights")  # fmt: skip
 
 
 GGUF_SUFFIX = ".gguf"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,16 @@ def check_output_path(
             raise MPOCompressError(f"output {path} holds the input {src}; choose another -o (inputs are never modified)")
     if folder and path.exists() and not path.is_dir():
         raise MPOCompressError(f"output {path} is a file, but this format writes a folder; choose another -o")
+    if folder and path.is_dir() and force:  # --force replaces a model folder, never the user's other files
+        from mpocompress.io.hf import foreign_entries
+
+        if path.resolve() == Path.cwd().resolve() or path.resolve() in Path.cwd().resolve().parents:
+            raise MPOCompressError(f"output {path} is the current folder (or holds it); give a new folder name with -o")
+        other = foreign_entries(path)
+        if other:
+            shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+            raise MPOCompressError(f"output {path} holds files that are no part of a model ({shown}); --force replaces only a "
+                                   "model folder: choose a new -o, or empty that folder yourself")  # fmt: skip
     if not folder and path.is_dir():
         raise MPOCompressError(f"output {path} is a folder; give a file name such as {path / 'model.safetensors'}")
     if not folder and path.exists() and not path.is_file():  # a device, FIFO or socket: never replaced
@@ -75,7 +86,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
         parts = tmp.name[len(path.name) + 2 :].split(".")
         if len(parts) == 3 and parts[0].isdigit() and int(parts[0]) != os.getpid() and not _alive(int(parts[0])):
             try:
-                tmp.unlink()
+                shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()  # an export stages a folder
                 removed.append(tmp)
             except OSError:
                 pass

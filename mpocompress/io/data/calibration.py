@@ -27,6 +27,9 @@ CALIB_SAMPLES = 512
 LM_BATCH = 8  # windows per calibration batch of a causal LM
 
 
+MAX_LENGTH_CAP = 1 << 20  # tokens per sample, whatever the model says
+
+
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence a transformers model takes (its position table), if its config says."""
     config = getattr(model, "config", None)
@@ -47,8 +50,10 @@ def text_max_length(model: nn.Module, asked: int | None) -> int:
         return TEXT_MAX_LENGTH
     if not isinstance(asked, int) or asked < 2:
         raise MPOCompressError(f"--max-length must be a whole number >= 2, got {asked!r}")
-    if longest is not None and asked > longest and is_causal_lm(model):
+    if longest is not None and asked > longest:  # an encoder's position table bounds it as a decoder's does
         raise MPOCompressError(f"--max-length {asked} is longer than the {longest} positions the model takes; give at most {longest}")
+    if asked > MAX_LENGTH_CAP:
+        raise MPOCompressError(f"--max-length {asked} is over {MAX_LENGTH_CAP:,} tokens; give a window the model can take")
     return asked
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -102,13 +103,39 @@ def read_lines(path: Path, limit: int | None = None) -> list[str]:
 PACK_LINES = 512  # lines tokenized at a time when packing (the stream is built in pieces)
 
 
+CHARS_PER_TOKEN = 64  # a line longer than max_length x this is cut before tokenizing (no token is longer)
+PACK_CHARS = 1 << 20  # the stream is tokenized in pieces of at most about this many characters
+
+
+def _pieces(lines: list[str]) -> Iterator[str]:
+    """The lines joined by newlines, in pieces of PACK_LINES lines and at most about PACK_CHARS
+    characters (a longer line is cut at a space, so a huge line never reaches the tokenizer whole)."""
+    buf: list[str] = []
+    size = 0
+    for ln in lines:
+        while len(ln) > PACK_CHARS:
+            cut = ln.rfind(" ", 0, PACK_CHARS)
+            cut = cut if cut > 0 else PACK_CHARS
+            if buf:
+                yield "\n".join(buf) + "\n"
+                buf, size = [], 0
+            yield ln[:cut]
+            ln = ln[cut:]
+        buf.append(ln)
+        size += len(ln) + 1
+        if len(buf) >= PACK_LINES or size >= PACK_CHARS:
+            yield "\n".join(buf) + "\n"
+            buf, size = [], 0
+    if buf:
+        yield "\n".join(buf) + "\n"
+
+
 def pack_windows(lines: list[str], tokenizer: Any, window: int) -> torch.Tensor:
     """The lines joined by newlines as one token stream (no special tokens), cut into windows of
     `window` tokens: (N, window) int64. The remainder after the last full window is dropped, unless
     the stream is shorter than one window (then it is the one sample)."""
     ids: list[int] = []
-    for start in range(0, len(lines), PACK_LINES):
-        text = "\n".join(lines[start : start + PACK_LINES]) + "\n"
+    for text in _pieces(lines):
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
     if len(ids) < 2:
         raise MPOCompressError(f"the text holds {len(ids)} token{'s' if len(ids) != 1 else ''}; give more text")
@@ -122,25 +149,33 @@ def load_unlabelled(
     spec: str, split: str, tokenizer: Any = None, max_length: int = 128, seed: int = 0, limit: int | None = None,
     pack: bool = False,
 ) -> TokenSet | FeatureSet:  # fmt: skip
-    """One split (seeded 80/20 by line) of text:FILE (tokenized with `tokenizer`; with `pack`, as
-    windows of `max_length` tokens of one stream, see `pack_windows`) or of a tensors file with x only."""
+    """One split (seeded 80/20 by line, of the whole file) of text:FILE (tokenized with `tokenizer`; with
+    `pack`, as windows of `max_length` tokens of one stream, see `pack_windows`; `limit`: at most that
+    many lines in all, the first of each split) or of a tensors file with x only."""
     if split not in ("train", "test"):
         raise MPOCompressError(f"split must be 'train' or 'test', got {split!r}")
     if not isinstance(max_length, int) or max_length < 2:
         raise MPOCompressError(f"--max-length must be a whole number >= 2, got {max_length!r}")
     if spec.startswith(TEXT_PREFIX):
         path = Path(spec[len(TEXT_PREFIX) :])
-        lines = read_lines(path, limit)
+        lines = read_lines(path)
         if tokenizer is None:
             raise MPOCompressError("text data needs the model's tokenizer, and this model has none; give a model with one")
+        # the split is of the whole file, whatever `limit`: every command (calibrate, heal, evaluate) holds out the
+        # same lines; `limit` then takes the first of each split's lines, 80 % of it from training, 20 % held out
         train_idx, test_idx = seeded_split(len(lines), seed)
         chosen_idx = (train_idx if split == "train" else test_idx).tolist()
+        if limit:
+            keep = max(1, round(0.8 * limit)) if split == "train" else max(1, limit - max(1, round(0.8 * limit)))
+            chosen_idx = sorted(chosen_idx)[:keep]
         chosen = [lines[i] for i in (sorted(chosen_idx) if pack else chosen_idx)]  # a stream keeps the file's order
         if pack:
             ids = pack_windows(chosen, tokenizer, max_length)
             return TokenSet(path.name, split, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, packed=True)
         if getattr(tokenizer, "pad_token", "") is None:  # GPT-2 and relatives: padding is masked, any token serves
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
+        # a line is cut before the tokenizer sees it: max_length tokens never need more than CHARS_PER_TOKEN each
+        chosen = [ln[: max_length * CHARS_PER_TOKEN] for ln in chosen]
         enc = tokenizer(chosen, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
         inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
         return TokenSet(path.name, split, inputs)

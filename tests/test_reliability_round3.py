@@ -1,0 +1,165 @@
+"""Reliability, third round (issue 28), the classes fixed so far: a Hugging Face folder whose weights
+do not make its model is refused (class 1), text data is bounded before the tokenizer (class 4), an
+export never deletes what is no part of a model (class 6) and leaves no staging folder behind for
+good (class 8)."""
+
+import os
+
+import pytest
+import torch
+
+from test_cli_train import invoke, run_json
+from test_hf import folders  # noqa: F401 - the tiny BERT folder
+
+
+@pytest.fixture(scope="module")
+def converted(folders, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("conv") / "c.safetensors"
+    run_json("convert", folders / "bert", "-D", "2", "-o", out)
+    return out
+
+
+def _one_line(r, fragment):
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.output
+
+
+@pytest.mark.parametrize("foreign", ["notes.txt", "data/train.csv", "1_Pooling/weights.bin", "README.md"])
+def test_export_force_never_deletes_a_folder_that_holds_more_than_a_model(converted, tmp_path, foreign):
+    out = tmp_path / "out"
+    run_json("export", converted, "--format", "hf", "-o", out)
+    (out / foreign).parent.mkdir(parents=True, exist_ok=True)
+    (out / foreign).write_text("mine")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    _one_line(invoke("export", converted, "--format", "hf", "-o", out, "--force"), "no part of a model")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before and (out / foreign).read_text() == "mine"
+
+
+def test_export_force_replaces_an_earlier_export_and_refuses_the_current_folder(converted, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_json("export", converted, "--format", "hf", "-o", out)
+    (out / "model.safetensors").write_bytes(b"stale")  # what a replace must overwrite
+    run_json("export", converted, "--format", "hf", "-o", out, "--force")
+    assert (out / "model.safetensors").stat().st_size > 100
+    monkeypatch.chdir(out)
+    _one_line(invoke("export", converted, "--format", "hf", "-o", ".", "--force"), "current folder")
+    _one_line(invoke("export", converted, "--format", "hf", "-o", "..", "--force"), "current folder")
+    assert (out / "config.json").is_file()
+
+
+def test_a_staging_folder_left_by_a_killed_export_is_removed_by_the_next(converted, tmp_path):
+    out = tmp_path / "m.pt2"
+    pid = 2**22 + 12345  # above any pid this machine hands out: a process that is gone
+    while True:
+        try:
+            os.kill(pid, 0)
+            pid += 1
+        except ProcessLookupError:
+            break
+    stale = tmp_path / f".m.pt2.{pid}.abcd1234.tmp"
+    (stale / "m.pt2").mkdir(parents=True)
+    (stale / "m.pt2" / "part").write_bytes(b"x" * 10)
+    run_json("export", converted, "--format", "pt2", "-o", out)
+    assert out.is_file() and not stale.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]
+
+
+# ----------------------------------------------------------------------------- class 1: silent wrong models
+
+
+def _bert_copy(folders, tmp_path, edit_weights=None, edit_config=None):  # noqa: F811
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "bert"
+    shutil.copytree(folders / "bert", d)
+    if edit_weights is not None:
+        save_file(edit_weights(load_file(d / "model.safetensors")), d / "model.safetensors")
+    if edit_config is not None:
+        cfg = json.loads((d / "config.json").read_text())
+        edit_config(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("one layer missing", "lack"),
+    ("every weight missing", "lack"),
+    ("layer count 0", "no place for"),
+    ("layer count 1 of 2", "no place for"),
+    ("another class", "lack"),
+])  # fmt: skip
+def test_a_folder_whose_weights_do_not_make_the_model_is_refused(folders, tmp_path, case, fragment):  # noqa: F811
+    edits = {
+        "one layer missing": dict(edit_weights=lambda t: {k: v for k, v in t.items() if not k.startswith("encoder.layer.1.")}),
+        "every weight missing": dict(edit_weights=lambda t: {"unrelated": torch.zeros(1)}),
+        "layer count 0": dict(edit_config=lambda c: c.update(num_hidden_layers=0)),
+        "layer count 1 of 2": dict(edit_config=lambda c: c.update(num_hidden_layers=1)),
+        "another class": {},
+    }
+    src = _bert_copy(folders, tmp_path, **edits[case])
+    arch = ["--arch", "hf:GPT2Model"] if case == "another class" else []
+    for cmd in (["analyze"], ["convert", "-D", "2", "-o", tmp_path / "o.safetensors"]):
+        _one_line(invoke(cmd[0], src, *arch, *cmd[1:]), fragment)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_new_head_on_an_encoders_weights_still_loads(folders):  # noqa: F811
+    from mpocompress import load_model
+
+    model = load_model(folders / "bert", arch="hf:AutoModelForSequenceClassification").model
+    assert type(model).__name__ == "BertForSequenceClassification"  # its classifier is new: the file never had one
+
+
+# ----------------------------------------------------------------------------- class 4: text data
+
+
+def test_a_huge_line_is_cut_before_the_tokenizer_and_an_absurd_max_length_is_named(folders, tmp_path, monkeypatch):  # noqa: F811
+    import mpocompress.io.data.unlabelled as unlabelled
+
+    text = tmp_path / "t.txt"
+    text.write_text("the model is a model .\n" * 20 + "the " * 2_000_000 + "\n" + "a model .\n" * 20)  # an 8 MB line
+    seen = []
+    real = unlabelled.load_unlabelled
+
+    def spy(*a, **k):
+        ds = real(*a, **k)
+        seen.append(ds)
+        return ds
+
+    monkeypatch.setattr("mpocompress.io.data.calibration.load_unlabelled", spy)
+    rep = run_json("convert", folders / "bert", "--calib", f"text:{text}", "--target-params", "0.9", "-o", tmp_path / "c.safetensors")
+    assert rep["params_model_after"] < rep["params_model_before"] and seen[0].inputs["input_ids"].shape[1] <= 64
+    for args in (["--max-length", "1000000000"], ["--max-length", "65"]):
+        _one_line(invoke("evaluate", tmp_path / "c.safetensors", "--data", f"text:{text}", "--reference", folders / "bert", *args),
+                  "positions the model takes")  # fmt: skip
+
+
+def test_a_packed_stream_is_tokenized_in_pieces_that_give_the_same_tokens():
+    from lm_models import byte_tokenizer
+
+    from mpocompress.io.data.unlabelled import PACK_CHARS, pack_windows
+
+    tok = byte_tokenizer()
+    lines = ["short line"] * 700 + ["x y " * (PACK_CHARS // 2)] + ["after"] * 3  # a line twice PACK_CHARS long
+    ids = pack_windows(lines, tok, 64)
+    whole = tok("\n".join(lines) + "\n", add_special_tokens=False)["input_ids"]  # bytes: pieces cut nothing
+    n = len(whole) // 64
+    assert ids.shape == (n, 64) and ids.reshape(-1).tolist() == whole[: n * 64]
+
+
+# ----------------------------------------------------------------------------- class 5: model and data that do not fit
+
+
+def test_data_of_the_wrong_modality_is_named_not_an_internal_error(folders, tmp_path):  # noqa: F811
+    (tmp_path / "s.txt").write_text("the model is a model .\n" * 10)
+    assert invoke("train", "--arch", "fc2", "--epochs", "1", "-o", tmp_path / "fc2.safetensors").exit_code == 0
+    for cmd in (["evaluate", folders / "bert", "--data", "digits"],
+                ["finetune", folders / "bert", "--data", "mnist", "-o", tmp_path / "o.safetensors"]):  # fmt: skip
+        _one_line(invoke(*cmd), "reads text")
+    for cmd in (["evaluate", tmp_path / "fc2.safetensors", "--data", f"text:{tmp_path / 's.txt'}"],
+                ["sweep", tmp_path / "fc2.safetensors", "--data", f"text:{tmp_path / 's.txt'}", "-o", tmp_path / "sw"]):  # fmt: skip
+        _one_line(invoke(*cmd), "does not read text")
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "sw").exists()
