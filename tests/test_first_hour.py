@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli_train import invoke, run_json
+from test_hf import folders, sentences  # noqa: F401 - module fixtures shared with test_hf
 
 import mpocompress.cli.render as rendering
 from mpocompress import build_model, load
 from mpocompress.train.distill import MIN_WARMUP_STEPS, DistillConfig, lr_at
-from test_cli_train import invoke, run_json
-from test_hf import folders, sentences  # noqa: F401 - module fixtures shared with test_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 

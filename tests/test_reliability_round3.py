@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from test_cli_train import invoke, run_json
 from test_hf import folders  # noqa: F401 - the tiny BERT folder
 
