@@ -295,3 +295,30 @@ def test_every_command_holds_out_the_same_lines_whatever_max_samples(tmp_path):
         train, test = rows("train", limit), rows("test", limit)
         assert train <= full_train and test <= full_test
         assert (len(train), len(test)) == (round(0.8 * limit), limit - round(0.8 * limit))
+
+
+# ----------------------------------------------------------------------------- 4. analyze on a transformer
+
+
+def test_analyze_of_a_transformer_groups_its_blocks_and_reads_at_80_columns():
+    import io
+
+    import transformers
+    from rich.console import Console
+
+    from mpocompress import CompressionConfig, analyze
+    from mpocompress.cli.render import render_report
+
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                                  intermediate_size=256, max_position_embeddings=64)  # fmt: skip
+    report = analyze(transformers.BertModel(cfg).eval(), CompressionConfig())  # no options: the exact MPOs and the D sweep
+    assert len(report.layers) == 36 and report.sweep
+    buf = io.StringIO()
+    render_report(Console(file=buf, width=80, force_terminal=False, color_system=None), report, "heading")
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    assert "encoder.layer.{0-5}.intermediate.dense" in text and "D=32" in text  # (longer names lose their start)
+    rows = [ln for ln in text.splitlines() if "intermediate.dense" in ln]
+    assert len(rows) == 2  # one row in the candidates' table, one in the errors' table, for all six blocks
+    worst = max(lr.rel_error for s in report.sweep if s.bond_dim == 4 for lr in s.layers if "intermediate.dense" in lr.name)
+    assert f"{worst:.3g}" in rows[1].split()  # the group's largest error at D=4
