@@ -1,5 +1,6 @@
 """Reliability, third round (issue 28), the classes fixed so far: a Hugging Face folder whose weights
-do not make its model is refused (class 1), text data is bounded before the tokenizer (class 4), an
+do not make its model is refused (class 1), a config asking for far more than its weights is refused
+before anything is allocated (class 3), text data is bounded before the tokenizer (class 4), an
 export never deletes what is no part of a model (class 6) and leaves no staging folder behind for
 good (class 8)."""
 
@@ -162,3 +163,23 @@ def test_data_of_the_wrong_modality_is_named_not_an_internal_error(folders, tmp_
                 ["sweep", tmp_path / "fc2.safetensors", "--data", f"text:{tmp_path / 's.txt'}", "-o", tmp_path / "sw"]):  # fmt: skip
         _one_line(invoke(*cmd), "does not read text")
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "sw").exists()
+
+
+# ----------------------------------------------------------------------------- class 3: bombs in a config
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (dict(vocab_size=10**9), "describes a model of"),  # 32e9 embedding weights: refused on the meta device
+    (dict(intermediate_size=10**8), "describes a model of"),
+    (dict(num_hidden_layers=100_000), "100,000 layers"),
+])  # fmt: skip
+def test_a_config_that_asks_for_far_more_than_its_weights_is_refused_before_allocating(folders, tmp_path, edit, fragment):  # noqa: F811
+    import resource
+
+    src = _bert_copy(folders, tmp_path, edit_config=lambda c: c.update(edit))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for cmd in (["analyze"], ["convert", "-D", "2", "-o", tmp_path / "o.safetensors"], ["export", "--format", "hf", "-o", tmp_path / "o"]):
+        _one_line(invoke(cmd[0], src, *cmd[1:]), fragment)
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kb < 2 << 20  # the peak grew by under 2 GB: nothing of the config's size was allocated
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o").exists()

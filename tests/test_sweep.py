@@ -70,6 +70,8 @@ def test_a_budget_sweep_meets_each_budget(dense, tmp_path):
     (["--runs", "0"], "--runs >= 1"),
     (["--data", "text:{tmp}/s.txt"], "does not read text"),
     (["--normalize", "x"], "cannot read --normalize"),
+    (["--lr", "nan"], "learning rate must lie in"),
+    (["--lr", "inf", "--finetune-epochs", "1"], "learning rate must lie in"),
 ])  # fmt: skip
 def test_bad_sweeps_are_one_line_errors_and_write_nothing(dense, tmp_path, args, fragment):
     (tmp_path / "s.txt").write_text("one line\nanother line\n")

@@ -102,6 +102,7 @@ def sweep(
         raise MPOCompressError(f"--finetune-epochs must be >= 0 and --runs >= 1, got {finetune_epochs} and {runs}")
     settings = parse_settings(bond_dim, target_params)
     base = build_config([], shape, layers, exclude, None, cores, structure, None, None)
+    config = dataclasses.replace(FINETUNE_DEFAULTS, lr=lr, batch_size=batch_size)  # checked before anything is written
     saved = prepare_folder(output, (model,), resume, force)
     dev = resolve_device(device)
     loaded = load_model(model, arch, trust_pickle)
@@ -138,7 +139,6 @@ def sweep(
     else:
         state = saved
     done = {p["setting"] for p in state["points"]}
-    config = dataclasses.replace(FINETUNE_DEFAULTS, lr=lr, batch_size=batch_size)
     with StopOnSignal() as stop:
         for k, s in enumerate(settings):
             if s.label in done:

@@ -105,6 +105,7 @@ def load_hf_dir(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str,
             f"{path} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])}); copy the model's weights beside it"
         )
     cls = hf_class(config, arch, str(path))
+    check_sizes(config, cls, path)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if cls.__name__.startswith("Auto"):
         kwargs["trust_remote_code"] = False
@@ -119,6 +120,33 @@ def load_hf_dir(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str,
         ) from None
     check_loaded(model, info, path)
     return model.eval(), "hf:" + type(model).__name__, read_tokenizer_files(path)
+
+
+MAX_LAYERS = 1024  # layers of a stack a config may ask for (the largest published models have under 200)
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers", "num_encoder_layers")
+SIZE_SLACK = 4  # a config may describe a model up to this many times the bytes of its weights files (at 2 bytes a weight)
+
+
+def check_sizes(config: Mapping[str, Any], cls: type, path: Path) -> None:
+    """Refuse a config that asks for far more than its weights hold before anything is allocated:
+    its layer counts are bounded, then the model is built on the meta device (no memory) and its
+    parameters counted against the bytes of the folder's weights files."""
+    for key in LAYER_KEYS:
+        v = config.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > MAX_LAYERS:
+            raise MPOCompressError(f"{path}: config.json asks for {v:,} layers ({key}); no model has more than {MAX_LAYERS:,}: the config is damaged")
+    transformers = transformers_module()
+    try:
+        cfg = transformers.CONFIG_MAPPING[config["model_type"]].from_dict(dict(config))
+        with quiet_transformers(), torch.device("meta"):
+            meta = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls(cfg)
+    except Exception:  # noqa: BLE001 - loading proper names what it cannot build
+        return
+    params = sum(p.numel() for p in meta.parameters())
+    held = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and EXPORT_WEIGHTS.fullmatch(f.name) and not f.name.endswith(".json"))
+    if params * 2 > SIZE_SLACK * held + (64 << 20):
+        raise MPOCompressError(f"{path}: config.json describes a model of {params:,} parameters, but its weights files hold "
+                               f"{held:,} bytes; the config does not describe these weights (or it is damaged)")  # fmt: skip
 
 
 def check_loaded(model: nn.Module, info: Mapping[str, Any], path: Path) -> None:
