@@ -78,3 +78,11 @@ def test_bad_sweeps_are_one_line_errors_and_write_nothing(dense, tmp_path, args,
     r = invoke("sweep", dense, *[a.replace("{tmp}", str(tmp_path)) for a in args], "-o", tmp_path / "sw")
     assert r.exit_code == 2 and fragment in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "sw").exists()
+
+
+def test_a_sweep_that_fails_before_measuring_anything_leaves_nothing_to_block_the_rerun(dense, tmp_path):
+    out = tmp_path / "sw"
+    r = invoke("sweep", dense, "--target-params", "0.0001", "-o", out)  # no setting can meet it
+    assert r.exit_code == 2 and "cannot be met" in r.stderr and not out.exists()
+    rep = run_json("sweep", dense, "-D", "2", *SHAPES, "-o", out)  # the corrected rerun needs no --force
+    assert [p["setting"] for p in rep["points"]] == ["D=2"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -47,7 +48,7 @@ from mpocompress.cli.training import (
 from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io import load_model
 from mpocompress.io.data.unlabelled import is_unlabelled
-from mpocompress.io.sweep_files import prepare_folder, write_csv, write_plot, write_state
+from mpocompress.io.sweep_files import FILES, prepare_folder, write_csv, write_plot, write_state
 from mpocompress.train import FINETUNE_DEFAULTS, StopOnSignal, evaluate, resolve_device
 from mpocompress.train.signals import signal_name
 from mpocompress.train.sweep import parse_settings, sweep_point
@@ -104,6 +105,7 @@ def sweep(
     base = build_config([], shape, layers, exclude, None, cores, structure, None, None)
     config = dataclasses.replace(FINETUNE_DEFAULTS, lr=lr, batch_size=batch_size)  # checked before anything is written
     saved = prepare_folder(output, (model,), resume, force)
+    created = not Path(output).exists()  # removed again if the sweep fails before it measures anything
     dev = resolve_device(device)
     loaded = load_model(model, arch, trust_pickle)
     if takes_text(loaded.model) and (data is None or is_unlabelled(data)):  # a text model's data has no labels
@@ -147,6 +149,13 @@ def sweep(
             try:
                 point = sweep_point(loaded.model, s, base, train_set, test_set, finetune_epochs, runs, seed, dev, calibration,
                                     config, should_stop=stop)  # fmt: skip
+            except MPOCompressError:
+                if saved is None and not state["points"]:  # nothing measured: leave no sweep to block a corrected rerun
+                    (Path(output) / FILES[0]).unlink(missing_ok=True)
+                    if created:
+                        with contextlib.suppress(OSError):
+                            Path(output).rmdir()
+                raise
             except Interrupted as e:
                 raise Interrupted(f"interrupted during {s.label}: {output}/sweep.json holds {len(state['points'])} of "
                                   f"{len(settings)} settings; rerun the same command with --resume to continue", e.signum) from None  # fmt: skip
