@@ -86,3 +86,24 @@ def test_a_sweep_that_fails_before_measuring_anything_leaves_nothing_to_block_th
     assert r.exit_code == 2 and "cannot be met" in r.stderr and not out.exists()
     rep = run_json("sweep", dense, "-D", "2", *SHAPES, "-o", out)  # the corrected rerun needs no --force
     assert [p["setting"] for p in rep["points"]] == ["D=2"]
+
+
+@pytest.mark.parametrize("damage", ["malformed point", "setting not asked", "NaN", "duplicated point", "deep nesting", "not JSON"])
+def test_a_damaged_sweep_state_is_a_one_line_error_on_resume(dense, tmp_path, damage):
+    out = tmp_path / "sw"
+    run_json("sweep", dense, "-D", "2,4", *SHAPES, "-o", out)
+    path = out / "sweep.json"
+    state = json.loads(path.read_text())
+    point = state["points"][0]
+    text = {
+        "malformed point": lambda: json.dumps({**state, "points": [5]}),
+        "setting not asked": lambda: json.dumps({**state, "points": [{**point, "setting": "D=999"}]}),
+        "NaN": lambda: json.dumps({**state, "points": [{**point, "rho": float("nan")}]}),
+        "duplicated point": lambda: json.dumps({**state, "points": [point, point]}),
+        "deep nesting": lambda: json.dumps({**state, "extra": 0})[:-1] + ', "deep": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "not JSON": lambda: "{not json",
+    }[damage]()
+    path.write_text(text)
+    r = invoke("sweep", dense, "-D", "2,4", *SHAPES, "-o", out, "--resume")
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.output
+    assert path.read_text() == text  # the damaged state is left as it was

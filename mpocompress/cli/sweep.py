@@ -104,7 +104,7 @@ def sweep(
     settings = parse_settings(bond_dim, target_params)
     base = build_config([], shape, layers, exclude, None, cores, structure, None, None)
     config = dataclasses.replace(FINETUNE_DEFAULTS, lr=lr, batch_size=batch_size)  # checked before anything is written
-    saved = prepare_folder(output, (model,), resume, force)
+    saved = prepare_folder(output, (model,), resume, force, [s.label for s in settings])
     created = not Path(output).exists()  # removed again if the sweep fails before it measures anything
     dev = resolve_device(device)
     loaded = load_model(model, arch, trust_pickle)

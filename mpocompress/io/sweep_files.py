@@ -8,11 +8,13 @@ import csv
 import io
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.paths import atomic_write, check_output_path
+from mpocompress.utils import bounded_json
 
 FILES = ("sweep.json", "sweep.csv", "sweep.png")
 CSV_COLUMNS = (
@@ -21,7 +23,9 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
-def prepare_folder(folder: Path, inputs: tuple[Path, ...], resume: bool, force: bool) -> dict[str, Any] | None:
+def prepare_folder(
+    folder: Path, inputs: tuple[Path, ...], resume: bool, force: bool, settings: Sequence[str] | None = None
+) -> dict[str, Any] | None:
     """Check the output folder before any work (`write_state` creates it); the saved state when
     resuming (None otherwise)."""
     folder = Path(folder)
@@ -34,7 +38,7 @@ def prepare_folder(folder: Path, inputs: tuple[Path, ...], resume: bool, force: 
     if resume:
         if not state_path.is_file():
             raise MPOCompressError(f"no sweep to resume in {folder} (no {FILES[0]}); run without --resume to start one")
-        return read_state(state_path)
+        return read_state(state_path, settings)
     if state_path.exists() and not force:
         raise MPOCompressError(f"{state_path} exists; add --resume to continue that sweep, or --force to start over")
     parent = folder.parent if str(folder.parent) else Path(".")
@@ -46,14 +50,36 @@ def prepare_folder(folder: Path, inputs: tuple[Path, ...], resume: bool, force: 
     return None
 
 
-def read_state(path: Path) -> dict[str, Any]:
+MAX_STATE_BYTES = 64 << 20
+POINT_NUMBERS = ("rho", "params_model", "accuracy_converted", "loss_converted")
+
+
+def read_state(path: Path, settings: Sequence[str] | None = None) -> dict[str, Any]:
+    """A sweep's saved state, checked like any input: bounded size and nesting, strict JSON numbers,
+    and (given the sweep's `settings` labels) every point one of them, once, with finite numbers."""
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_STATE_BYTES:
+            raise ValueError("too large")
+        state = bounded_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise MPOCompressError(f"cannot read {path} ({type(e).__name__}); remove it and run without --resume") from None
     if not isinstance(state, dict) or not isinstance(state.get("points"), list) or not isinstance(state.get("identity"), dict):
         raise MPOCompressError(f"{path} is not a sweep state; remove it and run without --resume")
+    seen: set[str] = set()
+    for p in state["points"]:
+        label = p.get("setting") if isinstance(p, dict) else None
+        ok = (isinstance(label, str) and (settings is None or label in settings) and label not in seen
+              and all(_finite(p.get(k)) for k in POINT_NUMBERS) and isinstance(p.get("accuracy_finetuned"), list)
+              and all(_finite(a) for a in p["accuracy_finetuned"]))  # fmt: skip
+        if not ok:
+            raise MPOCompressError(f"{path} holds a point this sweep did not measure (damaged, edited, or repeated: {str(label)[:40]!r}); "
+                                   "remove the file and rerun without --resume, or with --force")  # fmt: skip
+        seen.add(label)
     return state
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:
