@@ -1,8 +1,9 @@
 """Reliability, third round (issue 28), the classes fixed so far: a Hugging Face folder whose weights
-do not make its model is refused (class 1), a config asking for far more than its weights is refused
-before anything is allocated (class 3), text data is bounded before the tokenizer (class 4), an
+do not make its model is refused (class 1), nothing outside a model folder is read (class 2), a
+config asking for far more than its weights is refused before anything is allocated (class 3), text
+data is bounded before the tokenizer (class 4), data of the wrong modality is named (class 5), an
 export never deletes what is no part of a model (class 6) and leaves no staging folder behind for
-good (class 8)."""
+good (class 8). The sweep's cases (classes 7 and 8) are in tests/test_sweep.py."""
 
 import os
 
@@ -183,3 +184,39 @@ def test_a_config_that_asks_for_far_more_than_its_weights_is_refused_before_allo
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kb < 2 << 20  # the peak grew by under 2 GB: nothing of the config's size was allocated
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- class 2: reading outside the folder
+
+
+def test_nothing_outside_the_folder_is_read_and_no_pipe_is_opened_as_weights(folders, tmp_path):  # noqa: F811
+    import json
+    import shutil
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    cases = {}
+    d = _bert_copy(folders, tmp_path / "index")  # a sharded index that points outside
+    (d / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"embeddings.word_embeddings.weight": "../../outside.safetensors"}}))
+    cases["index"] = (d, "outside the model folder")
+    d = _bert_copy(folders, tmp_path / "link")  # weights through a link that leaves the folder
+    shutil.move(d / "model.safetensors", tmp_path / "real.safetensors")
+    (d / "model.safetensors").symlink_to(tmp_path / "real.safetensors")
+    cases["link"] = (d, "outside the model folder")
+    d = _bert_copy(folders, tmp_path / "fifo")  # a pipe named as the weights: never opened (it would hang)
+    (d / "model.safetensors").unlink()
+    os.mkfifo(d / "model.safetensors")
+    cases["fifo"] = (d, "no weights")
+    d = _bert_copy(folders, tmp_path / "shard")  # a pipe as the shard an index lists
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"pooler.dense.weight": "model-00001-of-00001.safetensors"}}))
+    os.mkfifo(d / "model-00001-of-00001.safetensors")
+    cases["shard"] = (d, "not a regular file")
+    for name, (src, fragment) in cases.items():
+        _one_line(invoke("analyze", src), fragment)
+    d = _bert_copy(folders, tmp_path / "tok")  # a tokenizer file linked to a private file: not carried
+    (d / "vocab.txt").unlink()
+    (d / "special_tokens_map.json").symlink_to(secret)
+    run_json("convert", d, "-D", "2", "-o", tmp_path / "c.safetensors")
+    assert b"private" not in (tmp_path / "c.safetensors").read_bytes() and "cHJpdmF0ZQ" not in (tmp_path / "c.safetensors").read_text(errors="ignore")

@@ -104,6 +104,7 @@ def load_hf_dir(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str,
         raise MPOCompressError(
             f"{path} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])}); copy the model's weights beside it"
         )
+    check_weight_paths(path)
     cls = hf_class(config, arch, str(path))
     check_sizes(config, cls, path)
     kwargs: dict[str, Any] = {"local_files_only": True}
@@ -120,6 +121,31 @@ def load_hf_dir(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str,
         ) from None
     check_loaded(model, info, path)
     return model.eval(), "hf:" + type(model).__name__, read_tokenizer_files(path)
+
+
+def check_weight_paths(path: Path) -> None:
+    """Every weights file the folder names (its own, and the shards a sharded index lists) must be a
+    regular file inside the folder, links resolved: nothing outside it is read, and no FIFO or
+    device is opened as weights."""
+    root = path.resolve()
+    names = [f.name for f in path.iterdir() if EXPORT_WEIGHTS.fullmatch(f.name)]
+    for index in [n for n in names if n.endswith(".index.json")]:
+        f = path / index
+        try:
+            if not f.resolve().is_relative_to(root) or not f.resolve().is_file() or f.stat().st_size > 64 << 20:
+                raise ValueError
+            mapping = bounded_json(f.read_text(encoding="utf-8")).get("weight_map")
+            names += sorted(set(mapping.values())) if isinstance(mapping, dict) else []
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError, TypeError):
+            raise MPOCompressError(f"{f}: not a readable index of weights files inside {path}; the folder is damaged") from None
+    for name in names:
+        f = path / name if isinstance(name, str) else None
+        target = f.resolve() if f is not None else None
+        if target is None or not target.is_relative_to(root):
+            raise MPOCompressError(f"{path}: the weights file {str(name)[:80]!r} lies outside the model folder; mpocompress reads "
+                                   "only what is inside the folder it is given")  # fmt: skip
+        if target.exists() and not target.is_file():
+            raise MPOCompressError(f"{path}: the weights file {name} is not a regular file (a pipe, device or folder); give the real file")
 
 
 MAX_LAYERS = 1024  # layers of a stack a config may ask for (the largest published models have under 200)

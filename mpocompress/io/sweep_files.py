@@ -55,8 +55,8 @@ POINT_NUMBERS = ("rho", "params_model", "accuracy_converted", "loss_converted")
 
 
 def read_state(path: Path, settings: Sequence[str] | None = None) -> dict[str, Any]:
-    """A sweep's saved state, checked like any input: bounded size and nesting, strict JSON numbers,
-    and (given the sweep's `settings` labels) every point one of them, once, with finite numbers."""
+    """A sweep's saved state, checked like any input: bounded size and nesting, and every point one
+    of the settings the state records (else of `settings`), once, with finite numbers."""
     try:
         if path.stat().st_size > MAX_STATE_BYTES:
             raise ValueError("too large")
@@ -65,6 +65,8 @@ def read_state(path: Path, settings: Sequence[str] | None = None) -> dict[str, A
         raise MPOCompressError(f"cannot read {path} ({type(e).__name__}); remove it and run without --resume") from None
     if not isinstance(state, dict) or not isinstance(state.get("points"), list) or not isinstance(state.get("identity"), dict):
         raise MPOCompressError(f"{path} is not a sweep state; remove it and run without --resume")
+    asked = state["identity"].get("settings")  # the points must be of the sweep that wrote them (a different
+    settings = asked if isinstance(asked, list) else settings  # sweep's settings are named by the caller's identity check)
     seen: set[str] = set()
     for p in state["points"]:
         label = p.get("setting") if isinstance(p, dict) else None
