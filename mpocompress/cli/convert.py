@@ -40,11 +40,13 @@ from mpocompress.cli.common import (
 from mpocompress.cli.render import make_console, make_err_console, render_report, working
 from mpocompress.cli.training import choose_data, takes_text
 from mpocompress.compress import compress_
+from mpocompress.compress.calibrate import outputs
 from mpocompress.errors import MPOCompressError
 from mpocompress.io import check_output_path, load_model, save
 from mpocompress.io.data.calibration import calibration_batches
+from mpocompress.io.export import relative_error
 from mpocompress.models.hf import probe_inputs
-from mpocompress.utils import call_with, is_causal_lm, main_output
+from mpocompress.utils import is_causal_lm
 
 
 @app.command()
@@ -100,8 +102,10 @@ def convert(
     batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
     probe, whence = _probe_batch(loaded, calib, data_dir, max_length)
     try:
-        before = _outputs(loaded.model, probe) if probe is not None else None
-    except (RuntimeError, ValueError, TypeError, IndexError):  # data that does not fit: calibration names it below
+        before = outputs(loaded.model, [probe])[0].float() if probe is not None else None
+    except MPOCompressError:  # --calib data the model does not run on is named as such; recorded data: no probe
+        if calib is not None:
+            raise
         probe = before = None
     with working(err, "factorizing" + (" (calibrating, sizing the layers)" if calib or config.allocating else "")):
         report = compress_(loaded.model, config, calibration=batches)
@@ -158,27 +162,10 @@ def _probe_batch(loaded: Any, calib: str | None, data_dir: Path | None, max_leng
     return None, ""
 
 
-@torch.no_grad()
-def _outputs(model: nn.Module, probe: dict[str, torch.Tensor]) -> torch.Tensor:
-    was = model.training
-    model.eval()
-    try:
-        out = call_with(model, {**probe, "use_cache": False} if is_causal_lm(model) else probe)
-        return main_output(out).detach().float()
-    finally:
-        model.train(was)
-
-
 def _probe_change(model: nn.Module, probe: dict[str, torch.Tensor], before: torch.Tensor, whence: str) -> dict[str, Any]:
     """How much the model's main output moved on the probe: relative error and mean cosine over its
-    rows (a sample's output, or a real token's)."""
-    after = _outputs(model, probe)
-    a, b = after.reshape(-1, after.shape[-1]), before.reshape(-1, before.shape[-1])
-    mask = probe.get("attention_mask")
-    if mask is not None and after.dim() == 3 and mask.shape == after.shape[:2]:
-        keep = mask.reshape(-1).bool()
-        a, b = a[keep], b[keep]
-    a, b = a.double(), b.double()
-    rel = float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+    rows (a sample's output, or a real token's: `outputs` leaves padding out)."""
+    a, b = outputs(model, [probe])[0], before.double()
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
     cos = float(torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-30).mean())
-    return {"inputs": whence, "output_rel_error": rel, "cosine_mean": cos}
+    return {"inputs": whence, "output_rel_error": relative_error(a, b), "cosine_mean": cos}
