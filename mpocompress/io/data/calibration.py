@@ -42,12 +42,11 @@ def max_positions(model: nn.Module) -> int | None:
 
 def text_max_length(model: nn.Module, asked: int | None) -> int:
     """--max-length: as asked (checked against the model's positions), else 512 tokens per window
-    for a causal LM (at most its positions) and 128 per line for other text models."""
+    for a causal LM and 128 per line for other text models, at most the model's positions."""
     longest = max_positions(model)
     if asked is None:
-        if is_causal_lm(model):
-            return min(LM_MAX_LENGTH, longest) if longest else LM_MAX_LENGTH
-        return TEXT_MAX_LENGTH
+        default = LM_MAX_LENGTH if is_causal_lm(model) else TEXT_MAX_LENGTH
+        return min(default, longest) if longest else default  # never past the model's positions
     if not isinstance(asked, int) or asked < 2:
         raise MPOCompressError(f"--max-length must be a whole number >= 2, got {asked!r}")
     if longest is not None and asked > longest:  # an encoder's position table bounds it as a decoder's does
