@@ -184,13 +184,16 @@ class MPOLayer(MPOCores, FactorizedLayer):
     def plan_for(self, rows: int, backward: bool = False, cached: bool = False) -> ContractionPlan:
         """The contraction plan for `rows` input vectors (batch x positions for a conv): chosen
         once per (rows, backward, cached) by the cost model, then reused."""
+        if isinstance(rows, torch.Tensor) and torch.jit.is_tracing():  # torch.jit.trace sees sizes as tensors
+            rows = int(rows)  # the traced row count, as the trace's other shapes are
         if not isinstance(rows, int):  # a symbolic size (torch.export, torch.compile): plan for a typical batch
             rows = _NOMINAL_ROWS
         if rows == 0:  # an empty batch: rebuild W and let the dense op return the empty output
             return ContractionPlan((len(self.in_modes),))
         kind = None if self.forward_strategy == "auto" else self.forward_strategy
         if torch.jit.is_tracing():  # every traced call reads the same attributes: no remembered plan
-            return choose_plan(self.shape, rows, cached, backward, kind)
+            # torch.jit.trace checks its graph by tracing again without grad: one plan for both modes
+            return choose_plan(self.shape, rows, cached, False, kind)
         key = (rows, backward, cached, self.forward_strategy)
         plan = self._plans.get(key)
         if plan is None:

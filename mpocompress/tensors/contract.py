@@ -149,6 +149,6 @@ def _contract_rows(x: torch.Tensor, cores: Sequence[torch.Tensor], forms: Sequen
             t = _SharedBmm.apply(mat, t) if needs_grad else torch.bmm(mat.expand(t.shape[0], *mat.shape), t)
         else:
             t = torch.matmul(mat, t)
-        m *= j
+        m = m * j  # not in place: under torch.jit.trace the sizes are tensors, and b is m
     return t.reshape(b, -1)
 

@@ -228,14 +228,12 @@ def choose_plan(
     cands = candidate_plans(n, kind)
     if not cands:
         cands = candidate_plans(n, "contract" if n > 1 else "dense")
-    return min(
-        cands,
-        key=lambda p: (
-            plan_cost(shape, p, rows, merged_cached, backward, model),
-            len(p.sizes),
-            p.forms.count("bmm"),
-        ),
-    )
+    best, best_key = cands[0], None
+    for p in cands:  # a plain loop, not min(key=...): torch.compile traces this choice (fullgraph)
+        key = (plan_cost(shape, p, rows, merged_cached, backward, model), len(p.sizes), p.forms.count("bmm"))
+        if best_key is None or key < best_key:
+            best, best_key = p, key
+    return best
 
 
 def contract_macs(shape: MPOShape, batch: int) -> int:
