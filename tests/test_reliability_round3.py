@@ -1,9 +1,11 @@
 """Reliability, third round (issue 28), the classes fixed so far: a Hugging Face folder whose weights
 do not make its model is refused (class 1), nothing outside a model folder is read (class 2), a
 config asking for far more than its weights is refused before anything is allocated (class 3), text
-data is bounded before the tokenizer (class 4), data of the wrong modality is named (class 5), an
-export never deletes what is no part of a model (class 6) and leaves no staging folder behind for
-good (class 8). The sweep's cases (classes 7 and 8) are in tests/test_sweep.py."""
+data is bounded before the tokenizer (class 4), data of the wrong modality and token ids beyond the
+model's vocabulary are named (class 5), an export never deletes what is no part of a model and names
+a probe the model cannot take, one too large to run, and a runtime that cannot check it (class 6),
+and leaves no staging folder behind for good (class 8). Graph capture at real sizes (class 9) is in
+tests/test_graphs.py. The sweep's cases (classes 7 and 8) are in tests/test_sweep.py."""
 
 import os
 
@@ -46,6 +48,53 @@ def test_export_force_replaces_an_earlier_export_and_refuses_the_current_folder(
     _one_line(invoke("export", converted, "--format", "hf", "-o", ".", "--force"), "current folder")
     _one_line(invoke("export", converted, "--format", "hf", "-o", "..", "--force"), "current folder")
     assert (out / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def small_cnn(tmp_path_factory):
+    from mpocompress import build_model, compress_, save
+    from mpocompress.compress import CompressionConfig
+
+    torch.manual_seed(0)
+    model = build_model("vgg16")
+    compress_(model, CompressionConfig(bond_dim=4))
+    path = tmp_path_factory.mktemp("cnn") / "vgg.safetensors"
+    save(model, path, arch="vgg16")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.parametrize("shape", ["1,32,32", "3,32", "5"])
+def test_a_probe_the_model_does_not_take_is_named(small_cnn, tmp_path, fmt, shape):
+    out = tmp_path / f"m.{fmt}"
+    _one_line(invoke("export", small_cnn, "--format", fmt, "--input-shape", shape, "-o", out), "does not run on the probe batch")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_probe_too_large_to_run_is_refused_before_it_runs(small_cnn, tmp_path):
+    """3 x 4096 x 4096 passes the cap on one sample (2^26 numbers) but its activations through VGG-16
+    are about 100 GiB: refused from a meta-device run, with the process's peak memory barely moved."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _one_line(invoke("export", small_cnn, "--format", "onnx", "--input-shape", "3,4096,4096", "-o", tmp_path / "m.onnx"),
+              "GiB of activations")  # fmt: skip
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) < 1 << 20  # under 1 GB more at peak
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_half_precision_model_onnxruntime_cannot_run_is_named_and_dtype_float32_exports_it(tmp_path):
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=120, n_embd=32, n_layer=1, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16).eval().save_pretrained(tmp_path / "bf16")
+    _one_line(invoke("export", tmp_path / "bf16", "--format", "onnx", "-o", tmp_path / "m.onnx"), "--dtype float32")
+    assert not (tmp_path / "m.onnx").exists()
+    _one_line(invoke("export", tmp_path / "bf16", "--format", "onnx", "--dtype", "int8", "-o", tmp_path / "m.onnx"), "unknown --dtype")
+    rep = run_json("export", tmp_path / "bf16", "--format", "onnx", "--dtype", "float32", "-o", tmp_path / "m.onnx")
+    assert rep["rel_error"] <= 1e-4 and (tmp_path / "m.onnx").is_file()
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16  # the input is unchanged
 
 
 def test_a_staging_folder_left_by_a_killed_export_is_removed_by_the_next(converted, tmp_path):
@@ -164,6 +213,39 @@ def test_data_of_the_wrong_modality_is_named_not_an_internal_error(folders, tmp_
                 ["sweep", tmp_path / "fc2.safetensors", "--data", f"text:{tmp_path / 's.txt'}", "-o", tmp_path / "sw"]):  # fmt: skip
         _one_line(invoke(*cmd), "does not read text")
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "sw").exists()
+
+
+def _bert_with_tokenizer(path, vocab_size, words):
+    """A tiny BERT folder of `vocab_size` embeddings whose tokenizer maps `words` to ids 0.. in order."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    transformers.BertModel(cfg).eval().save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def test_token_ids_beyond_the_models_vocabulary_are_named_for_every_command(tmp_path):
+    words = ["[PAD]", "[UNK]", *[f"w{i}" for i in range(98)], "the", "model", "is", "a", "."]  # ids 100-104 past 100
+    small = _bert_with_tokenizer(tmp_path / "small", 100, words)
+    fits = _bert_with_tokenizer(tmp_path / "fits", len(words), words)
+    (tmp_path / "s.txt").write_text("w1 w2 the model is a w3 .\n" * 40)
+    data = f"text:{tmp_path / 's.txt'}"
+    out = tmp_path / "o.safetensors"
+    for cmd in (["analyze", small, "--calib", data],
+                ["convert", small, "--calib", data, "-D", "2", "-o", out],
+                ["evaluate", small, "--data", data, "--reference", fits],
+                ["evaluate", fits, "--data", data, "--reference", small],  # the reference's embedding is the short one
+                ["finetune", small, "--distill-from", fits, "--data", data, "--epochs", "1", "-o", out]):  # fmt: skip
+        _one_line(invoke(*cmd), "gives token ids up to 104, beyond the 100 tokens")
+    assert not out.exists()
+    assert invoke("evaluate", fits, "--data", data, "--reference", fits).exit_code == 0  # the check lets what fits through
 
 
 # ----------------------------------------------------------------------------- class 3: bombs in a config

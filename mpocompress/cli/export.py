@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
 from rich.table import Table
 
@@ -23,6 +24,8 @@ from mpocompress.io import check_output_path, load_model
 from mpocompress.io.export import FORMATS, export_model
 from mpocompress.models import default_input_shape
 
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @app.command()
 @handle_errors
@@ -32,6 +35,7 @@ def export(
     fmt: str = typer.Option(..., "--format", metavar="hf|onnx|pt2", help="hf: a Hugging Face folder with dense weights (factorized layers multiplied out); onnx: an ONNX file; pt2: a torch.export program (factorized layers kept factorized in both).", show_default=False),
     arch: str | None = ARCH_OPT,
     input_shape: str | None = typer.Option(None, "--input-shape", metavar="C,H,W", help="Shape of one input sample for the probe batch of a non-text model (default: from a built-in --arch)."),
+    dtype: str | None = typer.Option(None, "--dtype", metavar="float32|bfloat16|float16", help="Cast the weights to this dtype before exporting (onnxruntime's CPU kernels need float32). [default: as stored]", show_default=False),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
@@ -52,8 +56,12 @@ def export(
     if output is None:
         fail("export needs an output: add -o OUT (a folder for --format hf, a file for onnx and pt2)")
     sample = parse_input_shape(input_shape)
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        fail(f"unknown --dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
     out = check_output_path(output, force, inputs=(model,), folder=fmt == "hf")
     loaded = load_model(model, arch, trust_pickle)
+    if dtype is not None:
+        loaded.model.to(EXPORT_DTYPES[dtype])
     rep = export_model(loaded.model, out, fmt, loaded.arch, sample or default_input_shape(loaded.arch))
     if json_out:
         print_json({"model": str(model), "arch": loaded.arch, **rep.to_dict()})

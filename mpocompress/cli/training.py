@@ -38,7 +38,7 @@ from mpocompress.io.data import (
     load_dataset,
     parse_normalize,
 )
-from mpocompress.io.data.calibration import model_tokenizer, text_max_length
+from mpocompress.io.data.calibration import check_token_ids, model_tokenizer, text_max_length
 from mpocompress.io.data.unlabelled import TEXT_PREFIX, FeatureSet, TokenSet, is_unlabelled, load_unlabelled, read_lines
 from mpocompress.train import (
     DistEnv,
@@ -174,7 +174,10 @@ def load_unlabelled_data(
     if data.startswith(TEXT_PREFIX):
         read_lines(Path(data[len(TEXT_PREFIX) :]), max_samples)  # a missing or empty file is named first
         tokenizer = model_tokenizer(model, teacher)
-    return tuple(load_unlabelled(data, split, tokenizer, length, 0, max_samples, pack=causal) for split in ("train", "test"))  # type: ignore[return-value]
+    splits = tuple(load_unlabelled(data, split, tokenizer, length, 0, max_samples, pack=causal) for split in ("train", "test"))
+    for ds in splits:
+        check_token_ids(ds, data, model, teacher)
+    return splits  # type: ignore[return-value]
 
 
 def run_output(out: Path, run: int) -> Path:

@@ -81,6 +81,54 @@ def _call(model: Callable[..., Any], probe: Mapping[str, torch.Tensor]) -> torch
         return main_output(call_with(model, probe))
 
 
+PROBE_ACTIVATION_CAP = 4 << 30  # bytes of module outputs a probe batch may produce (a bound on its peak memory)
+
+
+def probe_activation_bytes(model: nn.Module, probe: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of every module's output on the probe batch, found on the meta device (nothing is
+    allocated): an upper bound on what the probe's forward pass holds at once. Where the meta run
+    stops early (an op without a meta kernel, a shape the model does not take), the bytes up to
+    there: what a real run would allocate before it stops as well."""
+    from torch.func import functional_call
+
+    total = 0
+
+    def count(_m: nn.Module, _inp: Any, out: Any) -> None:
+        nonlocal total
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+
+    meta = {n: torch.empty_like(t, device="meta") for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    # an op without a meta kernel, or a shape the model does not take, stops the meta run: the real run names it
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.suppress(Exception):
+            warnings.simplefilter("ignore")
+            functional_call(model, meta, kwargs={k: v.to("meta") for k, v in probe.items()})
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def _reference_output(model: nn.Module, probe: Mapping[str, torch.Tensor], input_shape: tuple[int, ...] | None) -> torch.Tensor:
+    """The model's output on the probe batch, with a probe it cannot take, or one too large to run, named."""
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in probe.items())
+    if input_shape is not None and not is_hf_model(model):
+        need = probe_activation_bytes(model, probe)
+        if need > PROBE_ACTIVATION_CAP:
+            raise MPOCompressError(
+                f"the probe batch ({shapes}) would need about {need / 2**30:.1f} GiB of activations, over the "
+                f"{PROBE_ACTIVATION_CAP / 2**30:.0f} GiB allowed; give the --input-shape the model was trained on"
+            )
+    try:
+        return _call(model, probe)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        hint = "give the --input-shape of one sample the model takes" if not is_hf_model(model) else "the model cannot run"
+        raise MPOCompressError(f"the model does not run on the probe batch ({shapes}: {short_error(e)}); {hint}") from None
+
+
 @contextlib.contextmanager
 def _staging(out: Path, is_dir: bool) -> Iterator[Path]:
     """A temporary path in a hidden folder beside `out`; it replaces `out` (by a rename) only when
@@ -177,7 +225,15 @@ def _export_traced(
             raise
         except Exception as e:  # noqa: BLE001 - exporters raise many kinds
             raise MPOCompressError(f"{what} failed on this model ({short_error(e)})") from None
-        rel = relative_error(run(tmp), ref)
+        try:
+            got = run(tmp)
+        except Exception as e:  # noqa: BLE001 - runtimes raise their own kinds (onnxruntime's NotImplemented, ...)
+            dtype = next((p.dtype for p in model.parameters()), torch.float32)
+            low = fmt == "onnx" and dtype in (torch.bfloat16, torch.float16)
+            hint = f"its CPU kernels do not cover {str(dtype).removeprefix('torch.')}: export with --dtype float32" if low else "report this with the model"
+            runner = "onnxruntime" if fmt == "onnx" else "torch.export"
+            raise MPOCompressError(f"{runner} cannot run the export to check it ({short_error(e)}); {hint}; nothing was written") from None
+        rel = relative_error(got, ref)
         _check(rel, fmt)
     return rel, sum(p.numel() for p in model.parameters()), dynamic
 
@@ -276,7 +332,7 @@ def export_model(
 
 def _export(model: nn.Module, out: Path, fmt: str, arch: str | None, input_shape: tuple[int, ...] | None) -> ExportReport:
     probe = probe_for(model, input_shape)
-    ref = _call(model, probe)
+    ref = _reference_output(model, probe, input_shape)
     if fmt == "hf":
         rel, params, dynamic = _export_hf(model, arch or "", out, probe, ref)
     elif fmt == "onnx":

@@ -56,6 +56,34 @@ def text_max_length(model: nn.Module, asked: int | None) -> int:
     return asked
 
 
+def vocabulary_size(model: nn.Module) -> int | None:
+    """The number of token ids a transformers model's input embedding holds (factorized or not), if it has one."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+    n = getattr(emb, "num_embeddings", None)
+    return n if isinstance(n, int) else None
+
+
+def check_token_ids(ds: object, spec: str, model: nn.Module, teacher: nn.Module | None = None) -> None:
+    """Text whose token ids the model (or the teacher) has no embedding for is named, with the likely
+    cause, before any forward pass fails on it."""
+    ids = getattr(ds, "inputs", {}).get("input_ids") if hasattr(ds, "inputs") else None
+    if ids is None or ids.numel() == 0:
+        return
+    top = int(ids.max())
+    for who, m in (("the model", model), ("the teacher or reference", teacher)):
+        n = vocabulary_size(m) if m is not None else None
+        if n is not None and top >= n:
+            fix = "give models whose tokenizers and embeddings match" if teacher is not None else "give the model's own tokenizer files beside its config.json"
+            raise MPOCompressError(
+                f"{spec} gives token ids up to {top}, beyond the {n:,} tokens {who}'s embedding holds: the tokenizer "
+                f"does not belong to it; {fix}"
+            )
+
+
 def model_tokenizer(model: nn.Module, teacher: nn.Module | None = None) -> object:
     """The tokenizer recorded with the model (from its Hugging Face folder), else with the teacher,
     or a clear error."""
@@ -86,6 +114,7 @@ def calibration_batches(
     if spec.startswith(TEXT_PREFIX):
         read_lines(Path(spec[len(TEXT_PREFIX) :]))  # a missing or empty file is named before the tokenizer
         ds = load_unlabelled(spec, split, model_tokenizer(model), text_max_length(model, max_length), pack=causal)
+        check_token_ids(ds, spec, model)
     elif is_unlabelled(spec):
         ds = load_unlabelled(spec, split)
     else:
