@@ -67,6 +67,24 @@ def test_gguf_file_loads_as_the_model_it_was_written_from(lms):
     assert "tokenizer.json" in loaded.model.mpocompress_tokenizer
 
 
+def test_a_gguf_file_is_parsed_once_per_load_and_gguf_is_left_as_it_was(lms, monkeypatch):
+    """transformers reads the file three times (tokenizer, config, weights) and builds a tensor-name map per
+    module; a load shares one reader and one map per architecture (counted), then restores gguf's names."""
+    import gguf
+
+    made = []
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: made.append("reader") or reader(*a, **k))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda *a: made.append("map") or name_map(*a))
+    counting_reader, counting_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    loaded = load_model(lms["gguf"])
+    assert made.count("reader") == 1 and made.count("map") == 1
+    assert gguf.GGUFReader is counting_reader and gguf.get_tensor_name_map is counting_map
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, make_lm("llama")(ids).logits, rtol=0, atol=1e-6)
+
+
 def test_a_file_that_is_not_gguf_is_named(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"NOPE" + bytes(100))

@@ -179,13 +179,17 @@ def make_factors(
     ny, nx = w.shape
     if option.structure == "lowrank":
         lr = lowrank(w, option.rank, white, dtype=torch.float64)
+        if white is None:  # B A is W's truncated SVD: its error and its bond's spectrum are W's singular values
+            werr = float(truncation_errors(lr.spectrum)[lr.rank])
+            return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr,
+                           None, [lr.spectrum[: lr.rank].clone()])  # fmt: skip
         approx = lr.second @ lr.first
         werr = output_error(w, approx, None)
-        oerr = output_error(w, approx, white) if white is not None else None
+        oerr = output_error(w, approx, white)
         # the bond's spectrum: the singular values of B A itself, from the r x r product of the factors' R's
         spectrum = torch.linalg.svdvals(torch.linalg.qr(lr.second)[1] @ torch.linalg.qr(lr.first.T)[1].T)
         return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr, oerr,
-                       [spectrum], white.bias_shift(w, approx) if white is not None else None)  # fmt: skip
+                       [spectrum], white.bias_shift(w, approx))  # fmt: skip
     shape = option.shape
     dec = tt_svd(w, shape.in_modes, shape.out_modes, max_bond=max(shape.bond_dims), dtype=torch.float64)
     cores = dec.cores

@@ -14,6 +14,7 @@ import importlib.util
 import io as _io
 import json
 import logging
+import os
 import re
 import tempfile
 import warnings
@@ -232,7 +233,7 @@ def load_gguf(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str, s
     cls = hf_class({}, arch, str(path)) if arch is not None else transformers.AutoModelForCausalLM
     folder, name = str(path.parent), path.name
     try:
-        with quiet_transformers(), contextlib.redirect_stderr(_io.StringIO()):
+        with quiet_transformers(), contextlib.redirect_stderr(_io.StringIO()), _one_gguf_reader():
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
             model = cls.from_pretrained(folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
     except MPOCompressError:
@@ -247,6 +248,40 @@ def load_gguf(path: Path, arch: str | None) -> tuple[nn.Module, str, dict[str, s
             tokenizer.save_pretrained(tmp)
         files = read_tokenizer_files(Path(tmp))
     return model.eval(), "hf:" + type(model).__name__, files
+
+
+@contextlib.contextmanager
+def _one_gguf_reader() -> Iterator[None]:
+    """Parse a GGUF file once while transformers loads it. transformers parses the file anew for the
+    tokenizer, the config and the weights (3.4 s each for SmolLM2's, most of it its 49,152-token
+    vocabulary in Python), and builds gguf's tensor-name map again for every module of the model
+    (6 s). Within this block the file's reader and each name map are made once and shared (both
+    are only read). transformers imports both names from `gguf` where it uses them, so they are
+    served by swapping those names for the block; elsewhere nothing changes."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+    maps: dict[tuple[Any, int], Any] = {}
+
+    def shared_reader(path: Any, mode: str = "r") -> Any:
+        if mode != "r":
+            return reader(path, mode)
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = reader(path, mode)
+        return readers[key]
+
+    def shared_map(arch: Any, n_blocks: int) -> Any:
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, shared_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def read_tokenizer_files(path: Path) -> dict[str, str]:

@@ -150,9 +150,41 @@ class LowRank:
 
 
 def lowrank_spectrum(w: torch.Tensor, white: Whitening | None = None) -> torch.Tensor:
-    """Singular values of W L (or of W): what rank-r truncation keeps and loses, for every r at once."""
+    """Singular values of W L (or of W): what rank-r truncation keeps and loses, for every r at once.
+
+    From the eigenvalues of the smaller Gram matrix in float64 (one GEMM and a symmetric
+    eigensolver, about twice as fast as LAPACK's singular values): each squared value is exact to
+    about 1e-16 of the total energy, so every truncation error sqrt(tail / total) is too."""
     m = white.whiten(w) if white is not None else w.detach().to(torch.float64)
-    return torch.linalg.svdvals(m)
+    g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    return torch.linalg.eigvalsh(g).flip(0).clamp_min(0).sqrt()
+
+
+_EXACT_BELOW = 1e-8  # a truncation discarding less than this share of the energy is done by LAPACK's SVD
+
+
+def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U_r (m x r), every singular value (descending) and V_r^T (r x n) of a float64 matrix.
+
+    From the eigendecomposition of the smaller Gram matrix: V_r (or U_r) are its top eigenvectors,
+    orthonormal to rounding, and the other side is M V_r / s (or U_r^T M / s), so U_r diag(s_r) V_r^T
+    is M's projection on the kept directions, whatever the rounding in s. Where that rounding could
+    matter (a truncation discarding under 1e-8 of the energy, or a kept value below 1e-7 of the
+    largest) it is LAPACK's SVD instead, as `tt_svd`'s "auto" steps are."""
+    wide = m.shape[0] <= m.shape[1]
+    lam, vec = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
+    s = lam.flip(0).clamp_min(0).sqrt()
+    r = min(rank, s.numel())
+    sq = s.square()
+    tail, total = float(sq[r:].sum()), float(sq.sum())
+    if total > 0 and (tail < _EXACT_BELOW * total or float(s[r - 1]) < 1e-7 * float(s[0])):
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[:, :r], s, vh[:r]
+    top = vec.flip(1)[:, :r]
+    inv = torch.where(s[:r] > 0, 1.0 / s[:r], torch.zeros_like(s[:r]))
+    if wide:  # top: left singular vectors
+        return top, s, (top.T @ m) * inv[:, None]
+    return (m @ top) * inv, s, top.T
 
 
 def truncation_errors(spectrum: torch.Tensor, total: float | None = None) -> torch.Tensor:
@@ -172,7 +204,7 @@ def lowrank(w: torch.Tensor, rank: int, white: Whitening | None = None, dtype: t
     if not all_finite(w):
         raise MPOCompressError("cannot factorize a matrix with NaN or Inf entries")
     m = white.whiten(w) if white is not None else w.detach().to(torch.float64)
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = truncated_svd(m, rank)
     r = min(rank, s.numel())
     root = s[:r].sqrt()
     second = u[:, :r] * root
