@@ -387,3 +387,60 @@ def test_reported_error_is_right_in_half_precision(dtype, scale):
     real = float(torch.linalg.norm(mpo_to_matrix([c.double() for c in dec.cores]) - w.double()) / torch.linalg.norm(w.double()))
     assert dec.bond_dims != [1, 1, 1] and dec.rel_error <= 0.5
     assert dec.rel_error == pytest.approx(real, abs=2e-3)  # the cores are rounded to the input's dtype
+
+
+@pytest.mark.parametrize("method", ["auto", "svd"])
+@pytest.mark.parametrize(
+    "shape, in_modes, out_modes",
+    [((384, 384), (4, 4, 6, 4), (4, 4, 6, 4)), ((1536, 384), (4, 4, 6, 4), (4, 8, 8, 6)),
+     ((384, 1536), (4, 8, 8, 6), (4, 4, 6, 4)), ((12, 10), (2, 5), (3, 4)), ((256, 784), (4, 7, 7, 4), (4, 4, 4, 4))],
+)  # fmt: skip
+def test_a_sweep_over_d_equals_one_tt_svd_per_d_bit_for_bit(shape, in_modes, out_modes, method):
+    """`analyze`'s D sweep shares the steps the Ds have in common; each result is tt_svd's own, to the bit."""
+    from mpocompress.tensors import tt_svd_sweep
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    ds = (2, 4, 8, 16, 32, 1000)
+    swept = tt_svd_sweep(w, in_modes, out_modes, ds, method=method)
+    for d in ds:
+        ref = tt_svd(w, in_modes, out_modes, max_bond=d, method=method)
+        got = swept[d]
+        assert got.bond_dims == ref.bond_dims and got.rel_error == ref.rel_error
+        assert all(torch.equal(a, b) for a, b in zip(got.cores, ref.cores, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(got.singular_values, ref.singular_values, strict=True))
+    with pytest.raises(MPOCompressError, match="bond dimension"):
+        tt_svd_sweep(w, in_modes, out_modes, (4, 0))
+
+
+def test_analyze_sweeps_each_dense_layer_once_for_all_d(monkeypatch):
+    """A guard on work done, not time: `analyze` without a D makes one TT-SVD sweep per layer (not
+    one TT-SVD per layer and D), and its sweep rows equal per-D TT-SVDs."""
+    import importlib
+
+    from mpocompress import build_model
+
+    analyze_module = importlib.import_module("mpocompress.compress.analyze")
+    decompose_module = importlib.import_module("mpocompress.tensors.decompose")
+
+    calls = {"sweep": 0, "tt_svd": 0}
+    sweep, single = analyze_module.tt_svd_sweep, decompose_module.tt_svd
+
+    def counted_sweep(*a, **k):
+        calls["sweep"] += 1
+        return sweep(*a, **k)
+
+    def counted_single(*a, **k):
+        calls["tt_svd"] += 1
+        return single(*a, **k)
+
+    monkeypatch.setattr(analyze_module, "tt_svd_sweep", counted_sweep)
+    monkeypatch.setattr("mpocompress.compress.targets.tt_svd", counted_single)
+    torch.manual_seed(0)
+    model = build_model("fc2")
+    report = analyze_module.analyze(model)
+    assert calls == {"sweep": len(report.layers), "tt_svd": 0}
+    for sub in report.sweep:
+        for lr in sub.layers:
+            w = dict(model.named_modules())[lr.name].weight
+            ref = single(w, lr.in_modes, lr.out_modes, max_bond=sub.bond_dim)
+            assert lr.rel_error == pytest.approx(ref.rel_error, rel=1e-12)

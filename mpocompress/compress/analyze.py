@@ -25,7 +25,15 @@ from mpocompress.compress.targets import (
 )  # fmt: skip
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn import MPOLayer
-from mpocompress.tensors import MPOShape, bond_spectra, choose_plan, grouped_macs, unfolding_spectra
+from mpocompress.tensors import (
+    MPOShape,
+    TTDecomposition,
+    bond_spectra,
+    choose_plan,
+    grouped_macs,
+    tt_svd_sweep,
+    unfolding_spectra,
+)
 from mpocompress.utils import is_hf_model
 
 SWEEP_BOND_DIMS = (2, 4, 8, 16, 32)
@@ -94,10 +102,20 @@ def analyze(
         return totals(layers, skipped, before, config.bond_dim, config.eps, False, _after(before, chosen, layers))
     exact = [_exact_report(t) for t in chosen]
     report = totals(exact, skipped, before, config.bond_dim, config.eps, False, _after(before, chosen, exact))
+    swept: dict[tuple, dict[int, TTDecomposition]] = {}  # one TT-SVD sweep per dense layer serves every D
+
+    def at(t: LayerTarget) -> TTDecomposition:
+        key = (t.cand.name, t.in_modes, t.out_modes)
+        if t.eps is not None or t.bond_dim not in sweep_bond_dims or current_cores(t) is not None:
+            return decompose(t, t.bond_dim, t.eps)
+        if key not in swept:
+            swept[key] = tt_svd_sweep(weight_of(t), t.in_modes, t.out_modes, sweep_bond_dims)
+        return swept[key][t.bond_dim]
+
     for d in sweep_bond_dims:
         cfg = config.with_bond_dim(d)
         sub_chosen, sub_skipped = select_targets(model, cfg, filter_fn)
-        sub_layers = [report_for(t, decompose(t, t.bond_dim, None)) for t in sub_chosen]
+        sub_layers = [report_for(t, at(t)) for t in sub_chosen]
         sub_after = _after(before, sub_chosen, sub_layers)
         report.sweep.append(totals(sub_layers, sub_skipped, before, cfg.bond_dim, cfg.eps, False, sub_after))
     report.notes.append("no --bond-dim given: layers show the exact MPO (bonds at their caps); pick D from the sweep")

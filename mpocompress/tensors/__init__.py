@@ -36,6 +36,7 @@ from mpocompress.tensors.decompose import (
     entanglement_entropy,
     tt_round,
     tt_svd,
+    tt_svd_sweep,
     unfolding_spectra,
 )
 from mpocompress.tensors.initialize import balance_cores, random_cores
@@ -102,6 +103,7 @@ __all__ = [
     "truncation_errors",
     "tt_round",
     "tt_svd",
+    "tt_svd_sweep",
     "unfolding_spectra",
     "whitening",
 ]  # fmt: skip

@@ -108,9 +108,15 @@ def _eig_desc(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.flip(0).clamp_min(0).sqrt(), vec.flip(1)
 
 
+def _gram_eig(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values and vectors of the short side of A from its smaller Gram matrix."""
+    return _eig_desc(_gram_rows(a) if a.shape[0] <= a.shape[1] else _gram_rows(a.T))
+
+
 def _split(
-    a: torch.Tensor, max_bond: int | None, delta: float, method: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    a: torch.Tensor, max_bond: int | None, delta: float, method: str,
+    eig: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """One TT-SVD step on the unfolding A (m x n): an orthonormal left factor U_r (m x r), the
     remainder U_r^T A (r x n) and every singular value of A, all float64.
 
@@ -118,11 +124,12 @@ def _split(
     which costs one GEMM and an eigendecomposition of the short side instead of an SVD of A; the
     kept subspace is the same as the SVD's up to rounding of order 1e-16 ||A||^2 in captured energy.
     "auto" is "gram", except that a step discarding less than 1e-8 of the energy (a nearly exact
-    factorization, where that rounding could matter) is redone by exact SVD.
+    factorization, where that rounding could matter) is redone by exact SVD. `eig`: `_gram_eig(a)`
+    if already made (one per unfolding serves every truncation of it).
     """
     m, n = a.shape
     if method != "svd":
-        s, vecs = _eig_desc(_gram_rows(a) if m <= n else _gram_rows(a.T))
+        s, vecs = eig if eig is not None else _gram_eig(a)
         r = _keep(s, max_bond, delta)
         if not (method == "auto" and _nearly_exact(s, r)):
             if m <= n:  # vecs are A's left singular vectors
@@ -194,6 +201,77 @@ def _nearly_exact(s: torch.Tensor, r: int) -> bool:
     return 0.0 < tail < _GRAM_FLOOR * total
 
 
+def _checked(
+    matrix: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int], method: str
+) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], float]:
+    """W detached, the modes as tuples and ||W||, once the method, modes and entries are checked."""
+    if method not in TT_METHODS:
+        raise MPOCompressError(f"unknown TT-SVD method {method!r}; choose one of {TT_METHODS}")
+    in_modes, out_modes = tuple(in_modes), tuple(out_modes)
+    if len(out_modes) != len(in_modes):
+        raise MPOCompressError(f"need as many input modes as output modes, got {in_modes} and {out_modes}")
+    ny, nx = matrix.shape
+    if math.prod(in_modes) != nx or math.prod(out_modes) != ny:
+        raise MPOCompressError(
+            f"modes {in_modes} -> {out_modes} do not fit a {ny}x{nx} matrix "
+            f"(they multiply to {math.prod(in_modes)} and {math.prod(out_modes)})"
+        )
+    w = matrix.detach()
+    if not all_finite(w):
+        raise MPOCompressError("cannot factorize a matrix with NaN or Inf entries")
+    return w, in_modes, out_modes, frobenius_norm(w)
+
+
+def tt_svd_sweep(
+    matrix: torch.Tensor, in_modes: Sequence[int], out_modes: Sequence[int], bond_dims: Sequence[int],
+    dtype: torch.dtype | None = None, method: str = "auto",
+) -> dict[int, TTDecomposition]:  # fmt: skip
+    """`tt_svd(matrix, in_modes, out_modes, max_bond=D)` for every D of `bond_dims`, equal to those
+    calls bit for bit, with the work they share done once: W is checked once, and each step's
+    unfolding, which depends only on the bonds kept before it, is decomposed once for every D that
+    reaches it with the same bonds (D = 16 and 32 share every step before the first bond that D = 16 caps)."""
+    for d in bond_dims:
+        _check_truncation(d, None)
+    w, in_modes, out_modes, norm = _checked(matrix, in_modes, out_modes, method)
+    n, out_dtype = len(in_modes), dtype or matrix.dtype
+    found: dict[int, TTDecomposition] = {}
+
+    def descend(k: int, rest: torch.Tensor, ds: list[int], cores: list, spectra: list, discarded_sq: float) -> None:
+        r_prev = cores[-1].shape[3] if cores else 1
+        if k == n - 1:
+            last = rest.to(torch.float64).reshape(r_prev, out_modes[-1], in_modes[-1], 1).to(out_dtype).contiguous()
+            rel = math.sqrt(discarded_sq) / norm if norm > 0 else 0.0
+            for d in ds:
+                found[d] = TTDecomposition(cores=[*cores, last], singular_values=list(spectra),
+                                           bond_dims=[int(c.shape[3]) for c in cores], rel_error=rel)  # fmt: skip
+            return
+        unfolding = rest.reshape(r_prev * out_modes[k] * in_modes[k], -1) if rest is not None else None
+        eig = _gram_eig(unfolding) if unfolding is not None and method != "svd" else None
+        kept: dict[int, list[int]] = {}  # bonds kept at this step -> the Ds keeping them
+        rows = r_prev * out_modes[k] * in_modes[k]
+        cap = min(rows, (w.numel() // (out_modes[0] * in_modes[0])) if unfolding is None else unfolding.shape[1])
+        for d in ds:
+            kept.setdefault(min(d, cap), []).append(d)
+        for group in kept.values():
+            if unfolding is None:  # the first step read straight from W, as tt_svd does it
+                first = _split_first(w, out_modes, in_modes, group[0], 0.0, method)
+                if first is None:
+                    whole = w.reshape(*out_modes, *in_modes).permute(_interleave_perm(n)).contiguous()
+                    descend(k, whole, group, cores, spectra, discarded_sq)
+                    continue
+                u, nxt, s = first
+            else:
+                u, nxt, s = _split(unfolding, group[0], 0.0, method, eig=eig)
+            r = u.shape[1]
+            core = u.reshape(r_prev, out_modes[k], in_modes[k], r).to(out_dtype).contiguous()
+            descend(k + 1, nxt, group, [*cores, core], [*spectra, s], discarded_sq + float(s[r:].square().sum()))
+
+    if n == 1:
+        return {d: tt_svd(w, in_modes, out_modes, max_bond=d, dtype=dtype, method=method) for d in bond_dims}
+    descend(0, None, sorted(set(bond_dims)), [], [], 0.0)
+    return {d: found[d] for d in bond_dims}
+
+
 def tt_svd(
     matrix: torch.Tensor,
     in_modes: Sequence[int],
@@ -217,23 +295,9 @@ def tt_svd(
             accumulated block by block.
     """
     _check_truncation(max_bond, eps)
-    if method not in TT_METHODS:
-        raise MPOCompressError(f"unknown TT-SVD method {method!r}; choose one of {TT_METHODS}")
-    in_modes, out_modes = tuple(in_modes), tuple(out_modes)
+    w, in_modes, out_modes, norm = _checked(matrix, in_modes, out_modes, method)
     n = len(in_modes)
-    if len(out_modes) != n:
-        raise MPOCompressError(f"need as many input modes as output modes, got {in_modes} and {out_modes}")
-    ny, nx = matrix.shape
-    if math.prod(in_modes) != nx or math.prod(out_modes) != ny:
-        raise MPOCompressError(
-            f"modes {in_modes} -> {out_modes} do not fit a {ny}x{nx} matrix "
-            f"(they multiply to {math.prod(in_modes)} and {math.prod(out_modes)})"
-        )
     out_dtype = dtype or matrix.dtype
-    w = matrix.detach()
-    if not all_finite(w):
-        raise MPOCompressError("cannot factorize a matrix with NaN or Inf entries")
-    norm = frobenius_norm(w)
     delta = eps * norm / math.sqrt(n - 1) if (eps and n > 1) else 0.0
 
     cores: list[torch.Tensor] = []
