@@ -183,17 +183,19 @@ def _fixed_option(t: LayerTarget, structure: str, white: Whitening | None) -> tu
     """The form a D or eps asks for, or None and the reason when it would not be smaller than dense."""
     c = t.cand
     if structure == "lowrank":
-        w = weight_of(t)
-        s = lowrank_spectrum(w, white)
-        errs = truncation_errors(s, white.energy(w) if white is not None else None)
-        r = s.numel()
+        r, err = min(c.nx, c.ny), math.nan  # a rank D alone needs no spectrum: the factors' own errors are reported
         if t.eps is not None:  # the fewest values whose tail is within eps
+            w = weight_of(t)
+            s = lowrank_spectrum(w, white)
+            errs = truncation_errors(s, white.energy(w) if white is not None else None)
             r = max(1, next((k for k in range(s.numel() + 1) if float(errs[k]) <= t.eps), s.numel()))
         if t.bond_dim is not None:  # and at most D, as for an MPO
             r = min(r, t.bond_dim)
+        if t.eps is not None:
+            err = float(errs[r])
         if r * (c.nx + c.ny) >= c.numel:
             return None, f"its low-rank form at r={r} would not be smaller ({r * (c.nx + c.ny)} parameters)"
-        return Option("lowrank", r * (c.nx + c.ny), float(errs[r]), rank=r), ""
+        return Option("lowrank", r * (c.nx + c.ny), err, rank=r), ""
     if t.eps is not None:  # the TT-SVD decides the bonds: do it now to see whether it is smaller
         dec = decompose(t, t.bond_dim, t.eps)
         n = MPOShape(t.in_modes, t.out_modes, tuple(dec.bond_dims)).param_count
