@@ -239,3 +239,23 @@ def test_cross_statistics_of_an_unchanged_model_equal_its_gram():
     st = collect_cross(model, model, ["2"], batches)["2"]
     assert st.rows == 70 and torch.allclose(st.cross, st.gram) and torch.allclose(st.gram_in, st.gram)
     assert math.isclose(float(st.total.sum()), float(st.sum_in.sum()))
+
+
+def test_auto_weighs_an_mpo_only_where_it_can_beat_lowrank():
+    """The screen before `auto` weighs a layer's MPO forms (seed 0): a Kronecker product (an exact MPO of
+    bond 1, full matrix rank: low-rank cannot come near) keeps its MPO forms; a rank-8 matrix plus a
+    little noise (low-rank wins at every size) gets none, and its low-rank forms are exactly those of
+    --structure lowrank; --structure mpo is never screened."""
+    from mpocompress.compress.structures import layer_options, mpo_in_reach
+
+    g = torch.Generator().manual_seed(0)
+    kron = torch.kron(torch.kron(torch.randn(4, 4, generator=g), torch.randn(4, 8, generator=g)), torch.randn(8, 6, generator=g))
+    lowr = torch.randn(128, 8, generator=g) @ torch.randn(8, 192, generator=g) + 0.01 * torch.randn(128, 192, generator=g)
+    for w, wins in ((kron, True), (lowr, False)):
+        opts = layer_options(w, None, "auto")
+        lows = [o for o in opts if o.structure == "lowrank"]
+        assert mpo_in_reach(w, None, lows, (3, 4)) is wins
+        assert any(o.structure == "mpo" for o in opts) is wins
+        assert [(o.params, o.rel_error) for o in lows] == [
+            (o.params, o.rel_error) for o in layer_options(w, None, "lowrank") if o.structure == "lowrank"]
+    assert any(o.structure == "mpo" for o in layer_options(lowr, None, "mpo"))

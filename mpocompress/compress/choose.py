@@ -81,6 +81,7 @@ class LayerPlan:
     layers: list[LayerReport] = field(default_factory=list)  # filled as the factors are made
     _whites: dict[str, Whitening] = field(default_factory=dict)
     options: dict[str, list[Option]] = field(default_factory=dict)  # every form the allocator weighed, by layer
+    screen: bool = True  # `auto` weighs an MPO's forms only where it could win (analyze's curves: all of them)
 
     def curves(self) -> dict[str, list[dict[str, Any]]]:
         """Per layer, every form weighed: structure, parameters, predicted relative error (output
@@ -227,6 +228,7 @@ def plan_layers(
         stop = set(mods) if head is not None and all(m is not head for m in mods.values()) else None
         calib = collect_grams(model, mods, batches, stop_after=stop)
     plan = LayerPlan([], config, calib, batches)
+    plan.screen = not curves_only
     fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
     free = [t for t in targets if t.bond_dim is None and t.eps is None]
     fixed_structure = "lowrank" if config.structure == "lowrank" else "mpo"
@@ -273,7 +275,8 @@ def _options_of(t: LayerTarget, w: torch.Tensor, config: CompressionConfig, plan
     modes = (t.in_modes, t.out_modes) if first_match(config.shapes, t.cand.names) is not None else None
     embedding = t.cand.kind == "embedding"  # one huge layer whose cost is probed: 3 cores, a coarse grid
     cores = config.mpo_cores or ((3,) if embedding else AUTO_CORES)
-    opts = layer_options(w, plan._white(t), _structure_for(t, config.structure), cores, modes, COARSE_GRID if embedding else BOND_GRID)
+    opts = layer_options(w, plan._white(t), _structure_for(t, config.structure), cores, modes, COARSE_GRID if embedding else BOND_GRID,
+                         screen=plan.screen)  # fmt: skip
     plan.options[t.cand.name] = opts
     return opts
 

@@ -158,17 +158,56 @@ def layer_options(
     cores: Sequence[int] = AUTO_CORES,
     modes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     bond_grid: Sequence[int] = BOND_GRID,
+    screen: bool = True,
 ) -> list[Option]:
     """Every form considered for the N_y x N_x weight w, smallest error first within a structure;
     the dense form (error 0) is always first. MPO errors are measured at the D of `bond_grid` and
-    interpolated in between."""
+    interpolated in between. Under "auto", with `screen`, an MPO's forms are weighed only where
+    `mpo_in_reach` says it could beat low-rank (analyze's curves show them all)."""
     ny, nx = w.shape
     opts = [Option("dense", nx * ny, 0.0)]
-    if structure in ("auto", "lowrank") and modes is None:
-        opts += _lowrank_options(w, white)
-    if structure in ("auto", "mpo"):
+    lows = _lowrank_options(w, white) if structure in ("auto", "lowrank") and modes is None else []
+    opts += lows
+    if structure == "mpo" or (structure == "auto" and (modes is not None or not screen or mpo_in_reach(w, white, lows, cores))):
         opts += _mpo_options(w, white, cores, modes, bond_grid)
     return opts
+
+
+SCREEN_POINTS = 3  # sizes at which `auto` first checks an MPO against low-rank
+
+
+def mpo_in_reach(w: torch.Tensor, white: Whitening | None, lows: Sequence[Option], cores: Sequence[int]) -> bool:
+    """Whether an MPO could beat low-rank on this layer, before its forms are weighed: for each core
+    count, the balanced modes' MPO at SCREEN_POINTS sizes of the bond grid (from the smallest low-rank
+    form's size up to dense) has its error measured exactly as low-rank's is (output error with
+    calibration, weight error without) and compared with the best low-rank form no larger. If low-rank
+    is better at every probed size, the MPO's forms (every mode choice and D, most of `auto`'s time on a
+    pretrained model) are not weighed; one probe where the MPO wins and they all are. A screen, not a
+    proof: another mode order or a D between the probes could still have won there."""
+    if not lows:
+        return True
+    ny, nx = w.shape
+    smallest = min(o.params for o in lows)
+    meter = error_meter(w, white)
+    for n in cores:
+        i_modes, o_modes = mode_candidates(nx, ny, n)[0]
+        if len(i_modes) < 2:
+            continue
+        sizes = {d: MPOShape.uniform(i_modes, o_modes, d).param_count for d in BOND_GRID}
+        ds = [d for d, p in sizes.items() if smallest <= p < nx * ny and d <= max(MPOShape.exact(i_modes, o_modes).bond_dims)]
+        if not ds:
+            continue
+        probes = sorted({ds[round(k * (len(ds) - 1) / max(SCREEN_POINTS - 1, 1))] for k in range(SCREEN_POINTS)}, reverse=True)
+        dec = tt_svd(w, i_modes, o_modes, max_bond=probes[0])
+        for d in probes:
+            if d < max(dec.bond_dims):
+                dec = tt_round(dec.cores, max_bond=d)
+            p = MPOShape.of_cores(dec.cores).param_count
+            err = meter(mpo_to_matrix([c.to(torch.float64) for c in dec.cores]))
+            best = min((o.rel_error for o in lows if o.params <= p), default=math.inf)
+            if err < best:
+                return True
+    return False
 
 
 def make_factors(
