@@ -119,14 +119,15 @@ def collect_grams(
     rows: dict[str, int] = {}
     mask: torch.Tensor | None = None
     pending: set[str] = set()
-    calls: list[tuple[str, int]] = []  # (name, id of its input) at its first call, in call order
-    alive: list[torch.Tensor] = []
+    calls: list[tuple[str, int]] = []  # (name, serial of its input) at its first call, in call order
+    seen = [None, 0]  # the last hooked input (held) and its serial: consecutive calls on one input share it
     last: list[tuple] = []  # the last Linear input seen (held) and its Gram: consecutive calls on it share it
 
     def hook(name: str, mod: nn.Module, x: torch.Tensor) -> None:
+        if seen[0] is not x:  # identity against the one tensor held: never a freed tensor's reused address
+            seen[0], seen[1] = x, seen[1] + 1
         if name not in rows:
-            calls.append((name, id(x)))
-            alive.append(x)  # held so that no later input reuses its id during this pass
+            calls.append((name, seen[1]))
         conv = converter_for(mod)
         if conv.kind == "embedding":  # one-hot inputs: X^T X is diagonal, the token counts
             ids = conv.rows(mod, x[mask] if mask is not None and x.shape == mask.shape else x)
@@ -161,7 +162,7 @@ def collect_grams(
                 mask = _row_mask(batch)
                 pending = set(stop_after) if stop_after is not None else set()
                 _run(model, batch)
-                alive.clear()
+                seen[0] = None
                 last.clear()
                 samples += int(next(iter(batch.values())).shape[0])
     finally:

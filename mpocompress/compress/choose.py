@@ -285,15 +285,6 @@ def _allocate(
     model: nn.Module, config: CompressionConfig, free: list[LayerTarget], plan: LayerPlan, fixed_params: int
 ) -> list[Decision]:
     calib = plan.calibration
-    options, costs = [], []
-    for k, t in enumerate(free):
-        status(f"weighing the forms of layer {k + 1}/{len(free)} ({t.cand.name})")
-        w = weight_of(t)
-        opts = _options_of(t, w, config, plan)
-        if config.max_error is not None:
-            opts = [o for o in opts if o.rel_error <= config.max_error]  # dense (error 0) always stays
-        options.append(opts)
-        costs.append(plan.energy(t, w))
     fn: HeadFisher | None = None
     if config.budgeted and calib is not None:
         causal = is_causal_lm(model) and not _head_selected(model, free)
@@ -315,6 +306,17 @@ def _allocate(
         else:
             reference = outputs(model, probe)  # the original's outputs, shared by both kinds of probe
             calib.sensitivity = measure_sensitivity(model, mods, probe, reference=reference)
+    # the forms are weighed after the sensitivities: the backward passes' activations and the layers'
+    # whitenings (made while weighing) are never held at once
+    options, costs = [], []
+    for k, t in enumerate(free):
+        status(f"weighing the forms of layer {k + 1}/{len(free)} ({t.cand.name})")
+        w = weight_of(t)
+        opts = _options_of(t, w, config, plan)
+        if config.max_error is not None:
+            opts = [o for o in opts if o.rel_error <= config.max_error]  # dense (error 0) always stays
+        options.append(opts)
+        costs.append(plan.energy(t, w))
     sens = [calib.sensitivity.get(t.cand.name, 1.0) if calib is not None and calib.sensitivity else 1.0 for t in free]
     scale = [[1.0] * len(opts) for opts in options]  # measured / predicted output change, per option
     if config.budgeted and calib is not None:
