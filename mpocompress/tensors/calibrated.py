@@ -22,6 +22,7 @@ import torch
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.tensors.contract import mpo_to_matrix
+from mpocompress.tensors.decompose import _gram_eig, _nearly_exact
 from mpocompress.tensors.numeric import all_finite
 
 DAMP = 1e-6  # default regularization of a Gram matrix, as a share of its mean diagonal
@@ -160,27 +161,21 @@ def lowrank_spectrum(w: torch.Tensor, white: Whitening | None = None) -> torch.T
     return torch.linalg.eigvalsh(g).flip(0).clamp_min(0).sqrt()
 
 
-_EXACT_BELOW = 1e-8  # a truncation discarding less than this share of the energy is done by LAPACK's SVD
-
-
 def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """U_r (m x r), every singular value (descending) and V_r^T (r x n) of a float64 matrix.
 
-    From the eigendecomposition of the smaller Gram matrix: V_r (or U_r) are its top eigenvectors,
-    orthonormal to rounding, and the other side is M V_r / s (or U_r^T M / s), so U_r diag(s_r) V_r^T
-    is M's projection on the kept directions, whatever the rounding in s. Where that rounding could
-    matter (a truncation discarding under 1e-8 of the energy, or a kept value below 1e-7 of the
-    largest) it is LAPACK's SVD instead, as `tt_svd`'s "auto" steps are."""
+    From the eigendecomposition of the smaller Gram matrix (`tt_svd`'s "auto" steps, `_gram_eig`): V_r
+    (or U_r) are its top eigenvectors, orthonormal to rounding, and the other side is M V_r / s (or
+    U_r^T M / s), so U_r diag(s_r) V_r^T is M's projection on the kept directions, whatever the
+    rounding in s. Where that rounding could matter (a truncation discarding under 1e-8 of the
+    energy, `_nearly_exact`, or a kept value below 1e-7 of the largest) it is LAPACK's SVD instead."""
     wide = m.shape[0] <= m.shape[1]
-    lam, vec = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
-    s = lam.flip(0).clamp_min(0).sqrt()
+    s, vec = _gram_eig(m)
     r = min(rank, s.numel())
-    sq = s.square()
-    tail, total = float(sq[r:].sum()), float(sq.sum())
-    if total > 0 and (tail < _EXACT_BELOW * total or float(s[r - 1]) < 1e-7 * float(s[0])):
+    if _nearly_exact(s, r) or float(s[r - 1]) < 1e-7 * float(s[0]):
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :r], s, vh[:r]
-    top = vec.flip(1)[:, :r]
+    top = vec[:, :r]
     inv = torch.where(s[:r] > 0, 1.0 / s[:r], torch.zeros_like(s[:r]))
     if wide:  # top: left singular vectors
         return top, s, (top.T @ m) * inv[:, None]
