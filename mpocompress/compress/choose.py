@@ -184,7 +184,7 @@ def _fixed_option(t: LayerTarget, structure: str, white: Whitening | None) -> tu
     """The form a D or eps asks for, or None and the reason when it would not be smaller than dense."""
     c = t.cand
     if structure == "lowrank":
-        r, err = min(c.nx, c.ny), math.nan  # a rank D alone needs no spectrum: the factors' own errors are reported
+        r, errs = min(c.nx, c.ny), None  # a rank D alone needs no spectrum: the factors' own errors are reported
         if t.eps is not None:  # the fewest values whose tail is within eps
             w = weight_of(t)
             s = lowrank_spectrum(w, white)
@@ -192,8 +192,7 @@ def _fixed_option(t: LayerTarget, structure: str, white: Whitening | None) -> tu
             r = max(1, next((k for k in range(s.numel() + 1) if float(errs[k]) <= t.eps), s.numel()))
         if t.bond_dim is not None:  # and at most D, as for an MPO
             r = min(r, t.bond_dim)
-        if t.eps is not None:
-            err = float(errs[r])
+        err = float(errs[r]) if errs is not None else math.nan
         if r * (c.nx + c.ny) >= c.numel:
             return None, f"its low-rank form at r={r} would not be smaller ({r * (c.nx + c.ny)} parameters)"
         return Option("lowrank", r * (c.nx + c.ny), err, rank=r), ""
