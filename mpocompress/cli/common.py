@@ -247,6 +247,8 @@ SEQUENTIAL_OPT = typer.Option(False, "--sequential", help="Calibrate each layer 
 MAX_LENGTH_OPT = typer.Option(None, "--max-length", metavar="N", help="Tokens per sample of text:FILE data: a causal LM's text is one stream cut into windows of N tokens, other models' lines are cut at N. [default: 512 for a causal LM, else 128; at most the model's positions]", show_default=False)
 CALIB_DATA_DIR_OPT = typer.Option(None, "--data-dir", metavar="DIR", help="Folder with the dataset files of --calib (default: $MPOCOMPRESS_DATA, else ./data).", show_default=False)
 TRUST_OPT = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled model. Unpickling can run arbitrary code: only for files you trust.")
+STREAM_OPT = typer.Option(False, "--stream", help="Stream a Hugging Face folder of safetensors weights block by block: the blocks are read, calibrated, factorized and written one at a time, so peak memory is one block, its statistics and the calibration activations, whatever the depth (implies --sequential; needs --calib).")
+OFFLOAD_OPT = typer.Option(None, "--offload", metavar="cpu|disk", help="With --stream: keep the hidden states between blocks in memory (cpu) or in files beside OUT (disk). [default: cpu]", show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 
 

@@ -25,9 +25,11 @@ from mpocompress.cli.common import (
     MAX_LENGTH_OPT,
     MODEL_ARG,
     OF_OPT,
+    OFFLOAD_OPT,
     REMOVE_OPT,
     SEQUENTIAL_OPT,
     SHAPE_OPT,
+    STREAM_OPT,
     STRUCTURE_OPT,
     TARGET_OPT,
     TRUST_OPT,
@@ -41,10 +43,12 @@ from mpocompress.cli.render import make_console, make_err_console, render_report
 from mpocompress.cli.training import choose_data, takes_text
 from mpocompress.compress import compress_
 from mpocompress.compress.calibrate import outputs
+from mpocompress.compress.stream import stream_compress_
 from mpocompress.errors import MPOCompressError
 from mpocompress.io import check_output_path, load_model, save
 from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.io.export import relative_error
+from mpocompress.io.stream import DiskStore, block_loader, open_streamed, stream_output
 from mpocompress.models.hf import probe_inputs
 from mpocompress.utils import is_causal_lm
 
@@ -71,6 +75,8 @@ def convert(
     sequential: bool = SEQUENTIAL_OPT,
     max_length: int | None = MAX_LENGTH_OPT,
     data_dir: Path | None = CALIB_DATA_DIR_OPT,
+    stream: bool = STREAM_OPT,
+    offload: str | None = OFFLOAD_OPT,
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
@@ -95,8 +101,17 @@ def convert(
         fail("convert needs a truncation or a budget: add --bond-dim D (e.g. --bond-dim 4), --eps E, --target-params P (e.g. 0.5) or --remove R (e.g. 0.2); `mpocompress analyze` helps choose")
     if sequential and calib is None:
         fail("--sequential calibrates layer by layer and needs --calib DATA")
+    if offload is not None and offload not in ("cpu", "disk"):
+        fail(f"--offload must be cpu or disk, got {offload!r}")
+    if offload is not None and not stream:
+        fail("--offload says where --stream keeps the hidden states between blocks; add --stream")
+    if stream and calib is None:
+        fail("--stream calibrates block by block and needs --calib DATA (text:FILE for a language model)")
     out = check_output_path(output, force, inputs=(model,))
     err = make_err_console()
+    if stream:
+        _convert_streamed(err, model, out, arch, config, calib, calib_samples, data_dir, max_length, offload or "cpu", json_out)
+        return
     with working(err, f"loading {model}"):
         loaded = load_model(model, arch, trust_pickle, check_values=False)  # checked per layer and by save
     batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
@@ -132,6 +147,28 @@ def convert(
                   f"{measured['output_rel_error']:.0%}); {hint}", markup=False, highlight=False, soft_wrap=True)  # fmt: skip
     if json_out:
         print_json({"model": str(model), "output": str(out), "arch": loaded.arch, **report.to_dict(), "probe": measured})
+    else:
+        render_report(make_console(), report, f"{model} -> {out}")
+
+
+def _convert_streamed(
+    err: Any, model: Path, out: Path, arch: str | None, config: Any, calib: str, calib_samples: int | None,
+    data_dir: Path | None, max_length: int | None, offload: str, json_out: bool,
+) -> None:  # fmt: skip
+    """convert --stream: the model's blocks read, compressed and written one at a time."""
+    with working(err, f"opening {model} (its blocks stay on disk)"):
+        loaded, source, blocks = open_streamed(model, arch)
+    batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
+    extra = {"source_format": loaded.source, "compression": config.to_dict(),
+             "data": choose_data(calib, None, None, None, data_dir=data_dir).record()}  # fmt: skip
+    with working(err, "streaming the blocks (calibrating, factorizing, writing)"), stream_output(out) as writer:
+        store = DiskStore(writer.staging / "hidden") if offload == "disk" else None
+        report = stream_compress_(loaded.model, config, batches, block_loader(source, loaded.model), writer.write_block, store=store)
+        report.notes.append(f"calibrated on {sum(len(next(iter(b.values()))) for b in batches)} samples of {calib}; "
+                            f"hidden states between blocks kept {'on disk' if offload == 'disk' else 'in memory'}")  # fmt: skip
+        writer.finish(loaded.model, blocks, loaded.arch, extra)
+    if json_out:
+        print_json({"model": str(model), "output": str(out), "arch": loaded.arch, **report.to_dict(), "probe": None})
     else:
         render_report(make_console(), report, f"{model} -> {out}")
 

@@ -103,11 +103,14 @@ def _gram_of(vecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 @torch.no_grad()
 def collect_grams(
-    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], stop_after: set[str] | None = None
-) -> Calibration:
+    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], stop_after: set[str] | None = None,
+    run: Callable[[int, Batch], object] | None = None,
+) -> Calibration:  # fmt: skip
     """X^T X of every named module's inputs over the batches (one pass; a module reachable under
     several names is hooked once, under its first). With `stop_after`, each pass ends as soon as
-    those modules have been called."""
+    those modules have been called. `run(k, batch)` replaces the model's own call on batch k (a
+    streamed block runs on the hidden states kept for that batch; the batch still gives the mask
+    of its real rows and its sample count)."""
     unique: dict[str, nn.Module] = {}
     seen_ids: set[int] = set()
     for name, mod in modules.items():
@@ -161,7 +164,13 @@ def collect_grams(
                 status(f"calibration pass {k + 1}/{len(batches)}")
                 mask = _row_mask(batch)
                 pending = set(stop_after) if stop_after is not None else set()
-                _run(model, batch)
+                if run is None:
+                    _run(model, batch)
+                else:
+                    try:
+                        run(k, batch)
+                    except _Stop:
+                        pass
                 seen[0] = None
                 last.clear()
                 samples += int(next(iter(batch.values())).shape[0])
@@ -445,67 +454,107 @@ def measure_swap(
             set_module(model, n, old)
 
 
+class HiddenStore:
+    """Where a block stream keeps the hidden states entering the current block, by (side, batch): in
+    memory here; on disk with `mpocompress.io.offload.DiskStore` (convert --offload disk)."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, int], torch.Tensor] = {}
+
+    def put(self, key: tuple[int, int], hidden: torch.Tensor) -> None:
+        self._held[key] = hidden
+
+    def get(self, key: tuple[int, int]) -> torch.Tensor:
+        return self._held[key]
+
+    def close(self) -> None:
+        self._held.clear()
+
+
+def capture_block_inputs(net: nn.Module, first: nn.Module, batches: Sequence[Batch]) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """What `net` passes its first block for each batch (hidden states, then the other arguments:
+    attention mask, positions, rotary embeddings); the pass stops there, so no block runs (they may
+    still be on the meta device)."""
+    got: list[tuple[torch.Tensor, tuple, dict]] = []
+
+    def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+        got.append((args[0].detach(), args[1:], kwargs))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            for b in batches:
+                _run(net, {**b, "use_cache": False})
+    finally:
+        handle.remove()
+        net.train(was)
+    if len(got) != len(batches):
+        raise MPOCompressError("the transformer's first block is not called once per calibration batch; calibrate without --sequential")
+    return got
+
+
 class BlockStream:
     """`collect_cross` for the layers of a transformer's stack of blocks, one block at a time: the
-    hidden states entering the current block are kept for every batch, from the original model and
-    from the partly compressed one (with the arguments the model passes every block: attention mask,
-    positions, rotary embeddings), so a group's statistics cost one pass through its own block, not
-    through the model up to it. Groups must be asked for in forward order; a block is left (its
-    outputs become the next block's inputs) when a later block's group is asked for, by which time
-    the caller has swapped all of its compressed layers. `cross` gives exactly what `collect_cross`
-    gives (tests check it against that)."""
+    hidden states entering the current block are kept for every batch (in a `HiddenStore`), from the
+    original model and from the partly compressed one (with the arguments the model passes every
+    block: attention mask, positions, rotary embeddings), so a group's statistics cost one pass
+    through its own block, not through the model up to it. Groups must be asked for in forward
+    order; a block is left (its outputs become the next block's inputs) when a later block's group
+    is asked for, by which time the caller has swapped all of its compressed layers. `cross` gives
+    exactly what `collect_cross` gives (tests check it against that).
 
-    def __init__(self, reference: nn.Module, model: nn.Module, blocks: str, batches: Sequence[Batch]) -> None:
-        self.reference, self.model, self.prefix = reference, model, blocks + "."
-        self.stacks = (reference.get_submodule(blocks), model.get_submodule(blocks))
-        self.masks = [_row_mask(b) for b in batches]
+    `stacks` holds one sequence of blocks per side (the reference first); a streamed conversion
+    passes one side only to gather statistics of the original, or fills the reference's block i
+    just before it is needed."""
+
+    def __init__(
+        self, blocks: str, stacks: Sequence[Sequence[nn.Module | None]], inputs: Sequence[Sequence[tuple[torch.Tensor, tuple, dict]]],
+        masks: Sequence[torch.Tensor | None], store: HiddenStore | None = None,
+    ) -> None:  # fmt: skip
+        self.prefix, self.stacks, self.masks = blocks + ".", stacks, list(masks)
+        self.store = store if store is not None else HiddenStore()
         self.index = 0
-        self.states = [self._capture(net, stack[0], batches) for net, stack in zip((reference, model), self.stacks)]
+        self.extra: list[list[tuple[tuple, dict]]] = []  # per side, per batch: the block's other arguments
+        for k, side in enumerate(inputs):
+            self.extra.append([(args, kwargs) for _, args, kwargs in side])
+            for b, (hidden, _, _) in enumerate(side):
+                self.store.put((k, b), hidden)
+
+    @classmethod
+    def of_models(cls, reference: nn.Module, model: nn.Module, blocks: str, batches: Sequence[Batch]) -> BlockStream:
+        """The stream of two whole models in memory: the original and the one being compressed."""
+        stacks = (reference.get_submodule(blocks), model.get_submodule(blocks))
+        inputs = [capture_block_inputs(net, stack[0], batches) for net, stack in zip((reference, model), stacks)]
+        return cls(blocks, stacks, inputs, [_row_mask(b) for b in batches])
 
     def block_of(self, name: str) -> int | None:
         if not name.startswith(self.prefix):
             return None
         head = name[len(self.prefix) :].split(".", 1)[0]
-        return int(head) if head.isdigit() and int(head) < len(self.stacks[0]) else None
+        return int(head) if head.isdigit() and int(head) < len(self.stacks[-1]) else None
 
     def can_serve(self, names: Sequence[str]) -> bool:
         blocks = {self.block_of(n) for n in names}
         return len(blocks) == 1 and None not in blocks and next(iter(blocks)) >= self.index
 
-    @staticmethod
-    def _capture(net: nn.Module, first: nn.Module, batches: Sequence[Batch]) -> list[tuple[torch.Tensor, tuple, dict]]:
-        got: list[tuple[torch.Tensor, tuple, dict]] = []
-
-        def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-            got.append((args[0].detach(), args[1:], kwargs))
-            raise _Stop
-
-        handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-        was = net.training
-        net.eval()
-        try:
-            with torch.no_grad():
-                for b in batches:
-                    _run(net, {**b, "use_cache": False})
-        finally:
-            handle.remove()
-            net.train(was)
-        if len(got) != len(batches):
-            raise MPOCompressError("the transformer's first block is not called once per calibration batch; calibrate without --sequential")
-        return got
-
-    @staticmethod
-    def _block(block: nn.Module, state: tuple[torch.Tensor, tuple, dict]) -> torch.Tensor:
-        out = block(state[0], *state[1], **state[2])
+    def run(self, side: int, b: int) -> torch.Tensor:
+        """The current block of one side on batch b's kept inputs: its output hidden states."""
+        args, kwargs = self.extra[side][b]
+        out = self.stacks[side][self.index](self.store.get((side, b)), *args, **kwargs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def _advance(self) -> None:
+    def advance(self) -> None:
+        """Leave the current block: its outputs become the next block's kept inputs."""
         with torch.no_grad():
             for k, stack in enumerate(self.stacks):
                 block, was = stack[self.index], stack[self.index].training
                 block.eval()
                 try:
-                    self.states[k] = [(self._block(block, s), s[1], s[2]) for s in self.states[k]]
+                    for b in range(len(self.masks)):
+                        self.store.put((k, b), self.run(k, b))
                 finally:
                     block.train(was)
         self.index += 1
@@ -517,12 +566,12 @@ class BlockStream:
         if i is None or not self.can_serve(names):
             raise MPOCompressError(f"internal: block statistics asked out of order for {names[0]}")
         while self.index < i:
-            self._advance()
+            self.advance()
         out: dict[str, CrossStats] = {}
         pending: set[str] = set()
         for b, mask in enumerate(self.masks):
             seen: list[dict[str, torch.Tensor]] = [{}, {}]
-            for k, (net, stack) in enumerate(zip((self.reference, self.model), self.stacks)):
+            for k, stack in enumerate(self.stacks):
                 store = seen[k]
 
                 def hook(name: str, mod: nn.Module, x: torch.Tensor, store: dict = store) -> None:
@@ -537,9 +586,9 @@ class BlockStream:
                 was = block.training
                 block.eval()
                 try:
-                    with _input_hooks({n: net.get_submodule(n) for n in names}, hook):
+                    with _input_hooks({n: block.get_submodule(n[len(self.prefix) + len(str(i)) + 1 :]) for n in names}, hook):
                         try:
-                            self._block(block, self.states[k][b])
+                            self.run(k, b)
                         except _Stop:
                             pass
                 finally:

@@ -144,23 +144,31 @@ class LayerPlan:
                     group = next((g for g in self.calibration.groups if name in g), [name])
                     names = [n for n in group if n in todo]
                     if streamable and stream is None and names[0].startswith(transformer_blocks(model)[0] + "."):
-                        stream = BlockStream(reference, model, transformer_blocks(model)[0], self.batches)
+                        stream = BlockStream.of_models(reference, model, transformer_blocks(model)[0], self.batches)
                     if stream is not None and stream.can_serve(names):  # one block's pass, from its kept inputs
                         fresh = stream.cross(names)
                     else:
                         fresh = collect_cross(reference, model, names, self.batches)
-                st = fresh[name]
-                centre = getattr(t.cand.module, "bias", None) is not None
-                white = cross_whitening(st.gram_in, st.sum_in, st.gram, st.total, st.cross, st.rows, centre=centre)
+                white = refit_whitening(t, fresh[name])
             else:
                 white = self._white(t)
             f = _make(t, d.option, white, self.config.refine_steps)
-            self.layers.append(layer_report(
-                name, t.cand.kind, t.cand.ny, t.cand.nx, f.shape, f.spectra, f.rel_error, reported_structure(t, f.structure),
-                f.output_rel_error,
-                params_original=t.cand.numel,
-            ))  # fmt: skip
+            self.layers.append(report_of(t, f))
             yield t, f
+
+
+def refit_whitening(t: LayerTarget, st: CrossStats) -> Whitening:
+    """The error-correcting whitening of a sequential refit: the layer sees the inputs the partly
+    compressed model gives it and must reproduce what it gave on the original's."""
+    centre = getattr(t.cand.module, "bias", None) is not None
+    return cross_whitening(st.gram_in, st.sum_in, st.gram, st.total, st.cross, st.rows, centre=centre)
+
+
+def report_of(t: LayerTarget, f: Factors) -> LayerReport:
+    return layer_report(
+        t.cand.name, t.cand.kind, t.cand.ny, t.cand.nx, f.shape, f.spectra, f.rel_error, reported_structure(t, f.structure),
+        f.output_rel_error, params_original=t.cand.numel,
+    )  # fmt: skip
 
 
 def white_for(t: LayerTarget, cal: Calibration) -> Whitening:
@@ -280,6 +288,15 @@ def _options_of(t: LayerTarget, w: torch.Tensor, config: CompressionConfig, plan
     return opts
 
 
+def weigh(t: LayerTarget, config: CompressionConfig, plan: LayerPlan) -> tuple[list[Option], float]:
+    """A layer's forms within any --max-error (dense, error 0, always stays) and its output energy."""
+    w = weight_of(t)
+    opts = _options_of(t, w, config, plan)
+    if config.max_error is not None:
+        opts = [o for o in opts if o.rel_error <= config.max_error]
+    return opts, plan.energy(t, w)
+
+
 def _allocate(
     model: nn.Module, config: CompressionConfig, free: list[LayerTarget], plan: LayerPlan, fixed_params: int
 ) -> list[Decision]:
@@ -310,22 +327,28 @@ def _allocate(
     options, costs = [], []
     for k, t in enumerate(free):
         status(f"weighing the forms of layer {k + 1}/{len(free)} ({t.cand.name})")
-        w = weight_of(t)
-        opts = _options_of(t, w, config, plan)
-        if config.max_error is not None:
-            opts = [o for o in opts if o.rel_error <= config.max_error]  # dense (error 0) always stays
+        opts, cost = weigh(t, config, plan)
         options.append(opts)
-        costs.append(plan.energy(t, w))
+        costs.append(cost)
     sens = [calib.sensitivity.get(t.cand.name, 1.0) if calib is not None and calib.sensitivity else 1.0 for t in free]
     scale = [[1.0] * len(opts) for opts in options]  # measured / predicted output change, per option
     if config.budgeted and calib is not None:
         for i, t in enumerate(free):
             if t.cand.kind == "embedding":  # its error is not noise-like: measure what it does (see _probed)
                 scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference, fn)
+    return spend(config, free, options, costs, sens, scale, plan, count_params(model), fixed_params)
+
+
+def spend(
+    config: CompressionConfig, free: list[LayerTarget], options: list[list[Option]], costs: list[float], sens: list[float],
+    scale: list[list[float]], plan: LayerPlan, total: int, fixed_params: int,
+) -> list[Decision]:  # fmt: skip
+    """The allocator's choice among the weighed forms: each option costs sensitivity x output energy
+    x relative error^2 (x a measured correction); the least summed cost within the budget (or, with
+    an error cap alone, each layer's smallest form within it). Notes what the budget counts."""
     if not config.budgeted:  # an error cap alone: the smallest form within it
         picks = [cheapest_within([Choice(o.params, 0.0) for o in opts], [o.rel_error for o in opts], config.max_error) for opts in options]
         return [_decision(t, opts[k], "no smaller form within --max-error") for t, opts, k in zip(free, options, picks)]
-    total = count_params(model)
     everything = [*free, *(d.target for d in plan.decisions)]
     selected = sum(t.cand.numel for t in everything)
     # what a share counts: the selected layers, less the embeddings a budget offers the allocator on its own

@@ -432,9 +432,21 @@ def save(
     not at all: it is written under a temporary name in the same folder and renamed into place.
     An existing file is replaced only with `force=True`.
     """
+    path = check_output_path(path, force)
+    metadata = own_metadata(model, arch, extra_metadata)
+    tensors = _tensors_for_saving(model)
+    check_finite(tensors, "the model to save")  # reads every tensor, as the digest does
+    metadata[DIGEST_KEY] = tensors_digest(tensors)
+    metadata[META_DIGEST_KEY] = metadata_digest(metadata)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def own_metadata(model: nn.Module, arch: str | ArchSpec | None = _INFER, extra_metadata: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """What `save` records beside the tensors, but for the two digests: format, versions,
+    architecture, every factorized layer's spec, the Hugging Face config and tokenizer, the ties."""
     if isinstance(arch, str) and arch == _INFER:
         arch = infer_arch(model)
-    path = check_output_path(path, force)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -453,9 +465,4 @@ def save(
         metadata["tied"] = json.dumps(tied, sort_keys=True)
     for k, v in (extra_metadata or {}).items():
         metadata[k] = v if isinstance(v, str) else json.dumps(v, sort_keys=True)
-    tensors = _tensors_for_saving(model)
-    check_finite(tensors, "the model to save")  # reads every tensor, as the digest does
-    metadata[DIGEST_KEY] = tensors_digest(tensors)
-    metadata[META_DIGEST_KEY] = metadata_digest(metadata)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    return path
+    return metadata

@@ -1,0 +1,251 @@
+"""Streamed compression (`convert --stream`): a transformer whose blocks are never all in memory.
+
+The model arrives with its blocks on the meta device (everything else real: embeddings, final norm,
+head, buffers). The calibration batches run once up to the first block, whose inputs are kept (in a
+`HiddenStore`: memory, or disk with `--offload disk`). Then, block by block: `load_block` fills the
+block's weights, the block's statistics are gathered from the kept inputs, its layers are factorized
+and swapped, the kept inputs move through it, `write_block` takes its tensors, and it goes back to
+the meta device. Peak memory is one block (twice: the original beside the compressed one), its
+statistics and the kept hidden states, whatever the depth.
+
+Each block is calibrated on what the blocks already compressed give it, and fitted to reproduce what
+the original block gave on the original inputs: the semantics of `--sequential`, whose factors the
+stream equals (tests check it).
+
+Sizes: a D or an eps per layer as in memory. A budget (`--target-params`, `--remove`) needs every
+layer's forms before any is chosen, so a first streamed pass runs the original blocks on the original
+inputs, weighs each layer's forms from its block's statistics and keeps only their sizes and
+predicted errors; the allocator then spends the budget with every layer weighted alike (the cost of a
+form is its predicted squared output error, as without sensitivities in memory): a streamed model is
+never run whole, so the next-token sensitivities of the in-memory allocator are not measured.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mpocompress.compress.calibrate import BlockStream, HiddenStore, _row_mask, capture_block_inputs, collect_grams
+from mpocompress.compress.choose import (
+    Decision,
+    LayerPlan,
+    _fixed_option,
+    _fixed_params,
+    _make,
+    refit_whitening,
+    report_of,
+    spend,
+    weigh,
+    white_for,
+)  # fmt: skip
+from mpocompress.compress.config import CompressionConfig
+from mpocompress.compress.registry import build_like
+from mpocompress.compress.report import CompressionReport, count_params, totals
+from mpocompress.compress.select import FilterFn, transformer_blocks
+from mpocompress.compress.targets import LayerTarget, select_targets
+from mpocompress.errors import MPOCompressError
+from mpocompress.utils import set_module, status
+
+Batch = Mapping[str, torch.Tensor]
+LoadBlock = Callable[[nn.Module, str], None]  # fill block's parameters (on meta) from the files, by its full name
+WriteBlock = Callable[[str, nn.Module], None]  # take the compressed block's tensors (its full name, the block)
+
+
+def stream_blocks(model: nn.Module) -> str:
+    """The name of the one stack of blocks a streamed conversion walks."""
+    stacks = transformer_blocks(model)
+    if len(stacks) != 1:
+        found = ", ".join(stacks) if stacks else "none"
+        raise MPOCompressError(
+            f"--stream walks a transformer's one stack of blocks, and this model has {len(stacks)} ({found}); "
+            "convert it without --stream"
+        )
+    return stacks[0]
+
+
+def _release(block: nn.Module) -> None:
+    """Back to the meta device: the block's tensors are freed."""
+    block.to("meta")
+
+
+def stream_compress_(
+    model: nn.Module,
+    config: CompressionConfig,
+    batches: Sequence[Batch],
+    load_block: LoadBlock,
+    write_block: WriteBlock,
+    store: HiddenStore | None = None,
+    filter_fn: FilterFn | None = None,
+) -> CompressionReport:
+    """Compress the layers of `model`'s stack of blocks one block at a time (see the module's text).
+
+    Args:
+        model: the model, its blocks on the meta device, everything else real.
+        config: the sizes (D, eps, or a budget for the allocator) and structures, as `compress_`.
+        batches: calibration batches (required: a streamed conversion always calibrates).
+        load_block: fills a block's parameters; called once per block per pass.
+        write_block: receives each compressed block before it is freed.
+        store: where the hidden states between blocks are kept (memory by default).
+        filter_fn: optional restriction of the candidates (only layers inside the blocks are ever taken).
+    """
+    if not batches:
+        raise MPOCompressError("the calibration data is empty; give at least one sample")
+    blocks = stream_blocks(model)
+    stack = model.get_submodule(blocks)
+    prefix = blocks + "."
+
+    def inside(m: nn.Module, name: str) -> bool:
+        return name.startswith(prefix) and (filter_fn is None or filter_fn(m, name))
+
+    targets, skipped = select_targets(model, config, inside)
+    if not targets:
+        raise MPOCompressError(f"no layer inside {blocks} is selected; --stream compresses the layers of the blocks")
+    before = count_params(model)
+    store = store if store is not None else HiddenStore()
+    masks = [_row_mask(b) for b in batches]
+    per_block: list[list[LayerTarget]] = [[] for _ in stack]
+    for t in targets:
+        per_block[int(t.cand.name[len(prefix) :].split(".", 1)[0])].append(t)
+    notes = [(f"streamed block by block through the {len(stack)} blocks of {blocks}: each block calibrated on what the "
+              "blocks already compressed give it and refitted to the original block's outputs (as --sequential)")]  # fmt: skip
+    fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
+    free = [t for t in targets if t.bond_dim is None and t.eps is None]
+    if free and not config.allocating:
+        raise MPOCompressError(
+            f"no bond dimension for {', '.join(t.cand.name for t in free)}: give --bond-dim D (or NAME=D for each), "
+            "--eps E, or a budget with --target-params P"
+        )
+    allocated: dict[str, Decision] = {}
+    try:
+        if free:
+            allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes)
+        plan = LayerPlan([], config, None, batches)
+        _compress_streamed(model, config, batches, masks, per_block, allocated, load_block, write_block, store, plan)
+    finally:
+        store.close()
+    report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, applied=True, model_after=count_params(model))
+    report.notes += notes + plan.notes
+    return report
+
+
+def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[LayerTarget], batches: Sequence[Batch], prefix: str):
+    """The Gram matrices of the inputs of a block's selected layers (those of `block`, the current
+    block of `stream` on `side`), from the kept hidden states: what `collect_grams` gives in memory."""
+    mods = {t.cand.name: block.get_submodule(t.cand.name[len(prefix) :].split(".", 1)[1]) for t in ts}
+    return collect_grams(block, mods, batches, stop_after=set(mods), run=lambda k, b: stream.run(side, k))
+
+
+def _allocate_streamed(
+    model: nn.Module, config: CompressionConfig, fixed: list[LayerTarget], free: list[LayerTarget], batches: Sequence[Batch],
+    masks: list, per_block: list[list[LayerTarget]], load_block: LoadBlock, store: HiddenStore, notes: list[str],
+) -> dict[str, Decision]:  # fmt: skip
+    """The first pass, over the original blocks on the original inputs: every layer's decision. A
+    layer with a D or an eps gets its form as in memory; the free layers' forms are weighed, and the
+    budget is spent on them with every layer's sensitivity 1."""
+    blocks = stream_blocks(model)
+    stack, prefix = model.get_submodule(blocks), blocks + "."
+    stream = BlockStream(blocks, (stack,), [capture_block_inputs(model, stack[0], batches)], masks, store)
+    free_ids = {id(t) for t in free}
+    last = max(i for i, ts in enumerate(per_block) if ts)
+    weighed: dict[int, tuple[list, float]] = {}
+    decided: list[Decision] = []
+    plan = LayerPlan([], config, None, batches)
+    for i in range(last + 1):
+        block, ts = stack[i], per_block[i]
+        status(f"weighing the forms of block {i + 1}/{len(stack)}")
+        _load(load_block, block, f"{prefix}{i}")
+        if ts:
+            plan.calibration = _block_grams(stream, 0, block, ts, batches, prefix)
+            for t in ts:
+                if id(t) in free_ids:
+                    weighed[id(t)] = weigh(t, config, plan)
+                else:
+                    decided.append(Decision(t, *_fixed_option(t, _structure(config), plan._white(t) if t.eps is not None else None)))
+            plan._whites.clear()
+        if i < last:
+            stream.advance()
+        _release(block)
+    plan.decisions = decided
+    options = [weighed[id(t)][0] for t in free]
+    costs = [weighed[id(t)][1] for t in free]
+    fixed_params = _fixed_params(decided)
+    decisions = spend(config, free, options, costs, [1.0] * len(free), [[1.0] * len(o) for o in options], plan,
+                      count_params(model), fixed_params)  # fmt: skip
+    notes += plan.notes
+    notes.append(
+        "allocated from a first streamed pass over the original blocks: each form's cost is its predicted squared "
+        "output error on the block's calibration inputs, every layer weighted alike (the model is never run whole, "
+        "so the in-memory allocator's sensitivities are not measured)"
+    )
+    return {d.target.cand.name: d for d in [*decided, *decisions]}
+
+
+def _structure(config: CompressionConfig) -> str:
+    return "lowrank" if config.structure == "lowrank" else "mpo"
+
+
+def _load(load_block: LoadBlock, block: nn.Module, name: str) -> None:
+    load_block(block, name)
+    if any(p.is_meta for p in block.parameters()):
+        missing = next(n for n, p in block.named_parameters() if p.is_meta)
+        raise MPOCompressError(f"the weights of {name}.{missing} were not found in the model's files; the folder is incomplete")
+
+
+def _compress_streamed(
+    model: nn.Module, config: CompressionConfig, batches: Sequence[Batch], masks: list, per_block: list[list[LayerTarget]],
+    allocated: Mapping[str, Decision], load_block: LoadBlock, write_block: WriteBlock, store: HiddenStore, plan: LayerPlan,
+) -> None:  # fmt: skip
+    """The second pass: each block factorized and refitted on the compressed blocks' outputs, written, freed."""
+    blocks = stream_blocks(model)
+    stack, prefix = model.get_submodule(blocks), blocks + "."
+    references: list[nn.Module | None] = [None] * len(stack)
+    inputs = capture_block_inputs(model, stack[0], batches)
+    stream = BlockStream(blocks, (references, stack), [inputs, inputs], masks, store)
+    del inputs
+    for i, block in enumerate(stack):
+        status(f"compressing block {i + 1}/{len(stack)}")
+        name = f"{prefix}{i}"
+        _load(load_block, block, name)
+        ts = per_block[i]
+        if ts:
+            references[i] = copy.deepcopy(block)  # the original block, the refits' reference
+            cal = _block_grams(stream, 0, references[i], ts, batches, prefix)
+            by_name = {t.cand.name: t for t in ts}
+            for group in cal.groups:
+                names = [n for n in group if n in by_name]
+                todo = []
+                for n in names:
+                    t = by_name[n]
+                    if n in allocated:
+                        d = allocated[n]
+                    else:
+                        option, reason = _fixed_option(t, _structure(config), white_for(t, cal) if t.eps is not None else None)
+                        d = Decision(t, option, reason)
+                    plan.decisions.append(d)
+                    if d.option is not None:
+                        todo.append(d)
+                if not todo:
+                    continue
+                fresh = stream.cross([d.target.cand.name for d in todo])
+                for d in todo:
+                    t = d.target
+                    status(f"factorizing {t.cand.name}")
+                    f = _make(t, d.option, refit_whitening(t, fresh[t.cand.name]), config.refine_steps)
+                    plan.layers.append(report_of(t, f))
+                    old = t.cand.module
+                    new = build_like(old, t.cand.converter.build(old, f.factors, f.structure))
+                    if f.bias_shift is not None and new.bias is not None:
+                        with torch.no_grad():
+                            new.bias.add_(f.bias_shift.to(new.bias))
+                    for n in t.cand.names:
+                        set_module(model, n, new)
+        else:
+            references[i] = block
+        if i + 1 < len(stack):
+            stream.advance()
+        write_block(name, block)
+        references[i] = None
+        _release(block)

@@ -1,0 +1,316 @@
+"""The files of a streamed conversion (`convert --stream`): the model's skeleton on the meta device, its
+weights read lazily, tensor by tensor, from the folder's (sharded) safetensors files; the hidden states
+between blocks kept on disk (`--offload disk`); and the output written block by block into a staging
+folder beside it, then assembled into one mpocompress file (the same format and metadata as `save`),
+one tensor in memory at a time, and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from mpocompress.compress.calibrate import HiddenStore
+from mpocompress.compress.stream import stream_blocks
+from mpocompress.errors import MPOCompressError
+from mpocompress.io.hf import (
+    check_sizes,
+    check_weight_paths,
+    is_hf_dir,
+    quiet_transformers,
+    read_config,
+    read_tokenizer_files,
+)
+from mpocompress.io.metadata import DIGEST_KEY, META_DIGEST_KEY, check_finite, metadata_digest
+from mpocompress.io.model_files import LoadedModel, own_metadata, remember, tied_parameters
+from mpocompress.io.paths import atomic_write
+from mpocompress.models.hf import HF_PREFIX, check_config, hf_class, transformers_module
+from mpocompress.utils import bounded_json, short_error
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+
+
+class SafetensorsSource:
+    """The tensors of a Hugging Face folder's safetensors weights (one file, or the shards its index
+    lists), opened lazily: a tensor is read when asked for, nothing else is held."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.where: dict[str, str] = {}  # tensor name -> file name
+        if (folder / INDEX).is_file():
+            try:
+                mapping = bounded_json((folder / INDEX).read_text(encoding="utf-8")).get("weight_map")
+            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+                mapping = None
+            if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+                raise MPOCompressError(f"{folder / INDEX}: not a readable index of weights files; the folder is damaged")
+            self.where = dict(mapping)
+        elif (folder / SINGLE).is_file():
+            self.where = dict.fromkeys(self._open(SINGLE).keys(), SINGLE)
+        else:
+            raise MPOCompressError(
+                f"{folder} has no safetensors weights ({SINGLE} or {INDEX}); --stream reads safetensors: convert without "
+                "--stream, or save the model as safetensors first (mpocompress export MODEL --format hf -o DIR)"
+            )
+        for name in sorted(set(self.where.values())):
+            if not (folder / name).is_file():
+                raise MPOCompressError(f"{folder}: the weights file {name} named by {INDEX} is missing; copy every shard of the model")
+        self._files: dict[str, Any] = {}
+
+    def _open(self, name: str) -> Any:
+        try:
+            return safe_open(str(self.folder / name), framework="pt")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            raise MPOCompressError(f"{self.folder / name} is not a readable safetensors file ({short_error(e)})") from None
+
+    def key_for(self, name: str, prefix: str) -> str | None:
+        """The file's name for the model's tensor `name` (the same, or with the base model's prefix
+        added or dropped, as transformers matches them)."""
+        for key in (name, f"{prefix}.{name}" if prefix else name, name.removeprefix(prefix + ".") if prefix else name):
+            if key in self.where:
+                return key
+        return None
+
+    def get(self, key: str) -> torch.Tensor:
+        file = self.where[key]
+        if file not in self._files:
+            self._files[file] = self._open(file)
+        try:
+            return self._files[file].get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise MPOCompressError(f"{self.folder / file}: cannot read {key} ({short_error(e)}); the file may be truncated") from None
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in place of the module's (meta) parameter or buffer `name`, shape checked."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    old = owner._parameters.get(leaf) if leaf in owner._parameters else owner._buffers.get(leaf)
+    if old is not None and tuple(old.shape) != tuple(tensor.shape):
+        raise MPOCompressError(f"the weights' {name} has shape {tuple(tensor.shape)}, the model's config asks for {tuple(old.shape)}; "
+                               "the folder's config.json and weights do not match")  # fmt: skip
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else True)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def _fill(module: nn.Module, prefix: str, source: SafetensorsSource, base: str, skip: str | None = None) -> None:
+    """Read every meta tensor of `module` (named under `prefix`) from the files; those under `skip`
+    are left on the meta device."""
+    names = [n for n, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers()) if t.is_meta]
+    for n in names:
+        full = f"{prefix}{n}"
+        if skip is not None and full.startswith(skip):
+            continue
+        key = source.key_for(full, base)
+        if key is None:
+            continue  # a tied name, or left to the check after tying
+        _assign(module, n, source.get(key))
+
+
+def open_streamed(path: Path, arch: str | None) -> tuple[LoadedModel, SafetensorsSource, str]:
+    """A Hugging Face folder's model with its stack of blocks left on the meta device and everything
+    else read (embeddings, norms, head; buffers are built, as the config makes them), the lazy
+    source of its weights, and the blocks' name."""
+    if not path.is_dir() or not is_hf_dir(path):
+        raise MPOCompressError(
+            f"--stream reads a Hugging Face model folder (config.json beside safetensors weights); {path} is not one: "
+            "convert it without --stream"
+        )
+    config = check_config(read_config(path), str(path))
+    check_weight_paths(path)
+    cls = hf_class(config, arch, str(path))
+    check_sizes(config, cls, path)
+    source = SafetensorsSource(path)
+    transformers = transformers_module()
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:
+        raise MPOCompressError("--stream builds the model on the meta device with accelerate; pip install accelerate") from None
+    cfg = transformers.CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    try:
+        with quiet_transformers(), init_empty_weights(include_buffers=False):
+            model = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls(cfg)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a config it cannot build
+        raise MPOCompressError(f"cannot build {cls.__name__} from {path}/config.json ({short_error(e)})") from None
+    model.eval()
+    blocks = stream_blocks(model)
+    base = getattr(model, "base_model_prefix", "") or ""
+    _fill(model, "", source, base, skip=blocks + ".")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta and not n.startswith(blocks + ".")]
+    if left:
+        raise MPOCompressError(f"{path}: the weights files hold no {left[0]}; the folder is incomplete (copy every shard)")
+    spec = HF_PREFIX + type(model).__name__
+    remember(model, spec, read_tokenizer_files(path))
+    return LoadedModel(model, spec, "huggingface", path), source, blocks
+
+
+def block_loader(source: SafetensorsSource, model: nn.Module) -> Any:
+    """load_block for `stream_compress_`: a block's tensors, read from the files into its meta slots."""
+    base = getattr(model, "base_model_prefix", "") or ""
+
+    def load(block: nn.Module, name: str) -> None:
+        _fill(block, name + ".", source, base)
+
+    return load
+
+
+class DiskStore(HiddenStore):
+    """The hidden states between blocks in files of a private folder (`--offload disk`): one batch's
+    states in memory at a time. The folder goes when the store is closed."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, key: tuple[int, int], hidden: torch.Tensor) -> None:
+        torch.save(hidden.contiguous(), self.folder / f"{key[0]}-{key[1]}.pt")
+
+    def get(self, key: tuple[int, int]) -> torch.Tensor:
+        return torch.load(self.folder / f"{key[0]}-{key[1]}.pt", weights_only=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class StreamWriter:
+    """The output of a streamed conversion: each compressed block's tensors go to a file of a staging
+    folder beside `path` as the block is done; `finish` assembles them and the model's other tensors
+    into one mpocompress file (tensors in name order, hashed as they are copied) and renames it into
+    place. The staging folder is removed either way; one left by a killed run is removed by the next
+    write of the same path."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+        self.parts: dict[str, Path] = {}  # tensor name -> staged file
+
+    def write_block(self, name: str, block: nn.Module) -> None:
+        tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
+        check_finite(tensors, f"block {name}")
+        file = self.staging / f"{len(set(self.parts.values())):05d}.safetensors"
+        save_file(_unshared(tensors), str(file))
+        self.parts.update(dict.fromkeys(tensors, file))
+
+    def finish(self, model: nn.Module, blocks: str, arch: str, extra_metadata: Mapping[str, Any]) -> Path:
+        """Write the file: the staged blocks and the model's tensors outside `blocks`, with `save`'s metadata."""
+        tied = tied_parameters(model)
+        rest = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                if not k.startswith(blocks + ".") and k not in tied}  # fmt: skip
+        check_finite(rest, "the model to save")
+        metadata = own_metadata(model, arch, extra_metadata)
+        atomic_write(self.path, lambda tmp: _assemble(tmp, metadata, rest, self.parts))
+        return self.path
+
+    def close(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clones of tensors that share memory with an earlier one (safetensors refuses shared tensors)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in tensors.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out
+
+
+def _assemble(tmp: str, metadata: dict[str, str], held: Mapping[str, torch.Tensor], staged: Mapping[str, Path]) -> None:
+    """One safetensors file from tensors held and tensors staged in files, one tensor read at a time.
+    The header is written with a placeholder digest of the digest's length, the data in name order
+    (hashed as `tensors_digest` hashes it), then the header again with the real digest."""
+    names = sorted({*held, *staged})
+    handles: dict[Path, Any] = {}
+
+    def tensor(name: str) -> torch.Tensor:
+        if name in held:
+            return held[name]
+        f = staged[name]
+        if f not in handles:
+            handles[f] = safe_open(str(f), framework="pt")
+        return handles[f].get_tensor(name)
+
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in names:  # shapes and dtypes, from the files' headers (no data read)
+        t = tensor(name) if name in held else None
+        if t is None:
+            f = staged[name]
+            if f not in handles:
+                handles[f] = safe_open(str(f), framework="pt")
+            sl = handles[f].get_slice(name)
+            shape, dtype = list(sl.get_shape()), sl.get_dtype()
+        else:
+            shape, dtype = list(t.shape), DTYPES[t.dtype]
+        size = _numel(shape) * _itemsize(dtype)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    meta = dict(metadata)
+    meta[META_DIGEST_KEY] = metadata_digest(meta)
+
+    def encoded(digest: str) -> bytes:
+        text = json.dumps({"__metadata__": {**meta, DIGEST_KEY: digest}, **header}, separators=(",", ":")).encode()
+        return text + b" " * (-len(text) % 8)
+
+    h = hashlib.sha256()
+    first = encoded("0" * 64)
+    with open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(first)) + first)
+        for name in names:
+            t = tensor(name).contiguous()
+            h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+            if t.numel():
+                data = t.reshape(-1).view(torch.uint8).numpy()
+                h.update(data)
+                out.write(data.tobytes())
+        final = encoded(h.hexdigest())
+        if len(final) != len(first):
+            raise MPOCompressError("internal: the streamed file's header changed size")
+        out.seek(0)
+        out.write(struct.pack("<Q", len(final)) + final)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
+
+
+@contextlib.contextmanager
+def stream_output(path: Path) -> Iterator[StreamWriter]:
+    """A StreamWriter whose staging folder is removed however the block ends."""
+    writer = StreamWriter(path)
+    try:
+        yield writer
+    finally:
+        writer.close()
