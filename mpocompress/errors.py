@@ -17,6 +17,15 @@ def check_all(checks: list[tuple[bool, str]]) -> None:
             raise MPOCompressError(message)
 
 
+OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "out of memory", "could not create a primitive")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is the machine running out of memory (Python's MemoryError, or torch's
+    allocator failing, which raises RuntimeError; oneDNN reports it as a primitive it could not create)."""
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(m in str(e).lower() for m in OUT_OF_MEMORY))
+
+
 class Interrupted(Exception):
     """A run stopped on request (Ctrl-C or SIGTERM) after saving what it needs to resume.
 

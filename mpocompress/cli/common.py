@@ -17,7 +17,7 @@ import typer
 
 from mpocompress.cli.render import working
 from mpocompress.compress import CompressionConfig
-from mpocompress.errors import Interrupted, MPOCompressError
+from mpocompress.errors import Interrupted, MPOCompressError, is_out_of_memory
 from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.tensors import parse_shape_spec
 
@@ -54,9 +54,10 @@ def handle_errors(fn: F) -> F:
                 raise_internal(e)
             where = f" at {e.filename}" if e.filename else ""
             fail(f"{os.strerror(e.errno)}{where}: {USER_OS_ERRORS[e.errno]}")
-        except MemoryError:
-            fail("out of memory: the model or the data is too large for this machine; use smaller sizes or a larger machine")
         except Exception as e:  # noqa: BLE001 - last line of defence for the user
+            if is_out_of_memory(e):
+                fail("out of memory: the model or the data is too large for this machine; use smaller sizes or a larger machine"
+                     " (a Hugging Face folder converts block by block with convert --stream)")  # fmt: skip
             raise_internal(e)
 
     return wrapper  # type: ignore[return-value]

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mpocompress.compress.registry import converter_for
-from mpocompress.errors import MPOCompressError
+from mpocompress.errors import MPOCompressError, is_out_of_memory
 from mpocompress.utils import call_with, main_output, set_module, status
 
 Batch = Mapping[str, torch.Tensor]
@@ -82,6 +82,8 @@ def _run(model: nn.Module, batch: Batch) -> object:
     except _Stop:
         return None
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        if is_out_of_memory(e):
+            raise
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items())
         raise MPOCompressError(f"the model does not run on the calibration data ({shapes}: {str(e).splitlines()[0] if str(e) else type(e).__name__}); give --calib data this model takes") from None
 
@@ -466,6 +468,10 @@ class HiddenStore:
 
     def get(self, key: tuple[int, int]) -> torch.Tensor:
         return self._held[key]
+
+    def held_bytes(self) -> int:
+        """The memory the kept hidden states take."""
+        return sum(t.numel() * t.element_size() for t in self._held.values())
 
     def close(self) -> None:
         self._held.clear()

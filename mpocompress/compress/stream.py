@@ -22,13 +22,21 @@ never run whole, so the next-token sensitivities of the in-memory allocator are 
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from mpocompress.compress.calibrate import BlockStream, HiddenStore, _row_mask, capture_block_inputs, collect_grams
+from mpocompress.compress.calibrate import (
+    BlockStream,
+    Calibration,
+    HiddenStore,
+    _row_mask,
+    capture_block_inputs,
+    collect_grams,
+)
 from mpocompress.compress.choose import (
     Decision,
     LayerPlan,
@@ -46,7 +54,7 @@ from mpocompress.compress.registry import build_like
 from mpocompress.compress.report import CompressionReport, count_params, totals
 from mpocompress.compress.select import FilterFn, transformer_blocks
 from mpocompress.compress.targets import LayerTarget, select_targets
-from mpocompress.errors import MPOCompressError
+from mpocompress.errors import MPOCompressError, is_out_of_memory
 from mpocompress.utils import set_module, status
 
 Batch = Mapping[str, torch.Tensor]
@@ -131,7 +139,7 @@ def stream_compress_(
     return report
 
 
-def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[LayerTarget], batches: Sequence[Batch], prefix: str):
+def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[LayerTarget], batches: Sequence[Batch], prefix: str) -> Calibration:
     """The Gram matrices of the inputs of a block's selected layers (those of `block`, the current
     block of `stream` on `side`), from the kept hidden states: what `collect_grams` gives in memory."""
     mods = {t.cand.name: block.get_submodule(t.cand.name[len(prefix) :].split(".", 1)[1]) for t in ts}
@@ -156,17 +164,19 @@ def _allocate_streamed(
     for i in range(last + 1):
         block, ts = stack[i], per_block[i]
         status(f"weighing the forms of block {i + 1}/{len(stack)}")
-        _load(load_block, block, f"{prefix}{i}")
-        if ts:
-            plan.calibration = _block_grams(stream, 0, block, ts, batches, prefix)
-            for t in ts:
-                if id(t) in free_ids:
-                    weighed[id(t)] = weigh(t, config, plan)
-                else:
-                    decided.append(Decision(t, *_fixed_option(t, _structure(config), plan._white(t) if t.eps is not None else None)))
-            plan._whites.clear()
-        if i < last:
-            stream.advance()
+        with _block_memory(f"{prefix}{i}", block, ts, stream, sides=1):
+            _load(load_block, block, f"{prefix}{i}")
+            if ts:
+                plan.calibration = _block_grams(stream, 0, block, ts, batches, prefix)
+                for t in ts:
+                    if id(t) in free_ids:
+                        weighed[id(t)] = weigh(t, config, plan)
+                    else:
+                        decided.append(Decision(t, *_fixed_option(t, _structure(config), plan._white(t) if t.eps is not None else None)))
+                plan._whites.clear()
+                plan.calibration = None
+            if i < last:
+                stream.advance()
         _release(block)
     plan.decisions = decided
     options = [weighed[id(t)][0] for t in free]
@@ -181,6 +191,29 @@ def _allocate_streamed(
         "so the in-memory allocator's sensitivities are not measured)"
     )
     return {d.target.cand.name: d for d in [*decided, *decisions]}
+
+
+@contextlib.contextmanager
+def _block_memory(name: str, block: nn.Module, ts: Sequence[LayerTarget], stream: BlockStream, sides: int) -> Iterator[None]:
+    """Turn running out of memory inside a block into a one-line error naming the block and what it needs."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        weights = sum(p.numel() * p.element_size() for p in block.parameters()) * sides
+        stats = sum(3 * t.cand.nx**2 * 8 for t in ts)  # float64 Grams and cross moments of its layers' inputs
+        held = stream.store.held_bytes()
+        raise MPOCompressError(
+            f"out of memory while streaming block {name}: the block itself needs about {_gib(weights + stats + held)} beyond what the process holds (its weights "
+            f"{_gib(weights)}{' twice, original and compressed' if sides == 2 else ''}, its layers' input statistics "
+            f"{_gib(stats)}, the hidden states kept between blocks {_gib(held)}); raise the memory limit"
+            + (", or keep the hidden states on disk with --offload disk" if held else ", or calibrate on fewer samples (--calib-samples)")
+        ) from None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 def _structure(config: CompressionConfig) -> str:
@@ -207,45 +240,47 @@ def _compress_streamed(
     del inputs
     for i, block in enumerate(stack):
         status(f"compressing block {i + 1}/{len(stack)}")
-        name = f"{prefix}{i}"
-        _load(load_block, block, name)
-        ts = per_block[i]
-        if ts:
-            references[i] = copy.deepcopy(block)  # the original block, the refits' reference
-            cal = _block_grams(stream, 0, references[i], ts, batches, prefix)
-            by_name = {t.cand.name: t for t in ts}
-            for group in cal.groups:
-                names = [n for n in group if n in by_name]
-                todo = []
-                for n in names:
-                    t = by_name[n]
-                    if n in allocated:
-                        d = allocated[n]
-                    else:
-                        option, reason = _fixed_option(t, _structure(config), white_for(t, cal) if t.eps is not None else None)
-                        d = Decision(t, option, reason)
-                    plan.decisions.append(d)
-                    if d.option is not None:
-                        todo.append(d)
-                if not todo:
-                    continue
-                fresh = stream.cross([d.target.cand.name for d in todo])
-                for d in todo:
-                    t = d.target
-                    status(f"factorizing {t.cand.name}")
-                    f = _make(t, d.option, refit_whitening(t, fresh[t.cand.name]), config.refine_steps)
-                    plan.layers.append(report_of(t, f))
-                    old = t.cand.module
-                    new = build_like(old, t.cand.converter.build(old, f.factors, f.structure))
-                    if f.bias_shift is not None and new.bias is not None:
-                        with torch.no_grad():
-                            new.bias.add_(f.bias_shift.to(new.bias))
-                    for n in t.cand.names:
-                        set_module(model, n, new)
-        else:
-            references[i] = block
-        if i + 1 < len(stack):
-            stream.advance()
+        name, ts = f"{prefix}{i}", per_block[i]
+        with _block_memory(name, block, ts, stream, sides=2):
+            _load(load_block, block, name)
+            if ts:
+                references[i] = copy.deepcopy(block)  # the original block, the refits' reference
+                cal = _block_grams(stream, 0, references[i], ts, batches, prefix)
+                by_name = {t.cand.name: t for t in ts}
+                for group in cal.groups:
+                    names = [n for n in group if n in by_name]
+                    todo = []
+                    for n in names:
+                        t = by_name[n]
+                        if n in allocated:
+                            d = allocated[n]
+                        else:
+                            option, reason = _fixed_option(t, _structure(config), white_for(t, cal) if t.eps is not None else None)
+                            d = Decision(t, option, reason)
+                        plan.decisions.append(d)
+                        if d.option is not None:
+                            todo.append(d)
+                    if not todo:
+                        continue
+                    fresh = stream.cross([d.target.cand.name for d in todo])
+                    for d in todo:
+                        t = d.target
+                        status(f"factorizing {t.cand.name}")
+                        f = _make(t, d.option, refit_whitening(t, fresh[t.cand.name]), config.refine_steps)
+                        plan.layers.append(report_of(t, f))
+                        old = t.cand.module
+                        new = build_like(old, t.cand.converter.build(old, f.factors, f.structure))
+                        if f.bias_shift is not None and new.bias is not None:
+                            with torch.no_grad():
+                                new.bias.add_(f.bias_shift.to(new.bias))
+                        for n in t.cand.names:
+                            set_module(model, n, new)
+            else:
+                references[i] = block
+            if i + 1 < len(stack):
+                stream.advance()
         write_block(name, block)
         references[i] = None
         _release(block)
+        for t in ts:  # the replaced layers, still held by their targets
+            _release(t.cand.module)

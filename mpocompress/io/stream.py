@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -44,15 +43,20 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
           torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
+TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {name: torch.empty(0, dtype=t).element_size() for name, t in TORCH_DTYPES.items()}
 
 
 class SafetensorsSource:
     """The tensors of a Hugging Face folder's safetensors weights (one file, or the shards its index
-    lists), opened lazily: a tensor is read when asked for, nothing else is held."""
+    lists), read one at a time when asked for: each file's header is parsed once, and a tensor's bytes
+    are read from their offsets into memory of their own (no file is memory-mapped, so a process under
+    an address-space cap holds only what it reads)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.where: dict[str, str] = {}  # tensor name -> file name
+        self.entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> (dtype, shape, start, end) in its file
         if (folder / INDEX).is_file():
             try:
                 mapping = bounded_json((folder / INDEX).read_text(encoding="utf-8")).get("weight_map")
@@ -60,24 +64,59 @@ class SafetensorsSource:
                 mapping = None
             if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
                 raise MPOCompressError(f"{folder / INDEX}: not a readable index of weights files; the folder is damaged")
-            self.where = dict(mapping)
+            files = sorted(set(mapping.values()))
         elif (folder / SINGLE).is_file():
-            self.where = dict.fromkeys(self._open(SINGLE).keys(), SINGLE)
+            files = [SINGLE]
         else:
             raise MPOCompressError(
                 f"{folder} has no safetensors weights ({SINGLE} or {INDEX}); --stream reads safetensors: convert without "
                 "--stream, or save the model as safetensors first (mpocompress export MODEL --format hf -o DIR)"
             )
-        for name in sorted(set(self.where.values())):
+        for name in files:
             if not (folder / name).is_file():
                 raise MPOCompressError(f"{folder}: the weights file {name} named by {INDEX} is missing; copy every shard of the model")
-        self._files: dict[str, Any] = {}
+        self.add(files)
 
-    def _open(self, name: str) -> Any:
+    @classmethod
+    def of_files(cls, folder: Path, files: list[str]) -> SafetensorsSource:
+        """The tensors of the named files of a folder (a streamed conversion's staged blocks)."""
+        source = cls.__new__(cls)
+        source.folder, source.where, source.entries = folder, {}, {}
+        source.add(files)
+        return source
+
+    def add(self, files: list[str]) -> None:
+        for name in files:
+            for key, entry in self._header(name).items():
+                self.where[key], self.entries[key] = name, entry
+
+    def _header(self, name: str) -> dict[str, tuple[str, list[int], int, int]]:
+        """A file's tensors, checked: known dtypes, whole shapes, offsets inside the file that agree with them."""
+        path = self.folder / name
+        bad = f"{path} is not a readable safetensors file"
         try:
-            return safe_open(str(self.folder / name), framework="pt")
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
-            raise MPOCompressError(f"{self.folder / name} is not a readable safetensors file ({short_error(e)})") from None
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                if n > min(size - 8, 100 << 20):
+                    raise ValueError
+                header = bounded_json(f.read(n).decode("utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, struct.error):
+            raise MPOCompressError(f"{bad} (its header cannot be read); the file is truncated or damaged") from None
+        out = {}
+        for key, info in header.items() if isinstance(header, dict) else ():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+                if dtype not in ITEMSIZE or min(shape, default=0) < 0 or not 0 <= start <= end <= size - 8 - n:
+                    raise ValueError
+                if end - start != _numel(shape) * ITEMSIZE[dtype]:
+                    raise ValueError
+            except (KeyError, TypeError, ValueError):
+                raise MPOCompressError(f"{bad} (tensor {key[:80]!r} is described wrongly); the file is damaged") from None
+            out[key] = (dtype, shape, 8 + n + start, 8 + n + end)
+        return out
 
     def key_for(self, name: str, prefix: str) -> str | None:
         """The file's name for the model's tensor `name` (the same, or with the base model's prefix
@@ -88,16 +127,18 @@ class SafetensorsSource:
         return None
 
     def get(self, key: str) -> torch.Tensor:
-        file = self.where[key]
-        if file not in self._files:
-            self._files[file] = self._open(file)
+        dtype, shape, start, end = self.entries[key]
+        buf = bytearray(end - start)
         try:
-            return self._files[file].get_tensor(key)
-        except Exception as e:  # noqa: BLE001
-            raise MPOCompressError(f"{self.folder / file}: cannot read {key} ({short_error(e)}); the file may be truncated") from None
-
-    def close(self) -> None:
-        self._files.clear()
+            with open(self.folder / self.where[key], "rb") as f:
+                f.seek(start)
+                if f.readinto(buf) != len(buf):
+                    raise OSError("short read")
+        except OSError as e:
+            raise MPOCompressError(f"{self.folder / self.where[key]}: cannot read {key} ({short_error(e)}); the file may be truncated") from None
+        if not buf:
+            return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype]).reshape(shape)
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -112,6 +153,27 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else True)
     else:
         owner._buffers[leaf] = tensor
+
+
+def _made_buffers(model: nn.Module, module: nn.Module, skip: str | None = None) -> None:
+    """The buffers the model makes rather than stores (rotary frequencies, position ids), on the CPU
+    and initialised as transformers does after building on the meta device: empty, then each owner
+    through the model's `_init_weights` (its parameters, still on the meta device, are untouched)."""
+    owners: dict[str, nn.Module] = {}
+    for name, owner in module.named_modules():
+        if skip is not None and f"{name}.".startswith(skip):
+            continue
+        for leaf in owner._non_persistent_buffers_set:
+            b = owner._buffers.get(leaf)
+            if b is not None and b.is_meta:
+                owner._buffers[leaf] = torch.empty_like(b, device="cpu")
+                owners[name] = owner
+    init = getattr(model, "_init_weights", None)
+    for owner in owners.values():
+        if init is None:
+            raise MPOCompressError(f"--stream cannot make the buffers of {type(owner).__name__}; convert without --stream")
+        with torch.no_grad():
+            init(owner)
 
 
 def _fill(module: nn.Module, prefix: str, source: SafetensorsSource, base: str, skip: str | None = None) -> None:
@@ -143,19 +205,17 @@ def open_streamed(path: Path, arch: str | None) -> tuple[LoadedModel, Safetensor
     check_sizes(config, cls, path)
     source = SafetensorsSource(path)
     transformers = transformers_module()
-    try:
-        from accelerate import init_empty_weights
-    except ImportError:
-        raise MPOCompressError("--stream builds the model on the meta device with accelerate; pip install accelerate") from None
     cfg = transformers.CONFIG_MAPPING[config["model_type"]].from_dict(config)
     try:
-        with quiet_transformers(), init_empty_weights(include_buffers=False):
+        with quiet_transformers(), torch.device("meta"):
             model = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls(cfg)
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a config it cannot build
         raise MPOCompressError(f"cannot build {cls.__name__} from {path}/config.json ({short_error(e)})") from None
     model.eval()
+    model.config._name_or_path = str(path)  # as from_pretrained records it, so the file's config is the in-memory path's
     blocks = stream_blocks(model)
     base = getattr(model, "base_model_prefix", "") or ""
+    _made_buffers(model, model, skip=blocks + ".")
     _fill(model, "", source, base, skip=blocks + ".")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -172,6 +232,7 @@ def block_loader(source: SafetensorsSource, model: nn.Module) -> Any:
     base = getattr(model, "base_model_prefix", "") or ""
 
     def load(block: nn.Module, name: str) -> None:
+        _made_buffers(model, block)
         _fill(block, name + ".", source, base)
 
     return load
@@ -192,6 +253,9 @@ class DiskStore(HiddenStore):
     def get(self, key: tuple[int, int]) -> torch.Tensor:
         return torch.load(self.folder / f"{key[0]}-{key[1]}.pt", weights_only=True)
 
+    def held_bytes(self) -> int:
+        return 0
+
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -206,14 +270,14 @@ class StreamWriter:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
-        self.parts: dict[str, Path] = {}  # tensor name -> staged file
+        self.parts: list[str] = []  # the staged files, one per block
 
     def write_block(self, name: str, block: nn.Module) -> None:
         tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
         check_finite(tensors, f"block {name}")
-        file = self.staging / f"{len(set(self.parts.values())):05d}.safetensors"
-        save_file(_unshared(tensors), str(file))
-        self.parts.update(dict.fromkeys(tensors, file))
+        file = f"{len(self.parts):05d}.safetensors"
+        save_file(_unshared(tensors), str(self.staging / file))
+        self.parts.append(file)
 
     def finish(self, model: nn.Module, blocks: str, arch: str, extra_metadata: Mapping[str, Any]) -> Path:
         """Write the file: the staged blocks and the model's tensors outside `blocks`, with `save`'s metadata."""
@@ -222,7 +286,8 @@ class StreamWriter:
                 if not k.startswith(blocks + ".") and k not in tied}  # fmt: skip
         check_finite(rest, "the model to save")
         metadata = own_metadata(model, arch, extra_metadata)
-        atomic_write(self.path, lambda tmp: _assemble(tmp, metadata, rest, self.parts))
+        staged = SafetensorsSource.of_files(self.staging, self.parts)
+        atomic_write(self.path, lambda tmp: _assemble(tmp, metadata, rest, staged))
         return self.path
 
     def close(self) -> None:
@@ -240,34 +305,19 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _assemble(tmp: str, metadata: dict[str, str], held: Mapping[str, torch.Tensor], staged: Mapping[str, Path]) -> None:
+def _assemble(tmp: str, metadata: dict[str, str], held: Mapping[str, torch.Tensor], staged: SafetensorsSource) -> None:
     """One safetensors file from tensors held and tensors staged in files, one tensor read at a time.
     The header is written with a placeholder digest of the digest's length, the data in name order
     (hashed as `tensors_digest` hashes it), then the header again with the real digest."""
-    names = sorted({*held, *staged})
-    handles: dict[Path, Any] = {}
-
-    def tensor(name: str) -> torch.Tensor:
-        if name in held:
-            return held[name]
-        f = staged[name]
-        if f not in handles:
-            handles[f] = safe_open(str(f), framework="pt")
-        return handles[f].get_tensor(name)
-
+    names = sorted({*held, *staged.entries})
     header: dict[str, Any] = {}
     offset = 0
-    for name in names:  # shapes and dtypes, from the files' headers (no data read)
-        t = tensor(name) if name in held else None
-        if t is None:
-            f = staged[name]
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt")
-            sl = handles[f].get_slice(name)
-            shape, dtype = list(sl.get_shape()), sl.get_dtype()
+    for name in names:
+        if name in held:
+            shape, dtype = list(held[name].shape), DTYPES[held[name].dtype]
         else:
-            shape, dtype = list(t.shape), DTYPES[t.dtype]
-        size = _numel(shape) * _itemsize(dtype)
+            dtype, shape = staged.entries[name][:2]
+        size = _numel(shape) * ITEMSIZE[dtype]
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     meta = dict(metadata)
@@ -282,7 +332,7 @@ def _assemble(tmp: str, metadata: dict[str, str], held: Mapping[str, torch.Tenso
     with open(tmp, "wb") as out:
         out.write(struct.pack("<Q", len(first)) + first)
         for name in names:
-            t = tensor(name).contiguous()
+            t = (held[name] if name in held else staged.get(name)).contiguous()
             h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
             if t.numel():
                 data = t.reshape(-1).view(torch.uint8).numpy()
@@ -300,10 +350,6 @@ def _numel(shape: list[int]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}[dtype]
 
 
 @contextlib.contextmanager
