@@ -49,7 +49,7 @@ from mpocompress.tensors import (
     MPOShape,
     Whitening,
     bond_spectra,
-    cross_whitening,
+    cross_whitening_of,
     lowrank_spectrum,
     truncation_errors,
     whitening,
@@ -159,9 +159,12 @@ class LayerPlan:
 
 def refit_whitening(t: LayerTarget, st: CrossStats) -> Whitening:
     """The error-correcting whitening of a sequential refit: the layer sees the inputs the partly
-    compressed model gives it and must reproduce what it gave on the original's."""
+    compressed model gives it and must reproduce what it gave on the original's. Its statistics are
+    used up (changed in place and dropped from `st`: a wide layer's are hundreds of MB each)."""
     centre = getattr(t.cand.module, "bias", None) is not None
-    return cross_whitening(st.gram_in, st.sum_in, st.gram, st.total, st.cross, st.rows, centre=centre)
+    held = {"gram_in": st.gram_in, "gram": st.gram, "cross": st.cross}
+    st.gram_in = st.gram = st.cross = None
+    return cross_whitening_of(held, st.sum_in, st.total, st.rows, centre=centre)
 
 
 def report_of(t: LayerTarget, f: Factors) -> LayerReport:

@@ -173,7 +173,9 @@ def _allocate_streamed(
                         weighed[id(t)] = weigh(t, config, plan)
                     else:
                         decided.append(Decision(t, *_fixed_option(t, _structure(config), plan._white(t) if t.eps is not None else None)))
-                plan._whites.clear()
+                    plan._whites.clear()  # one layer's whitening and Gram at a time
+                    for table in (plan.calibration.grams, plan.calibration.sums):
+                        table.pop(t.cand.name, None)
                 plan.calibration = None
             if i < last:
                 stream.advance()
@@ -246,27 +248,28 @@ def _compress_streamed(
             if ts:
                 references[i] = copy.deepcopy(block)  # the original block, the refits' reference
                 cal = _block_grams(stream, 0, references[i], ts, batches, prefix)
-                by_name = {t.cand.name: t for t in ts}
-                for group in cal.groups:
-                    names = [n for n in group if n in by_name]
-                    todo = []
-                    for n in names:
-                        t = by_name[n]
-                        if n in allocated:
-                            d = allocated[n]
-                        else:
-                            option, reason = _fixed_option(t, _structure(config), white_for(t, cal) if t.eps is not None else None)
-                            d = Decision(t, option, reason)
-                        plan.decisions.append(d)
-                        if d.option is not None:
-                            todo.append(d)
+                decisions = {}
+                for t in ts:
+                    if t.cand.name in allocated:
+                        decisions[t.cand.name] = allocated[t.cand.name]
+                    else:
+                        option, reason = _fixed_option(t, _structure(config), white_for(t, cal) if t.eps is not None else None)
+                        decisions[t.cand.name] = Decision(t, option, reason)
+                groups = cal.groups
+                del cal  # the original inputs' Grams: the refits take their own statistics, group by group
+                for group in groups:
+                    todo = [decisions[n] for n in group if n in decisions]
+                    plan.decisions += todo
+                    todo = [d for d in todo if d.option is not None]
                     if not todo:
                         continue
                     fresh = stream.cross([d.target.cand.name for d in todo])
                     for d in todo:
                         t = d.target
                         status(f"factorizing {t.cand.name}")
-                        f = _make(t, d.option, refit_whitening(t, fresh[t.cand.name]), config.refine_steps)
+                        white = refit_whitening(t, fresh.pop(t.cand.name))  # each layer's statistics freed once whitened
+                        f = _make(t, d.option, white, config.refine_steps)
+                        del white
                         plan.layers.append(report_of(t, f))
                         old = t.cand.module
                         new = build_like(old, t.cand.converter.build(old, f.factors, f.structure))
@@ -275,6 +278,7 @@ def _compress_streamed(
                                 new.bias.add_(f.bias_shift.to(new.bias))
                         for n in t.cand.names:
                             set_module(model, n, new)
+                    del fresh
             else:
                 references[i] = block
             if i + 1 < len(stack):
