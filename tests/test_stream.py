@@ -79,7 +79,7 @@ def _streamed(folder: Path, config, batches, out: Path, disk: bool = False):
     with stream_output(out) as writer:
         store = DiskStore(writer.staging / "hidden") if disk else None
         report = stream_compress_(loaded.model, config, batches, block_loader(source, loaded.model), writer.write_block, store=store)
-        writer.finish(loaded.model, blocks, loaded.arch, {})
+        writer.finish(loaded.model, blocks, loaded.arch, {}, source)
     return report
 
 
@@ -143,13 +143,15 @@ def test_sharded_input_and_hidden_states_on_disk_give_the_same_file(folders, tmp
 
 def test_the_stream_holds_one_block_at_a_time(folders, tmp_path):
     """Whenever a block is written, the model holds real weights only outside the blocks and in
-    that block: every other block is on the meta device (read before, freed after)."""
+    that block: every other block is on the meta device (read before, freed after), and so is the
+    untied LM head."""
     loaded, source, blocks = open_streamed(folders["qwen2"], None)
     seen = []
 
     def write(name, block):
         real = {n.split(".")[2] for n, p in loaded.model.named_parameters() if n.startswith(blocks + ".") and not p.is_meta}
         seen.append((name, real))
+        assert loaded.model.lm_head.weight.is_meta  # an untied head is never run: read only when the file is written
 
     stream_compress_(loaded.model, _config(), _batches(), block_loader(source, loaded.model), write)
     assert [n for n, _ in seen] == [f"{blocks}.{i}" for i in range(2)]

@@ -166,7 +166,7 @@ def _convert_streamed(
         report = stream_compress_(loaded.model, config, batches, block_loader(source, loaded.model), writer.write_block, store=store)
         report.notes.append(f"calibrated on {sum(len(next(iter(b.values()))) for b in batches)} samples of {calib}; "
                             f"hidden states between blocks kept {'on disk' if offload == 'disk' else 'in memory'}")  # fmt: skip
-        writer.finish(loaded.model, blocks, loaded.arch, extra)
+        writer.finish(loaded.model, blocks, loaded.arch, extra, source)
     if json_out:
         print_json({"model": str(model), "output": str(out), "arch": loaded.arch, **report.to_dict(), "probe": None})
     else:

@@ -176,9 +176,9 @@ def _made_buffers(model: nn.Module, module: nn.Module, skip: str | None = None) 
             init(owner)
 
 
-def _fill(module: nn.Module, prefix: str, source: SafetensorsSource, base: str, skip: str | None = None) -> None:
+def _fill(module: nn.Module, prefix: str, source: SafetensorsSource, base: str, skip: tuple[str, ...] | str | None = None) -> None:
     """Read every meta tensor of `module` (named under `prefix`) from the files; those under `skip`
-    are left on the meta device."""
+    (prefixes) are left on the meta device."""
     names = [n for n, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers()) if t.is_meta]
     for n in names:
         full = f"{prefix}{n}"
@@ -216,15 +216,30 @@ def open_streamed(path: Path, arch: str | None) -> tuple[LoadedModel, Safetensor
     blocks = stream_blocks(model)
     base = getattr(model, "base_model_prefix", "") or ""
     _made_buffers(model, model, skip=blocks + ".")
-    _fill(model, "", source, base, skip=blocks + ".")
+    head = _untied_head(model)  # never run while streaming: read only when the output is written
+    _fill(model, "", source, base, skip=(blocks + ".", *([head + "."] if head else [])))
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta and not n.startswith(blocks + ".")]
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+            if t.is_meta and not n.startswith(blocks + ".") and not (head and n.startswith(head + "."))]  # fmt: skip
+    if head:
+        missing = [n for n, _ in model.get_submodule(head).named_parameters(prefix=head) if source.key_for(n, base) is None]
+        left += missing
     if left:
         raise MPOCompressError(f"{path}: the weights files hold no {left[0]}; the folder is incomplete (copy every shard)")
     spec = HF_PREFIX + type(model).__name__
     remember(model, spec, read_tokenizer_files(path))
     return LoadedModel(model, spec, "huggingface", path), source, blocks
+
+
+def _untied_head(model: nn.Module) -> str | None:
+    """The name of a causal LM's output head when it has weights of its own (not tied to the embedding)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is None or getattr(model.config, "tie_word_embeddings", False) or (inputs is not None and head.weight is inputs.weight):
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
 
 
 def block_loader(source: SafetensorsSource, model: nn.Module) -> Any:
@@ -279,15 +294,21 @@ class StreamWriter:
         save_file(_unshared(tensors), str(self.staging / file))
         self.parts.append(file)
 
-    def finish(self, model: nn.Module, blocks: str, arch: str, extra_metadata: Mapping[str, Any]) -> Path:
-        """Write the file: the staged blocks and the model's tensors outside `blocks`, with `save`'s metadata."""
+    def finish(self, model: nn.Module, blocks: str, arch: str, extra_metadata: Mapping[str, Any], source: SafetensorsSource | None = None) -> Path:
+        """Write the file: the staged blocks and the model's tensors outside `blocks`, with `save`'s
+        metadata; those still on the meta device (an untied head, never run) are read from `source`."""
         tied = tied_parameters(model)
-        rest = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                if not k.startswith(blocks + ".") and k not in tied}  # fmt: skip
+        base = getattr(model, "base_model_prefix", "") or ""
+        outside = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks + ".") and k not in tied}
+        rest = {k: v.detach().contiguous().cpu() for k, v in outside.items() if not v.is_meta}
         check_finite(rest, "the model to save")
+        later = {k: source.key_for(k, base) for k, v in outside.items() if v.is_meta} if source is not None else {}
+        if any(v.is_meta for v in outside.values()) and (source is None or None in later.values()):
+            raise MPOCompressError("internal: a tensor outside the blocks was never read")
         metadata = own_metadata(model, arch, extra_metadata)
         staged = SafetensorsSource.of_files(self.staging, self.parts)
-        atomic_write(self.path, lambda tmp: _assemble(tmp, metadata, rest, staged))
+        deferred = {name: (source, key) for name, key in later.items()}  # read from the model's files as written, checked then
+        atomic_write(self.path, lambda tmp: _assemble(tmp, metadata, rest, staged, deferred))
         return self.path
 
     def close(self) -> None:
@@ -305,16 +326,24 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _assemble(tmp: str, metadata: dict[str, str], held: Mapping[str, torch.Tensor], staged: SafetensorsSource) -> None:
-    """One safetensors file from tensors held and tensors staged in files, one tensor read at a time.
-    The header is written with a placeholder digest of the digest's length, the data in name order
-    (hashed as `tensors_digest` hashes it), then the header again with the real digest."""
-    names = sorted({*held, *staged.entries})
+def _assemble(
+    tmp: str, metadata: dict[str, str], held: Mapping[str, torch.Tensor], staged: SafetensorsSource,
+    deferred: Mapping[str, tuple[SafetensorsSource, str]] | None = None,
+) -> None:  # fmt: skip
+    """One safetensors file from tensors held, tensors staged in files and tensors `deferred` to the
+    model's own files (name -> its source and key there), one tensor read at a time. The header is
+    written with a placeholder digest of the digest's length, the data in name order (hashed as
+    `tensors_digest` hashes it), then the header again with the real digest."""
+    deferred = deferred or {}
+    names = sorted({*held, *staged.entries, *deferred})
     header: dict[str, Any] = {}
     offset = 0
     for name in names:
         if name in held:
             shape, dtype = list(held[name].shape), DTYPES[held[name].dtype]
+        elif name in deferred:
+            source, key = deferred[name]
+            dtype, shape = source.entries[key][:2]
         else:
             dtype, shape = staged.entries[name][:2]
         size = _numel(shape) * ITEMSIZE[dtype]
@@ -332,7 +361,11 @@ def _assemble(tmp: str, metadata: dict[str, str], held: Mapping[str, torch.Tenso
     with open(tmp, "wb") as out:
         out.write(struct.pack("<Q", len(first)) + first)
         for name in names:
-            t = (held[name] if name in held else staged.get(name)).contiguous()
+            if name in deferred:
+                t = deferred[name][0].get(deferred[name][1])
+                check_finite({name: t}, deferred[name][0].folder)
+            else:
+                t = (held[name] if name in held else staged.get(name)).contiguous()
             h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
             if t.numel():
                 data = t.reshape(-1).view(torch.uint8).numpy()
