@@ -50,6 +50,7 @@ from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.io.export import relative_error
 from mpocompress.io.stream import DiskStore, block_loader, open_streamed, stream_output
 from mpocompress.models.hf import probe_inputs
+from mpocompress.train.distributed import dist_env, init_distributed
 from mpocompress.utils import is_causal_lm
 
 
@@ -109,6 +110,8 @@ def convert(
         fail("--stream calibrates block by block and needs --calib DATA (text:FILE for a language model)")
     out = check_output_path(output, force, inputs=(model,))
     err = make_err_console()
+    if not stream and dist_env().distributed:
+        fail("convert runs in one process unless it streams: add --stream (a Hugging Face folder), or launch it without torchrun")
     if stream:
         _convert_streamed(err, model, out, arch, config, calib, calib_samples, data_dir, max_length, offload or "cpu", json_out)
         return
@@ -155,18 +158,34 @@ def _convert_streamed(
     err: Any, model: Path, out: Path, arch: str | None, config: Any, calib: str, calib_samples: int | None,
     data_dir: Path | None, max_length: int | None, offload: str, json_out: bool,
 ) -> None:  # fmt: skip
-    """convert --stream: the model's blocks read, compressed and written one at a time."""
-    with working(err, f"opening {model} (its blocks stay on disk)"):
+    """convert --stream: the model's blocks read, compressed and written one at a time. Under torchrun
+    each process takes its share of the calibration batches (gloo); rank 0 writes and reports."""
+    env = dist_env()
+    init_distributed(torch.device("cpu"), env)
+    say = (lambda what: what) if env.is_main else (lambda what: None)
+    with working(err, say(f"opening {model} (its blocks stay on disk)")):
         loaded, source, blocks = open_streamed(model, arch)
     batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
+    samples = sum(len(next(iter(b.values()))) for b in batches)
+    if len(batches) < env.world_size:
+        fail(f"{len(batches)} calibration batches cannot be shared by {env.world_size} processes: give more --calib-samples "
+             f"(8 per batch for a language model) or fewer processes")  # fmt: skip
+    batches = batches[env.rank :: env.world_size]
     extra = {"source_format": loaded.source, "compression": config.to_dict(),
              "data": choose_data(calib, None, None, None, data_dir=data_dir).record()}  # fmt: skip
-    with working(err, "streaming the blocks (calibrating, factorizing, writing)"), stream_output(out) as writer:
-        store = DiskStore(writer.staging / "hidden") if offload == "disk" else None
+    with working(err, say("streaming the blocks (calibrating, factorizing, writing)")), stream_output(out, env.is_main) as writer:
+        store = DiskStore(writer.staging / f"hidden-{env.rank}") if offload == "disk" else None
         report = stream_compress_(loaded.model, config, batches, block_loader(source, loaded.model), writer.write_block, store=store)
-        report.notes.append(f"calibrated on {sum(len(next(iter(b.values()))) for b in batches)} samples of {calib}; "
-                            f"hidden states between blocks kept {'on disk' if offload == 'disk' else 'in memory'}")  # fmt: skip
-        writer.finish(loaded.model, blocks, loaded.arch, extra, source)
+        report.notes.append(f"calibrated on {samples} samples of {calib}; hidden states between blocks kept "
+                            f"{'on disk' if offload == 'disk' else 'in memory'}"
+                            + (f"; {env.world_size} processes, each running its share of the batches" if env.distributed else ""))  # fmt: skip
+        if env.is_main:
+            writer.finish(loaded.model, blocks, loaded.arch, extra, source)
+    if env.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not env.is_main:
+        return
     if json_out:
         print_json({"model": str(model), "output": str(out), "arch": loaded.arch, **report.to_dict(), "probe": None})
     else:

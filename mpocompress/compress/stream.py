@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mpocompress.compress.calibrate import (
@@ -58,8 +60,62 @@ from mpocompress.errors import MPOCompressError, is_out_of_memory
 from mpocompress.utils import set_module, status
 
 Batch = Mapping[str, torch.Tensor]
+T = TypeVar("T")
 LoadBlock = Callable[[nn.Module, str], None]  # fill block's parameters (on meta) from the files, by its full name
 WriteBlock = Callable[[str, nn.Module], None]  # take the compressed block's tensors (its full name, the block)
+
+
+class Ranks:
+    """How the processes of a torchrun launch share a streamed conversion (one process: nothing to
+    share). Each runs its own shard of the calibration batches through the current block; the
+    statistics, sums over batches, are all-reduced, so every process holds those of all the data;
+    each layer's forms and factors are made by one process (layers dealt round-robin) and broadcast,
+    so every process swaps in the same factors and moves its hidden states through the same block."""
+
+    def __init__(self) -> None:
+        on = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        self.dealt = 0
+
+    def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """All-reduce (sum) every tensor in place, each once."""
+        if self.world == 1:
+            return
+        seen: set[int] = set()
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                dist.all_reduce(t)
+
+    def count(self, n: int) -> int:
+        if self.world == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64)
+        dist.all_reduce(t)
+        return int(t)
+
+    def deal(self, make: Callable[[], T]) -> T:
+        """make() on the process whose turn it is, its result on every process."""
+        if self.world == 1:
+            return make()
+        owner, self.dealt = self.dealt % self.world, self.dealt + 1
+        box = [make() if self.rank == owner else None]
+        dist.broadcast_object_list(box, src=owner)
+        return box[0]
+
+
+def _summed_grams(cal: Calibration, ranks: Ranks) -> Calibration:
+    ranks.sum_([*cal.grams.values(), *cal.sums.values()])
+    cal.rows = {name: ranks.count(n) for name, n in cal.rows.items()}
+    cal.samples = ranks.count(cal.samples)
+    return cal
+
+
+def _summed_cross(stats: dict, ranks: Ranks) -> dict:
+    for st in stats.values():
+        ranks.sum_([st.gram, st.total, st.gram_in, st.sum_in, st.cross])
+        st.rows = ranks.count(st.rows)
+    return stats
 
 
 def stream_blocks(model: nn.Module) -> str:
@@ -87,6 +143,7 @@ def stream_compress_(
     write_block: WriteBlock,
     store: HiddenStore | None = None,
     filter_fn: FilterFn | None = None,
+    ranks: Ranks | None = None,
 ) -> CompressionReport:
     """Compress the layers of `model`'s stack of blocks one block at a time (see the module's text).
 
@@ -98,6 +155,8 @@ def stream_compress_(
         write_block: receives each compressed block before it is freed.
         store: where the hidden states between blocks are kept (memory by default).
         filter_fn: optional restriction of the candidates (only layers inside the blocks are ever taken).
+        ranks: the processes sharing the work under torchrun (`batches` is then this process's shard);
+            by default those of the process group, if one is initialized.
     """
     if not batches:
         raise MPOCompressError("the calibration data is empty; give at least one sample")
@@ -113,6 +172,7 @@ def stream_compress_(
         raise MPOCompressError(f"no layer inside {blocks} is selected; --stream compresses the layers of the blocks")
     before = count_params(model)
     store = store if store is not None else HiddenStore()
+    ranks = ranks if ranks is not None else Ranks()
     masks = [_row_mask(b) for b in batches]
     per_block: list[list[LayerTarget]] = [[] for _ in stack]
     for t in targets:
@@ -129,9 +189,9 @@ def stream_compress_(
     allocated: dict[str, Decision] = {}
     try:
         if free:
-            allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes)
+            allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks)
         plan = LayerPlan([], config, None, batches)
-        _compress_streamed(model, config, batches, masks, per_block, allocated, load_block, write_block, store, plan)
+        _compress_streamed(model, config, batches, masks, per_block, allocated, load_block, write_block, store, plan, ranks)
     finally:
         store.close()
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, applied=True, model_after=count_params(model))
@@ -148,7 +208,7 @@ def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[
 
 def _allocate_streamed(
     model: nn.Module, config: CompressionConfig, fixed: list[LayerTarget], free: list[LayerTarget], batches: Sequence[Batch],
-    masks: list, per_block: list[list[LayerTarget]], load_block: LoadBlock, store: HiddenStore, notes: list[str],
+    masks: list, per_block: list[list[LayerTarget]], load_block: LoadBlock, store: HiddenStore, notes: list[str], ranks: Ranks,
 ) -> dict[str, Decision]:  # fmt: skip
     """The first pass, over the original blocks on the original inputs: every layer's decision. A
     layer with a D or an eps gets its form as in memory; the free layers' forms are weighed, and the
@@ -167,10 +227,10 @@ def _allocate_streamed(
         with _block_memory(f"{prefix}{i}", block, ts, stream, sides=1):
             _load(load_block, block, f"{prefix}{i}")
             if ts:
-                plan.calibration = _block_grams(stream, 0, block, ts, batches, prefix)
+                plan.calibration = _summed_grams(_block_grams(stream, 0, block, ts, batches, prefix), ranks)
                 for t in ts:
                     if id(t) in free_ids:
-                        weighed[id(t)] = weigh(t, config, plan)
+                        weighed[id(t)] = ranks.deal(lambda t=t: weigh(t, config, plan))
                     else:
                         decided.append(Decision(t, *_fixed_option(t, _structure(config), plan._white(t) if t.eps is not None else None)))
                     plan._whites.clear()  # one layer's whitening and Gram at a time
@@ -232,6 +292,7 @@ def _load(load_block: LoadBlock, block: nn.Module, name: str) -> None:
 def _compress_streamed(
     model: nn.Module, config: CompressionConfig, batches: Sequence[Batch], masks: list, per_block: list[list[LayerTarget]],
     allocated: Mapping[str, Decision], load_block: LoadBlock, write_block: WriteBlock, store: HiddenStore, plan: LayerPlan,
+    ranks: Ranks,
 ) -> None:  # fmt: skip
     """The second pass: each block factorized and refitted on the compressed blocks' outputs, written, freed."""
     blocks = stream_blocks(model)
@@ -247,7 +308,7 @@ def _compress_streamed(
             _load(load_block, block, name)
             if ts:
                 references[i] = copy.deepcopy(block)  # the original block, the refits' reference
-                cal = _block_grams(stream, 0, references[i], ts, batches, prefix)
+                cal = _summed_grams(_block_grams(stream, 0, references[i], ts, batches, prefix), ranks)
                 decisions = {}
                 for t in ts:
                     if t.cand.name in allocated:
@@ -263,13 +324,13 @@ def _compress_streamed(
                     todo = [d for d in todo if d.option is not None]
                     if not todo:
                         continue
-                    fresh = stream.cross([d.target.cand.name for d in todo])
+                    fresh = _summed_cross(stream.cross([d.target.cand.name for d in todo]), ranks)
                     for d in todo:
                         t = d.target
                         status(f"factorizing {t.cand.name}")
-                        white = refit_whitening(t, fresh.pop(t.cand.name))  # each layer's statistics freed once whitened
-                        f = _make(t, d.option, white, config.refine_steps)
-                        del white
+                        st = fresh.pop(t.cand.name)  # each layer's statistics freed once whitened
+                        f = ranks.deal(lambda t=t, d=d, st=st: _make(t, d.option, refit_whitening(t, st), config.refine_steps))
+                        del st
                         plan.layers.append(report_of(t, f))
                         old = t.cand.module
                         new = build_like(old, t.cand.converter.build(old, f.factors, f.structure))

@@ -386,10 +386,24 @@ def _numel(shape: list[int]) -> int:
 
 
 @contextlib.contextmanager
-def stream_output(path: Path) -> Iterator[StreamWriter]:
-    """A StreamWriter whose staging folder is removed however the block ends."""
-    writer = StreamWriter(path)
+def stream_output(path: Path, writes: bool = True) -> Iterator[StreamWriter]:
+    """A StreamWriter whose staging folder is removed however the block ends; with `writes` False (a
+    torchrun process other than rank 0) one that writes nothing, its hidden states in a private folder."""
+    writer = StreamWriter(path) if writes else _Silent(path)
     try:
         yield writer
     finally:
         writer.close()
+
+
+class _Silent(StreamWriter):
+    """The writer of a process that does not write the output (its staging folder is a private
+    temporary one, for --offload disk's hidden states only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.staging = Path(tempfile.mkdtemp(prefix="mpocompress-stream-"))
+        self.parts = []
+
+    def write_block(self, name: str, block: nn.Module) -> None:
+        pass
