@@ -113,6 +113,28 @@ def test_centred_and_error_correcting_fits_are_reduced_rank_regression(rank):
         assert output_error(w, approx, white) ** 2 * white.energy(w) == pytest.approx(residual, rel=1e-9)
 
 
+def test_whitening_in_place_equals_the_copying_one_and_leaves_what_it_does_not_own():
+    """The whitenings change one copy of the Gram in place (or the caller's, when it gives them up):
+    the inputs of a copying call are left bit for bit, and the owning call (cross_whitening_of, as
+    the streamed refits use it) gives the same factor, map and centred Gram, and spends its inputs."""
+    from mpocompress.tensors import cross_whitening_of
+
+    x, _ = _data(shift=0.7)
+    x_in = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    stats = (x_in.T @ x_in, x_in.sum(0), x.T @ x, x.sum(0), x_in.T @ x)
+    kept = [t.clone() for t in stats]
+    white = cross_whitening(*stats, x.shape[0])
+    assert all(torch.equal(a, b) for a, b in zip(stats, kept))  # the caller's statistics are untouched
+    held = {"gram_in": kept[0].clone(), "gram": kept[2].clone(), "cross": kept[4].clone()}
+    owned = cross_whitening_of(held, kept[1], kept[3], x.shape[0])
+    assert held == {}
+    for a, b in ((white.factor, owned.factor), (white.target_map, owned.target_map), (white.centred_gram, owned.centred_gram)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    g = kept[2].clone()
+    whitening(g, total=kept[3], rows=x.shape[0])
+    assert torch.equal(g, kept[2])
+
+
 def test_whitening_regularizes_a_singular_gram_and_refuses_nan():
     x, _ = _data(n=5, nx=12)  # 5 samples, 12 inputs: rank 5
     white = whitening(x.T @ x)
