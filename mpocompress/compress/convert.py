@@ -13,7 +13,8 @@ from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.registry import build_like
 from mpocompress.compress.report import CompressionReport, count_params, totals
 from mpocompress.compress.select import FilterFn
-from mpocompress.compress.targets import select_targets
+from mpocompress.compress.structures import Factors
+from mpocompress.compress.targets import LayerTarget, select_targets
 from mpocompress.utils import set_module
 
 
@@ -40,14 +41,20 @@ def compress_(
     before = count_params(model)
     plan = plan_layers(model, config, chosen, calibration)
     for t, factors in plan.factors(model):  # swapped at once: a sequential plan calibrates on the layers swapped so far
-        old = t.cand.module
-        new = build_like(old, t.cand.converter.build(old, factors.factors, factors.structure))
-        if factors.bias_shift is not None and new.bias is not None:
-            with torch.no_grad():
-                new.bias.add_(factors.bias_shift.to(new.bias))
-        for name in t.cand.names:
-            set_module(model, name, new)
+        swap_in(model, t, factors)
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, applied=True,
                     model_after=count_params(model))  # fmt: skip
     report.notes += plan.notes
     return report
+
+
+def swap_in(model: nn.Module, t: LayerTarget, factors: Factors) -> None:
+    """Put the factorized layer made of `factors` in place of the target, under every name it has;
+    the bias absorbs what the factors' fit moved (a centred calibration)."""
+    old = t.cand.module
+    new = build_like(old, t.cand.converter.build(old, factors.factors, factors.structure))
+    if factors.bias_shift is not None and new.bias is not None:
+        with torch.no_grad():
+            new.bias.add_(factors.bias_shift.to(new.bias))
+    for name in t.cand.names:
+        set_module(model, name, new)

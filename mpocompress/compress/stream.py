@@ -52,12 +52,12 @@ from mpocompress.compress.choose import (
     white_for,
 )  # fmt: skip
 from mpocompress.compress.config import CompressionConfig
-from mpocompress.compress.registry import build_like
+from mpocompress.compress.convert import swap_in
 from mpocompress.compress.report import CompressionReport, count_params, totals
 from mpocompress.compress.select import FilterFn, transformer_blocks
 from mpocompress.compress.targets import LayerTarget, select_targets
 from mpocompress.errors import MPOCompressError, is_out_of_memory
-from mpocompress.utils import set_module, status
+from mpocompress.utils import status
 
 Batch = Mapping[str, torch.Tensor]
 T = TypeVar("T")
@@ -332,13 +332,7 @@ def _compress_streamed(
                         f = ranks.deal(lambda t=t, d=d, st=st: _make(t, d.option, refit_whitening(t, st), config.refine_steps))
                         del st
                         plan.layers.append(report_of(t, f))
-                        old = t.cand.module
-                        new = build_like(old, t.cand.converter.build(old, f.factors, f.structure))
-                        if f.bias_shift is not None and new.bias is not None:
-                            with torch.no_grad():
-                                new.bias.add_(f.bias_shift.to(new.bias))
-                        for n in t.cand.names:
-                            set_module(model, n, new)
+                        swap_in(model, t, f)
                     del fresh
             else:
                 references[i] = block
