@@ -370,7 +370,7 @@ def _assemble(
             if t.numel():
                 data = t.reshape(-1).view(torch.uint8).numpy()
                 h.update(data)
-                out.write(data.tobytes())
+                out.write(memoryview(data))  # no copy of the tensor's bytes
         final = encoded(h.hexdigest())
         if len(final) != len(first):
             raise MPOCompressError("internal: the streamed file's header changed size")
