@@ -459,3 +459,22 @@ def test_two_gloo_processes_sum_the_statistics_of_one(folders, tmp_path):
     for name, g in cal.grams.items():
         assert float((two["grams"][name] - g).abs().max() / g.abs().max()) < 1e-10
     assert float((two["cross"] - st.cross).abs().max() / st.cross.abs().max()) < 1e-10
+
+
+def test_block_sensitivity_of_a_layer_writing_the_residual_is_one(folders):
+    """The streamed sensitivities: noise added to a Llama block's down projection reaches the block's
+    output unchanged (it is added to the residual stream last), so its sensitivity is 1; a query
+    projection's noise passes through softmax and the MLP, and its sensitivity is positive and not 1."""
+    from mpocompress.compress.calibrate import BlockStream, _row_mask, capture_block_inputs
+    from mpocompress.compress.stream import Ranks, _block_sensitivity
+    from mpocompress.compress.targets import select_targets
+
+    model = load(folders["llama"])
+    batches = _batches()
+    stack = model.model.layers
+    ts = [t for t in select_targets(model, _config())[0] if t.cand.name.startswith("model.layers.0.")]
+    stream = BlockStream("model.layers", (stack,), [capture_block_inputs(model, stack[0], batches)], [_row_mask(b) for b in batches])
+    sens = _block_sensitivity(stream, stack[0], ts, "model.layers.", Ranks())
+    assert sens["model.layers.0.mlp.down_proj"] == pytest.approx(1.0, rel=1e-5)
+    q = sens["model.layers.0.self_attn.q_proj"]
+    assert q > 0 and abs(q - 1.0) > 1e-3

@@ -15,9 +15,10 @@ stream equals (tests check it).
 Sizes: a D or an eps per layer as in memory. A budget (`--target-params`, `--remove`) needs every
 layer's forms before any is chosen, so a first streamed pass runs the original blocks on the original
 inputs, weighs each layer's forms from its block's statistics and keeps only their sizes and
-predicted errors; the allocator then spends the budget with every layer weighted alike (the cost of a
-form is its predicted squared output error, as without sensitivities in memory): a streamed model is
-never run whole, so the next-token sensitivities of the in-memory allocator are not measured.
+predicted errors, and measures each layer's sensitivity within its block (noise added to the layer's
+output, the change of the block's output measured: `_block_sensitivity`); the allocator then spends the
+budget on sensitivity x predicted squared output error. A streamed model is never run whole, so the
+next-token sensitivities of the in-memory allocator (at the model's output) are not measured.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ import torch.distributed as dist
 from torch import nn
 
 from mpocompress.compress.calibrate import (
+    NOISE,
     BlockStream,
     Calibration,
     HiddenStore,
+    _real_rows,
     _row_mask,
     capture_block_inputs,
     collect_grams,
@@ -219,6 +222,7 @@ def _allocate_streamed(
     free_ids = {id(t) for t in free}
     last = max(i for i, ts in enumerate(per_block) if ts)
     weighed: dict[int, tuple[list, float]] = {}
+    sens: dict[str, float] = {}
     decided: list[Decision] = []
     plan = LayerPlan([], config, None, batches)
     for i in range(last + 1):
@@ -227,6 +231,7 @@ def _allocate_streamed(
         with _block_memory(f"{prefix}{i}", block, ts, stream, sides=1):
             _load(load_block, block, f"{prefix}{i}")
             if ts:
+                sens.update(_block_sensitivity(stream, block, [t for t in ts if id(t) in free_ids], prefix, ranks))
                 plan.calibration = _summed_grams(_block_grams(stream, 0, block, ts, batches, prefix), ranks)
                 for t in ts:
                     if id(t) in free_ids:
@@ -244,13 +249,14 @@ def _allocate_streamed(
     options = [weighed[id(t)][0] for t in free]
     costs = [weighed[id(t)][1] for t in free]
     fixed_params = _fixed_params(decided)
-    decisions = spend(config, free, options, costs, [1.0] * len(free), [[1.0] * len(o) for o in options], plan,
+    decisions = spend(config, free, options, costs, [sens[t.cand.name] for t in free], [[1.0] * len(o) for o in options], plan,
                       count_params(model), fixed_params)  # fmt: skip
     notes += plan.notes
     notes.append(
         "allocated from a first streamed pass over the original blocks: each form's cost is its predicted squared "
-        "output error on the block's calibration inputs, every layer weighted alike (the model is never run whole, "
-        "so the in-memory allocator's sensitivities are not measured)"
+        "output error on the block's calibration inputs times the layer's sensitivity, the change of its block's "
+        "output per unit of noise added to the layer's output (the model is never run whole, so the in-memory "
+        "allocator's sensitivities at the model's output are not measured)"
     )
     return {d.target.cand.name: d for d in [*decided, *decisions]}
 
@@ -276,6 +282,49 @@ def _block_memory(name: str, block: nn.Module, ts: Sequence[LayerTarget], stream
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+SENSITIVITY_BATCHES = 4  # calibration batches (per process) a block's noise probes run on
+
+
+@torch.no_grad()
+def _block_sensitivity(stream: BlockStream, block: nn.Module, ts: Sequence[LayerTarget], prefix: str, ranks: Ranks) -> dict[str, float]:
+    """Per layer of the current block: E||change of the block's output||^2 / E||noise||^2 when
+    Gaussian noise (NOISE times the output's RMS) is added to that layer's output alone, on the kept
+    inputs of the first batches (padding excluded): the streamed counterpart of `measure_sensitivity`,
+    in units of the hidden states the block passes on."""
+    # the first SENSITIVITY_BATCHES batches of all processes together (batch g is local batch g // world of
+    # process g % world), each with noise of its own seed: N processes probe what one would
+    probe = [b for b in range(len(stream.masks)) if b * ranks.world + ranks.rank < SENSITIVITY_BATCHES]
+    reference = {b: stream.run(0, b) for b in probe}
+    gen = torch.Generator()
+    out: dict[str, float] = {}
+    for k, t in enumerate(ts):
+        state = {"energy": 0.0, "mask": None}
+
+        def add_noise(m: nn.Module, args: object, y: torch.Tensor, state: dict = state) -> torch.Tensor:
+            noise = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y)
+            keep = state["mask"]
+            if isinstance(keep, torch.Tensor) and y.dim() == 3 and tuple(y.shape[:2]) == tuple(keep.shape):
+                noise = noise * keep[..., None].to(noise.dtype)
+            noise = noise * (NOISE * float(y.detach().float().square().mean().sqrt()))
+            state["energy"] += float(noise.double().square().sum())
+            return y + noise
+
+        handle = block.get_submodule(t.cand.name[len(prefix) :].split(".", 1)[1]).register_forward_hook(add_noise)
+        change = 0.0
+        try:
+            for b in probe:
+                state["mask"] = stream.masks[b]
+                gen.manual_seed(1_000_003 * k + b * ranks.world + ranks.rank)
+                diff = _real_rows(stream.run(0, b), stream.masks[b]) - _real_rows(reference[b], stream.masks[b])
+                change += float(diff.double().square().sum())
+        finally:
+            handle.remove()
+        both = torch.tensor([change, state["energy"]], dtype=torch.float64)
+        ranks.sum_([both])
+        out[t.cand.name] = float(both[0] / both[1]) if float(both[1]) > 0 else 0.0
+    return out
 
 
 def _structure(config: CompressionConfig) -> str:
