@@ -381,6 +381,24 @@ def gradient_sensitivity(
 
 
 @torch.no_grad()
+def noise_hook(gen: torch.Generator, state: dict[str, object]) -> Callable[[nn.Module, object, torch.Tensor], torch.Tensor]:
+    """A forward hook adding Gaussian noise of NOISE times the output's RMS to a module's output (none
+    on the padding positions of `state["mask"]`), its energy summed into `state["energy"]`."""
+
+    def add_noise(m: nn.Module, args: object, y: torch.Tensor) -> torch.Tensor:
+        if not isinstance(y, torch.Tensor) or not y.is_floating_point():
+            return y
+        noise = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y)
+        keep = state["mask"]
+        if isinstance(keep, torch.Tensor) and y.dim() == 3 and tuple(y.shape[:2]) == tuple(keep.shape):
+            noise = noise * keep[..., None].to(noise.dtype)  # no noise on padding positions
+        noise = noise * (NOISE * float(y.detach().float().square().mean().sqrt()))
+        state["energy"] = float(state["energy"]) + float(noise.double().square().sum())
+        return y + noise
+
+    return add_noise
+
+
 def measure_sensitivity(
     model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], seed: int = 0,
     reference: Sequence[torch.Tensor] | None = None, fn: OutputFn | None = None,
@@ -396,18 +414,7 @@ def measure_sensitivity(
     try:
         gen = torch.Generator().manual_seed(seed)
         state: dict[str, object] = {"energy": 0.0, "mask": None}
-
-        def add_noise(m: nn.Module, args: object, y: torch.Tensor) -> torch.Tensor:
-            if not isinstance(y, torch.Tensor) or not y.is_floating_point():
-                return y
-            noise = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y)
-            keep = state["mask"]
-            if isinstance(keep, torch.Tensor) and y.dim() == 3 and tuple(y.shape[:2]) == tuple(keep.shape):
-                noise = noise * keep[..., None].to(noise.dtype)  # no noise on padding positions
-            noise = noise * (NOISE * float(y.detach().float().square().mean().sqrt()))
-            state["energy"] = float(state["energy"]) + float(noise.double().square().sum())
-            return y + noise
-
+        add_noise = noise_hook(gen, state)
         out: dict[str, float] = {}
         for k, (name, mod) in enumerate(modules.items()):
             status(f"sensitivity of layer {k + 1}/{len(modules)} ({name})")

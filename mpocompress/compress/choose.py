@@ -241,14 +241,14 @@ def plan_layers(
     plan.screen = not curves_only
     fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
     free = [t for t in targets if t.bond_dim is None and t.eps is None]
-    fixed_structure = "lowrank" if config.structure == "lowrank" else "mpo"
+    structure = fixed_structure(config)
     for t in fixed:
-        if fixed_structure not in t.cand.converter.structures:
+        if structure not in t.cand.converter.structures:
             raise MPOCompressError(
-                f"{t.cand.name} is an {t.cand.kind}, which cannot become {fixed_structure} (only: "
-                f"{', '.join(t.cand.converter.structures)}); drop --structure {fixed_structure} or --exclude {t.cand.name}"
+                f"{t.cand.name} is an {t.cand.kind}, which cannot become {structure} (only: "
+                f"{', '.join(t.cand.converter.structures)}); drop --structure {structure} or --exclude {t.cand.name}"
             )
-        opt, reason = _fixed_option(t, fixed_structure, plan._white(t))
+        opt, reason = _fixed_option(t, structure, plan._white(t))
         plan.decisions.append(Decision(t, opt, reason))
     if free and not config.allocating and curves_only:
         for t in free:
@@ -265,6 +265,11 @@ def plan_layers(
     order = {id(t): k for k, t in enumerate(targets)}
     plan.decisions.sort(key=lambda d: order[id(d.target)])
     return plan
+
+
+def fixed_structure(config: CompressionConfig) -> str:
+    """The structure a D or an eps makes: low-rank when asked for, else an MPO."""
+    return "lowrank" if config.structure == "lowrank" else "mpo"
 
 
 def _fixed_params(decisions: list[Decision]) -> int:

@@ -33,7 +33,6 @@ import torch.distributed as dist
 from torch import nn
 
 from mpocompress.compress.calibrate import (
-    NOISE,
     BlockStream,
     Calibration,
     HiddenStore,
@@ -41,6 +40,7 @@ from mpocompress.compress.calibrate import (
     _row_mask,
     capture_block_inputs,
     collect_grams,
+    noise_hook,
 )
 from mpocompress.compress.choose import (
     Decision,
@@ -48,6 +48,7 @@ from mpocompress.compress.choose import (
     _fixed_option,
     _fixed_params,
     _make,
+    fixed_structure,
     refit_whitening,
     report_of,
     spend,
@@ -202,10 +203,15 @@ def stream_compress_(
     return report
 
 
+def _in_block(name: str, prefix: str) -> str:
+    """A layer's name inside its block: model.layers.3.mlp.up_proj -> mlp.up_proj (prefix "model.layers.")."""
+    return name[len(prefix) :].split(".", 1)[1]
+
+
 def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[LayerTarget], batches: Sequence[Batch], prefix: str) -> Calibration:
     """The Gram matrices of the inputs of a block's selected layers (those of `block`, the current
     block of `stream` on `side`), from the kept hidden states: what `collect_grams` gives in memory."""
-    mods = {t.cand.name: block.get_submodule(t.cand.name[len(prefix) :].split(".", 1)[1]) for t in ts}
+    mods = {t.cand.name: block.get_submodule(_in_block(t.cand.name, prefix)) for t in ts}
     return collect_grams(block, mods, batches, stop_after=set(mods), run=lambda k, b: stream.run(side, k))
 
 
@@ -214,8 +220,8 @@ def _allocate_streamed(
     masks: list, per_block: list[list[LayerTarget]], load_block: LoadBlock, store: HiddenStore, notes: list[str], ranks: Ranks,
 ) -> dict[str, Decision]:  # fmt: skip
     """The first pass, over the original blocks on the original inputs: every layer's decision. A
-    layer with a D or an eps gets its form as in memory; the free layers' forms are weighed, and the
-    budget is spent on them with every layer's sensitivity 1."""
+    layer with a D or an eps gets its form as in memory; the free layers' forms are weighed and their
+    sensitivities within their blocks measured, and the budget is spent on them."""
     blocks = stream_blocks(model)
     stack, prefix = model.get_submodule(blocks), blocks + "."
     stream = BlockStream(blocks, (stack,), [capture_block_inputs(model, stack[0], batches)], masks, store)
@@ -237,7 +243,7 @@ def _allocate_streamed(
                     if id(t) in free_ids:
                         weighed[id(t)] = ranks.deal(lambda t=t: weigh(t, config, plan))
                     else:
-                        decided.append(Decision(t, *_fixed_option(t, _structure(config), plan._white(t) if t.eps is not None else None)))
+                        decided.append(Decision(t, *_fixed_option(t, fixed_structure(config), plan._white(t) if t.eps is not None else None)))
                     plan._whites.clear()  # one layer's whitening and Gram at a time
                     for table in (plan.calibration.grams, plan.calibration.sums):
                         table.pop(t.cand.name, None)
@@ -300,18 +306,8 @@ def _block_sensitivity(stream: BlockStream, block: nn.Module, ts: Sequence[Layer
     gen = torch.Generator()
     out: dict[str, float] = {}
     for k, t in enumerate(ts):
-        state = {"energy": 0.0, "mask": None}
-
-        def add_noise(m: nn.Module, args: object, y: torch.Tensor, state: dict = state) -> torch.Tensor:
-            noise = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y)
-            keep = state["mask"]
-            if isinstance(keep, torch.Tensor) and y.dim() == 3 and tuple(y.shape[:2]) == tuple(keep.shape):
-                noise = noise * keep[..., None].to(noise.dtype)
-            noise = noise * (NOISE * float(y.detach().float().square().mean().sqrt()))
-            state["energy"] += float(noise.double().square().sum())
-            return y + noise
-
-        handle = block.get_submodule(t.cand.name[len(prefix) :].split(".", 1)[1]).register_forward_hook(add_noise)
+        state: dict[str, object] = {"energy": 0.0, "mask": None}
+        handle = block.get_submodule(_in_block(t.cand.name, prefix)).register_forward_hook(noise_hook(gen, state))
         change = 0.0
         try:
             for b in probe:
@@ -321,14 +317,10 @@ def _block_sensitivity(stream: BlockStream, block: nn.Module, ts: Sequence[Layer
                 change += float(diff.double().square().sum())
         finally:
             handle.remove()
-        both = torch.tensor([change, state["energy"]], dtype=torch.float64)
+        both = torch.tensor([change, float(state["energy"])], dtype=torch.float64)
         ranks.sum_([both])
         out[t.cand.name] = float(both[0] / both[1]) if float(both[1]) > 0 else 0.0
     return out
-
-
-def _structure(config: CompressionConfig) -> str:
-    return "lowrank" if config.structure == "lowrank" else "mpo"
 
 
 def _load(load_block: LoadBlock, block: nn.Module, name: str) -> None:
@@ -363,7 +355,7 @@ def _compress_streamed(
                     if t.cand.name in allocated:
                         decisions[t.cand.name] = allocated[t.cand.name]
                     else:
-                        option, reason = _fixed_option(t, _structure(config), white_for(t, cal) if t.eps is not None else None)
+                        option, reason = _fixed_option(t, fixed_structure(config), white_for(t, cal) if t.eps is not None else None)
                         decisions[t.cand.name] = Decision(t, option, reason)
                 groups = cal.groups
                 del cal  # the original inputs' Grams: the refits take their own statistics, group by group
