@@ -130,11 +130,19 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     safetensors, little-endian). Recorded in every file mpocompress writes and checked on load."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        digest_update(h, name, tensors[name])
     return h.hexdigest()
+
+
+def digest_update(h: Any, name: str, tensor: torch.Tensor) -> Any:
+    """Add one tensor to a `tensors_digest` hash (tensors go in name order); returns its bytes as a
+    numpy array (empty for an empty tensor), for a writer that streams them."""
+    t = tensor.detach().cpu().contiguous()
+    h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+    data = t.reshape(-1).view(torch.uint8).numpy()
+    if t.numel():
+        h.update(data)
+    return data
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -393,7 +393,8 @@ def _retie(model: nn.Module, tied: Mapping[str, str]) -> None:
         setattr(model.get_submodule(owner), attr, model.get_parameter(source))
 
 
-def _tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+def tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as safetensors takes them: each tie stored once, shared or strided ones cloned, on the CPU."""
     seen: set[tuple[int, int]] = set()
     out = {}
     tied = tied_parameters(model)
@@ -434,7 +435,7 @@ def save(
     """
     path = check_output_path(path, force)
     metadata = own_metadata(model, arch, extra_metadata)
-    tensors = _tensors_for_saving(model)
+    tensors = tensors_for_saving(model)
     check_finite(tensors, "the model to save")  # reads every tensor, as the digest does
     metadata[DIGEST_KEY] = tensors_digest(tensors)
     metadata[META_DIGEST_KEY] = metadata_digest(metadata)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -33,8 +34,8 @@ from mpocompress.io.hf import (
     read_config,
     read_tokenizer_files,
 )
-from mpocompress.io.metadata import DIGEST_KEY, META_DIGEST_KEY, check_finite, metadata_digest
-from mpocompress.io.model_files import LoadedModel, own_metadata, remember, tied_parameters
+from mpocompress.io.metadata import DIGEST_KEY, META_DIGEST_KEY, check_finite, digest_update, metadata_digest
+from mpocompress.io.model_files import LoadedModel, own_metadata, remember, tensors_for_saving, tied_parameters
 from mpocompress.io.paths import atomic_write
 from mpocompress.models.hf import HF_PREFIX, check_config, hf_class, transformers_module
 from mpocompress.utils import bounded_json, short_error
@@ -111,7 +112,7 @@ class SafetensorsSource:
                 dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
                 if dtype not in ITEMSIZE or min(shape, default=0) < 0 or not 0 <= start <= end <= size - 8 - n:
                     raise ValueError
-                if end - start != _numel(shape) * ITEMSIZE[dtype]:
+                if end - start != math.prod(shape) * ITEMSIZE[dtype]:
                     raise ValueError
             except (KeyError, TypeError, ValueError):
                 raise MPOCompressError(f"{bad} (tensor {key[:80]!r} is described wrongly); the file is damaged") from None
@@ -288,10 +289,10 @@ class StreamWriter:
         self.parts: list[str] = []  # the staged files, one per block
 
     def write_block(self, name: str, block: nn.Module) -> None:
-        tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
+        tensors = {f"{name}.{k}": v for k, v in tensors_for_saving(block).items()}
         check_finite(tensors, f"block {name}")
         file = f"{len(self.parts):05d}.safetensors"
-        save_file(_unshared(tensors), str(self.staging / file))
+        save_file(tensors, str(self.staging / file))
         self.parts.append(file)
 
     def finish(self, model: nn.Module, blocks: str, arch: str, extra_metadata: Mapping[str, Any], source: SafetensorsSource | None = None) -> Path:
@@ -315,17 +316,6 @@ class StreamWriter:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Clones of tensors that share memory with an earlier one (safetensors refuses shared tensors)."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for k, v in tensors.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset())
-        out[k] = v.clone() if key in seen else v
-        seen.add(key)
-    return out
-
-
 def _assemble(
     tmp: str, metadata: dict[str, str], held: Mapping[str, torch.Tensor], staged: SafetensorsSource,
     deferred: Mapping[str, tuple[SafetensorsSource, str]] | None = None,
@@ -346,7 +336,7 @@ def _assemble(
             dtype, shape = source.entries[key][:2]
         else:
             dtype, shape = staged.entries[name][:2]
-        size = _numel(shape) * ITEMSIZE[dtype]
+        size = math.prod(shape) * ITEMSIZE[dtype]
         header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     meta = dict(metadata)
@@ -366,23 +356,14 @@ def _assemble(
                 check_finite({name: t}, deferred[name][0].folder)
             else:
                 t = (held[name] if name in held else staged.get(name)).contiguous()
-            h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+            data = digest_update(h, name, t)
             if t.numel():
-                data = t.reshape(-1).view(torch.uint8).numpy()
-                h.update(data)
                 out.write(memoryview(data))  # no copy of the tensor's bytes
         final = encoded(h.hexdigest())
         if len(final) != len(first):
             raise MPOCompressError("internal: the streamed file's header changed size")
         out.seek(0)
         out.write(struct.pack("<Q", len(final)) + final)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 @contextlib.contextmanager
