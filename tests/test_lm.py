@@ -102,7 +102,7 @@ def test_default_selection_takes_every_block_projection_with_narrow_kv(lms):
     assert k.out_features == 32 < model.get_submodule("model.layers.0.self_attn.q_proj").out_features  # GQA: 2 of 4 heads
     assert model.lm_head.weight is model.model.embed_tokens.weight  # never untied
     skipped = {s.name: s.reason for s in rep.skipped}
-    assert "outside the transformer blocks" in skipped["lm_head"]
+    assert "tied to the LM head (lm_head)" in skipped["model.embed_tokens"]  # listed, with how to offer it
 
 
 def test_tied_pair_is_stored_once_and_stays_tied_after_load(lms, tmp_path):

@@ -147,9 +147,15 @@ def test_embeddings_are_converted_when_named_and_offered_to_a_budget_but_not_by_
     assert report.params_model_after == sum(p.numel() for p in model.parameters())
 
 
-def test_a_tied_embedding_is_refused_with_the_module_it_is_tied_to():
+def test_a_tied_embedding_becomes_one_table_for_both_ends_and_other_ties_are_refused():
+    """An embedding tied to a bias-free Linear head is one low-rank table under both names (never an
+    MPO, never untied; tests/test_tied_table.py); a tie the table cannot serve is refused by name."""
+    with pytest.raises(MPOCompressError, match="cannot become mpo"):
+        compress_(_Text(tied=True), CompressionConfig(bond_dim=4, layers=["emb"], structure="mpo"))
+    model = _Text(tied=True)
+    model.head.bias = nn.Parameter(torch.zeros(997))
     with pytest.raises(MPOCompressError, match="tied to head"):
-        compress_(_Text(tied=True), CompressionConfig(bond_dim=4, layers=["emb"]))
+        compress_(model, CompressionConfig(bond_dim=4, layers=["emb"]))
 
 
 def test_an_embedding_cannot_take_the_lowrank_structure():

@@ -84,7 +84,7 @@ def _run(model: nn.Module, batch: Batch) -> object:
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         if is_out_of_memory(e):
             raise
-        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items())
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if isinstance(v, torch.Tensor))
         raise MPOCompressError(f"the model does not run on the calibration data ({shapes}: {str(e).splitlines()[0] if str(e) else type(e).__name__}); give --calib data this model takes") from None
 
 
@@ -311,6 +311,8 @@ class HeadFisher:
             fisher = (e * mean_p[:, None]).T @ e - m.T @ m / m.shape[0]
             vals, vecs = torch.linalg.eigh((fisher + fisher.T) / 2)
             self.root = vecs * vals.clamp_min(0).sqrt()  # F = root root^T
+            self.mean_p = mean_p  # the mean next-token distribution, and the second moment of what the head reads
+            self.head_gram = h.to(torch.float64).T @ h.to(torch.float64) / h.shape[0]
             self.reference = [x.to(torch.float64) @ self.root for x in hs]  # the model's outputs now, per batch
         self.tokens = int(h.shape[0])
 
@@ -452,15 +454,50 @@ def measure_swap(
 ) -> float:  # fmt: skip
     """The mean squared change of the model's main output per sample (against `reference`, from
     `outputs`) while the module reachable under `names` is replaced by `new`; restored afterwards."""
-    old = model.get_submodule(names[0])
+    olds = [model.get_submodule(n) for n in names]  # a tied table's names hold different modules (embedding, head)
     samples = sum(int(next(iter(b.values())).shape[0]) for b in batches)
     try:
         for n in names:
             set_module(model, n, new)
         return sum(float((y - ref).square().sum()) for y, ref in zip(outputs(model, batches, fn), reference)) / max(samples, 1)
     finally:
-        for n in names:
+        for n, old in zip(names, olds):
             set_module(model, n, old)
+
+
+@torch.no_grad()
+def measure_swap_kl(model: nn.Module, swaps: Sequence[tuple[Sequence[str], nn.Module]], batches: Sequence[Batch]) -> float:
+    """Twice the next-token KL divergence of a causal LM's full output (its head included), summed over
+    the real tokens and divided by the samples, while each module reachable under the names of a swap
+    is replaced by that swap's module, all at once: the units of `measure_swap` with a `HeadFisher`
+    (whose squared change is twice the KL), for modules that change the head too (a tied table) or for
+    many layers together. One window at a time, against the original's distribution computed just
+    before; every name gets its own module back afterwards."""
+    names = [n for ns, _ in swaps for n in ns]
+    olds = [model.get_submodule(n) for n in names]  # a tied table's names hold different modules (embedding, head)
+    news = [new for ns, new in swaps for _ in ns]
+    total, samples = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            n = int(next(iter(batch.values())).shape[0])
+            samples += n
+            for s in range(n):
+                one = {k: v[s : s + 1] for k, v in batch.items()}
+                mask = _row_mask(one)
+                logp = []
+                for modules in (olds, news):
+                    for name, module in zip(names, modules):
+                        set_module(model, name, module)
+                    y = main_output(_run(model, {**one, "use_cache": False})).float()
+                    logp.append(torch.log_softmax(_real_rows(y, mask) if y.dim() >= 3 else y, -1))
+                total += 2.0 * float((logp[0].exp() * (logp[0] - logp[1])).sum(dtype=torch.float64))
+    finally:
+        for name, old in zip(names, olds):
+            set_module(model, name, old)
+        model.train(was_training)
+    return total / max(samples, 1)
 
 
 class HiddenStore:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch import nn
 
 from mpocompress.compress.allocate import Choice, allocate, cheapest_within
 from mpocompress.compress.calibrate import (
+    FISHER_TOKENS,
     BlockStream,
     Calibration,
     CrossStats,
@@ -29,6 +30,7 @@ from mpocompress.compress.calibrate import (
     gradient_sensitivity,
     measure_sensitivity,
     measure_swap,
+    measure_swap_kl,
     outputs,
 )  # fmt: skip
 from mpocompress.compress.config import CompressionConfig
@@ -47,10 +49,12 @@ from mpocompress.compress.targets import LayerTarget, decompose, reported_struct
 from mpocompress.errors import MPOCompressError
 from mpocompress.tensors import (
     MPOShape,
+    TableWeighting,
     Whitening,
     bond_spectra,
     cross_whitening_of,
     lowrank_spectrum,
+    table_weighting,
     truncation_errors,
     whitening,
 )  # fmt: skip
@@ -80,6 +84,7 @@ class LayerPlan:
     notes: list[str] = field(default_factory=list)
     layers: list[LayerReport] = field(default_factory=list)  # filled as the factors are made
     _whites: dict[str, Whitening] = field(default_factory=dict)
+    tables: dict[str, TableWeighting] = field(default_factory=dict)  # a tied table's weighting, by name
     options: dict[str, list[Option]] = field(default_factory=dict)  # every form the allocator weighed, by layer
     screen: bool = True  # `auto` weighs an MPO's forms only where it could win (analyze's curves: all of them)
 
@@ -100,12 +105,13 @@ class LayerPlan:
             for d in self.decisions if d.option is None
         ]  # fmt: skip
 
-    def _white(self, t: LayerTarget) -> Whitening | None:
+    def _white(self, t: LayerTarget) -> Whitening | TableWeighting | None:
         """The layer's input whitening; None without calibration, and for an embedding, whose table
         is factorized by weight (its calibration counts only weigh its error, see `energy`): a
-        whitening by token counts would leave the tokens calibration never saw unconstrained."""
+        whitening by token counts would leave the tokens calibration never saw unconstrained. A
+        table that is also the tied LM head has its two-sided `TableWeighting`."""
         if self.calibration is None or t.cand.kind == "embedding":
-            return None
+            return self.tables.get(t.cand.name)
         name = t.cand.name
         if name not in self._whites:
             self._whites[name] = white_for(t, self.calibration)
@@ -119,7 +125,8 @@ class LayerPlan:
         if cal is None:
             return float(w.detach().to(torch.float64).square().sum())
         if t.cand.kind == "embedding":
-            return float(w.detach().to(torch.float64).square().sum(0) @ cal.grams[t.cand.name]) / cal.samples
+            counts = cal.grams[t.cand.name][: w.shape[1]]  # an MPO table's padded tokens are never counted
+            return float(w.detach().to(torch.float64).square().sum(0) @ counts) / cal.samples
         return self._white(t).energy(w) / cal.samples
 
     def factors(self, model: nn.Module | None = None) -> Iterator[tuple[LayerTarget, Factors]]:
@@ -239,10 +246,20 @@ def plan_layers(
         calib = collect_grams(model, mods, batches, stop_after=stop)
     plan = LayerPlan([], config, calib, batches)
     plan.screen = not curves_only
+    tied = [t for t in targets if t.cand.converter.serves_head]
+    if tied:
+        plan.notes.append(
+            f"the tied input embedding and LM head ({' = '.join(tied[0].cand.names)}) are one candidate: a low-rank table, "
+            "compressed once, serves both ends (never untied)"
+        )
+        if batches is not None and is_causal_lm(model):
+            fisher = HeadFisher(model, _first_tokens(batches, FISHER_TOKENS))
+            plan.tables[tied[0].cand.name] = table_weighting(fisher.head_gram, fisher.mean_p)
+            del fisher
     fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
     free = [t for t in targets if t.bond_dim is None and t.eps is None]
-    structure = fixed_structure(config)
     for t in fixed:
+        structure = fixed_structure(config, t)
         if structure not in t.cand.converter.structures:
             raise MPOCompressError(
                 f"{t.cand.name} is an {t.cand.kind}, which cannot become {structure} (only: "
@@ -267,8 +284,22 @@ def plan_layers(
     return plan
 
 
-def fixed_structure(config: CompressionConfig) -> str:
-    """The structure a D or an eps makes: low-rank when asked for, else an MPO."""
+def _first_tokens(batches: Sequence[Mapping[str, torch.Tensor]], tokens: int) -> list[Mapping[str, torch.Tensor]]:
+    """The leading batches holding at least `tokens` tokens (all of them when they hold fewer)."""
+    out, n = [], 0
+    for b in batches:
+        if n >= tokens:
+            break
+        out.append(b)
+        n += int(b["input_ids"].numel())
+    return out
+
+
+def fixed_structure(config: CompressionConfig, t: LayerTarget | None = None) -> str:
+    """The structure a D or an eps makes: low-rank when asked for, else an MPO (for a layer that
+    cannot be an MPO, a tied table, its one structure unless one was asked for)."""
+    if config.structure == "auto" and t is not None and "mpo" not in t.cand.converter.structures:
+        return t.cand.converter.structures[0]
     return "lowrank" if config.structure == "lowrank" else "mpo"
 
 
@@ -280,7 +311,7 @@ def _structure_for(t: LayerTarget, asked: str) -> str:
     """The structures a layer may take: those asked for that its type can become ("dense": none)."""
     if asked == "auto":
         kinds = t.cand.converter.structures
-        return "auto" if "lowrank" in kinds else kinds[0]
+        return "auto" if {"lowrank", "mpo"} <= set(kinds) else kinds[0]
     return asked if asked in t.cand.converter.structures else "dense"
 
 
@@ -311,13 +342,18 @@ def _allocate(
     calib = plan.calibration
     fn: HeadFisher | None = None
     if config.budgeted and calib is not None:
-        causal = is_causal_lm(model) and not _head_selected(model, free)
-        probe, n = [], 0
-        for b in plan.batches:
-            if n >= (SENSITIVITY_TOKENS if causal else SENSITIVITY_SAMPLES):
-                break
-            probe.append(b)
-            n += int(b["input_ids"].numel()) if causal else int(next(iter(b.values())).shape[0])
+        # a tied table changes the head too: its own probes measure the full next-token KL (see _probed)
+        causal = is_causal_lm(model) and not _head_selected(model, [t for t in free if not t.cand.converter.serves_head])
+        if causal:
+            probe = _first_tokens(plan.batches, SENSITIVITY_TOKENS)
+            n = sum(int(b["input_ids"].numel()) for b in probe)
+        else:
+            probe, n = [], 0
+            for b in plan.batches:
+                if n >= SENSITIVITY_SAMPLES:
+                    break
+                probe.append(b)
+                n += int(next(iter(b.values())).shape[0])
         mods = {t.cand.name: t.cand.module for t in free}
         if causal:  # next-token KL as the currency, every layer's sensitivity from backward passes
             fn = HeadFisher(model, probe)
@@ -343,13 +379,40 @@ def _allocate(
     if config.budgeted and calib is not None:
         for i, t in enumerate(free):
             if t.cand.kind == "embedding":  # its error is not noise-like: measure what it does (see _probed)
-                scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference, fn)
-    return spend(config, free, options, costs, sens, scale, plan, count_params(model), fixed_params)
+                table = fn is not None and t.cand.converter.serves_head
+                scale[i] = _probed(model, t, options[i], sens[i] * costs[i], _first_tokens(probe, FISHER_TOKENS) if table else probe,
+                                   reference, None if table else fn, plan._white(t))  # fmt: skip
+    joint = None
+    if fn is not None and any(t.cand.converter.serves_head for t in free):
+        joint = _joint_measure(model, free, options, plan, _first_tokens(probe, FISHER_TOKENS))
+    return spend(config, free, options, costs, sens, scale, plan, count_params(model), fixed_params, joint)
+
+
+Joint = Callable[[list[Option]], float]
+
+
+def _joint_measure(
+    model: nn.Module, free: list[LayerTarget], options: list[list[Option]], plan: LayerPlan, batches: Sequence[Mapping[str, torch.Tensor]]
+) -> Joint:  # fmt: skip
+    """The real next-token KL (`measure_swap_kl`'s units) of the model with the given forms of the
+    layers swapped in together (dense ones left), for `spend` to put the predicted costs of the
+    projections on the scale of the tied table's measured one."""
+
+    def measure(chosen: list[Option]) -> float:
+        swaps = []
+        for t, o in zip(free, chosen):
+            if o.structure != "dense":
+                f = make_factors(weight_of(t), o, plan._white(t), 0)
+                swaps.append((t.cand.names, t.cand.converter.build(t.cand.module, f.factors, f.structure).eval()))
+        status(f"measuring the next-token KL of {len(swaps)} layers together")
+        return measure_swap_kl(model, swaps, batches)
+
+    return measure
 
 
 def spend(
     config: CompressionConfig, free: list[LayerTarget], options: list[list[Option]], costs: list[float], sens: list[float],
-    scale: list[list[float]], plan: LayerPlan, total: int, fixed_params: int,
+    scale: list[list[float]], plan: LayerPlan, total: int, fixed_params: int, joint: Joint | None = None,
 ) -> list[Decision]:  # fmt: skip
     """The allocator's choice among the weighed forms: each option costs sensitivity x output energy
     x relative error^2 (x a measured correction); the least summed cost within the budget (or, with
@@ -395,6 +458,8 @@ def spend(
         )
     choices = [[Choice(o.params, s * e * (o.rel_error**2) * f) for o, f in zip(opts, fs)]
                for opts, s, e, fs in zip(options, sens, costs, scale)]  # fmt: skip
+    if joint is not None:
+        choices = _on_the_table_scale(choices, free, options, budget, joint, plan)
     picks = allocate(choices, budget)
     chosen = [opts[k] for opts, k in zip(options, picks)]
     order = sorted(range(len(free)), key=lambda i: -choices[i][picks[i]].cost)
@@ -405,6 +470,35 @@ def spend(
 PROBES = 5  # forms of an embedding whose effect on the output is measured
 
 
+def _on_the_table_scale(
+    choices: list[list[Choice]], free: list[LayerTarget], options: list[list[Option]], budget: int, joint: Joint, plan: LayerPlan
+) -> list[list[Choice]]:  # fmt: skip
+    """The projections' costs rescaled so that their sum means what the tied table's measured cost
+    means. A table's cost is measured (the real next-token KL with it swapped in); the projections'
+    are predicted one by one and summed, and on SmolLM2 that sum came out several times the real KL
+    of the same layers swapped in together, which made a table at rank 144 look cheaper than a
+    fifth of the projections (6.9x the original's perplexity against 1.6x). So the projections alone
+    are allocated within the budget (the table kept dense), their forms swapped in together and the
+    real KL measured once; the ratio to the predicted sum rescales every projection's cost."""
+    table = [i for i, t in enumerate(free) if t.cand.converter.serves_head]
+    dense = {i: next(k for k, o in enumerate(options[i]) if o.structure == "dense") for i in table}
+    alone = [[c[dense[i]]] if i in dense else c for i, c in enumerate(choices)]
+    try:
+        picks = allocate(alone, budget)
+    except MPOCompressError:
+        return choices  # the projections alone cannot meet the budget: the table must shrink whatever the scale
+    chosen = [options[i][dense[i]] if i in dense else options[i][k] for i, k in enumerate(picks)]
+    predicted = sum(alone[i][k].cost for i, k in enumerate(picks) if i not in dense)
+    if predicted <= 0:
+        return choices
+    ratio = min(max(joint(chosen) / predicted, 0.01), 100.0)
+    plan.notes.append(
+        f"the projections' predicted costs were scaled by {ratio:.3g} (their real next-token KL together, within the budget, over "
+        "the sum of their predictions), to weigh them against the tied table's measured cost"
+    )
+    return [c if i in dense else [Choice(x.params, x.cost * ratio) for x in c] for i, c in enumerate(choices)]
+
+
 def _head_selected(model: nn.Module, free: list[LayerTarget]) -> bool:
     """Whether the LM head itself (or the embedding tied to it) is among the layers to size."""
     head = model.get_output_embeddings()
@@ -413,7 +507,7 @@ def _head_selected(model: nn.Module, free: list[LayerTarget]) -> bool:
 
 def _probed(
     model: nn.Module, t: LayerTarget, opts: list[Option], energy: float, probe: Sequence[Mapping[str, torch.Tensor]],
-    reference: Sequence[torch.Tensor], fn: HeadFisher | None = None,
+    reference: Sequence[torch.Tensor], fn: HeadFisher | None = None, white: TableWeighting | None = None,
 ) -> list[float]:  # fmt: skip
     """Per option, the ratio of the measured change of the model's output to the predicted one
     (sensitivity x energy x error^2). An embedding's truncation error is not the isotropic noise the
@@ -428,10 +522,14 @@ def _probed(
     w = weight_of(t)
     points: list[tuple[float, float]] = []  # (log params, log ratio)
     for k in picks:
-        f = make_factors(w, opts[k], None, 0)
+        f = make_factors(w, opts[k], white, 0)
         new = t.cand.converter.build(t.cand.module, f.factors, f.structure).eval()
-        real = measure_swap(model, t.cand.names, new, probe, reference, fn)
-        predicted = energy * f.rel_error**2
+        if t.cand.converter.serves_head and is_causal_lm(model):  # the head changes too: the full next-token KL
+            real = measure_swap_kl(model, [(t.cand.names, new)], probe)
+        else:
+            real = measure_swap(model, t.cand.names, new, probe, reference, fn)
+        err = opts[k].rel_error if white is not None else f.rel_error  # as spend prices it (a weighted table: its weighted error)
+        predicted = energy * err**2
         if predicted > 0 and real > 0:
             points.append((math.log(opts[k].params), math.log(real / predicted)))
     if not points:

@@ -15,6 +15,7 @@ from torch import nn
 from mpocompress.nn import (
     LowRankConv2d,
     LowRankLinear,
+    LowRankTable,
     MPOConv2d,
     MPOEmbedding,
     MPOLayer,
@@ -44,6 +45,8 @@ class Converter:
         cores: for a module that is already an MPO, its cores (it is then rounded, W never formed).
         transposed: the module stores its weight as (N_x, N_y) (transformers' Conv1D, nn.Embedding).
         numel: the dense module's weight count, when it differs from N_y * N_x (a padded vocabulary).
+        serves_head: the table is also a causal LM's output head (tied embeddings): its errors are
+            weighed at both ends (`TableWeighting`) and measured on the full next-token KL.
     """
 
     kind: str
@@ -55,6 +58,7 @@ class Converter:
     cores: Callable[[nn.Module], list[torch.Tensor]] | None = None
     transposed: bool = False
     numel: Callable[[nn.Module], int] | None = None
+    serves_head: bool = False
 
     def build(self, module: nn.Module, factors: list[torch.Tensor], structure: str = "mpo") -> nn.Module:
         return self.builders[structure](module, factors)
@@ -185,4 +189,16 @@ register_converter(MPOEmbedding, Converter(
 register_converter("transformers.pytorch_utils.Conv1D", Converter(
     "linear", lambda m: (m.weight.shape[1], m.weight.shape[0]), lambda m: m.weight.T, _LINEAR_BUILDERS, _linear_rows,
     transposed=True,
+))  # fmt: skip
+
+# a causal LM's input embedding whose weight its LM head shares (tied embeddings): one candidate under
+# both names, made a LowRankTable that serves both ends (never untied); E^T is its W (d x V, unpadded)
+_TABLE_BUILDERS: dict[str, Builder] = {"lowrank": lambda m, f: LowRankTable.from_factors(f[0], f[1], m.padding_idx)}
+TIED_TABLE = Converter(
+    "embedding", lambda m: (m.embedding_dim, m.num_embeddings), lambda m: m.weight.T, _TABLE_BUILDERS, _token_ids,
+    transposed=True, numel=lambda m: m.weight.numel(), serves_head=True,
+)  # fmt: skip
+register_converter(LowRankTable, Converter(
+    "embedding", lambda m: (m.embedding_dim, m.num_embeddings), _factored_weight, _TABLE_BUILDERS, _token_ids,
+    transposed=True, numel=lambda m: m.weight_numel, serves_head=True,
 ))  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from mpocompress.compress.config import LayerSelection
-from mpocompress.compress.registry import Converter, converter_for
+from mpocompress.compress.registry import TIED_TABLE, Converter, converter_for
 from mpocompress.compress.report import SkippedLayer
 from mpocompress.errors import MPOCompressError
 from mpocompress.utils import is_hf_model
@@ -75,14 +75,22 @@ def candidates(model: nn.Module, filter_fn: FilterFn | None = None) -> list[Cand
         for p in mod._parameters.values():
             if p is not None:
                 owners.setdefault(id(p), []).append(name)
+    heads = _tied_heads(parents, owners)
     for name, mod in model.named_modules(remove_duplicate=False):
         if id(mod) in by_id:
             by_id[id(mod)].names.append(name)
             continue
-        conv = converter_for(mod)
+        if any(head is mod for head, _ in heads.values()):
+            continue  # an LM head tied to an embedding: a name of the embedding's candidate
+        conv = TIED_TABLE if id(mod) in heads else converter_for(mod)
         if conv is None:
             continue
         ny, nx = conv.dims(mod)
+        if id(mod) in heads:
+            c = Candidate([name, heads[id(mod)][1]], mod, conv, ny, nx, conv.problem(mod))
+            if filter_fn is None or filter_fn(mod, name):
+                by_id[id(mod)] = c
+            continue
         c = Candidate([name], mod, conv, ny, nx, conv.problem(mod))
         if isinstance(parents.get(name.rpartition(".")[0]), nn.MultiheadAttention):
             c.problem = "used by nn.MultiheadAttention, which reads its weight directly"
@@ -95,6 +103,23 @@ def candidates(model: nn.Module, filter_fn: FilterFn | None = None) -> list[Cand
             continue
         by_id[id(mod)] = c
     return list(by_id.values())
+
+
+def _tied_heads(parents: Mapping[str, nn.Module], owners: Mapping[int, list[str]]) -> dict[int, tuple[nn.Module, str]]:
+    """{id of an embedding: (the LM head, its name)} for a model whose output head is a bias-free
+    Linear holding the very weight of a plain nn.Embedding (tied input and output embeddings): the
+    pair is one candidate, a table serving both ends."""
+    out: dict[int, tuple[nn.Module, str]] = {}
+    for name, mod in parents.items():
+        if type(mod) is not nn.Embedding or mod.max_norm is not None:
+            continue
+        others = [o for o in owners.get(id(mod.weight), []) if o != name]
+        if len(others) != 1:
+            continue
+        head = parents.get(others[0])
+        if type(head) is nn.Linear and head.bias is None and head.weight is mod.weight:
+            out[id(mod)] = (head, others[0])
+    return out
 
 
 def check_patterns(patterns: Iterable[str], what: str, cands: list[Candidate], model: nn.Module) -> None:
@@ -200,6 +225,9 @@ def _in_blocks(
                 skipped.append(SkippedLayer(c.name, c.kind, c.numel, "excluded"))
             continue
         if c.kind == "embedding" and not embeddings:  # not a default candidate, not listed (as before embeddings converted)
+            if c.converter.serves_head:  # but a tied head is a layer users look for
+                skipped.append(SkippedLayer(c.name, c.kind, c.numel, f"the input embedding tied to the LM head ({c.names[1]}): "
+                                            f"name it with --layers {c.name} or give a budget to offer it as one table"))  # fmt: skip
             continue
         if c.kind != "embedding" and not any(n.startswith(b + ".") for n in c.names for b in blocks):
             skipped.append(SkippedLayer(c.name, c.kind, c.numel, "outside the transformer blocks; name it with --layers to convert it"))

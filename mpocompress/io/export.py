@@ -165,8 +165,13 @@ def dense_hf_model(model: nn.Module, arch: str) -> nn.Module:
     dense = build_hf(hf_config_json(model), arch)
     state = model.state_dict()
     mpo_prefixes = []
-    for name, m in model.named_modules():
+    seen: set[int] = set()
+    for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, FactorizedLayer):
+            mpo_prefixes.append(name + ".")  # a table serving a tied head too is multiplied out once
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
             target = dense.get_submodule(name)
             conv = converter_for(target)
             if conv is None:
@@ -175,7 +180,6 @@ def dense_hf_model(model: nn.Module, arch: str) -> nn.Module:
             if m.bias is not None:
                 with torch.no_grad():
                     target.bias.copy_(m.bias)
-            mpo_prefixes.append(name + ".")
     rest = {k: v for k, v in state.items() if not any(k.startswith(p) for p in mpo_prefixes)}
     missing, unexpected = dense.load_state_dict(rest, strict=False)
     expected_missing = {k for k in dense.state_dict() if any(k.startswith(p) for p in mpo_prefixes)}

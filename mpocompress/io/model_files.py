@@ -314,13 +314,13 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_value
         decode_tokenizer_files(tokenizer, str(path))  # checked before anything uses it
     skeleton = _skeleton(arch, hf_config)
     if skeleton is not None:  # shapes checked on the meta device, then the file's tensors become the weights
-        model = _assemble(skeleton, info["layers"], path, arch, on_meta=True)
+        model = _assemble(skeleton, info["layers"], path, arch, on_meta=True, tied=tied)
         _fit_state_dict(model, state, path, arch, assign=True)
         if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
             _retie(model, tied)
             remember(model, arch, tokenizer)
             return LoadedModel(model, arch, "mpocompress", path, info)
-    model = _assemble(_build(arch, hf_config), info["layers"], path, arch, on_meta=False)
+    model = _assemble(_build(arch, hf_config), info["layers"], path, arch, on_meta=False, tied=tied)
     _fit_state_dict(model, state, path, arch)
     _retie(model, tied)
     remember(model, arch, tokenizer)
@@ -340,11 +340,22 @@ def _tied_record(meta: Mapping[str, str], path: Path) -> dict[str, str]:
     return tied
 
 
-def _assemble(model: nn.Module, layers: Mapping[str, Any], path: Path, arch: str, on_meta: bool) -> nn.Module:
+def _assemble(
+    model: nn.Module, layers: Mapping[str, Any], path: Path, arch: str, on_meta: bool, tied: Mapping[str, str] | None = None
+) -> nn.Module:  # fmt: skip
     """Put an MPO layer skeleton, built from its validated metadata, at every name `layers` lists
-    (once per module: a layer reachable under two names stays one module)."""
+    (once per module: a layer reachable under two names stays one module, whether the skeleton
+    shares a module there or the file records the layer's parameters as tied, a table serving a tied
+    embedding and LM head)."""
     made: dict[int, nn.Module] = {}
-    for name, spec in layers.items():
+    by_name: dict[str, nn.Module] = {}
+    alias = {k.rpartition(".")[0]: v.rpartition(".")[0] for k, v in (tied or {}).items()}
+    for name, spec in sorted(layers.items(), key=lambda kv: kv[0] in alias):  # the names shared first
+        shared = by_name.get(alias.get(name, ""))
+        if shared is not None and layers.get(alias[name]) == spec:
+            set_module(model, name, shared)
+            by_name[name] = shared
+            continue
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -358,6 +369,7 @@ def _assemble(model: nn.Module, layers: Mapping[str, Any], path: Path, arch: str
             except (KeyError, TypeError, ValueError) as e:
                 raise MPOCompressError(f"{path}: metadata of MPO layer {name!r} is invalid ({short_error(e)})") from None
         set_module(model, name, made[id(old)])
+        by_name[name] = made[id(old)]
     return model
 
 

@@ -20,14 +20,14 @@ from mpocompress.nn.inference import (  # noqa: E402  (after the layers it times
     optimize_for_inference,
     resident_bytes,
 )
-from mpocompress.nn.lowrank import LowRankConv2d, LowRankLinear
+from mpocompress.nn.lowrank import LowRankConv2d, LowRankLinear, LowRankTable
 from mpocompress.nn.mpo_base import STRATEGIES, MPOLayer, Strategy
 from mpocompress.nn.mpo_conv import MPOConv2d
 from mpocompress.nn.mpo_embedding import MPOEmbedding, padded_vocab, vocab_modes
 from mpocompress.nn.mpo_linear import MPOLinear
 
 LAYER_KINDS: dict[str, type[FactorizedLayer]] = {
-    cls.kind: cls for cls in (MPOLinear, MPOConv2d, LowRankLinear, LowRankConv2d, MPOEmbedding)
+    cls.kind: cls for cls in (MPOLinear, MPOConv2d, LowRankLinear, LowRankConv2d, MPOEmbedding, LowRankTable)
 }
 
 
@@ -40,7 +40,7 @@ def layer_from_spec(spec: dict[str, Any]) -> FactorizedLayer:
 
 
 __all__ = [
-    "LAYER_KINDS", "STRATEGIES", "FactorizedLayer", "InferenceReport", "LayerInference", "LowRankConv2d", "LowRankLinear", "MPOConv2d", "MPOEmbedding", "MPOLayer",
+    "LAYER_KINDS", "STRATEGIES", "FactorizedLayer", "InferenceReport", "LayerInference", "LowRankConv2d", "LowRankLinear", "LowRankTable", "MPOConv2d", "MPOEmbedding", "MPOLayer",
     "MPOLinear", "Strategy", "WeightCache", "cached_bytes", "cached_layers", "conv_geometry", "dense_patches", "layer_from_spec", "materialized",
     "optimize_for_inference", "padded_vocab", "parameter_bytes", "resident_bytes", "vocab_modes",
 ]  # fmt: skip

@@ -228,3 +228,76 @@ class LowRankConv2d(ConvGeometry, _LowRank):
 
     def extra_repr(self) -> str:
         return f"{self.notation()}, {self.geometry_repr()}, bias={self.bias is not None}"
+
+
+class LowRankTable(_LowRank):
+    """A token table E (V x d) held as E^T = B A (B: d x r, A: r x V), serving both ends of a causal LM
+    whose input embedding and output head share one matrix (tied embeddings), as one module
+    reachable under both names: integer token ids are looked up, (A^T)[ids] B^T, and hidden states
+    give logits over the vocabulary, (h B) A, never forming E. In the role of the head it costs
+    r (d + V) multiply-adds a token instead of d V."""
+
+    kind = "lowrank_table"
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1:
+            raise MPOCompressError(f"rank must be a whole number >= 1, got {rank!r}")
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        second, first = _uniform_factors(num_embeddings, embedding_dim, rank, device, dtype)
+        self._set_factors(second, first, None)
+
+    @classmethod
+    def from_factors(cls, second: torch.Tensor, first: torch.Tensor, padding_idx: int | None = None) -> LowRankTable:
+        """A table holding copies of B (d, r) and A (r, V)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.num_embeddings, layer.embedding_dim, layer.padding_idx = int(first.shape[1]), int(second.shape[0]), padding_idx
+        layer._set_factors(second.detach().clone(), first.detach().clone(), None)
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table E (V x d), multiplied out (for code that reads `embedding.weight`)."""
+        return self.weight_matrix().T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():  # the head: logits of hidden states
+            return (x @ self.second) @ self.first
+        return F.embedding(x, self.first.t()) @ self.second.t()
+
+    def to_dense(self) -> nn.Embedding:
+        """The equivalent nn.Embedding (tie a dense head to its weight to serve both ends)."""
+        w = self.weight_matrix().detach()
+        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(w.T)
+        return dense
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "rank": self.rank,
+            "padding_idx": self.padding_idx, "bias": False,
+        }  # fmt: skip
+
+    @classmethod
+    def spec_dims(cls, spec: dict[str, Any]) -> tuple[int, int]:
+        v, d = whole_field(spec, "num_embeddings"), whole_field(spec, "embedding_dim")
+        _check_rank(spec, v, d)
+        pad = spec.get("padding_idx")
+        if pad is not None and (type(pad) is not int or not -v <= pad < v):
+            raise ValueError(f"padding_idx must be empty or a token index within [-{v}, {v}), got {pad!r}")
+        if spec.get("bias") is not False:
+            raise ValueError("a token table has no bias (bias must be false)")
+        return v, d
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> LowRankTable:
+        return cls(spec["num_embeddings"], spec["embedding_dim"], spec["rank"], padding_idx=spec["padding_idx"])
+
+    def extra_repr(self) -> str:
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.notation()}, {self.num_embeddings}, {self.embedding_dim}{pad}, tied embedding and head"

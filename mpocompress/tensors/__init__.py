@@ -4,6 +4,7 @@ initial values. Nothing here is an nn.Module, reads a file or prints; it imports
 
 from mpocompress.tensors.calibrated import (
     LowRank,
+    TableWeighting,
     Whitening,
     cross_whitening,
     cross_whitening_of,
@@ -13,6 +14,7 @@ from mpocompress.tensors.calibrated import (
     mpo_output_error,
     output_error,
     refine_cores,
+    table_weighting,
     truncation_errors,
     whitening,
 )
@@ -63,6 +65,7 @@ __all__ = [
     "CostModel",
     "LowRank",
     "MPOShape",
+    "TableWeighting",
     "Modes",
     "TTDecomposition",
     "Whitening",
@@ -107,5 +110,6 @@ __all__ = [
     "tt_svd",
     "tt_svd_sweep",
     "unfolding_spectra",
+    "table_weighting",
     "whitening",
 ]  # fmt: skip

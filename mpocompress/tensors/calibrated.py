@@ -86,6 +86,70 @@ class Whitening:
         """A L^{-1} for rows A (r x N_x): solves (A L^{-1}) L = A."""
         return torch.linalg.solve_triangular(self.factor, a, upper=False, left=False)
 
+    def apply(self, approx: torch.Tensor) -> torch.Tensor:
+        """W~ L in float64: an approximation weighed as `whiten` weighs W."""
+        return approx.detach().to(torch.float64) @ self.factor
+
+    def unwhiten_cols(self, b: torch.Tensor) -> torch.Tensor:
+        """The output-side factor B of a whitened truncation, unchanged (no output-side weight)."""
+        return b
+
+
+TABLE_FLOOR = 0.1  # a token's weight floor in a table's weighting, as a share of the uniform 1/V
+
+
+@dataclass
+class TableWeighting:
+    """Weights on both sides of a token table W = E^T (d x V) that also serves as a tied LM head.
+
+    The head's logits are z = E h. With S the second moment of the hidden states h it reads and p
+    the mean next-token distribution, the next-token KL a change dE causes is about
+    1/2 sum_v p_v E_h[(dE h)_v^2] ~ 1/2 ||diag(p)^{1/2} dE S^{1/2}||^2 (the logits' Fisher, diag p - p p^T,
+    taken by its diagonal, decoupled from h). In W's terms that is ||R dW C||^2 with R^T R = S
+    (upper-triangular) and C = diag(sqrt(p + floor)): the best rank-r W~ is R^{-1} (R W C)_r C^{-1},
+    a closed form. The floor (TABLE_FLOOR / V per token) keeps tokens the calibration text never
+    predicts from being left unconstrained; the input end of the table is served by the same
+    weights, since the tokens read most are the tokens predicted most."""
+
+    left: torch.Tensor  # R (d x d), upper-triangular, float64
+    columns: torch.Tensor  # sqrt(p + floor) per token (V,), float64
+    mean = None  # never centred: a table has no bias to move
+    target_map = None
+
+    def whiten(self, w: torch.Tensor) -> torch.Tensor:
+        """R W C in float64."""
+        return (self.left @ w.detach().to(torch.float64)) * self.columns
+
+    apply = whiten
+
+    def energy(self, w: torch.Tensor) -> float:
+        return float(self.whiten(w).square().sum())
+
+    def offset(self, w: torch.Tensor) -> float:
+        return 0.0
+
+    def bias_shift(self, w: torch.Tensor, approx: torch.Tensor) -> None:
+        return None
+
+    def unwhiten_rows(self, a: torch.Tensor) -> torch.Tensor:
+        """A C^{-1} for rows A (r x V)."""
+        return a / self.columns
+
+    def unwhiten_cols(self, b: torch.Tensor) -> torch.Tensor:
+        """R^{-1} B for columns B (d x r)."""
+        return torch.linalg.solve_triangular(self.left, b, upper=True)
+
+
+def table_weighting(gram: torch.Tensor, mean_p: torch.Tensor, damp: float = DAMP) -> TableWeighting:
+    """The `TableWeighting` of a tied table from the head inputs' Gram matrix (d x d, any scale) and
+    the mean next-token distribution over the vocabulary (V,)."""
+    if not (all_finite(gram) and all_finite(mean_p)):
+        raise MPOCompressError("the LM head's calibration statistics hold NaN or Inf (the model produced them on the calibration data); check the data")
+    low = whitening(gram, damp).factor  # L L^T = G + damping
+    p = mean_p.detach().to(torch.float64).clamp_min(0)
+    p = p / p.sum() if float(p.sum()) > 0 else torch.full_like(p, 1.0 / p.numel())
+    return TableWeighting(low.T.contiguous(), (p + TABLE_FLOOR / p.numel()).sqrt())
+
 
 def whitening(gram: torch.Tensor, damp: float = DAMP, total: torch.Tensor | None = None, rows: int = 0, owned: bool = False) -> Whitening:
     """The Cholesky factor of the regularized Gram matrix G = X^T X; centred on the inputs' mean when
@@ -229,7 +293,7 @@ def lowrank(w: torch.Tensor, rank: int, white: Whitening | None = None, dtype: t
     second = u[:, :r] * root
     first = root[:, None] * vh[:r]
     if white is not None:
-        first = white.unwhiten_rows(first)
+        first, second = white.unwhiten_rows(first), white.unwhiten_cols(second)
     out = dtype or w.dtype
     return LowRank(second.to(out).contiguous(), first.to(out).contiguous(), s)
 
@@ -245,7 +309,7 @@ def error_meter(w: torch.Tensor, white: Whitening | None = None) -> Callable[[to
     target, total, offset = white.whiten(w), white.energy(w), white.offset(w)
 
     def relative(approx: torch.Tensor) -> float:
-        r = float((target - approx.detach().to(torch.float64) @ white.factor).square().sum()) + offset
+        r = float((target - white.apply(approx)).square().sum()) + offset
         return math.sqrt(r / total) if total > 0 else 0.0
 
     return relative

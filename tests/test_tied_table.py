@@ -1,0 +1,239 @@
+"""A tied input embedding and LM head (SmolLM2's 28M-parameter table, a fifth of the model) as one
+candidate: a `LowRankTable` reachable under both names, compressed once, serving both ends, never
+untied. Checked against the dense products it stands for, the two-sided weighted truncation against
+an independent SVD of the weighted matrix, the KL probe against torch's KL, and the whole path
+(convert, save, load, evaluate, export) on the tiny tied Llama of tests/lm_models.py."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from lm_models import make_lm, write_folder
+from safetensors import safe_open
+from test_cli_train import invoke, run_json
+from test_lm import _lines
+
+from mpocompress import CompressionConfig, compress_, load
+from mpocompress.compress.calibrate import measure_swap, measure_swap_kl, outputs
+from mpocompress.compress.select import candidates
+from mpocompress.io.data.unlabelled import pack_windows
+from mpocompress.nn import LowRankTable, layer_from_spec
+from mpocompress.tensors import lowrank, output_error, table_weighting
+
+
+def _table(v=50, d=12, r=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return LowRankTable.from_factors(torch.randn(d, r, generator=g), torch.randn(r, v, generator=g))
+
+
+def test_a_table_looks_up_tokens_and_gives_logits_as_its_dense_matrix_does():
+    t = _table()
+    e = (t.second @ t.first).T  # E (V x d)
+    ids = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+    h = torch.randn(3, 7, 12, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(t(ids), F.embedding(ids, e), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t(h), h @ e.T, rtol=1e-5, atol=1e-5)  # the head: logits over the vocabulary
+    torch.testing.assert_close(t.weight, e)
+    dense = t.to_dense()
+    assert isinstance(dense, torch.nn.Embedding) and torch.equal(dense(ids), F.embedding(ids, e.detach()))
+    assert t.num_mpo_params == 5 * (50 + 12) and t.weight_numel == 50 * 12
+
+
+def test_a_table_is_rebuilt_from_its_metadata_with_its_shapes():
+    t = _table()
+    spec = t.spec()
+    assert spec["kind"] == "lowrank_table" and LowRankTable.spec_dims(spec) == (50, 12)
+    back = layer_from_spec(json.loads(json.dumps(spec)))
+    assert isinstance(back, LowRankTable) and back.first.shape == t.first.shape and back.second.shape == t.second.shape
+    with pytest.raises(ValueError, match="rank"):
+        LowRankTable.spec_dims({**spec, "rank": 13})
+
+
+def test_the_two_sided_weighting_gives_the_closed_form_optimum():
+    """min ||R (W - W~) C|| over rank r: the truncated SVD of R W C mapped back, checked against
+    torch.linalg.svd of the weighted matrix (an independent route) and against the plain SVD's
+    rank-r W~, which it must beat on this objective (float64, seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    d, v, r = 12, 60, 4
+    w = torch.randn(d, v, generator=g, dtype=torch.float64)
+    h = torch.randn(500, d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, d, dtype=torch.float64)
+    p = torch.softmax(3 * torch.randn(v, generator=g, dtype=torch.float64), 0)
+    white = table_weighting(h.T @ h, p)
+    lr = lowrank(w, r, white, dtype=torch.float64)
+    approx = lr.second @ lr.first
+    m = white.whiten(w)
+    s = torch.linalg.svdvals(m)
+    best = float((s[r:].square().sum() / s.square().sum()).sqrt())
+    assert output_error(w, approx, white) == pytest.approx(best, rel=1e-9)
+    u, sv, vh = torch.linalg.svd(w)
+    plain = (u[:, :r] * sv[:r]) @ vh[:r]
+    assert output_error(w, plain, white) > best * 1.05
+    # the weights are what they say: R^T R is the Gram matrix (damped by 1e-6 of its mean diagonal), C the floored p
+    gram = h.T @ h
+    torch.testing.assert_close(white.left.T @ white.left, gram + 1e-6 * gram.diagonal().mean() * torch.eye(d, dtype=torch.float64))
+    torch.testing.assert_close(white.columns.square(), p + 0.1 / v)
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tied")
+    text = d / "text.txt"
+    text.write_text("\n".join(_lines(600)) + "\n")
+    return {"llama": write_folder("llama", d / "llama"), "qwen2": write_folder("qwen2", d / "qwen2"), "text": text}
+
+
+def test_the_tied_pair_is_one_candidate_under_both_names_and_an_untied_head_is_not(tied):
+    by_name = {c.name: c for c in candidates(load(tied["llama"]))}
+    table = by_name["model.embed_tokens"]
+    assert table.names == ["model.embed_tokens", "lm_head"] and table.problem is None and table.converter.serves_head
+    assert "lm_head" not in by_name and (table.ny, table.nx) == (64, 257)
+    untied = {c.name: c for c in candidates(load(tied["qwen2"]))}
+    assert untied["model.embed_tokens"].names == ["model.embed_tokens"] and not untied["model.embed_tokens"].converter.serves_head
+    assert untied["lm_head"].kind == "linear"
+
+
+def _batches(model, text, n=4, length=32):
+    from mpocompress.io.hf import load_tokenizer
+
+    ids = pack_windows(text.read_text().splitlines(), load_tokenizer(_tokenizer_files(model), "test"), length)[:n]
+    return [{"input_ids": ids[k : k + 2], "attention_mask": torch.ones_like(ids[k : k + 2])} for k in range(0, n, 2)]
+
+
+def _tokenizer_files(model):
+    from mpocompress.io.hf import decode_tokenizer_files
+
+    return decode_tokenizer_files(model.mpocompress_tokenizer, "test")
+
+
+def test_the_kl_probe_is_twice_torch_kl_per_sample_and_every_name_gets_its_module_back(tied):
+    model = load(tied["llama"])
+    batches = _batches(model, tied["text"])
+    new = _table(257, 64, 8, seed=3)
+    emb, head = model.model.embed_tokens, model.lm_head
+    got = measure_swap_kl(model, [(["model.embed_tokens", "lm_head"], new)], batches)
+    assert model.model.embed_tokens is emb and model.lm_head is head  # each name its own module again
+    want, samples = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            ref = F.log_softmax(model(**b).logits.double(), -1)
+            model.model.embed_tokens, model.lm_head = new, new
+            out = F.log_softmax(model(**b).logits.double(), -1)
+            model.model.embed_tokens, model.lm_head = emb, head
+            want += 2 * float(F.kl_div(out, ref, log_target=True, reduction="sum"))
+            samples += b["input_ids"].shape[0]
+    assert got == pytest.approx(want / samples, rel=1e-4)
+    reference = outputs(model, batches)
+    measure_swap(model, ["model.embed_tokens", "lm_head"], new, batches, reference)
+    assert model.model.embed_tokens is emb and model.lm_head is head
+
+
+def test_a_tied_table_converts_saves_once_loads_as_one_module_and_exports(tied, tmp_path):
+    out = tmp_path / "t.safetensors"
+    rep = run_json("convert", str(tied["llama"]), "--layers", "model.embed_tokens", "-D", "16", "--calib", f"text:{tied['text']}",
+                   "--calib-samples", "8", "-o", str(out))  # fmt: skip
+    (layer,) = rep["layers"]
+    assert layer["name"] == "model.embed_tokens" and layer["structure"] == "lowrank" and layer["ranks"] == [16]
+    assert any("tied input embedding and LM head" in n for n in rep["notes"])
+    with safe_open(str(out), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert {"model.embed_tokens.first", "model.embed_tokens.second"} <= keys and not any(k.startswith("lm_head") for k in keys)
+    assert json.loads(meta["tied"]) == {"lm_head.first": "model.embed_tokens.first", "lm_head.second": "model.embed_tokens.second"}
+    back = load(out)
+    assert isinstance(back.lm_head, LowRankTable) and back.lm_head is back.model.embed_tokens
+    assert rep["params_model_after"] == sum(p.numel() for p in back.parameters())
+    assert rep["params_model_before"] - rep["params_model_after"] == 257 * 64 - 16 * (257 + 64)
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back.model.embed_tokens(ids), F.embedding(ids, back.model.embed_tokens.weight))
+    rep = run_json("evaluate", str(out), "--data", f"text:{tied['text']}", "--reference", str(tied["llama"]))
+    assert rep["params_model_dense"] == sum(p.numel() for p in load(tied["llama"]).parameters())  # the table counted once
+    hf = tmp_path / "hf"
+    run_json("export", str(out), "--format", "hf", "-o", str(hf))
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(hf)).eval()
+    assert exported.lm_head.weight is exported.model.embed_tokens.weight  # tied again, dense
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, back(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_calibrated_table_loses_less_next_token_kl_than_the_plain_svd(tied):
+    """The two-sided weighting targets the head's next-token KL; at the same rank its table must
+    lose less of it than the plain SVD's on the calibration windows (the objective it was made for)."""
+    base = load(tied["llama"])
+    batches = _batches(base, tied["text"], n=8)
+    losses = {}
+    for calibrated in (False, True):
+        model = load(tied["llama"])
+        compress_(model, CompressionConfig(bond_dims={"model.embed_tokens": 12}), calibration=batches if calibrated else None)
+        assert isinstance(model.lm_head, LowRankTable) and model.lm_head is model.model.embed_tokens
+        with torch.no_grad():
+            losses[calibrated] = sum(
+                float(F.kl_div(F.log_softmax(model(**b).logits, -1), F.log_softmax(base(**b).logits, -1), log_target=True, reduction="sum"))
+                for b in batches
+            )
+    assert losses[True] < losses[False]
+
+
+def test_a_budget_offers_the_tied_table_and_says_so(tied, tmp_path):
+    out = tmp_path / "b.safetensors"
+    rep = run_json("convert", str(tied["llama"]), "--calib", f"text:{tied['text']}", "--calib-samples", "8", "--remove", "0.3",
+                   "-o", str(out))  # fmt: skip
+    assert any("tied input embedding and LM head" in n for n in rep["notes"])
+    assert any("next-token KL" in n for n in rep["notes"])  # the currency stays the KL with the head offered
+    offered = {lr["name"] for lr in rep["layers"]} | {s["name"] for s in rep["skipped"]}
+    assert "model.embed_tokens" in offered
+    back = load(out)
+    assert back.lm_head.weight is back.model.embed_tokens.weight or back.lm_head is back.model.embed_tokens
+
+
+def test_a_plain_tied_text_model_converts_its_pair_with_a_bond_dimension():
+    class Text(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(97, 24)
+            self.head = torch.nn.Linear(24, 97, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, input_ids):
+            return self.head(torch.tanh(self.emb(input_ids)))
+
+    torch.manual_seed(0)
+    model = Text()
+    rep = compress_(model, CompressionConfig(bond_dim=6, layers=["emb"]))
+    assert isinstance(model.emb, LowRankTable) and model.head is model.emb and rep.layers[0].ranks == [6]
+    assert rep.params_model_after == 6 * (97 + 24) == sum(p.numel() for p in model.parameters())
+
+
+def test_the_tied_llama_still_loads_as_a_dense_model_when_the_pair_is_excluded(tied, tmp_path):
+    out = tmp_path / "x.safetensors"
+    r = invoke("convert", str(tied["llama"]), "--structure", "lowrank", "-D", "4", "--exclude", "model.embed_tokens", "-o", str(out))
+    assert r.exit_code == 0, r.output
+    back = load(out)
+    assert back.lm_head.weight is back.model.embed_tokens.weight and isinstance(back.lm_head, torch.nn.Linear)
+    assert make_lm("llama").config.tie_word_embeddings
+
+
+def test_the_allocator_prices_a_probed_table_form_at_its_measured_kl(tied):
+    """A table's cost in the allocator is energy x (its option's weighted error)^2 x the probe's
+    ratio; at a probed form that product must be the measured next-token KL itself (a ratio taken
+    against another error, the unweighted one, priced a rank-144 SmolLM2 table at a fraction of its
+    real KL and made the allocator spend the whole budget on it)."""
+    from mpocompress.compress.choose import _probed, plan_layers, weigh
+    from mpocompress.compress.structures import make_factors
+    from mpocompress.compress.targets import select_targets, weight_of
+
+    model = load(tied["llama"])
+    batches = _batches(model, tied["text"])
+    config = CompressionConfig(layers=["model.embed_tokens"], remove=0.3)
+    (t,), _ = select_targets(model, config)
+    plan = plan_layers(model, CompressionConfig(layers=["model.embed_tokens"]), [t], batches, curves_only=True)
+    opts, _ = weigh(t, config, plan)
+    white = plan._white(t)
+    assert white is not None  # the two-sided weighting of a tied table
+    ratios = _probed(model, t, opts, 1.0, batches, [], None, white)
+    k = min((k for k, o in enumerate(opts) if o.structure != "dense"), key=lambda k: opts[k].params)  # always probed
+    f = make_factors(weight_of(t), opts[k], white, 0)
+    real = measure_swap_kl(model, [(t.cand.names, t.cand.converter.build(t.cand.module, f.factors, f.structure))], batches)
+    assert opts[k].rel_error**2 * ratios[k] == pytest.approx(real, rel=1e-6)
+    assert f.output_rel_error == pytest.approx(opts[k].rel_error, rel=1e-6) and f.rel_error > 1.01 * opts[k].rel_error
