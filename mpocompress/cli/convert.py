@@ -50,7 +50,7 @@ from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.io.export import relative_error
 from mpocompress.io.stream import DiskStore, block_loader, open_streamed, stream_output
 from mpocompress.models.hf import probe_inputs
-from mpocompress.train.distributed import dist_env, init_distributed
+from mpocompress.train.distributed import dist_env, finish_distributed, init_distributed
 from mpocompress.utils import is_causal_lm
 
 
@@ -181,9 +181,7 @@ def _convert_streamed(
                             + (f"; {env.world_size} processes, each running its share of the batches" if env.distributed else ""))  # fmt: skip
         if env.is_main:
             writer.finish(loaded.model, blocks, loaded.arch, extra, source)
-    if env.distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    finish_distributed(env)
     if not env.is_main:
         return
     if json_out:

@@ -55,6 +55,7 @@ from mpocompress.train import (
     TrainConfig,
     dist_env,
     evaluate,
+    finish_distributed,
     freeze_,
     init_distributed,
     prepare_finetune_,
@@ -104,6 +105,7 @@ def finetune(
     resume: bool = RESUME_OPT,
     keep_checkpoint: bool = KEEP_CKPT_OPT,
     device: str = DEVICE_OPT,
+    shard: bool = typer.Option(False, "--shard", help="Under torchrun: shard parameters, gradients and optimizer states over the processes (FSDP2) instead of a full replica per process (DDP), for models larger than one device; OUT.ckpt is then a folder of torch.distributed.checkpoint shards, resumable with --resume --shard on as many processes."),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -117,9 +119,12 @@ def finetune(
     Examples:
       mpocompress finetune small.safetensors --distill-from MODEL_DIR --data text:sentences.txt -o healed.safetensors
       mpocompress finetune runs/fc2_d8.safetensors --data digits -o runs/fc2_d8_ft.safetensors
+      torchrun --nproc_per_node 2 -m mpocompress finetune small.safetensors --distill-from MODEL_DIR --data text:sentences.txt --shard -o healed.safetensors
     """
     env = dist_env()
     dev = resolve_device(device, env)
+    if shard and not env.distributed:
+        fail("--shard splits the model over torchrun processes; launch with torchrun --nproc_per_node N (N >= 2), or drop --shard")
     inputs = (model,) + ((distill_from,) if distill_from else ()) + data_inputs(data)
     check_outputs("finetune", output, runs, force or resume, env, inputs)
     err = make_err_console()
@@ -160,6 +165,8 @@ def finetune(
 
     describe = {"model": str(model), "freeze": list(parts), "balance": balance,
                 "distill_from": str(distill_from) if distill_from else None}  # fmt: skip
+    if shard:  # a sharded checkpoint resumes only sharded, over as many processes
+        describe.update(shard=True, world_size=env.world_size)
     if distilling:
         with working(err, f"reading {data}"):
             train_set, test_set = load_unlabelled_data(data, loaded.model, teacher, max_length, max_samples)
@@ -172,7 +179,7 @@ def finetune(
                   data_record=choice.record(),
                   describe={**describe, "data": data, "max_length": max_length, "max_samples": max_samples},
                   teacher=teacher, trainer=distill, metric=metric, eval_every=eval_every,
-                  start=(value, before["output_rel_error"]), by_loss=is_causal_lm(teacher))  # fmt: skip
+                  start=(value, before["output_rel_error"]), by_loss=is_causal_lm(teacher), shard=shard)  # fmt: skip
     else:
         train_set, test_set = load_data(choice, data_dir, augment)
         if teacher is not None:
@@ -183,16 +190,17 @@ def finetune(
             extra["accuracy_teacher"], extra["loss_teacher"] = evaluate(teacher, test_set, dev)
             extra["params_teacher"] = sum(p.numel() for p in teacher.parameters())
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
-                  data_record=choice.record(), describe={"data": train_set.name, **describe}, teacher=teacher)  # fmt: skip
+                  data_record=choice.record(), describe={"data": train_set.name, **describe}, teacher=teacher, shard=shard)  # fmt: skip
     init_distributed(dev, env)
     outcomes = run_all(job, err)
+    finish_distributed(env)
     if not env.is_main:
         return
     rep = report(job, outcomes, {"model": str(model), "arch": loaded.arch, "data": train_set.name,
                                  "data_options": choice.options(), **extra,
                                  "params_model_before": sum(p.numel() for p in loaded.model.parameters()),
                                  "distill_from": str(distill_from) if distill_from else None, "freeze": list(parts),
-                                 "device": str(dev), "world_size": env.world_size})  # fmt: skip
+                                 "device": str(dev), "world_size": env.world_size, "sharded": shard})  # fmt: skip
     if json_out:
         print_json(rep)
     else:

@@ -40,7 +40,7 @@ from mpocompress.cli.training import (
     run_all,
 )  # fmt: skip
 from mpocompress.models import adapt_arch, build_model, build_mpo_net
-from mpocompress.train import TrainConfig, dist_env, init_distributed, resolve_device
+from mpocompress.train import TrainConfig, dist_env, finish_distributed, init_distributed, resolve_device
 
 
 @app.command()
@@ -105,6 +105,7 @@ def train(
               describe={"data": train_set.name, "mpo": mpo}, data_record=choice.record())  # fmt: skip
     init_distributed(dev, env)
     outcomes = run_all(job, make_err_console())
+    finish_distributed(env)
     if not env.is_main:
         return
     rep = report(job, outcomes, {"arch": str(spec), "mpo": mpo, "data": train_set.name, "data_options": choice.options(), "device": str(dev),

@@ -24,9 +24,12 @@ from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io import (
     check_output_path,
     checkpoint_path_for,
+    is_sharded_checkpoint,
     load_train_state,
     mpo_layer_specs,
+    remove_train_state,
     save,
+    save_sharded_train_state,
     save_train_state,
 )  # fmt: skip
 from mpocompress.io.data import (
@@ -47,6 +50,8 @@ from mpocompress.train import (
     StopOnSignal,
     count_params,
     fit,
+    full_state_dict,
+    is_sharded,
     mean_std,
 )  # fmt: skip
 from mpocompress.utils import is_causal_lm, is_hf_model
@@ -223,6 +228,7 @@ class Job:
     start: tuple[float, float] | None = None  # distillation: the held-out (metric, loss) before training; the best
     # held-out state (by loss, lower is better, when `by_loss`; else by metric) is what gets saved, the start included
     by_loss: bool = False
+    shard: bool = False  # FSDP2 under torchrun (finetune --shard): sharded checkpoints, the whole model gathered to save
 
 
 def data_inputs(data: str | None) -> tuple[Path, ...]:
@@ -251,8 +257,8 @@ def check_outputs(
                 if src.exists() and ckpt.exists() and ckpt.resolve() == src.resolve():
                     raise MPOCompressError(f"{src} is the checkpoint {ckpt} this run would write over; choose another -o "
                                            "(inputs are never modified)")  # fmt: skip
-            if ckpt.exists() and not ckpt.is_file():
-                raise MPOCompressError(f"the checkpoint path {ckpt} is not a regular file; choose another -o")
+            if ckpt.exists() and not (ckpt.is_file() or is_sharded_checkpoint(ckpt)):
+                raise MPOCompressError(f"the checkpoint path {ckpt} is neither a regular file nor a sharded checkpoint; choose another -o")
 
 
 def run_all(job: Job, console: Console) -> list[RunOutcome]:
@@ -264,7 +270,7 @@ def run_all(job: Job, console: Console) -> list[RunOutcome]:
     if not job.keep_checkpoint and job.env.is_main and not stop():  # every run is complete: no resume needs them
         for o in outcomes:
             if o.output is not None:
-                checkpoint_path_for(o.output).unlink(missing_ok=True)
+                remove_train_state(checkpoint_path_for(o.output))
     return outcomes
 
 
@@ -280,7 +286,12 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
     resume_state = _resume_state(ckpt, identity, first=(r == 0), out=out) if (job.resume and ckpt is not None) else None
 
     def save_state(state: dict[str, Any]) -> None:
-        if ckpt is not None:
+        if ckpt is None:
+            return
+        if state.get("sharded"):  # every process writes its own shards
+            meta = {k: v for k, v in state.items() if k != "tensors"}
+            save_sharded_train_state(ckpt, {**meta, "job": json.dumps(identity, sort_keys=True)}, state["tensors"])
+        else:
             save_train_state(ckpt, {**state, "job": json.dumps(identity, sort_keys=True)})
 
     label = f"run {r + 1}/{job.runs} (seed {seed})" if job.runs > 1 else f"seed {seed}"
@@ -311,7 +322,8 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
                         f"acc {s.test_accuracy:.2%}")  # fmt: skip
             else:
                 text = f"train loss {s.train_loss:.4f} | held-out {job.metric} {s.test_accuracy:.4f}, output error {s.test_loss:.4f}"
-            progress.console.print(f"{label} epoch {s.epoch}/{config.epochs}: {text} | lr {s.lr:.3g} | {s.time_s:.1f} s", highlight=False)
+            if job.env.is_main:  # a sharded run calls this on every process, for the best state
+                progress.console.print(f"{label} epoch {s.epoch}/{config.epochs}: {text} | lr {s.lr:.3g} | {s.time_s:.1f} s", highlight=False)
 
         curve: list[dict[str, float]] = []
         began = time.perf_counter()
@@ -323,6 +335,8 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
             progress.console.print(f"{label} step {step}: {job.metric} {metric:.4f}, output error {loss:.4f}", highlight=False)
 
         extra = {"eval_every": job.eval_every, "on_eval": on_eval} if job.eval_every else {}
+        if job.shard:
+            extra["shard"] = True
         try:
             trainer = job.trainer or fit
             result = trainer(model, job.train_set, job.test_set, config, teacher=job.teacher, device=job.device,
@@ -335,15 +349,21 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
             if ckpt is not None and ckpt.exists() and job.env.is_main:
                 console.print(f"interrupted: {ckpt} holds the last checkpoint; add --resume to continue", highlight=False)
             raise
-    model = model.cpu()
     kept = None
     if best:
         kept = best["at"]
         if kept != f"epoch {result.epochs}":  # a later epoch did worse on held-out data: save the best one
             model.load_state_dict(best["state"])
             result.accuracy, result.loss = best["values"]
-            console.print(f"{label}: the held-out {'loss' if job.by_loss else job.metric} was best {'at the start' if kept == 'start' else 'after ' + kept}; "
-                          f"saving that state", highlight=False)  # fmt: skip
+            if job.env.is_main:
+                console.print(f"{label}: the held-out {'loss' if job.by_loss else job.metric} was best {'at the start' if kept == 'start' else 'after ' + kept}; "
+                              f"saving that state", highlight=False)  # fmt: skip
+    if is_sharded(model):  # the whole model gathered to rank 0, into a plain copy that is saved as any other
+        whole = full_state_dict(model)
+        if job.env.is_main:
+            model = job.make_model(seed)[0]
+            model.load_state_dict(whole)
+    model = model.cpu()
     if out is not None and job.env.is_main:
         extra = {"source_format": job.command, "training": {**job.describe, "config": config.to_dict(),
                  "accuracy": result.accuracy, "loss": result.loss, "epochs": result.epochs}}  # fmt: skip
@@ -353,7 +373,7 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
     if stop() and r + 1 < job.runs:
         raise Interrupted(f"interrupted after run {r + 1}/{job.runs}: {out} is complete; rerun the same command "
                           "with --resume for the remaining runs", stop())  # fmt: skip
-    return RunOutcome(seed, result, out, summarize(model), trainable, curve, kept)
+    return RunOutcome(seed, result, out, summarize(model) if job.env.is_main else {}, trainable, curve, kept)
 
 
 def _score(job: Job, metric: float, loss: float) -> float:

@@ -269,12 +269,14 @@ def distill(
     should_stop: Callable[[], int] | None = None,
     eval_every: int = 0,
     on_eval: Callable[..., None] | None = None,
+    shard: bool = False,
 ) -> FitResult:
     """Train `model` in place to reproduce `teacher` on unlabelled data, for `config.epochs` epochs.
 
     The result's `accuracy` is the agreement on `test_set` after the last epoch (mean cosine of
     pooled outputs for an encoder, top-1 agreement for a classifier) and `loss` the relative error
-    of the outputs there (`agreement`'s output_rel_error); the keyword arguments behave as in `fit`.
+    of the outputs there (`agreement`'s output_rel_error); the keyword arguments (`shard` included)
+    behave as in `fit`.
     With `eval_every` = k, the agreement is also measured every k steps and passed to
     `on_eval(step, metric, rel_error, more)` (a learning curve; `more` holds a causal LM's
     perplexity and mean KL, else nothing).
@@ -286,13 +288,13 @@ def distill(
     model.to(device)
     freeze_teacher(teacher, device)
     local_batch = local_batch_size(config.batch_size, env)
+    net = wrap_distributed(model, env, device, find_unused=True, shard=shard)
     optimizer = _adamw(model, config)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / env.world_size) / local_batch)
     total = config.epochs * steps_per_epoch
     start_epoch, skip, partial, history = 0, 0, None, []
     if resume_state is not None:
         start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device, config.epochs, steps_per_epoch)
-    net = wrap_distributed(model, env, device, find_unused=True)
     last: dict[str, float] = {}  # a causal LM's perplexity and KL at the last evaluation, for the curve
     if on_eval is not None and eval_every:
         curve_fn = on_eval

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from mpocompress.errors import MPOCompressError
 
@@ -64,3 +65,49 @@ def init_distributed(device: torch.device, env: DistEnv | None = None) -> DistEn
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return env
+
+
+def finish_distributed(env: DistEnv) -> None:
+    """Leave the process group together: a barrier first, so no process tears the group down (and
+    exits) while another still talks through it (gloo aborts the late one otherwise)."""
+    if env.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
+    """Shard `model`'s parameters, gradients and optimizer states over the torchrun processes with
+    FSDP2 (`torch.distributed.fsdp.fully_shard`), in place: each block of a stack (every member of an
+    `nn.ModuleList` that holds parameters, e.g. a transformer's decoder layers) is one unit, gathered
+    for its own forward and backward only; the rest (embeddings, a tied head, norms) is the root's.
+    Gradients are averaged over the processes, as DistributedDataParallel does. Build the optimizer
+    after this call: the parameters become DTensors."""
+    if not env.distributed:
+        raise MPOCompressError("--shard splits the model over torchrun processes; launch with torchrun --nproc_per_node N, or drop --shard")
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst if any(True for _ in m.parameters())]
+    for block in blocks:  # the outermost stack's blocks: a block inside another block stays its parent's
+        if not _inside_other(block, blocks):
+            fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _inside_other(block: nn.Module, blocks: list[nn.Module]) -> bool:
+    return any(other is not block and any(sub is block for sub in other.modules()) for other in blocks)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `shard_model` (FSDP2) sharded this model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) state dict of a sharded model, on the CPU of rank 0 (other processes get
+    an empty dict); every process calls it together."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -30,7 +30,7 @@ from mpocompress.errors import Interrupted, MPOCompressError
 from mpocompress.io.data import ImageSet, batch_indices
 from mpocompress.train.config import TrainConfig, lr_at
 from mpocompress.train.data import as_dataset
-from mpocompress.train.distributed import DistEnv, dist_env
+from mpocompress.train.distributed import DistEnv, dist_env, is_sharded, shard_model
 from mpocompress.train.evaluation import distillation_loss, evaluate, forward_checked
 from mpocompress.train.signals import signal_name
 from mpocompress.train.state import EpochStats, restore_state, snapshot_state
@@ -100,6 +100,11 @@ class Loop:
     on_eval: Callable[[int, float, float], None] | None = None  # (step, metric, loss) of those evaluations
     evaluate_fn: Callable[[], tuple[float, float]] | None = None
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: saving a state and keeping the best one involve every process, not rank 0 alone."""
+        return is_sharded(self.model)
+
     def stop_requested(self) -> int:
         if self.should_stop is None:
             return 0
@@ -158,7 +163,7 @@ class Loop:
             signum = self.stop_requested()
             if signum:
                 self.check_loss(sums.average(), epoch, i + 1)  # never replace a good checkpoint by a diverged one
-                if self.save_state is not None and env.is_main:
+                if self.save_state is not None and (env.is_main or self.sharded):
                     self.save_state(snapshot_state(self.model, self.optimizer, epoch, self.history, i + 1, sums.partial()))
                 raise Interrupted(
                     f"interrupted by {signal_name(signum)} in epoch {epoch + 1}/{self.epochs} "
@@ -183,9 +188,9 @@ class Loop:
             stats = EpochStats(epoch + 1, float(sums.loss_sum) / max(sums.seen, 1), float(sums.correct) / max(sums.seen, 1),
                                test_loss, test_metric, lr, time.perf_counter() - t0)  # fmt: skip
             self.history.append(stats)
-            if self.save_state is not None and self.env.is_main:
+            if self.save_state is not None and (self.env.is_main or self.sharded):
                 self.save_state(snapshot_state(self.model, self.optimizer, epoch + 1, self.history))
-            if on_epoch is not None and self.env.is_main:
+            if on_epoch is not None and (self.env.is_main or self.sharded):
                 on_epoch(stats)
             signum = self.stop_requested() if epoch + 1 < self.epochs else 0
             if signum:
@@ -211,6 +216,7 @@ def fit(
     on_epoch: EpochCallback | None = None,
     env: DistEnv | None = None,
     should_stop: Callable[[], int] | None = None,
+    shard: bool = False,
 ) -> FitResult:
     """Train `model` in place: SGD with momentum and L2 weight decay on cross-entropy (plus the
     distillation term when a `teacher` is given), for `config.epochs` epochs.
@@ -226,6 +232,9 @@ def fit(
         should_stop: polled after every optimizer step; a non-zero value (a signal number) stops
             the run there: the state, mid-epoch, goes to `save_state` and `Interrupted` is raised.
             In a distributed run the processes agree on the step to stop at.
+        shard: under torchrun, shard parameters, gradients and optimizer states with FSDP2
+            (`shard_model`) instead of replicating the model (DDP). Every process then calls
+            `save_state` (with a sharded state, for `io.save_sharded_train_state`) and `on_epoch`.
 
     Raises:
         MPOCompressError: when the loss becomes NaN or Inf (the last saved state is kept).
@@ -238,12 +247,12 @@ def fit(
     if teacher is not None:
         freeze_teacher(teacher, device)
     local_batch = local_batch_size(config.batch_size, env)
+    net = wrap_distributed(model, env, device, shard=shard)
     optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / env.world_size) / local_batch)
     start_epoch, skip, partial, history = 0, 0, None, []
     if resume_state is not None:
         start_epoch, skip, partial, history = restore_state(model, optimizer, resume_state, device, config.epochs, steps_per_epoch)
-    net = wrap_distributed(model, env, device)
     if start_epoch == 0 and skip == 0:  # a clear error now if the model does not fit the data, not a traceback later
         with torch.no_grad():
             forward_checked(model.eval(), train_set.batch(torch.arange(min(2, len(train_set))), device)[0], train_set)
@@ -272,10 +281,13 @@ def _cross_entropy(train_set: ImageSet, teacher: nn.Module | None, config: Train
     return objective
 
 
-def wrap_distributed(model: nn.Module, env: DistEnv, device: torch.device, find_unused: bool = False) -> nn.Module:
-    """The model in DistributedDataParallel when several processes train it, else itself.
-    `find_unused`: some parameters may get no gradient from the loss (a pooler whose output is not
-    matched), which DDP must then be told to expect."""
+def wrap_distributed(model: nn.Module, env: DistEnv, device: torch.device, find_unused: bool = False, shard: bool = False) -> nn.Module:
+    """The model in DistributedDataParallel when several processes train it, else itself; with
+    `shard`, the model itself sharded with FSDP2 (`shard_model`). `find_unused`: some parameters may
+    get no gradient from the loss (a pooler whose output is not matched), which DDP must then be told
+    to expect. Call it before building the optimizer."""
+    if shard:
+        return shard_model(model, env)
     if env.distributed:
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
