@@ -63,6 +63,9 @@ def test_train_json_contract_and_output(trained):
     assert {"accuracy", "loss", "rho", "params_model_after", "accuracy_std", "epochs", "wall_time_s", "runs"} <= set(rep)
     assert 0.85 < rep["accuracy"] <= 1 and rep["rho"] == 1.0 and rep["params_model_after"] == 203530
     assert rep["accuracy_std"] is None and rep["epochs"] == 2 and len(rep["runs"][0]["history"]) == 2
+    from mpocompress.io.data import load_dataset
+
+    assert rep["runs"][0]["steps"] == 2 * -(-len(load_dataset("digits")) // 64)  # two epochs of batches of 64
     assert not (d / "fc2.safetensors.ckpt").exists()  # the per-epoch checkpoint, removed once the run succeeded
     model = load(d / "fc2.safetensors")  # no --arch needed: the file records it
     ev = run_json("evaluate", d / "fc2.safetensors")

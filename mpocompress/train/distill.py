@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpocompress.errors import MPOCompressError, check_all
-from mpocompress.train.distributed import DistEnv, dist_env
+from mpocompress.train.distributed import DistEnv, dist_env, is_sharded, shard_model
 from mpocompress.train.evaluation import distillation_loss
 from mpocompress.train.lm import lm_scores, next_token_kl
 from mpocompress.train.loop import (
@@ -285,8 +285,11 @@ def distill(
         raise MPOCompressError("distillation needs a teacher: pass --distill-from ORIGINAL")
     env = env or dist_env()
     device = torch.device(device)
-    model.to(device)
-    freeze_teacher(teacher, device)
+    if not shard:  # sharding moves them, a block at a time
+        model.to(device)
+    freeze_teacher(teacher, device, move=not shard)
+    if shard and not is_sharded(teacher):  # a teacher too large to replicate: sharded too, gathered block by block for its forward
+        shard_model(teacher, env, device)
     local_batch = local_batch_size(config.batch_size, env)
     net = wrap_distributed(model, env, device, find_unused=True, shard=shard)
     optimizer = _adamw(model, config)

@@ -75,22 +75,25 @@ def finish_distributed(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: nn.Module, env: DistEnv) -> nn.Module:
+def shard_model(model: nn.Module, env: DistEnv, device: torch.device | str = "cpu") -> nn.Module:
     """Shard `model`'s parameters, gradients and optimizer states over the torchrun processes with
     FSDP2 (`torch.distributed.fsdp.fully_shard`), in place: each block of a stack (every member of an
     `nn.ModuleList` that holds parameters, e.g. a transformer's decoder layers) is one unit, gathered
     for its own forward and backward only; the rest (embeddings, a tied head, norms) is the root's.
     Gradients are averaged over the processes, as DistributedDataParallel does. Build the optimizer
-    after this call: the parameters become DTensors."""
+    after this call: the parameters become DTensors. Each unit is moved to `device` as it is sharded,
+    so a model left on the CPU reaches the device one block at a time, never whole."""
     if not env.distributed:
         raise MPOCompressError("--shard splits the model over torchrun processes; launch with torchrun --nproc_per_node N, or drop --shard")
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(torch.device(device).type, (env.world_size,))
     blocks = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst if any(True for _ in m.parameters())]
     for block in blocks:  # the outermost stack's blocks: a block inside another block stays its parent's
         if not _inside_other(block, blocks):
-            fully_shard(block)
-    fully_shard(model)
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 

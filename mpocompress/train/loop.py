@@ -47,6 +47,7 @@ class FitResult:
     epochs: int
     wall_time_s: float
     history: list[EpochStats] = field(default_factory=list)
+    steps: int = 0  # optimizer steps of the whole run (those before a resume included)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k != "history"}, "history": [asdict(h) for h in self.history]}
@@ -199,7 +200,7 @@ class Loop:
             metric, loss = self.history[-1].test_accuracy, self.history[-1].test_loss
         else:
             metric, loss = evaluate_fn()
-        return FitResult(metric, loss, len(self.history), time.perf_counter() - t_start, self.history)
+        return FitResult(metric, loss, len(self.history), time.perf_counter() - t_start, self.history, self.step)
 
 
 def fit(
@@ -243,7 +244,8 @@ def fit(
     env = env or dist_env()
     device = torch.device(device)
     train_set, test_set = as_dataset(train_set), as_dataset(test_set)
-    model.to(device)
+    if not shard:  # sharding moves it, a block at a time
+        model.to(device)
     if teacher is not None:
         freeze_teacher(teacher, device)
     local_batch = local_batch_size(config.batch_size, env)
@@ -287,15 +289,17 @@ def wrap_distributed(model: nn.Module, env: DistEnv, device: torch.device, find_
     get no gradient from the loss (a pooler whose output is not matched), which DDP must then be told
     to expect. Call it before building the optimizer."""
     if shard:
-        return shard_model(model, env)
+        return shard_model(model, env, device)
     if env.distributed:
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
     return model
 
 
-def freeze_teacher(teacher: nn.Module, device: torch.device) -> None:
-    teacher.to(device).eval()
+def freeze_teacher(teacher: nn.Module, device: torch.device, move: bool = True) -> None:
+    if move:
+        teacher.to(device)
+    teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
 
