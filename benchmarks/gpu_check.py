@@ -1,6 +1,8 @@
 """The GPU check: every contraction plan of the factorized layers on a CUDA device, forward and
 backward, against the dense product in float64 on the CPU; the batched step's own backward against
-autograd's; `optimize_for_inference` on the device; and a short timing of plans at batch 1 and 512.
+autograd's; `optimize_for_inference` on the device; the commands a user runs on the device (a tiny
+Llama converted, healed by distillation with `finetune --device`, evaluated with `evaluate --device`);
+and a short timing of plans at batch 1 and 512.
 
     python benchmarks/gpu_check.py                 # on a machine with a CUDA GPU (about a minute)
     python benchmarks/gpu_check.py --device cpu    # the same checks on the CPU (what CI runs)
@@ -12,7 +14,11 @@ than the tolerance (float32: 1e-4 relative to the reference's norm; TF32 matmuls
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -120,6 +126,36 @@ def timings(device: torch.device) -> None:
                 print(f"{b:>5} {plan.describe():<26} {median_ms(lambda x=x: layer(x), device, 0.2):8.3f} {median_ms(lambda x=x: dense(x), device, 0.2):19.3f}")
 
 
+def commands(device: torch.device, failures: list[str]) -> None:
+    """convert, then finetune --distill-from and evaluate --device on a tiny Llama (GQA, tied
+    embeddings; the test suite's model): each must exit 0, and the heal must take its steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from lm_models import write_folder
+
+    text = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "docstrings-en.txt"
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        folder = write_folder("llama", d / "llama")
+        steps = [
+            ("convert", ["convert", str(folder), "--structure", "lowrank", "-D", "4", "-o", str(d / "s.safetensors")]),
+            ("finetune --device", ["finetune", str(d / "s.safetensors"), "--distill-from", str(folder), "--data", f"text:{text}",
+                                   "--max-samples", "300", "--max-length", "32", "--epochs", "1", "--device", str(device.type),
+                                   "--json", "-o", str(d / "h.safetensors")]),
+            ("evaluate --device", ["evaluate", str(d / "h.safetensors"), "--data", f"text:{text}", "--max-samples", "300",
+                                   "--max-length", "32", "--reference", str(folder), "--device", str(device.type), "--json"]),
+        ]  # fmt: skip
+        for name, args in steps:
+            r = subprocess.run([sys.executable, "-m", "mpocompress", *args], capture_output=True, text=True, timeout=600, check=False)
+            ok = r.returncode == 0
+            if ok and name.startswith("finetune"):
+                rep = json.loads(r.stdout)
+                ok = rep["runs"][0]["steps"] > 0
+            print(f"{'ok  ' if ok else 'FAIL'} command: {name:<49} exit {r.returncode}")
+            if not ok:
+                print(r.stderr[-2000:])
+                failures.append(f"command {name}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -136,6 +172,7 @@ def main() -> int:
     plans_agree(device, failures)
     shared_bmm_backward(device, failures)
     optimized_model(device, failures)
+    commands(device, failures)
     if not args.no_timing:
         timings(device)
     print(f"\n{len(failures)} failed" + (": " + ", ".join(failures) if failures else ""))

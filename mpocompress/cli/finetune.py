@@ -172,7 +172,8 @@ def finetune(
             train_set, test_set = load_unlabelled_data(data, loaded.model, teacher, max_length, max_samples)
         _check_outputs_match(model, loaded, distill_from, taught, test_set)
         with working(err, f"measuring the start on the held-out split ({len(test_set)} samples)"):
-            before = agreement(loaded.model, teacher, test_set, dev)
+            before = agreement(loaded.model.to(dev), teacher.to(dev), test_set, dev)
+        loaded.model.cpu()  # only measured: the runs train fresh copies (make_model)
         metric, value = metric_of(before)
         extra = {f"{metric}_before": value, "output_rel_error_before": before["output_rel_error"], "loss_kind": config.loss}
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
@@ -184,10 +185,11 @@ def finetune(
         train_set, test_set = load_data(choice, data_dir, augment)
         if teacher is not None:
             _check_outputs_match(model, loaded, distill_from, taught, test_set)
-        accuracy_before, loss_before = evaluate(loaded.model, test_set, dev)
+        accuracy_before, loss_before = evaluate(loaded.model.to(dev), test_set, dev)
+        loaded.model.cpu()  # only measured: the runs train fresh copies (make_model)
         extra = {"accuracy_before": accuracy_before, "loss_before": loss_before}
         if teacher is not None:  # what distillation pulls towards, measured on the same test split
-            extra["accuracy_teacher"], extra["loss_teacher"] = evaluate(teacher, test_set, dev)
+            extra["accuracy_teacher"], extra["loss_teacher"] = evaluate(teacher.to(dev), test_set, dev)
             extra["params_teacher"] = sum(p.numel() for p in teacher.parameters())
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
                   data_record=choice.record(), describe={"data": train_set.name, **describe}, teacher=teacher, shard=shard)  # fmt: skip
