@@ -173,6 +173,31 @@ def test_a_budget_is_spent_from_a_first_streamed_pass(folders, tmp_path):
     assert ev["perplexity"] > 0 and 0.0 <= ev["top1_agreement"] <= 1.0
 
 
+def test_streamed_analyze_shows_what_the_streamed_convert_does(folders, tmp_path):
+    """analyze --stream --remove 0.3 (low-rank) reports the allocation convert --stream makes (the same
+    layers at the same ranks, the same size), curves equal to the in-memory analyze's (the first pass
+    runs the original blocks on the original inputs, as the in-memory pass does) within 1e-6, and
+    writes nothing; without a budget it shows the curves and no allocation."""
+    common = ["--calib", f"text:{folders['text']}", "--max-length", "32", "--structure", "lowrank"]
+    before = sorted(p.name for p in folders["llama"].iterdir())
+    rep = run_json("analyze", folders["llama"], "--stream", "--remove", "0.3", *common)
+    conv = run_json("convert", folders["llama"], "--stream", "--remove", "0.3", *common, "-o", tmp_path / "c.safetensors")
+    ranks = {lr["name"]: lr["bond_dims"] for lr in rep["layers"]}
+    assert ranks and ranks == {lr["name"]: lr["bond_dims"] for lr in conv["layers"]}
+    assert rep["params_model_after"] == conv["params_model_after"] < rep["params_model_before"]
+    assert rep["applied"] is False and sorted(p.name for p in folders["llama"].iterdir()) == before
+    mem = run_json("analyze", folders["llama"], "--remove", "0.3", *common)
+    mem_blocks = {n: c for n, c in mem["curves"].items() if ".layers." in n}  # in memory the tied table is offered too
+    assert sorted(rep["curves"]) == sorted(mem_blocks) and len(rep["curves"]) == 14  # 2 blocks x 7 projections
+    for name, forms in mem_blocks.items():
+        assert [f["params"] for f in rep["curves"][name]] == [f["params"] for f in forms]
+        for a, b in zip(rep["curves"][name], forms, strict=True):
+            assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-6, abs=1e-9), name
+    curves = run_json("analyze", folders["llama"], "--stream", *common[:4], "--offload", "disk")
+    assert curves["layers"] == [] and len(curves["curves"]) == 14 and any("no size asked for" in n for n in curves["notes"])
+    assert all("no size asked for" in k["reason"] for k in curves["skipped"] if ".layers." in k["name"])
+
+
 def _fails(*args):
     r = invoke(*args)
     assert r.exit_code == 2, r.output
@@ -185,11 +210,14 @@ def test_bad_inputs_get_one_line_and_exit_2_and_leave_nothing(folders, tmp_path)
     calib = f"text:{folders['text']}"
     out = tmp_path / "o.safetensors"
     assert "needs --calib" in _fails("convert", folders["llama"], "--stream", "-D", "4", "-o", out)
+    assert "needs --calib" in _fails("analyze", folders["llama"], "--stream", "--remove", "0.3")
+    assert "add --stream" in _fails("analyze", folders["llama"], "--offload", "disk", "--calib", calib)
     assert "add --stream" in _fails("convert", folders["llama"], "--offload", "disk", "--calib", calib, "-D", "4", "-o", out)
     assert "cpu or disk" in _fails("convert", folders["llama"], "--stream", "--offload", "tape", "--calib", calib, "-D", "4", "-o", out)
     pt = tmp_path / "plain.safetensors"
     save(torch.nn.Sequential(torch.nn.Linear(4, 4)), pt, arch=None)
     assert "Hugging Face model folder" in _fails("convert", pt, "--stream", "--calib", calib, "-D", "4", "-o", out)
+    assert "Hugging Face model folder" in _fails("analyze", pt, "--stream", "--calib", calib, "--remove", "0.3")
     bins = tmp_path / "bins"
     bins.mkdir()
     model = make_lm("llama")

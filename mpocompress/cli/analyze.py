@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import typer
@@ -28,6 +29,7 @@ from mpocompress.cli.common import (
     TARGET_OPT,
     TRUST_OPT,
     build_config,
+    fail,
     handle_errors,
     parse_input_shape,
     print_json,
@@ -36,8 +38,11 @@ from mpocompress.cli.common import (
 from mpocompress.cli.render import make_console, make_err_console, render_report, working
 from mpocompress.compress import add_macs, rows_per_sample
 from mpocompress.compress import analyze as analyze_model
+from mpocompress.compress.stream import stream_analyze
 from mpocompress.io import load_model
+from mpocompress.io.stream import DiskStore, block_loader, open_streamed
 from mpocompress.models import default_input_shape
+from mpocompress.train.distributed import dist_env
 
 
 @app.command()
@@ -60,6 +65,11 @@ def analyze(
     calib_samples: int | None = CALIB_SAMPLES_OPT,
     max_length: int | None = MAX_LENGTH_OPT,
     data_dir: Path | None = CALIB_DATA_DIR_OPT,
+    stream: bool = typer.Option(False, "--stream", help="Read a Hugging Face folder of safetensors weights block by block, as convert --stream does: "
+                                "the blocks' forms weighed and the budget allocated from one streamed pass, the chosen forms made in a "
+                                "second; peak memory is one block, its statistics and the calibration activations (needs --calib)."),
+    offload: str | None = typer.Option(None, "--offload", metavar="cpu|disk", help="With --stream: keep the hidden states between blocks "
+                                       "in memory (cpu) or in files of a temporary folder (disk). [default: cpu]", show_default=False),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
     input_shape: str | None = typer.Option(
@@ -79,16 +89,34 @@ def analyze(
     \b
     Examples:
       mpocompress analyze MODEL_DIR --calib text:sentences.txt --remove 0.3
+      mpocompress analyze MODEL_DIR --stream --calib text:sentences.txt --remove 0.3
       mpocompress analyze runs/fc2.safetensors --bond-dim 8
     """
     config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, remove=remove, budget_of=budget_of)
     sample = parse_input_shape(input_shape)
+    if offload is not None and offload not in ("cpu", "disk"):
+        fail(f"--offload must be cpu or disk, got {offload!r}")
+    if offload is not None and not stream:
+        fail("--offload says where --stream keeps the hidden states between blocks; add --stream")
+    if stream and calib is None:
+        fail("--stream calibrates block by block and needs --calib DATA (text:FILE for a language model)")
+    if dist_env().distributed:
+        fail("analyze runs in one process; launch it without torchrun")
     err = make_err_console()
-    with working(err, f"loading {model}"):
-        loaded = load_model(model, arch, trust_pickle)
+    if stream:
+        with working(err, f"opening {model} (its blocks stay on disk)"):
+            loaded, source, _ = open_streamed(model, arch)
+    else:
+        with working(err, f"loading {model}"):
+            loaded = load_model(model, arch, trust_pickle)
     batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
-    with working(err, "analyzing the layers (spectra" + (", calibration" if calib else "") + ")"):
-        report = analyze_model(loaded.model, config, calibration=batches)
+    with working(err, "analyzing the layers (spectra" + (", calibration" if calib else "") + (", block by block" if stream else "") + ")"):
+        if stream:
+            with tempfile.TemporaryDirectory(prefix="mpocompress-hidden-") as tmp:
+                store = DiskStore(Path(tmp)) if offload == "disk" else None
+                report = stream_analyze(loaded.model, config, batches, block_loader(source, loaded.model), store=store)
+        else:
+            report = analyze_model(loaded.model, config, calibration=batches)
         sample = sample or default_input_shape(loaded.arch)
         add_macs(report, loaded.model, rows_per_sample(loaded.model, sample) if sample else None)
     if json_out:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from mpocompress.compress.choose import plan_layers
+from mpocompress.compress.choose import CURVES_ONLY, plan_layers
 from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.registry import converter_for
 from mpocompress.compress.report import CompressionReport, LayerReport, count_params, layer_report, totals
@@ -62,7 +62,7 @@ def _planned(
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, False, after)
     report.curves = plan.curves()
     if not plan.layers:
-        report.notes.append("no size asked for: the curves show each form's error; give --target-params P to see an allocation")
+        report.notes.append(CURVES_ONLY)
     return report
 
 

@@ -60,6 +60,8 @@ from mpocompress.tensors import (
 )  # fmt: skip
 from mpocompress.utils import is_causal_lm, status
 
+NO_SIZE = "no size asked for (give --target-params P for an allocation)"  # analyze's reason for a layer only weighed
+CURVES_ONLY = "no size asked for: the curves show each form's error; give --target-params P to see an allocation"  # its note
 SENSITIVITY_SAMPLES = 64  # calibration samples the sensitivity probes run on
 SENSITIVITY_TOKENS = 8192  # a causal LM's: calibration tokens its backward passes run on
 
@@ -71,6 +73,17 @@ class Decision:
     target: LayerTarget
     option: Option | None
     reason: str = ""
+
+
+def curves_of(options: Mapping[str, Sequence[Option]]) -> dict[str, list[dict[str, Any]]]:
+    """Per layer, every form weighed: structure, parameters, predicted relative error (output
+    error with calibration), and the ranks (the report's `curves`)."""
+    return {
+        name: [{"structure": o.structure, "params": o.params, "rel_error": o.rel_error,
+                "ranks": [o.rank] if o.rank is not None else list(o.shape.bond_dims) if o.shape is not None else []}
+               for o in opts]
+        for name, opts in options.items()
+    }  # fmt: skip
 
 
 @dataclass
@@ -89,14 +102,8 @@ class LayerPlan:
     screen: bool = True  # `auto` weighs an MPO's forms only where it could win (analyze's curves: all of them)
 
     def curves(self) -> dict[str, list[dict[str, Any]]]:
-        """Per layer, every form weighed: structure, parameters, predicted relative error (output
-        error with calibration), and the ranks."""
-        return {
-            name: [{"structure": o.structure, "params": o.params, "rel_error": o.rel_error,
-                    "ranks": [o.rank] if o.rank is not None else list(o.shape.bond_dims) if o.shape is not None else []}
-                   for o in opts]
-            for name, opts in self.options.items()
-        }  # fmt: skip
+        """Per layer, every form weighed (see `curves_of`)."""
+        return curves_of(self.options)
 
     @property
     def kept(self) -> list[SkippedLayer]:
@@ -270,7 +277,7 @@ def plan_layers(
     if free and not config.allocating and curves_only:
         for t in free:
             _options_of(t, weight_of(t), config, plan)
-            plan.decisions.append(Decision(t, None, "no size asked for (give --target-params P for an allocation)"))
+            plan.decisions.append(Decision(t, None, NO_SIZE))
         return plan
     if free and not config.allocating:
         raise MPOCompressError(

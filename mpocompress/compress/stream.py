@@ -1,4 +1,5 @@
-"""Streamed compression (`convert --stream`): a transformer whose blocks are never all in memory.
+"""Streamed compression (`convert --stream`, and `analyze --stream` through `stream_analyze`): a
+transformer whose blocks are never all in memory.
 
 The model arrives with its blocks on the meta device (everything else real: embeddings, final norm,
 head, buffers). The calibration batches run once up to the first block, whose inputs are kept (in a
@@ -43,11 +44,14 @@ from mpocompress.compress.calibrate import (
     noise_hook,
 )
 from mpocompress.compress.choose import (
+    CURVES_ONLY,
+    NO_SIZE,
     Decision,
     LayerPlan,
     _fixed_option,
     _fixed_params,
     _make,
+    curves_of,
     fixed_structure,
     refit_whitening,
     report_of,
@@ -203,6 +207,75 @@ def stream_compress_(
     return report
 
 
+def stream_analyze(
+    model: nn.Module,
+    config: CompressionConfig,
+    batches: Sequence[Batch],
+    load_block: LoadBlock,
+    store: HiddenStore | None = None,
+    filter_fn: FilterFn | None = None,
+    ranks: Ranks | None = None,
+) -> CompressionReport:
+    """What `stream_compress_` would choose, without changing or writing anything (`analyze --stream`):
+    every free layer's forms with their predicted output errors (the report's curves) from the first
+    streamed pass, the allocation at the budget, and, in a second pass over the original blocks on the
+    original inputs, the chosen forms made as in-memory `analyze` makes them (whitened by the
+    original inputs' Grams, no refinement, no refit) for their reports. Arguments as
+    `stream_compress_`; the blocks go back to the meta device."""
+    if not batches:
+        raise MPOCompressError("the calibration data is empty; give at least one sample")
+    blocks = stream_blocks(model)
+    stack, prefix = model.get_submodule(blocks), blocks + "."
+    targets, skipped = select_targets(model, config, lambda m, n: n.startswith(prefix) and (filter_fn is None or filter_fn(m, n)))
+    if not targets:
+        raise MPOCompressError(f"no layer inside {blocks} is selected; --stream analyzes the layers of the blocks")
+    before = count_params(model)
+    store = store if store is not None else HiddenStore()
+    ranks = ranks if ranks is not None else Ranks()
+    masks = [_row_mask(b) for b in batches]
+    per_block: list[list[LayerTarget]] = [[] for _ in stack]
+    for t in targets:
+        per_block[int(t.cand.name[len(prefix) :].split(".", 1)[0])].append(t)
+    fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
+    free = [t for t in targets if t.bond_dim is None and t.eps is None]
+    notes = [f"streamed block by block through the {len(stack)} blocks of {blocks}: the original blocks on the original inputs"]
+    curves: dict[str, list] = {}
+    plan = LayerPlan([], config, None, batches)
+    try:
+        decided = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks, curves)
+        made = {n: d for n, d in decided.items() if d.option is not None}
+        last = max((i for i, ts in enumerate(per_block) if any(t.cand.name in made for t in ts)), default=-1)
+        if last >= 0:
+            stream = BlockStream(blocks, (stack,), [capture_block_inputs(model, stack[0], batches)], masks, store)
+            for i in range(last + 1):
+                block, ts = stack[i], [t for t in per_block[i] if t.cand.name in made]
+                status(f"making the chosen forms of block {i + 1}/{len(stack)}")
+                with _block_memory(f"{prefix}{i}", block, ts, stream, sides=1):
+                    _load(load_block, block, f"{prefix}{i}")
+                    if ts:
+                        cal = _summed_grams(_block_grams(stream, 0, block, ts, batches, prefix), ranks)
+                        for t in ts:
+                            f = ranks.deal(lambda t=t, cal=cal: _make(t, made[t.cand.name].option, white_for(t, cal), 0))
+                            plan.layers.append(report_of(t, f))
+                            for table in (cal.grams, cal.sums):
+                                table.pop(t.cand.name, None)
+                        del cal
+                    if i < last:
+                        stream.advance()
+                _release(block)
+    finally:
+        store.close()
+    order = {t.cand.name: k for k, t in enumerate(targets)}
+    plan.decisions = sorted(decided.values(), key=lambda d: order[d.target.cand.name])
+    after = before - sum(t.cand.numel for t in targets if t.cand.name in made) + sum(lr.params_mpo for lr in plan.layers)
+    report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, False, after)
+    report.curves = curves_of(curves)
+    report.notes += notes
+    if not made and not config.allocating:
+        report.notes.append(CURVES_ONLY)
+    return report
+
+
 def _in_block(name: str, prefix: str) -> str:
     """A layer's name inside its block: model.layers.3.mlp.up_proj -> mlp.up_proj (prefix "model.layers.")."""
     return name[len(prefix) :].split(".", 1)[1]
@@ -218,10 +291,13 @@ def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[
 def _allocate_streamed(
     model: nn.Module, config: CompressionConfig, fixed: list[LayerTarget], free: list[LayerTarget], batches: Sequence[Batch],
     masks: list, per_block: list[list[LayerTarget]], load_block: LoadBlock, store: HiddenStore, notes: list[str], ranks: Ranks,
+    options: dict[str, list] | None = None,
 ) -> dict[str, Decision]:  # fmt: skip
     """The first pass, over the original blocks on the original inputs: every layer's decision. A
     layer with a D or an eps gets its form as in memory; the free layers' forms are weighed and their
-    sensitivities within their blocks measured, and the budget is spent on them."""
+    sensitivities within their blocks measured, and the budget is spent on them. `options`, when
+    given, receives every free layer's weighed forms (analyze's curves); without a budget the free
+    layers are then only weighed, and stay undecided (dense, with the reason)."""
     blocks = stream_blocks(model)
     stack, prefix = model.get_submodule(blocks), blocks + "."
     stream = BlockStream(blocks, (stack,), [capture_block_inputs(model, stack[0], batches)], masks, store)
@@ -231,13 +307,15 @@ def _allocate_streamed(
     sens: dict[str, float] = {}
     decided: list[Decision] = []
     plan = LayerPlan([], config, None, batches)
+    plan.screen = options is None  # analyze's curves show every form, as in memory
     for i in range(last + 1):
         block, ts = stack[i], per_block[i]
         status(f"weighing the forms of block {i + 1}/{len(stack)}")
         with _block_memory(f"{prefix}{i}", block, ts, stream, sides=1):
             _load(load_block, block, f"{prefix}{i}")
             if ts:
-                sens.update(_block_sensitivity(stream, block, [t for t in ts if id(t) in free_ids], prefix, ranks))
+                if config.allocating:  # what the budget is spent on; curves alone need no sensitivities
+                    sens.update(_block_sensitivity(stream, block, [t for t in ts if id(t) in free_ids], prefix, ranks))
                 plan.calibration = _summed_grams(_block_grams(stream, 0, block, ts, batches, prefix), ranks)
                 for t in ts:
                     if id(t) in free_ids:
@@ -252,10 +330,14 @@ def _allocate_streamed(
                 stream.advance()
         _release(block)
     plan.decisions = decided
-    options = [weighed[id(t)][0] for t in free]
+    if options is not None:
+        options.update({t.cand.name: weighed[id(t)][0] for t in free})
+        if not config.allocating:
+            return {d.target.cand.name: d for d in [*decided, *(Decision(t, None, NO_SIZE) for t in free)]}
+    forms = [weighed[id(t)][0] for t in free]
     costs = [weighed[id(t)][1] for t in free]
     fixed_params = _fixed_params(decided)
-    decisions = spend(config, free, options, costs, [sens[t.cand.name] for t in free], [[1.0] * len(o) for o in options], plan,
+    decisions = spend(config, free, forms, costs, [sens[t.cand.name] for t in free], [[1.0] * len(o) for o in forms], plan,
                       count_params(model), fixed_params)  # fmt: skip
     notes += plan.notes
     notes.append(

@@ -198,7 +198,7 @@ def open_streamed(path: Path, arch: str | None) -> tuple[LoadedModel, Safetensor
     if not path.is_dir() or not is_hf_dir(path):
         raise MPOCompressError(
             f"--stream reads a Hugging Face model folder (config.json beside safetensors weights); {path} is not one: "
-            "convert it without --stream, or write it as such a folder first (mpocompress export MODEL --format hf -o DIR)"
+            "drop --stream, or write it as such a folder first (mpocompress export MODEL --format hf -o DIR)"
         )
     config = check_config(read_config(path), str(path))
     check_weight_paths(path)
