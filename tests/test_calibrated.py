@@ -281,3 +281,30 @@ def test_auto_weighs_an_mpo_only_where_it_can_beat_lowrank():
         assert [(o.params, o.rel_error) for o in lows] == [
             (o.params, o.rel_error) for o in layer_options(w, None, "lowrank") if o.structure == "lowrank"]
     assert any(o.structure == "mpo" for o in layer_options(lowr, None, "mpo"))
+
+
+def test_the_allocator_predicts_an_mpo_error_after_refinement():
+    """With refine_steps, an MPO form's predicted calibrated error is the refined one: at a refined grid
+    point it is the error `make_factors` reaches with the same steps (within 15 %: one refines the
+    cores rounded from a larger D, the other those of a TT-SVD at that D), never above the TT-SVD's,
+    and below it where refinement helps; low-rank and dense forms do not change."""
+    from mpocompress.compress.structures import BOND_GRID, REFINE_POINTS, layer_options, make_factors
+
+    x, _ = _data(n=400, nx=64, seed=3)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 64, generator=g, dtype=F64) / 8
+    white = whitening(x.T @ x, damp=0.0)
+    plain = layer_options(w, white, "mpo", (3,))
+    refined = layer_options(w, white, "mpo", (3,), refine_steps=30)
+    assert [(o.structure, o.params) for o in plain] == [(o.structure, o.params) for o in refined]
+    mpo = [(a, b) for a, b in zip(plain, refined, strict=True) if a.structure == "mpo"]
+    assert mpo and all(b.rel_error <= a.rel_error + 1e-12 for a, b in mpo)
+    assert sum(b.rel_error < 0.95 * a.rel_error for a, b in mpo) >= len(mpo) // 2  # refinement pays at most sizes
+    caps = sorted({max(b.shape.bond_dims) for _, b in mpo})
+    grid = sorted({d for d in BOND_GRID if d <= caps[-1]} | {caps[-1]})
+    at = grid[round((len(grid) - 1) / (REFINE_POINTS - 1))]  # the middle refined point
+    b = next(b for _, b in mpo if max(b.shape.bond_dims) == at)
+    made = make_factors(w, b, white, refine_steps=30)
+    assert made.output_rel_error == pytest.approx(b.rel_error, rel=0.15)
+    lows = [o for o in layer_options(w, white, "lowrank", refine_steps=30)]
+    assert [(o.params, o.rel_error) for o in lows] == [(o.params, o.rel_error) for o in layer_options(w, white, "lowrank")]

@@ -458,8 +458,8 @@ cross = _summed_cross(stream.cross([ts[0].cand.name]), ranks)
 if ranks.rank == 0:
     st = cross[ts[0].cand.name]
     torch.save({"grams": cal.grams, "rows": cal.rows, "samples": cal.samples, "cross": st.cross, "rows_x": st.rows}, sys.argv[3])
-dist.barrier()  # neither process leaves the group while the other still uses it
-dist.destroy_process_group()
+from mpocompress.train import DistEnv, finish_distributed
+finish_distributed(DistEnv(rank=ranks.rank, world_size=ranks.world))  # as every torchrun command leaves the group
 """
 
 

@@ -29,6 +29,7 @@ from mpocompress.cli.common import (
     TARGET_OPT,
     TRUST_OPT,
     build_config,
+    check_stream_options,
     fail,
     handle_errors,
     parse_input_shape,
@@ -94,12 +95,7 @@ def analyze(
     """
     config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, remove=remove, budget_of=budget_of)
     sample = parse_input_shape(input_shape)
-    if offload is not None and offload not in ("cpu", "disk"):
-        fail(f"--offload must be cpu or disk, got {offload!r}")
-    if offload is not None and not stream:
-        fail("--offload says where --stream keeps the hidden states between blocks; add --stream")
-    if stream and calib is None:
-        fail("--stream calibrates block by block and needs --calib DATA (text:FILE for a language model)")
+    check_stream_options(stream, offload, calib)
     if dist_env().distributed:
         fail("analyze runs in one process; launch it without torchrun")
     err = make_err_console()

@@ -253,6 +253,16 @@ OFFLOAD_OPT = typer.Option(None, "--offload", metavar="cpu|disk", help="With --s
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 
 
+def check_stream_options(stream: bool, offload: str | None, calib: str | None) -> None:
+    """--stream's companions: --offload only with it, cpu or disk; --calib always with it."""
+    if offload is not None and offload not in ("cpu", "disk"):
+        fail(f"--offload must be cpu or disk, got {offload!r}")
+    if offload is not None and not stream:
+        fail("--offload says where --stream keeps the hidden states between blocks; add --stream")
+    if stream and calib is None:
+        fail("--stream calibrates block by block and needs --calib DATA (text:FILE for a language model)")
+
+
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:
     """'1,28,28' -> (1, 28, 28); None stays None."""
     if text is None:

@@ -34,6 +34,7 @@ from mpocompress.cli.common import (
     TARGET_OPT,
     TRUST_OPT,
     build_config,
+    check_stream_options,
     fail,
     handle_errors,
     print_json,
@@ -102,12 +103,7 @@ def convert(
         fail("convert needs a truncation or a budget: add --bond-dim D (e.g. --bond-dim 4), --eps E, --target-params P (e.g. 0.5) or --remove R (e.g. 0.2); `mpocompress analyze` helps choose")
     if sequential and calib is None:
         fail("--sequential calibrates layer by layer and needs --calib DATA")
-    if offload is not None and offload not in ("cpu", "disk"):
-        fail(f"--offload must be cpu or disk, got {offload!r}")
-    if offload is not None and not stream:
-        fail("--offload says where --stream keeps the hidden states between blocks; add --stream")
-    if stream and calib is None:
-        fail("--stream calibrates block by block and needs --calib DATA (text:FILE for a language model)")
+    check_stream_options(stream, offload, calib)
     out = check_output_path(output, force, inputs=(model,))
     err = make_err_console()
     if not stream and dist_env().distributed:

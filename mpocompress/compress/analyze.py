@@ -56,7 +56,7 @@ def _planned(
     model: nn.Module, config: CompressionConfig, chosen: list[LayerTarget], skipped: list, before: int,
     calibration: Sequence[Mapping[str, torch.Tensor]] | None,
 ) -> CompressionReport:  # fmt: skip
-    plan = plan_layers(model, replace(config, refine_steps=0, sequential=False), chosen, calibration, curves_only=True)
+    plan = plan_layers(model, replace(config, sequential=False), chosen, calibration, curves_only=True)
     made = [t for t, _ in plan.factors()]
     after = before - sum(t.cand.numel for t in made) + sum(lr.params_mpo for lr in plan.layers)
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, False, after)
@@ -91,7 +91,8 @@ def analyze(
 
     With calibration batches, a budget or an error cap (or `structure="lowrank"`): what the
     allocator would choose, with the errors each form would have (output errors with calibration;
-    no L-BFGS refinement, so an MPO's error is its TT-SVD's) and in `curves` every form it weighed.
+    an MPO's after the L-BFGS refinement convert applies, predicted from a few refined sizes) and in
+    `curves` every form it weighed.
     """
     before = count_params(model)
     chosen, skipped = select_targets(model, config, filter_fn)

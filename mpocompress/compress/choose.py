@@ -329,7 +329,7 @@ def _options_of(t: LayerTarget, w: torch.Tensor, config: CompressionConfig, plan
     embedding = t.cand.kind == "embedding"  # one huge layer whose cost is probed: 3 cores, a coarse grid
     cores = config.mpo_cores or ((3,) if embedding else AUTO_CORES)
     opts = layer_options(w, plan._white(t), _structure_for(t, config.structure), cores, modes, COARSE_GRID if embedding else BOND_GRID,
-                         screen=plan.screen)  # fmt: skip
+                         screen=plan.screen, refine_steps=0 if embedding else config.refine_steps)  # fmt: skip
     plan.options[t.cand.name] = opts
     return opts
 

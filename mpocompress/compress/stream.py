@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -166,29 +167,13 @@ def stream_compress_(
         ranks: the processes sharing the work under torchrun (`batches` is then this process's shard);
             by default those of the process group, if one is initialized.
     """
-    if not batches:
-        raise MPOCompressError("the calibration data is empty; give at least one sample")
-    blocks = stream_blocks(model)
-    stack = model.get_submodule(blocks)
-    prefix = blocks + "."
-
-    def inside(m: nn.Module, name: str) -> bool:
-        return name.startswith(prefix) and (filter_fn is None or filter_fn(m, name))
-
-    targets, skipped = select_targets(model, config, inside)
-    if not targets:
-        raise MPOCompressError(f"no layer inside {blocks} is selected; --stream compresses the layers of the blocks")
-    before = count_params(model)
+    sel = _select_streamed(model, config, batches, filter_fn, "compresses")
+    blocks, skipped, before, per_block, fixed, free = sel.blocks, sel.skipped, sel.before, sel.per_block, sel.fixed, sel.free
     store = store if store is not None else HiddenStore()
     ranks = ranks if ranks is not None else Ranks()
     masks = [_row_mask(b) for b in batches]
-    per_block: list[list[LayerTarget]] = [[] for _ in stack]
-    for t in targets:
-        per_block[int(t.cand.name[len(prefix) :].split(".", 1)[0])].append(t)
-    notes = [(f"streamed block by block through the {len(stack)} blocks of {blocks}: each block calibrated on what the "
+    notes = [(f"streamed block by block through the {len(per_block)} blocks of {blocks}: each block calibrated on what the "
               "blocks already compressed give it and refitted to the original block's outputs (as --sequential)")]  # fmt: skip
-    fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
-    free = [t for t in targets if t.bond_dim is None and t.eps is None]
     if free and not config.allocating:
         raise MPOCompressError(
             f"no bond dimension for {', '.join(t.cand.name for t in free)}: give --bond-dim D (or NAME=D for each), "
@@ -207,6 +192,36 @@ def stream_compress_(
     return report
 
 
+@dataclass
+class _Selected:
+    """What a streamed pass works on: the stack's name, its selected layers (per block too), those
+    with a size given (fixed) and those the budget sizes (free)."""
+
+    blocks: str
+    targets: list[LayerTarget]
+    skipped: list
+    before: int
+    per_block: list[list[LayerTarget]]
+    fixed: list[LayerTarget]
+    free: list[LayerTarget]
+
+
+def _select_streamed(model: nn.Module, config: CompressionConfig, batches: Sequence[Batch], filter_fn: FilterFn | None, verb: str) -> _Selected:
+    if not batches:
+        raise MPOCompressError("the calibration data is empty; give at least one sample")
+    blocks = stream_blocks(model)
+    stack, prefix = model.get_submodule(blocks), blocks + "."
+    targets, skipped = select_targets(model, config, lambda m, n: n.startswith(prefix) and (filter_fn is None or filter_fn(m, n)))
+    if not targets:
+        raise MPOCompressError(f"no layer inside {blocks} is selected; --stream {verb} the layers of the blocks")
+    per_block: list[list[LayerTarget]] = [[] for _ in stack]
+    for t in targets:
+        per_block[int(t.cand.name[len(prefix) :].split(".", 1)[0])].append(t)
+    fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
+    free = [t for t in targets if t.bond_dim is None and t.eps is None]
+    return _Selected(blocks, targets, skipped, count_params(model), per_block, fixed, free)
+
+
 def stream_analyze(
     model: nn.Module,
     config: CompressionConfig,
@@ -220,25 +235,15 @@ def stream_analyze(
     every free layer's forms with their predicted output errors (the report's curves) from the first
     streamed pass, the allocation at the budget, and, in a second pass over the original blocks on the
     original inputs, the chosen forms made as in-memory `analyze` makes them (whitened by the
-    original inputs' Grams, no refinement, no refit) for their reports. Arguments as
+    original inputs' Grams, refined, no refit) for their reports. Arguments as
     `stream_compress_`; the blocks go back to the meta device."""
-    if not batches:
-        raise MPOCompressError("the calibration data is empty; give at least one sample")
-    blocks = stream_blocks(model)
+    sel = _select_streamed(model, config, batches, filter_fn, "analyzes")
+    blocks, targets, skipped, before, per_block, fixed, free = sel.blocks, sel.targets, sel.skipped, sel.before, sel.per_block, sel.fixed, sel.free
     stack, prefix = model.get_submodule(blocks), blocks + "."
-    targets, skipped = select_targets(model, config, lambda m, n: n.startswith(prefix) and (filter_fn is None or filter_fn(m, n)))
-    if not targets:
-        raise MPOCompressError(f"no layer inside {blocks} is selected; --stream analyzes the layers of the blocks")
-    before = count_params(model)
     store = store if store is not None else HiddenStore()
     ranks = ranks if ranks is not None else Ranks()
     masks = [_row_mask(b) for b in batches]
-    per_block: list[list[LayerTarget]] = [[] for _ in stack]
-    for t in targets:
-        per_block[int(t.cand.name[len(prefix) :].split(".", 1)[0])].append(t)
-    fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
-    free = [t for t in targets if t.bond_dim is None and t.eps is None]
-    notes = [f"streamed block by block through the {len(stack)} blocks of {blocks}: the original blocks on the original inputs"]
+    notes = [f"streamed block by block through the {len(per_block)} blocks of {blocks}: the original blocks on the original inputs"]
     curves: dict[str, list] = {}
     plan = LayerPlan([], config, None, batches)
     try:
@@ -255,7 +260,7 @@ def stream_analyze(
                     if ts:
                         cal = _summed_grams(_block_grams(stream, 0, block, ts, batches, prefix), ranks)
                         for t in ts:
-                            f = ranks.deal(lambda t=t, cal=cal: _make(t, made[t.cand.name].option, white_for(t, cal), 0))
+                            f = ranks.deal(lambda t=t, cal=cal: _make(t, made[t.cand.name].option, white_for(t, cal), config.refine_steps))
                             plan.layers.append(report_of(t, f))
                             for table in (cal.grams, cal.sums):
                                 table.pop(t.cand.name, None)

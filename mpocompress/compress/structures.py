@@ -11,7 +11,7 @@ L-BFGS on the calibrated objective for an MPO.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -96,12 +96,18 @@ def _lowrank_options(w: torch.Tensor, white: Whitening | None) -> list[Option]:
 
 def _mpo_options(
     w: torch.Tensor, white: Whitening | None, cores: Sequence[int], modes: tuple[tuple[int, ...], tuple[int, ...]] | None,
-    bond_grid: Sequence[int] = BOND_GRID,
+    bond_grid: Sequence[int] = BOND_GRID, refine_steps: int = 0,
 ) -> list[Option]:  # fmt: skip
     """MPO forms: one TT-SVD at the largest useful D per mode choice, rounded down the D of a coarse
     grid, each from the one above (errors measured there: the calibrated error exactly, the weight
     error accumulated); every D in between gets its exact size and an error interpolated between its
-    grid neighbours (linearly in the squared error against parameters)."""
+    grid neighbours (linearly in the squared error against parameters).
+
+    With calibration and `refine_steps`, the calibrated errors are those of the cores after the L-BFGS
+    refinement `make_factors` applies, not the TT-SVD's: the refinement is run at REFINE_POINTS of the
+    grid (smallest, middle, largest D) and the ratio refined / TT-SVD error is interpolated in log D
+    between them (held constant beyond them) for the rest. Without it the allocator judges small MPOs
+    by an error refinement then lowers a lot, and starves them."""
     ny, nx = w.shape
     opts: list[Option] = []
     measure = white is not None and ny * nx * nx <= _EVAL_LIMIT
@@ -117,13 +123,19 @@ def _mpo_options(
         top = tt_svd(w, i_modes, o_modes, max_bond=grid[-1])
         meter = error_meter(w, white) if measure else None
         measured: dict[int, tuple[float, float]] = {}  # D -> (error, weight error)
+        refine_at = {grid[round(k * (len(grid) - 1) / (REFINE_POINTS - 1))] for k in range(REFINE_POINTS)} if meter and refine_steps else set()
+        gains: dict[int, float] = {}  # D -> refined / TT-SVD calibrated error, where refined
         dec, werr = top, top.rel_error
         for d in reversed(grid):  # each D rounded from the next larger one: every rounding is cheaper than the last
             if d < max(dec.bond_dims):
                 dec = tt_round(dec.cores, max_bond=d)
                 werr = math.sqrt(min(1.0, werr**2 + dec.rel_error**2 * (1.0 - werr**2)))  # the two errors are ~orthogonal
             err = meter(mpo_to_matrix([c.to(torch.float64) for c in dec.cores])) if meter is not None else werr
+            if d in refine_at and err > 0:
+                gains[d] = min(1.0, refine_cores(dec.cores, w, white, steps=refine_steps).errors[-1] / err)
             measured[d] = (err, werr)
+        if gains:
+            measured = {d: (e * _gain_at(gains, d), we) for d, (e, we) in measured.items()}
         for d in fits:
             if d < grid[0]:
                 continue
@@ -138,6 +150,24 @@ def _mpo_options(
                 err, werr = (math.sqrt((1 - a) * measured[lo][k] ** 2 + a * measured[hi][k] ** 2) for k in (0, 1))
             opts.append(Option("mpo", shape.param_count, err, shape=shape, weight_error=werr))
     return opts
+
+
+REFINE_POINTS = 3  # grid points per mode choice at which the allocator refines an MPO to predict its refined error
+
+
+def _gain_at(gains: Mapping[int, float], d: int) -> float:
+    """The refined / TT-SVD error ratio at D, linear in log D between the refined points, constant beyond them."""
+    ds = sorted(gains)
+    if d <= ds[0]:
+        return gains[ds[0]]
+    if d >= ds[-1]:
+        return gains[ds[-1]]
+    lo = max(g for g in ds if g <= d)
+    hi = min(g for g in ds if g >= d)
+    if lo == hi:
+        return gains[lo]
+    a = (math.log(d) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return (1 - a) * gains[lo] + a * gains[hi]
 
 
 def _best_modes(w: torch.Tensor, n: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -159,17 +189,19 @@ def layer_options(
     modes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
     bond_grid: Sequence[int] = BOND_GRID,
     screen: bool = True,
+    refine_steps: int = 0,
 ) -> list[Option]:
     """Every form considered for the N_y x N_x weight w, smallest error first within a structure;
     the dense form (error 0) is always first. MPO errors are measured at the D of `bond_grid` and
     interpolated in between. Under "auto", with `screen`, an MPO's forms are weighed only where
-    `mpo_in_reach` says it could beat low-rank (analyze's curves show them all)."""
+    `mpo_in_reach` says it could beat low-rank (analyze's curves show them all). `refine_steps`: an
+    MPO's calibrated errors are predicted after that much refinement (see `_mpo_options`)."""
     ny, nx = w.shape
     opts = [Option("dense", nx * ny, 0.0)]
     lows = _lowrank_options(w, white) if structure in ("auto", "lowrank") and modes is None else []
     opts += lows
     if structure == "mpo" or (structure == "auto" and (modes is not None or not screen or mpo_in_reach(w, white, lows, cores))):
-        opts += _mpo_options(w, white, cores, modes, bond_grid)
+        opts += _mpo_options(w, white, cores, modes, bond_grid, refine_steps)
     return opts
 
 

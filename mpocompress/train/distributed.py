@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -69,10 +70,14 @@ def init_distributed(device: torch.device, env: DistEnv | None = None) -> DistEn
 
 def finish_distributed(env: DistEnv) -> None:
     """Leave the process group together: a barrier first, so no process tears the group down (and
-    exits) while another still talks through it (gloo aborts the late one otherwise)."""
+    exits) while another still talks through it; and garbage collected around it, so no tensor a
+    collective touched is left to the interpreter's shutdown, where gloo's threads abort the process
+    (SIGABRT, "terminate called without an active exception") after a run that succeeded."""
     if env.distributed and dist.is_initialized():
         dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def shard_model(model: nn.Module, env: DistEnv, device: torch.device | str = "cpu") -> nn.Module:
