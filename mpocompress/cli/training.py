@@ -258,7 +258,7 @@ def check_outputs(
                     raise MPOCompressError(f"{src} is the checkpoint {ckpt} this run would write over; choose another -o "
                                            "(inputs are never modified)")  # fmt: skip
             if ckpt.exists() and not (ckpt.is_file() or is_sharded_checkpoint(ckpt)):
-                raise MPOCompressError(f"the checkpoint path {ckpt} is neither a regular file nor a sharded checkpoint; choose another -o")
+                raise MPOCompressError(f"the checkpoint path {ckpt} is not a regular file (nor a sharded checkpoint folder); choose another -o")
 
 
 def run_all(job: Job, console: Console) -> list[RunOutcome]:

@@ -200,7 +200,7 @@ def layer_options(
     opts = [Option("dense", nx * ny, 0.0)]
     lows = _lowrank_options(w, white) if structure in ("auto", "lowrank") and modes is None else []
     opts += lows
-    if structure == "mpo" or (structure == "auto" and (modes is not None or not screen or mpo_in_reach(w, white, lows, cores))):
+    if structure == "mpo" or (structure == "auto" and (modes is not None or not screen or mpo_in_reach(w, white, lows, cores, refine_steps))):
         opts += _mpo_options(w, white, cores, modes, bond_grid, refine_steps)
     return opts
 
@@ -208,19 +208,22 @@ def layer_options(
 SCREEN_POINTS = 3  # sizes at which `auto` first checks an MPO against low-rank
 
 
-def mpo_in_reach(w: torch.Tensor, white: Whitening | None, lows: Sequence[Option], cores: Sequence[int]) -> bool:
+def mpo_in_reach(w: torch.Tensor, white: Whitening | None, lows: Sequence[Option], cores: Sequence[int], refine_steps: int = 0) -> bool:
     """Whether an MPO could beat low-rank on this layer, before its forms are weighed: for each core
     count, the balanced modes' MPO at SCREEN_POINTS sizes of the bond grid (from the smallest low-rank
     form's size up to dense) has its error measured exactly as low-rank's is (output error with
     calibration, weight error without) and compared with the best low-rank form no larger. If low-rank
     is better at every probed size, the MPO's forms (every mode choice and D, most of `auto`'s time on a
     pretrained model) are not weighed; one probe where the MPO wins and they all are. A screen, not a
-    proof: another mode order or a D between the probes could still have won there."""
+    proof: another mode order or a D between the probes could still have won there. With
+    `refine_steps`, a probe's error is the refined one wherever `_mpo_options` would predict refined
+    errors (calibration, and a layer small enough to measure), so the screen and the forms agree."""
     if not lows:
         return True
     ny, nx = w.shape
     smallest = min(o.params for o in lows)
     meter = error_meter(w, white)
+    refine = refine_steps if white is not None and ny * nx * nx <= _EVAL_LIMIT else 0
     for n in cores:
         i_modes, o_modes = mode_candidates(nx, ny, n)[0]
         if len(i_modes) < 2:
@@ -237,6 +240,8 @@ def mpo_in_reach(w: torch.Tensor, white: Whitening | None, lows: Sequence[Option
             p = MPOShape.of_cores(dec.cores).param_count
             err = meter(mpo_to_matrix([c.to(torch.float64) for c in dec.cores]))
             best = min((o.rel_error for o in lows if o.params <= p), default=math.inf)
+            if refine and err >= best:  # only refinement could make it win here
+                err = min(err, refine_cores(dec.cores, w, white, steps=refine).errors[-1])
             if err < best:
                 return True
     return False
