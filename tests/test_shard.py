@@ -90,6 +90,20 @@ def test_sharded_heal_equals_one_process_and_resumes_exactly(healing):
     assert not ckpt.exists()  # removed once the run is complete, as a file checkpoint is
 
 
+def test_a_sharded_heal_whose_start_is_best_saves_the_start(healing):
+    """Distilling the original into itself: the start is the best held-out state (no error at all),
+    so it is what the sharded run saves; it was taken whole, before sharding, and each process cuts
+    it to its shards to restore it."""
+    d = healing
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mpocompress", "finetune",
+            str(d / "llama"), "--distill-from", str(d / "llama"), "--data", f"text:{d / 'text.txt'}", "--max-length", "32",
+            "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--shard", "--json", "-o", str(d / "same.safetensors")]  # fmt: skip
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=600, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["runs"][0]["kept"] == "start"
+    assert _max_rel_diff(mpocompress.load(d / "same.safetensors"), mpocompress.load(d / "llama")) == 0.0
+
+
 def test_shard_needs_torchrun(healing):
     r = invoke("finetune", healing / "small.safetensors", "--distill-from", healing / "llama", "--data",
                f"text:{healing / 'text.txt'}", "--shard", "-o", healing / "x.safetensors")  # fmt: skip

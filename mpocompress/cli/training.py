@@ -52,6 +52,7 @@ from mpocompress.train import (
     fit,
     full_state_dict,
     is_sharded,
+    load_state,
     mean_std,
 )  # fmt: skip
 from mpocompress.utils import is_causal_lm, is_hf_model
@@ -353,7 +354,7 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
     if best:
         kept = best["at"]
         if kept != f"epoch {result.epochs}":  # a later epoch did worse on held-out data: save the best one
-            model.load_state_dict(best["state"])
+            load_state(model, best["state"])  # the start's state is whole, a sharded run's later ones sharded
             result.accuracy, result.loss = best["values"]
             if job.env.is_main:
                 console.print(f"{label}: the held-out {'loss' if job.by_loss else job.metric} was best {'at the start' if kept == 'start' else 'after ' + kept}; "

@@ -113,6 +113,20 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state)`, for a sharded model too: its own sharded state dicts load as
+    they are, a whole one (plain tensors: the state taken before sharding, which every process holds)
+    is cut by each process to its shards."""
+    from torch.distributed.tensor import DTensor
+
+    if is_sharded(model) and not any(isinstance(v, DTensor) for v in state.values()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(state)
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole (unsharded) state dict of a sharded model, on the CPU of rank 0 (other processes get
     an empty dict); every process calls it together."""
