@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from mpocompress.tensors import (
@@ -158,16 +159,7 @@ REFINE_POINTS = 3  # grid points per mode choice at which the allocator refines 
 def _gain_at(gains: Mapping[int, float], d: int) -> float:
     """The refined / TT-SVD error ratio at D, linear in log D between the refined points, constant beyond them."""
     ds = sorted(gains)
-    if d <= ds[0]:
-        return gains[ds[0]]
-    if d >= ds[-1]:
-        return gains[ds[-1]]
-    lo = max(g for g in ds if g <= d)
-    hi = min(g for g in ds if g >= d)
-    if lo == hi:
-        return gains[lo]
-    a = (math.log(d) - math.log(lo)) / (math.log(hi) - math.log(lo))
-    return (1 - a) * gains[lo] + a * gains[hi]
+    return float(np.interp(math.log(d), [math.log(g) for g in ds], [gains[g] for g in ds]))
 
 
 def _best_modes(w: torch.Tensor, n: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
