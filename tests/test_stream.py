@@ -196,6 +196,8 @@ def test_streamed_analyze_shows_what_the_streamed_convert_does(folders, tmp_path
     curves = run_json("analyze", folders["llama"], "--stream", *common[:4], "--offload", "disk")
     assert curves["layers"] == [] and len(curves["curves"]) == 14 and any("no size asked for" in n for n in curves["notes"])
     assert all("no size asked for" in k["reason"] for k in curves["skipped"] if ".layers." in k["name"])
+    shown = invoke("analyze", folders["llama"], "--stream", *common[:4])  # the table a user reads: no ratio of nothing
+    assert shown.exit_code == 0 and "Model parameters:" in shown.stdout and "nan" not in shown.stdout and "rho" not in shown.stdout
 
 
 def _fails(*args):

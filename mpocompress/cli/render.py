@@ -313,9 +313,7 @@ def render_report(console: Console, report: CompressionReport, heading: str) -> 
         fitted(console, lambda f: skipped_table(report, f), names)
     if not report.sweep:
         before, after = report.params_model_before, report.params_model_after
-        console.print(
-            f"Model parameters: {_fmt_int(before)} -> {_fmt_int(after)} "
-            f"({after / before:.3g} of the original); rho over the factorized layers (Eq. 9): {report.rho:.4g}"
-        )
+        rho = f"; rho over the factorized layers (Eq. 9): {report.rho:.4g}" if report.layers else ""  # none factorized: no ratio
+        console.print(f"Model parameters: {_fmt_int(before)} -> {_fmt_int(after)} ({after / before:.3g} of the original){rho}")
     for note in report.notes:
         console.print(f"note: {note}")
