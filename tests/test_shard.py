@@ -61,6 +61,7 @@ def test_sharded_heal_equals_one_process_and_resumes_exactly(healing):
     two = _finetune(d, "two.safetensors", "--epochs", "1", "--shard", procs=2)
     assert two.returncode == 0, two.stderr[-3000:]
     rep = json.loads(two.stdout)  # one report: rank 0's
+    assert two.stderr.count("epoch 1/1:") == 1  # and one progress line: rank 0 speaks for both
     assert rep["sharded"] is True and rep["world_size"] == 2
     a, b, start = (mpocompress.load(d / f) for f in ("one.safetensors", "two.safetensors", "small.safetensors"))
     assert _max_rel_diff(start, a) > 1e-3  # it trained
@@ -120,3 +121,15 @@ def test_shard_model_refuses_one_process_and_a_folder_checkpoint_without_state_i
 
     with pytest.raises(mpocompress.MPOCompressError, match="not a sharded mpocompress checkpoint"):
         load_train_state(tmp_path / "o.safetensors.ckpt")
+
+
+def test_only_rank_0_prints_progress(monkeypatch):
+    """Progress lines come from rank 0 alone (each torchrun process would repeat them otherwise);
+    error lines do not go through this console and still come from every process."""
+    from mpocompress.cli.render import make_err_console
+
+    for rank, quiet in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert make_err_console().quiet is quiet
+    monkeypatch.delenv("RANK")
+    assert make_err_console().quiet is False

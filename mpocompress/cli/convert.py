@@ -158,8 +158,7 @@ def _convert_streamed(
     each process takes its share of the calibration batches (gloo); rank 0 writes and reports."""
     env = dist_env()
     init_distributed(torch.device("cpu"), env)
-    say = (lambda what: what) if env.is_main else (lambda what: None)
-    with working(err, say(f"opening {model} (its blocks stay on disk)")):
+    with working(err, f"opening {model} (its blocks stay on disk)"):
         loaded, source, blocks = open_streamed(model, arch)
     batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
     samples = sum(len(next(iter(b.values()))) for b in batches)
@@ -169,7 +168,7 @@ def _convert_streamed(
     batches = batches[env.rank :: env.world_size]
     extra = {"source_format": loaded.source, "compression": config.to_dict(),
              "data": choose_data(calib, None, None, None, data_dir=data_dir).record()}  # fmt: skip
-    with working(err, say("streaming the blocks (calibrating, factorizing, writing)")), stream_output(out, env.is_main) as writer:
+    with working(err, "streaming the blocks (calibrating, factorizing, writing)"), stream_output(out, env.is_main) as writer:
         store = DiskStore(writer.staging / f"hidden-{env.rank}") if offload == "disk" else None
         report = stream_compress_(loaded.model, config, batches, block_loader(source, loaded.model), writer.write_block, store=store)
         report.notes.append(f"calibrated on {samples} samples of {calib}; hidden states between blocks kept "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import sys
 import threading
@@ -30,8 +31,10 @@ def make_console() -> Console:
 
 def make_err_console() -> Console:
     """stderr console for progress and per-epoch lines, so that --json output on stdout stays clean
-    (markup off, as on stdout)."""
-    return Console(stderr=True, width=None if sys.stderr.isatty() else 140, markup=False)
+    (markup off, as on stdout). Quiet in every torchrun process but rank 0, which speaks for all
+    (error lines still come from each)."""
+    quiet = os.environ.get("RANK", "0") not in ("", "0")
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 140, markup=False, quiet=quiet)
 
 
 PLAIN_AFTER_S = 2.0  # not a terminal: a step still running after this long gets a plain line...
