@@ -1,7 +1,8 @@
 """The GPU check: every contraction plan of the factorized layers on a CUDA device, forward and
 backward, against the dense product in float64 on the CPU; the batched step's own backward against
 autograd's; `optimize_for_inference` on the device; the commands a user runs on the device (a tiny
-Llama converted, healed by distillation with `finetune --device`, evaluated with `evaluate --device`);
+Llama converted, healed by distillation with `finetune --device`, evaluated with `evaluate --device`;
+`convert --calib` and `convert --stream` with `--device` against the same on the CPU; `analyze --stream --device`);
 and a short timing of plans at batch 1 and 512.
 
     python benchmarks/gpu_check.py                 # on a machine with a CUDA GPU (about a minute)
@@ -21,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from mpocompress import optimize_for_inference
@@ -144,6 +146,13 @@ def commands(device: torch.device, failures: list[str]) -> None:
             ("evaluate --device", ["evaluate", str(d / "h.safetensors"), "--data", f"text:{text}", "--max-samples", "300",
                                    "--max-length", "32", "--reference", str(folder), "--device", str(device.type), "--json"]),
         ]  # fmt: skip
+        calib = ["--calib", f"text:{text}", "--calib-samples", "64", "--max-length", "32", "--structure", "lowrank", "-D", "4"]
+        for tag, extra in (("", []), (" --stream", ["--stream"])):  # calibrated on the device, against the same on the CPU
+            for dev in dict.fromkeys((device.type, "cpu")):  # once on a CPU-only run
+                steps.append((f"convert --calib{tag} --device {dev}", ["convert", str(folder), *calib, *extra, "--device", dev,
+                                                                        "-o", str(d / f"c{tag.strip()}-{dev}.safetensors")]))  # fmt: skip
+        steps.append(("analyze --stream --device", ["analyze", str(folder), "--stream", "--calib", f"text:{text}", "--calib-samples", "64",
+                                                    "--max-length", "32", "--remove", "0.3", "--device", device.type, "--json"]))  # fmt: skip
         for name, args in steps:
             r = subprocess.run([sys.executable, "-m", "mpocompress", *args], capture_output=True, text=True, timeout=600, check=False)
             ok = r.returncode == 0
@@ -154,6 +163,13 @@ def commands(device: torch.device, failures: list[str]) -> None:
             if not ok:
                 print(r.stderr[-2000:])
                 failures.append(f"command {name}")
+        for tag in ("", "--stream"):
+            a, b = (d / f"c{tag}-{dev}.safetensors" for dev in (device.type, "cpu"))
+            if a.exists() and b.exists():
+                ta, tb = load_file(a), load_file(b)
+                num = sum(float((ta[k].double() - tb[k].double()).square().sum()) for k in tb)
+                den = sum(float(tb[k].double().square().sum()) for k in tb)
+                check(f"convert --calib {tag} on {device.type} = on cpu (all tensors)", (num / max(den, 1e-30)) ** 0.5, failures)
 
 
 def main() -> int:

@@ -86,6 +86,13 @@ def call_with(model: nn.Module, inputs: Mapping[str, torch.Tensor], hidden_state
     return model(**inputs, output_hidden_states=True) if hidden_states else model(**inputs)
 
 
+def batch_to(batch: Mapping[str, Any], device: torch.device | str | None) -> dict[str, Any]:
+    """A batch with its tensors on `device` (as it was when None)."""
+    if device is None:
+        return dict(batch)
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def main_output(out: Any) -> torch.Tensor:
     """The main output of a model call: the tensor itself, a Hugging Face output's logits (a
     classifier) or last hidden state (an encoder), else the first tensor of a mapping or tuple."""

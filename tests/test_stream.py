@@ -27,7 +27,7 @@ from test_cli_train import invoke, run_json
 from mpocompress import load
 from mpocompress.cli.common import build_config
 from mpocompress.compress import compress_
-from mpocompress.compress.stream import stream_compress_
+from mpocompress.compress.stream import _outside_to, stream_compress_
 from mpocompress.io import read_metadata, save
 from mpocompress.io.stream import DiskStore, block_loader, open_streamed, stream_output
 
@@ -228,6 +228,38 @@ def test_bad_inputs_get_one_line_and_exit_2_and_leave_nothing(folders, tmp_path)
     torch.save(model.state_dict(), bins / "pytorch_model.bin")
     assert "no safetensors weights" in _fails("convert", bins, "--stream", "--calib", calib, "-D", "4", "-o", out)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_device_option(folders, tmp_path, monkeypatch):
+    """--device on analyze and convert (both paths): cpu gives what the default gives here; a GPU
+    that is not there, an unknown name, and cuda under torchrun's gloo are one-line errors."""
+    calib = f"text:{folders['text']}"
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    base = ["convert", folders["llama"], "--stream", "--calib", calib, "-D", "4"]
+    assert invoke(*base, "-o", a).exit_code == 0 and invoke(*base, "--device", "cpu", "-o", b).exit_code == 0
+    assert a.read_bytes() == b.read_bytes()
+    out = tmp_path / "o.safetensors"
+    if not torch.cuda.is_available():
+        for args in (base, ["convert", folders["llama"], "--calib", calib, "-D", "4"], ["analyze", folders["llama"], "--stream", "--calib", calib]):
+            assert "no CUDA GPU is available" in _fails(*args, "--device", "cuda", *(["-o", out] if args[0] == "convert" else []))
+    assert "unknown device" in _fails("analyze", folders["llama"], "--device", "tpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    assert "run it as one process for --device cuda" in _fails(*base, "--device", "cuda", "-o", out)
+    assert not out.exists()
+
+
+def test_the_parts_outside_the_blocks_move_to_the_device_and_the_blocks_stay(folders):
+    """`_outside_to` (a streamed pass on a GPU) moves embeddings, norms and rotary tables, never a
+    block nor a tensor still on the meta device; checked by moving to the meta device itself."""
+    loaded, source, blocks = open_streamed(folders["llama"], None)
+    block_loader(source, loaded.model)(loaded.model.get_submodule(blocks)[0], f"{blocks}.0")
+    _outside_to(loaded.model, blocks, "meta")
+    for name, t in [*loaded.model.named_parameters(), *loaded.model.named_buffers()]:
+        inside = name.startswith(blocks + ".")
+        assert t.is_meta == (not inside or not name.startswith(f"{blocks}.0.")), name
+    assert not any(t.is_meta for t in loaded.model.get_submodule(blocks)[0].parameters())
+    assert loaded.model.get_output_embeddings().weight is loaded.model.get_input_embeddings().weight  # still tied
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -14,6 +14,7 @@ from mpocompress.cli.common import (
     CALIB_DATA_DIR_OPT,
     CALIB_OPT,
     CALIB_SAMPLES_OPT,
+    COMPUTE_DEVICE_OPT,
     CORES_OPT,
     EPS_OPT,
     EXCLUDE_OPT,
@@ -43,7 +44,7 @@ from mpocompress.compress.stream import stream_analyze
 from mpocompress.io import load_model
 from mpocompress.io.stream import DiskStore, block_loader, open_streamed
 from mpocompress.models import default_input_shape
-from mpocompress.train.distributed import dist_env
+from mpocompress.train.distributed import dist_env, resolve_device
 
 
 @app.command()
@@ -71,6 +72,7 @@ def analyze(
                                 "second; peak memory is one block, its statistics and the calibration activations (needs --calib)."),
     offload: str | None = typer.Option(None, "--offload", metavar="cpu|disk", help="With --stream: keep the hidden states between blocks "
                                        "in memory (cpu) or in files of a temporary folder (disk). [default: cpu]", show_default=False),
+    device: str = COMPUTE_DEVICE_OPT,
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
     input_shape: str | None = typer.Option(
@@ -99,20 +101,22 @@ def analyze(
     if dist_env().distributed:
         fail("analyze runs in one process; launch it without torchrun")
     err = make_err_console()
+    dev = resolve_device(device)
     if stream:
         with working(err, f"opening {model} (its blocks stay on disk)"):
             loaded, source, _ = open_streamed(model, arch)
     else:
         with working(err, f"loading {model}"):
             loaded = load_model(model, arch, trust_pickle)
-    batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
+    batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length, dev)
     with working(err, "analyzing the layers (spectra" + (", calibration" if calib else "") + (", block by block" if stream else "") + ")"):
         if stream:
             with tempfile.TemporaryDirectory(prefix="mpocompress-hidden-") as tmp:
                 store = DiskStore(Path(tmp)) if offload == "disk" else None
-                report = stream_analyze(loaded.model, config, batches, block_loader(source, loaded.model), store=store)
+                report = stream_analyze(loaded.model, config, batches, block_loader(source, loaded.model), store=store, device=dev)
         else:
-            report = analyze_model(loaded.model, config, calibration=batches)
+            report = analyze_model(loaded.model.to(dev), config, calibration=batches)
+            loaded.model.cpu()  # what follows counts multiply-adds (a forward pass of zeros for an image model) on CPU
         sample = sample or default_input_shape(loaded.arch)
         add_macs(report, loaded.model, rows_per_sample(loaded.model, sample) if sample else None)
     if json_out:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import typer
 
 from mpocompress.cli.render import working
@@ -20,6 +21,7 @@ from mpocompress.compress import CompressionConfig
 from mpocompress.errors import Interrupted, MPOCompressError, is_out_of_memory
 from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.tensors import parse_shape_spec
+from mpocompress.utils import batch_to
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -195,14 +197,16 @@ def build_config(
 
 
 def read_calibration(
-    err: Any, calib: str | None, loaded: Any, samples: int | None, data_dir: Path | None, max_length: int | None = None
+    err: Any, calib: str | None, loaded: Any, samples: int | None, data_dir: Path | None, max_length: int | None = None,
+    device: torch.device | None = None,
 ) -> list[dict[str, Any]] | None:  # fmt: skip
     """--calib's batches (None without it), served as the model file records its data, with a
-    spinner on `err` while they are read."""
+    spinner on `err` while they are read; on `device` when one is given."""
     if calib is None:
         return None
     with working(err, f"reading calibration data {calib}"):
-        return calibration_batches(calib, loaded.model, samples, data_dir, max_length, served=(loaded.metadata or {}).get("data"))
+        batches = calibration_batches(calib, loaded.model, samples, data_dir, max_length, served=(loaded.metadata or {}).get("data"))
+    return [batch_to(b, device) for b in batches] if device is not None else batches
 
 
 def print_json(obj: Any) -> None:
@@ -251,6 +255,7 @@ TRUST_OPT = typer.Option(False, "--trust-pickle", help="Allow loading a whole pi
 STREAM_OPT = typer.Option(False, "--stream", help="Stream a Hugging Face folder of safetensors weights block by block: the blocks are read, calibrated, factorized and written one at a time, so peak memory is one block, its statistics and the calibration activations, whatever the depth (implies --sequential; needs --calib).")
 OFFLOAD_OPT = typer.Option(None, "--offload", metavar="cpu|disk", help="With --stream: keep the hidden states between blocks in memory (cpu) or in files beside OUT (disk). [default: cpu]", show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
+COMPUTE_DEVICE_OPT = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where the calibration passes, statistics and factorizations run: auto takes a CUDA GPU when there is one. The model is read and written through CPU memory either way; activations run in the model's dtype, statistics in float64.")
 
 
 def check_stream_options(stream: bool, offload: str | None, calib: str | None) -> None:

@@ -16,6 +16,7 @@ from mpocompress.cli.common import (
     CALIB_DATA_DIR_OPT,
     CALIB_OPT,
     CALIB_SAMPLES_OPT,
+    COMPUTE_DEVICE_OPT,
     CORES_OPT,
     EPS_OPT,
     EXCLUDE_OPT,
@@ -51,8 +52,8 @@ from mpocompress.io.data.calibration import calibration_batches
 from mpocompress.io.export import relative_error
 from mpocompress.io.stream import DiskStore, block_loader, open_streamed, stream_output
 from mpocompress.models.hf import probe_inputs
-from mpocompress.train.distributed import dist_env, finish_distributed, init_distributed
-from mpocompress.utils import is_causal_lm
+from mpocompress.train.distributed import dist_env, finish_distributed, init_distributed, resolve_device
+from mpocompress.utils import batch_to, is_causal_lm
 
 
 @app.command()
@@ -79,6 +80,7 @@ def convert(
     data_dir: Path | None = CALIB_DATA_DIR_OPT,
     stream: bool = STREAM_OPT,
     offload: str | None = OFFLOAD_OPT,
+    device: str = COMPUTE_DEVICE_OPT,
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
@@ -109,12 +111,15 @@ def convert(
     if not stream and dist_env().distributed:
         fail("convert runs in one process unless it streams: add --stream (a Hugging Face folder), or launch it without torchrun")
     if stream:
-        _convert_streamed(err, model, out, arch, config, calib, calib_samples, data_dir, max_length, offload or "cpu", json_out)
+        _convert_streamed(err, model, out, arch, config, calib, calib_samples, data_dir, max_length, offload or "cpu", device, json_out)
         return
+    dev = resolve_device(device)
     with working(err, f"loading {model}"):
         loaded = load_model(model, arch, trust_pickle, check_values=False)  # checked per layer and by save
-    batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
+    batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length, dev)
     probe, whence = _probe_batch(loaded, calib, data_dir, max_length)
+    loaded.model.to(dev)
+    probe = batch_to(probe, dev) if probe is not None else None
     try:
         before = outputs(loaded.model, [probe])[0].float() if probe is not None else None
     except MPOCompressError:  # --calib data the model does not run on is named as such; recorded data: no probe
@@ -124,6 +129,7 @@ def convert(
     with working(err, "factorizing" + (" (calibrating, sizing the layers)" if calib or config.allocating else "")):
         report = compress_(loaded.model, config, calibration=batches)
     measured = _probe_change(loaded.model, probe, before, whence) if probe is not None else None
+    loaded.model.cpu()  # written from CPU memory
     if measured is not None:
         report.notes.append(f"on its probe ({whence}) the output changed by {measured['output_rel_error']:.3g} (relative), "
                             f"cosine {measured['cosine_mean']:.3f}")  # fmt: skip
@@ -152,15 +158,19 @@ def convert(
 
 def _convert_streamed(
     err: Any, model: Path, out: Path, arch: str | None, config: Any, calib: str, calib_samples: int | None,
-    data_dir: Path | None, max_length: int | None, offload: str, json_out: bool,
+    data_dir: Path | None, max_length: int | None, offload: str, device: str, json_out: bool,
 ) -> None:  # fmt: skip
     """convert --stream: the model's blocks read, compressed and written one at a time. Under torchrun
-    each process takes its share of the calibration batches (gloo); rank 0 writes and reports."""
+    each process takes its share of the calibration batches (gloo, on CPU); rank 0 writes and reports."""
     env = dist_env()
+    if env.distributed and device == "cuda":
+        fail("convert --stream under torchrun shares its statistics through gloo on CPU; give --device cpu (or auto), "
+             "or run it as one process for --device cuda")  # fmt: skip
+    dev = torch.device("cpu") if env.distributed else resolve_device(device)
     init_distributed(torch.device("cpu"), env)
     with working(err, f"opening {model} (its blocks stay on disk)"):
         loaded, source, blocks = open_streamed(model, arch)
-    batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length)
+    batches = read_calibration(err, calib, loaded, calib_samples, data_dir, max_length, dev)
     samples = sum(len(next(iter(b.values()))) for b in batches)
     if len(batches) < env.world_size:
         fail(f"{len(batches)} calibration batches cannot be shared by {env.world_size} processes: give more --calib-samples "
@@ -170,7 +180,7 @@ def _convert_streamed(
              "data": choose_data(calib, None, None, None, data_dir=data_dir).record()}  # fmt: skip
     with working(err, "streaming the blocks (calibrating, factorizing, writing)"), stream_output(out, env.is_main) as writer:
         store = DiskStore(writer.staging / f"hidden-{env.rank}") if offload == "disk" else None
-        report = stream_compress_(loaded.model, config, batches, block_loader(source, loaded.model), writer.write_block, store=store)
+        report = stream_compress_(loaded.model, config, batches, block_loader(source, loaded.model), writer.write_block, store=store, device=dev)
         report.notes.append(f"calibrated on {samples} samples of {calib}; hidden states between blocks kept "
                             f"{'on disk' if offload == 'disk' else 'in memory'}"
                             + (f"; {env.world_size} processes, each running its share of the batches" if env.distributed else ""))  # fmt: skip

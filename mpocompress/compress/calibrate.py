@@ -502,16 +502,20 @@ def measure_swap_kl(model: nn.Module, swaps: Sequence[tuple[Sequence[str], nn.Mo
 
 class HiddenStore:
     """Where a block stream keeps the hidden states entering the current block, by (side, batch): in
-    memory here; on disk with `mpocompress.io.offload.DiskStore` (convert --offload disk)."""
+    CPU memory here (page-locked when they come from a GPU, so they go back without a staging copy);
+    on disk with `mpocompress.io.stream.DiskStore` (convert --offload disk). `get` returns a state on
+    the device it was put from."""
 
     def __init__(self) -> None:
         self._held: dict[tuple[int, int], torch.Tensor] = {}
+        self._device: dict[tuple[int, int], torch.device] = {}
 
     def put(self, key: tuple[int, int], hidden: torch.Tensor) -> None:
-        self._held[key] = hidden
+        self._device[key] = hidden.device
+        self._held[key] = to_host(hidden)
 
     def get(self, key: tuple[int, int]) -> torch.Tensor:
-        return self._held[key]
+        return self._held[key].to(self._device[key], non_blocking=True)
 
     def held_bytes(self) -> int:
         """The memory the kept hidden states take."""
@@ -519,6 +523,17 @@ class HiddenStore:
 
     def close(self) -> None:
         self._held.clear()
+        self._device.clear()
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """`t` in CPU memory: itself when it is there, else a page-locked copy (an accelerator's
+    transfers from page-locked memory are direct and can overlap compute)."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t)
+    return host
 
 
 def capture_block_inputs(net: nn.Module, first: nn.Module, batches: Sequence[Batch]) -> list[tuple[torch.Tensor, tuple, dict]]:

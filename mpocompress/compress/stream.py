@@ -153,6 +153,7 @@ def stream_compress_(
     store: HiddenStore | None = None,
     filter_fn: FilterFn | None = None,
     ranks: Ranks | None = None,
+    device: torch.device | str = "cpu",
 ) -> CompressionReport:
     """Compress the layers of `model`'s stack of blocks one block at a time (see the module's text).
 
@@ -166,8 +167,12 @@ def stream_compress_(
         filter_fn: optional restriction of the candidates (only layers inside the blocks are ever taken).
         ranks: the processes sharing the work under torchrun (`batches` is then this process's shard);
             by default those of the process group, if one is initialized.
+        device: where the blocks run and are factorized (`batches` must be there); each block is
+            read into CPU memory, moved there, and written back from CPU memory. The model's parts
+            outside the blocks move there too, and stay.
     """
     sel = _select_streamed(model, config, batches, filter_fn, "compresses")
+    device = _outside_to(model, sel.blocks, device)
     blocks, skipped, before, per_block, fixed, free = sel.blocks, sel.skipped, sel.before, sel.per_block, sel.fixed, sel.free
     store = store if store is not None else HiddenStore()
     ranks = ranks if ranks is not None else Ranks()
@@ -182,9 +187,9 @@ def stream_compress_(
     allocated: dict[str, Decision] = {}
     try:
         if free:
-            allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks)
+            allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks, device=device)
         plan = LayerPlan([], config, None, batches)
-        _compress_streamed(model, config, batches, masks, per_block, allocated, load_block, write_block, store, plan, ranks)
+        _compress_streamed(model, config, batches, masks, per_block, allocated, load_block, write_block, store, plan, ranks, device)
     finally:
         store.close()
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, applied=True, model_after=count_params(model))
@@ -230,6 +235,7 @@ def stream_analyze(
     store: HiddenStore | None = None,
     filter_fn: FilterFn | None = None,
     ranks: Ranks | None = None,
+    device: torch.device | str = "cpu",
 ) -> CompressionReport:
     """What `stream_compress_` would choose, without changing or writing anything (`analyze --stream`):
     every free layer's forms with their predicted output errors (the report's curves) from the first
@@ -238,6 +244,7 @@ def stream_analyze(
     original inputs' Grams, refined, no refit) for their reports. Arguments as
     `stream_compress_`; the blocks go back to the meta device."""
     sel = _select_streamed(model, config, batches, filter_fn, "analyzes")
+    device = _outside_to(model, sel.blocks, device)
     blocks, targets, skipped, before, per_block, fixed, free = sel.blocks, sel.targets, sel.skipped, sel.before, sel.per_block, sel.fixed, sel.free
     stack, prefix = model.get_submodule(blocks), blocks + "."
     store = store if store is not None else HiddenStore()
@@ -247,7 +254,7 @@ def stream_analyze(
     curves: dict[str, list] = {}
     plan = LayerPlan([], config, None, batches)
     try:
-        decided = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks, curves)
+        decided = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks, curves, device)
         made = {n: d for n, d in decided.items() if d.option is not None}
         last = max((i for i, ts in enumerate(per_block) if any(t.cand.name in made for t in ts)), default=-1)
         if last >= 0:
@@ -256,7 +263,7 @@ def stream_analyze(
                 block, ts = stack[i], [t for t in per_block[i] if t.cand.name in made]
                 status(f"making the chosen forms of block {i + 1}/{len(stack)}")
                 with _block_memory(f"{prefix}{i}", block, ts, stream, sides=1):
-                    _load(load_block, block, f"{prefix}{i}")
+                    _load(load_block, block, f"{prefix}{i}", device)
                     if ts:
                         cal = _summed_grams(_block_grams(stream, 0, block, ts, batches, prefix), ranks)
                         for t in ts:
@@ -296,7 +303,7 @@ def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[
 def _allocate_streamed(
     model: nn.Module, config: CompressionConfig, fixed: list[LayerTarget], free: list[LayerTarget], batches: Sequence[Batch],
     masks: list, per_block: list[list[LayerTarget]], load_block: LoadBlock, store: HiddenStore, notes: list[str], ranks: Ranks,
-    options: dict[str, list] | None = None,
+    options: dict[str, list] | None = None, device: torch.device = torch.device("cpu"),
 ) -> dict[str, Decision]:  # fmt: skip
     """The first pass, over the original blocks on the original inputs: every layer's decision. A
     layer with a D or an eps gets its form as in memory; the free layers' forms are weighed and their
@@ -317,7 +324,7 @@ def _allocate_streamed(
         block, ts = stack[i], per_block[i]
         status(f"weighing the forms of block {i + 1}/{len(stack)}")
         with _block_memory(f"{prefix}{i}", block, ts, stream, sides=1):
-            _load(load_block, block, f"{prefix}{i}")
+            _load(load_block, block, f"{prefix}{i}", device)
             if ts:
                 if config.allocating:  # what the budget is spent on; curves alone need no sensitivities
                     sens.update(_block_sensitivity(stream, block, [t for t in ts if id(t) in free_ids], prefix, ranks))
@@ -410,17 +417,39 @@ def _block_sensitivity(stream: BlockStream, block: nn.Module, ts: Sequence[Layer
     return out
 
 
-def _load(load_block: LoadBlock, block: nn.Module, name: str) -> None:
+def _load(load_block: LoadBlock, block: nn.Module, name: str, device: torch.device) -> None:
     load_block(block, name)
     if any(p.is_meta for p in block.parameters()):
         missing = next(n for n, p in block.named_parameters() if p.is_meta)
         raise MPOCompressError(f"the weights of {name}.{missing} were not found in the model's files; the folder is incomplete")
+    block.to(device)
+
+
+def _outside_to(model: nn.Module, blocks: str, device: torch.device | str) -> torch.device:
+    """Move the model's tensors outside its stack of blocks (embeddings, norms, rotary tables; not
+    those still on the meta device, like an untied head a streamed pass never runs) to `device`."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return device
+    moved: dict[int, torch.Tensor] = {}  # by the original's id: a tied parameter moves once and stays tied
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name == blocks or name.startswith(blocks + "."):
+            continue
+        for table in (mod._parameters, mod._buffers):
+            for k, t in table.items():
+                if t is None or t.is_meta:
+                    continue
+                if id(t) not in moved:
+                    on = t.detach().to(device)
+                    moved[id(t)] = nn.Parameter(on, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else on
+                table[k] = moved[id(t)]
+    return device
 
 
 def _compress_streamed(
     model: nn.Module, config: CompressionConfig, batches: Sequence[Batch], masks: list, per_block: list[list[LayerTarget]],
     allocated: Mapping[str, Decision], load_block: LoadBlock, write_block: WriteBlock, store: HiddenStore, plan: LayerPlan,
-    ranks: Ranks,
+    ranks: Ranks, device: torch.device = torch.device("cpu"),
 ) -> None:  # fmt: skip
     """The second pass: each block factorized and refitted on the compressed blocks' outputs, written, freed."""
     blocks = stream_blocks(model)
@@ -433,7 +462,7 @@ def _compress_streamed(
         status(f"compressing block {i + 1}/{len(stack)}")
         name, ts = f"{prefix}{i}", per_block[i]
         with _block_memory(name, block, ts, stream, sides=2):
-            _load(load_block, block, name)
+            _load(load_block, block, name, device)
             if ts:
                 references[i] = copy.deepcopy(block)  # the original block, the refits' reference
                 cal = _summed_grams(_block_grams(stream, 0, references[i], ts, batches, prefix), ranks)
@@ -466,7 +495,7 @@ def _compress_streamed(
                 references[i] = block
             if i + 1 < len(stack):
                 stream.advance()
-        write_block(name, block)
+        write_block(name, block.to("cpu"))  # written from CPU memory
         references[i] = None
         _release(block)
         for t in ts:  # the replaced layers, still held by their targets

@@ -264,10 +264,11 @@ class DiskStore(HiddenStore):
         folder.mkdir(parents=True, exist_ok=True)
 
     def put(self, key: tuple[int, int], hidden: torch.Tensor) -> None:
-        torch.save(hidden.contiguous(), self.folder / f"{key[0]}-{key[1]}.pt")
+        self._device[key] = hidden.device
+        torch.save(hidden.detach().contiguous().cpu(), self.folder / f"{key[0]}-{key[1]}.pt")
 
     def get(self, key: tuple[int, int]) -> torch.Tensor:
-        return torch.load(self.folder / f"{key[0]}-{key[1]}.pt", weights_only=True)
+        return torch.load(self.folder / f"{key[0]}-{key[1]}.pt", weights_only=True, map_location=self._device[key])
 
     def held_bytes(self) -> int:
         return 0
