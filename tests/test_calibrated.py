@@ -161,6 +161,18 @@ def test_refinement_never_increases_the_calibrated_error(seed):
     assert errors[-1] < before  # a random or weight-fitted start is never already optimal here
 
 
+def test_refinement_takes_cores_of_any_strides():
+    """Cores that are views (a transpose, a product folded into them) refine as their contiguous
+    copies do: L-BFGS flattens the gradients, which needs contiguous parameters."""
+    x, w = _data(n=200, nx=16, ny=12, seed=0)
+    white = whitening(x.T @ x)
+    start = tt_svd(w, (4, 4), (3, 4), max_bond=3).cores
+    strided = [c.transpose(1, 2).contiguous().transpose(1, 2) for c in start]
+    assert not all(c.is_contiguous() for c in strided)
+    a, b = refine_cores(start, w, white, steps=10), refine_cores(strided, w, white, steps=10)
+    assert a.errors == pytest.approx(b.errors, rel=1e-9)
+
+
 def test_allocator_equals_exhaustive_search():
     g = torch.Generator().manual_seed(0)
     for trial in range(30):

@@ -352,7 +352,7 @@ def refine_cores(
         with torch.no_grad():
             return meter(mpo_to_matrix([c.detach().to(torch.float64) for c in cs])) ** 2
 
-    params = [c.detach().to(dtype).clone().requires_grad_(True) for c in cores]
+    params = [c.detach().to(dtype).clone(memory_format=torch.contiguous_format).requires_grad_(True) for c in cores]  # L-BFGS views flat grads
     best_cores = [c.detach().to(torch.float64).clone() for c in cores]
     best = exact(best_cores)
     errors = [math.sqrt(max(best, 0.0))]
