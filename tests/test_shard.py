@@ -63,6 +63,9 @@ def test_sharded_heal_equals_one_process_and_resumes_exactly(healing):
     rep = json.loads(two.stdout)  # one report: rank 0's
     assert two.stderr.count("epoch 1/1:") == 1  # and one progress line: rank 0 speaks for both
     assert rep["sharded"] is True and rep["world_size"] == 2
+    first = json.loads(one.stdout)  # the start, measured after sharding there, whole here: the same
+    for key in ("top1_agreement_before", "output_rel_error_before"):
+        assert rep[key] == pytest.approx(first[key], rel=1e-6, abs=1e-9), key
     a, b, start = (mpocompress.load(d / f) for f in ("one.safetensors", "two.safetensors", "small.safetensors"))
     assert _max_rel_diff(start, a) > 1e-3  # it trained
     assert _max_rel_diff(b, a) < 1e-5
@@ -87,6 +90,7 @@ def test_sharded_heal_equals_one_process_and_resumes_exactly(healing):
     assert refused.returncode == 2 and "shard" in refused.stderr.strip().splitlines()[-1]
     resumed = _finetune(d, "cut.safetensors", "--epochs", "3", "--shard", "--resume", procs=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout)["output_rel_error_before"] == pytest.approx(rep["output_rel_error_before"], rel=1e-6)
     assert _max_rel_diff(mpocompress.load(d / "cut.safetensors"), mpocompress.load(d / "full.safetensors")) == 0.0
     assert not ckpt.exists()  # removed once the run is complete, as a file checkpoint is
 
@@ -101,7 +105,9 @@ def test_a_sharded_heal_whose_start_is_best_saves_the_start(healing):
             "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--shard", "--json", "-o", str(d / "same.safetensors")]  # fmt: skip
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout)["runs"][0]["kept"] == "start"
+    rep = json.loads(r.stdout)
+    assert rep["runs"][0]["kept"] == "start"
+    assert rep["top1_agreement_before"] == 1.0 and rep["output_rel_error_before"] == pytest.approx(0.0, abs=1e-9)  # measured sharded
     assert _max_rel_diff(mpocompress.load(d / "same.safetensors"), mpocompress.load(d / "llama")) == 0.0
 
 

@@ -170,17 +170,20 @@ def finetune(
     if distilling:
         with working(err, f"reading {data}"):
             train_set, test_set = load_unlabelled_data(data, loaded.model, teacher, max_length, max_samples)
-        _check_outputs_match(model, loaded, distill_from, taught, test_set)
-        with working(err, f"measuring the start on the held-out split ({len(test_set)} samples)"):
-            before = agreement(loaded.model.to(dev), teacher.to(dev), test_set, dev)
-        loaded.model.cpu()  # only measured: the runs train fresh copies (make_model)
-        metric, value = metric_of(before)
-        extra = {f"{metric}_before": value, "output_rel_error_before": before["output_rel_error"], "loss_kind": config.loss}
+        shape = _check_outputs_match(model, loaded, distill_from, taught, test_set)
+        metric = "top1_agreement" if is_causal_lm(teacher) or len(shape) == 2 else "agreement_cosine"  # as metric_of picks
+        start = None
+        if not shard:  # sharded, the start is measured by the runs, after sharding (no whole copy on any device)
+            with working(err, f"measuring the start on the held-out split ({len(test_set)} samples)"):
+                before = agreement(loaded.model.to(dev), teacher.to(dev), test_set, dev)
+            loaded.model.cpu()  # only measured: the runs train fresh copies (make_model)
+            start = (metric_of(before)[1], before["output_rel_error"])
+        extra = {"loss_kind": config.loss}
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
                   data_record=choice.record(),
                   describe={**describe, "data": data, "max_length": max_length, "max_samples": max_samples},
                   teacher=teacher, trainer=distill, metric=metric, eval_every=eval_every,
-                  start=(value, before["output_rel_error"]), by_loss=is_causal_lm(teacher), shard=shard)  # fmt: skip
+                  start=start, by_loss=is_causal_lm(teacher), shard=shard, measure_start=shard)  # fmt: skip
     else:
         train_set, test_set = load_data(choice, data_dir, augment)
         if teacher is not None:
@@ -198,6 +201,9 @@ def finetune(
     finish_distributed(env)
     if not env.is_main:
         return
+    if distilling:  # what the start scored on the held-out split: measured here, or by the (sharded) runs
+        scored = (start[0], start[1]) if start is not None else (outcomes[0].start[metric], outcomes[0].start["output_rel_error"])
+        extra = {f"{metric}_before": scored[0], "output_rel_error_before": scored[1], **extra}
     rep = report(job, outcomes, {"model": str(model), "arch": loaded.arch, "data": train_set.name,
                                  "data_options": choice.options(), **extra,
                                  "params_model_before": sum(p.numel() for p in loaded.model.parameters()),
@@ -220,9 +226,10 @@ def _mismatch(model: Path, loaded: Any, distill_from: Path, taught: Any, how: st
 
 
 @torch.no_grad()
-def _check_outputs_match(model: Path, loaded: Any, distill_from: Path, taught: Any, data: Any) -> None:
+def _check_outputs_match(model: Path, loaded: Any, distill_from: Path, taught: Any, data: Any) -> torch.Size:
     """Both models on one held-out sample: the teacher must run on the student's data and give
-    outputs of the student's shape (a wrong teacher is named as such, not met as an internal error)."""
+    outputs of the student's shape (a wrong teacher is named as such, not met as an internal error);
+    returns that shape."""
     b = data.batch(torch.arange(1))
     inputs = {"x": b[0]} if isinstance(b, tuple) else dict(b)
     was = [loaded.model.training, taught.model.training]
@@ -239,6 +246,7 @@ def _check_outputs_match(model: Path, loaded: Any, distill_from: Path, taught: A
         taught.model.train(was[1])
     if mine != theirs:
         fail(_mismatch(model, loaded, distill_from, taught, f"gives outputs of shape {tuple(theirs)} where the student's are {tuple(mine)}"))
+    return mine
 
 
 def _distilling(loss: str, data: str, distill_from: Path | None, max_samples: int | None, eval_every: int) -> bool:

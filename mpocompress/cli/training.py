@@ -203,6 +203,7 @@ class RunOutcome:
     trainable: int
     curve: list[dict[str, float]] = field(default_factory=list)  # (step, metric, loss, seconds) every job.eval_every steps
     kept: str | None = None  # with Job.start: which state was saved ("start", "epoch N")
+    start: dict[str, Any] = field(default_factory=dict)  # with Job.measure_start: the agreement measured before training
 
 
 @dataclass
@@ -230,6 +231,7 @@ class Job:
     # held-out state (by loss, lower is better, when `by_loss`; else by metric) is what gets saved, the start included
     by_loss: bool = False
     shard: bool = False  # FSDP2 under torchrun (finetune --shard): sharded checkpoints, the whole model gathered to save
+    measure_start: bool = False  # distillation without `start`: the trainer measures it, after sharding (RunOutcome.start)
 
 
 def data_inputs(data: str | None) -> tuple[Path, ...]:
@@ -338,6 +340,17 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
         extra = {"eval_every": job.eval_every, "on_eval": on_eval} if job.eval_every else {}
         if job.shard:
             extra["shard"] = True
+        measured: dict[str, Any] = {}
+        if job.measure_start:
+            whole = _cpu_state(model) if resume_state is None else None  # the start's state, taken whole before sharding
+
+            def on_start(rep: dict[str, Any]) -> None:
+                measured.update(rep)
+                if whole is not None:  # the start is a candidate: never save worse than it
+                    values = (rep[job.metric], rep["output_rel_error"])
+                    best.update(score=_score(job, *values), at="start", state=whole, values=values)
+
+            extra["on_start"] = on_start
         try:
             trainer = job.trainer or fit
             result = trainer(model, job.train_set, job.test_set, config, teacher=job.teacher, device=job.device,
@@ -374,7 +387,7 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
     if stop() and r + 1 < job.runs:
         raise Interrupted(f"interrupted after run {r + 1}/{job.runs}: {out} is complete; rerun the same command "
                           "with --resume for the remaining runs", stop())  # fmt: skip
-    return RunOutcome(seed, result, out, summarize(model) if job.env.is_main else {}, trainable, curve, kept)
+    return RunOutcome(seed, result, out, summarize(model) if job.env.is_main else {}, trainable, curve, kept, measured)
 
 
 def _score(job: Job, metric: float, loss: float) -> float:

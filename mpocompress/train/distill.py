@@ -270,6 +270,7 @@ def distill(
     eval_every: int = 0,
     on_eval: Callable[..., None] | None = None,
     shard: bool = False,
+    on_start: Callable[[dict[str, float | None]], None] | None = None,
 ) -> FitResult:
     """Train `model` in place to reproduce `teacher` on unlabelled data, for `config.epochs` epochs.
 
@@ -280,6 +281,9 @@ def distill(
     With `eval_every` = k, the agreement is also measured every k steps and passed to
     `on_eval(step, metric, rel_error, more)` (a learning curve; `more` holds a causal LM's
     perplexity and mean KL, else nothing).
+    With `on_start`, the agreement of the model as given (before training, before a resumed state is
+    restored) is measured after sharding, as every later evaluation is, and passed to it: under
+    `shard` no process needs a whole copy of the model on its device to measure the start.
     """
     if teacher is None:
         raise MPOCompressError("distillation needs a teacher: pass --distill-from ORIGINAL")
@@ -292,7 +296,9 @@ def distill(
         shard_model(teacher, env, device)
     local_batch = local_batch_size(config.batch_size, env)
     net = wrap_distributed(model, env, device, find_unused=True, shard=shard)
-    optimizer = _adamw(model, config)
+    optimizer = _adamw(model, config)  # first: a sharded root keeps its gathered parameters after a forward pass
+    if on_start is not None:
+        on_start(agreement(model, teacher, test_set, device, config.eval_batch_size))
     steps_per_epoch = math.ceil(math.ceil(len(train_set) / env.world_size) / local_batch)
     total = config.epochs * steps_per_epoch
     start_epoch, skip, partial, history = 0, 0, None, []
