@@ -20,6 +20,8 @@ Rows:
 - lowrank-budget:  --structure lowrank --target-params (the allocator, low-rank only)
 - mpo-budget:      --structure mpo --target-params (the allocator, MPOs of 3 or 4 cores only)
 - auto-budget:     --structure auto --target-params (the allocator, every structure)
+- auto-try-mpo:    as auto-budget, with --try-mpo (each layer made low-rank offered a 4-core MPO of no more
+                   parameters, refined 10x longer, kept where its calibrated error is lower)
 - auto-embedding:  as auto-budget, with the word embedding (11.7M of the model's 22.7M parameters) offered
                    too (as an MPO embedding): the same total parameters, spread over more layers
 """
@@ -44,7 +46,7 @@ from heldout import sentences as stdlib_sentences  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "docstrings-en.txt"
 ROWS = ("mpo-weight", "lowrank-weight", "lowrank-uniform", "mpo-uniform", "lowrank-budget", "mpo-budget", "auto-budget",
-        "auto-embedding")
+        "auto-try-mpo", "auto-embedding")
 
 
 def encoder_linear(model: torch.nn.Module) -> tuple[int, int]:
@@ -97,6 +99,8 @@ def main() -> None:
                 cfg = CompressionConfig(bond_dim=rank, structure="lowrank", **base)
             elif row == "mpo-uniform":
                 cfg = CompressionConfig(bond_dim=mpo_bond_for(model, f, dense), **base)
+            elif row == "auto-try-mpo":
+                cfg = CompressionConfig(target_params=target, try_mpo=True, **base)
             elif row == "auto-embedding":
                 cfg = CompressionConfig(target_params=target, layers=("encoder.*", "embeddings.word_embeddings"))
             else:

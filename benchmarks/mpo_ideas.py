@@ -26,6 +26,15 @@ blocks 0, 14 and 29 of 30; one hidden-unit order for gate, up and down), at 20 a
 
     python benchmarks/mpo_ideas.py                      # MiniLM, about 30 minutes on 2 cores
     python benchmarks/mpo_ideas.py --model smollm2
+    python benchmarks/mpo_ideas.py --model-level        # MiniLM: the low-rank allocator's model, its FFN down
+                                                        # projections as long-refined MPOs where those win
+
+--model-level takes the one lead of the screen to the whole model: the low-rank allocator (`--structure
+lowrank --target-params`, 30 / 50 / 70 % of the encoder's linear weights kept) sizes every layer; a fresh
+model gets those ranks, then its FFN down projections are made in a second calibrated pass, once as the
+same low-rank and once as 4-core MPOs of no more parameters refined for 10x the steps, each layer taking
+the MPO only where its error on the calibration inputs is lower. Scored by the mean cosine of sentence
+embeddings to the original's on the held-out standard-library sentences (benchmarks/heldout.py).
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ from mpocompress.tensors import MPOShape
 from mpocompress.tensors.calibrated import lowrank, output_error, refine_cores, whitening
 from mpocompress.tensors.contract import mpo_to_matrix
 from mpocompress.tensors.decompose import tt_svd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "docstrings-en.txt"
 METHODS = ("lowrank", "mpo", "mpo-long", "mpo-perm", "mpo-kf", "lowrank+mpo")
@@ -134,6 +145,59 @@ def mpo_fit(w: torch.Tensor, white, shape_modes, d: int, steps: int, kf: list[to
     return mpo_to_matrix(refine_cores(cores, w, white, steps=steps).cores)
 
 
+def model_level(fractions: list[float], steps: int, calib_samples: int, max_length: int) -> int:
+    from heldout import sentences as stdlib_sentences
+
+    from mpocompress import CompressionConfig, compress_
+    from mpocompress.io.data.calibration import model_tokenizer
+    from mpocompress.io.data.unlabelled import TokenSet
+    from mpocompress.train.distill import agreement
+
+    original = open_model("minilm")
+    calib = calibration_batches(f"text:{CORPUS}", original, calib_samples, max_length=max_length)
+    enc = model_tokenizer(original)(stdlib_sentences(), truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+    test = TokenSet("stdlib", "eval", {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc})
+    mods = [m for n, m in original.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")]
+    dense = sum(m.weight.numel() for m in mods)
+    total = sum(p.numel() for p in original.parameters())
+    downs = [mlp_of("minilm", i)[1] for i in range(6)]
+    print("| kept | low-rank allocator | second pass: down projections low-rank | MPO where it wins | MPOs taken |")
+    print("|---|---|---|---|---|")
+    for f in fractions:
+        alloc = open_model("minilm")
+        rep = compress_(alloc, CompressionConfig(target_params=total - dense + round(f * dense), structure="lowrank", layers=("encoder.*",)),
+                        calibration=calib)  # fmt: skip
+        ranks = {lr.name: lr.ranks[0] for lr in rep.layers}
+        base = agreement(alloc, original, test)["agreement_cosine"]
+        scores, taken = [], 0
+        for mpo in (False, True):
+            model = open_model("minilm")
+            first = {n: r for n, r in ranks.items() if n not in downs}
+            compress_(model, CompressionConfig(structure="lowrank", layers=tuple(first), bond_dims=first), calibration=calib)
+            second = {n: ranks[n] for n in downs if n in ranks}
+            if mpo:  # each down projection: the MPO of no more parameters, if it beats low-rank on the calibration inputs
+                g = collect_grams(model, {n: model.get_submodule(n) for n in second}, calib)
+                chosen = {}
+                for n, r in second.items():
+                    w = model.get_submodule(n).weight.detach().double()
+                    white = whitening(g.grams[n])
+                    modes = _best_modes(w, 4)[0]
+                    d = largest_d(*modes, r * sum(w.shape))
+                    lr = lowrank(w, r, white, dtype=torch.float64)
+                    if output_error(w, mpo_fit(w, white, modes, d, steps), white) < output_error(w, lr.second @ lr.first, white):
+                        chosen[n] = (d, modes)
+                taken = len(chosen)
+                if chosen:
+                    compress_(model, CompressionConfig(structure="mpo", layers=tuple(chosen), bond_dims={n: d for n, (d, _) in chosen.items()},
+                                                       shapes={n: m for n, (_, m) in chosen.items()}, refine_steps=steps), calibration=calib)  # fmt: skip
+                second = {n: r for n, r in second.items() if n not in chosen}
+            if second:
+                compress_(model, CompressionConfig(structure="lowrank", layers=tuple(second), bond_dims=second), calibration=calib)
+            scores.append(agreement(model, original, test)["agreement_cosine"])
+        print(f"| {f:.0%} | {base:.4f} | {scores[0]:.4f} | {scores[1]:.4f} | {taken} of {len([n for n in downs if n in ranks])} |", flush=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
@@ -143,7 +207,10 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=None, help="tokens a sample (default: 64 for MiniLM, 256 for SmolLM2)")
     ap.add_argument("--steps", type=int, default=30, help="L-BFGS steps of the refinement (convert's default)")
     ap.add_argument("--blocks", type=int, nargs="+", default=None, help="default: all 6 of MiniLM; 0 14 29 of SmolLM2's 30")
+    ap.add_argument("--model-level", action="store_true", help="MiniLM whole: see the text above")
     args = ap.parse_args()
+    if args.model_level:
+        return model_level(args.fractions or [0.3, 0.5, 0.7], 10 * args.steps, args.calib_samples or 512, args.max_length or 64)
     lm = args.model == "smollm2"
     args.fractions = args.fractions or ([0.8, 0.6] if lm else [0.3, 0.5, 0.7])
     args.calib_samples = args.calib_samples or (16 if lm else 512)
@@ -196,16 +263,21 @@ def main() -> int:
                 got = {m: rows[(f, name, m)][-1] for m in METHODS}
                 print(f"{name:<34} kept {f:.1f}: rank {r}, D {d}, modes {modes}: " + ", ".join(f"{m} {e:.4f}" for m, e in got.items()),
                       file=sys.stderr, flush=True)  # fmt: skip
-    print(f"\n{args.model}: relative output error on held-out inputs (validation split), median over blocks {args.blocks}; "
-          f"{time.time() - t0:.0f} s\n")  # fmt: skip
+    print(f"\n{args.model}: relative output error on held-out inputs (validation split), mean over blocks {args.blocks}, "
+          f"and in brackets the layers where the form beats low-rank; {time.time() - t0:.0f} s\n")  # fmt: skip
     print("| layers | kept | " + " | ".join(METHODS) + " |")
     print("|---|---|" + "---|" * len(METHODS))
     kinds = ((("gate (576 -> 1536)", "gate_proj"), ("up (576 -> 1536)", "up_proj"), ("down (1536 -> 576)", "down_proj")) if lm
              else (("up (384 -> 1536)", "intermediate"), ("down (1536 -> 384)", "output")))  # fmt: skip
     for kind, key in kinds:
         for f in args.fractions:
-            med = [statistics.median(e for (ff, n, m), es in rows.items() for e in es if ff == f and key in n and m == meth) for meth in METHODS]
-            print(f"| {kind} | {f:.0%} | " + " | ".join(f"{v:.4f}" for v in med) + " |")
+            names_f = [n for n in names if key in n]
+            cells = []
+            for meth in METHODS:
+                errs = [rows[(f, n, meth)][0] for n in names_f]
+                wins = sum(rows[(f, n, meth)][0] < rows[(f, n, "lowrank")][0] for n in names_f)
+                cells.append(f"{statistics.fmean(errs):.4f}" + ("" if meth == "lowrank" else f" ({wins}/{len(names_f)})"))
+            print(f"| {kind} | {f:.0%} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -168,7 +168,7 @@ def parse_target_params(text: str | None) -> float | None:
 def build_config(
     bond_dim: list[str], shape: list[str], layers: list[str], exclude: list[str], eps: str | None, cores: str | None,
     structure: str = "auto", target_params: str | None = None, max_error: str | None = None, sequential: bool = False,
-    remove: str | None = None, budget_of: str = "model",
+    remove: str | None = None, budget_of: str = "model", try_mpo: bool = False,
 ) -> CompressionConfig:  # fmt: skip
     if budget_of not in ("model", "selected"):
         raise MPOCompressError(f"unknown --of {budget_of!r}: choose model (the whole model's size) or selected (the selected layers')")
@@ -192,6 +192,7 @@ def build_config(
         mpo_cores=(n,) if n is not None else (),
         sequential=sequential,
         budget_of=budget_of,
+        try_mpo=try_mpo,
         remove=parse_fraction(remove, "--remove", "give the share of the selected layers' weights to remove, e.g. 0.2", "e.g. --remove 0.2") if remove is not None else None,
     )
 
@@ -248,6 +249,7 @@ TARGET_OPT = typer.Option(None, "--target-params", metavar="P", help="The model'
 MAX_ERROR_OPT = typer.Option(None, "--max-error", metavar="E", help="Largest relative error a layer may have, in (0, 1): its output error on --calib data, else its weight error. Alone: each layer takes its smallest form within E.", show_default=False)
 CALIB_OPT = typer.Option(None, "--calib", metavar="DATA", help="Calibration data (anything --data accepts: a dataset name, a tensors file, a folder of images, text:FILE for a text model). Factorizations then minimize each layer's error on its real inputs.", show_default=False)
 CALIB_SAMPLES_OPT = typer.Option(None, "--calib-samples", metavar="N", help="Samples of --calib to use (the first N of its training split). [default: 512; for a causal LM 64 windows of --max-length tokens]", show_default=False)
+TRY_MPO_OPT = typer.Option(False, "--try-mpo", help="With --calib: offer every layer made low-rank a 4-core MPO of no more parameters, refined 10x longer, and keep the MPO where its error on the calibration inputs is lower (slower; on all-MiniLM-L6-v2 it takes the FFN down projections).")
 SEQUENTIAL_OPT = typer.Option(False, "--sequential", help="Calibrate each layer on the inputs the already compressed layers give it (slower: a pass per layer group), so errors do not compound.")
 MAX_LENGTH_OPT = typer.Option(None, "--max-length", metavar="N", help="Tokens per sample of text:FILE data: a causal LM's text is one stream cut into windows of N tokens, other models' lines are cut at N. [default: 512 for a causal LM, else 128; at most the model's positions]", show_default=False)
 CALIB_DATA_DIR_OPT = typer.Option(None, "--data-dir", metavar="DIR", help="Folder with the dataset files of --calib (default: $MPOCOMPRESS_DATA, else ./data).", show_default=False)

@@ -34,6 +34,7 @@ from mpocompress.cli.common import (
     STRUCTURE_OPT,
     TARGET_OPT,
     TRUST_OPT,
+    TRY_MPO_OPT,
     build_config,
     check_stream_options,
     fail,
@@ -76,6 +77,7 @@ def convert(
     calib: str | None = CALIB_OPT,
     calib_samples: int | None = CALIB_SAMPLES_OPT,
     sequential: bool = SEQUENTIAL_OPT,
+    try_mpo: bool = TRY_MPO_OPT,
     max_length: int | None = MAX_LENGTH_OPT,
     data_dir: Path | None = CALIB_DATA_DIR_OPT,
     stream: bool = STREAM_OPT,
@@ -98,13 +100,17 @@ def convert(
       mpocompress convert MODEL_DIR --calib text:sentences.txt --remove 0.3 -o small.safetensors
       mpocompress convert runs/fc2.safetensors --bond-dim 8 -o runs/fc2_d8.safetensors
     """
-    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, sequential, remove, budget_of)
+    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, sequential, remove, budget_of, try_mpo)
     if output is None:
         fail("convert needs an output file: add -o OUT.safetensors")
     if config.bond_dim is None and config.eps is None and not config.bond_dims and not config.allocating:
         fail("convert needs a truncation or a budget: add --bond-dim D (e.g. --bond-dim 4), --eps E, --target-params P (e.g. 0.5) or --remove R (e.g. 0.2); `mpocompress analyze` helps choose")
     if sequential and calib is None:
         fail("--sequential calibrates layer by layer and needs --calib DATA")
+    if try_mpo and calib is None:
+        fail("--try-mpo compares each MPO with the low-rank form on the layers' real inputs and needs --calib DATA")
+    if try_mpo and structure == "mpo":
+        fail("--try-mpo offers MPOs to the layers made low-rank, and --structure mpo makes none low-rank; drop one of them")
     check_stream_options(stream, offload, calib)
     out = check_output_path(output, force, inputs=(model,))
     err = make_err_console()

@@ -44,6 +44,7 @@ from mpocompress.compress.structures import (
     Option,
     layer_options,
     make_factors,
+    try_mpo,
 )
 from mpocompress.compress.targets import LayerTarget, decompose, reported_structure, weight_of
 from mpocompress.errors import MPOCompressError
@@ -166,9 +167,14 @@ class LayerPlan:
                 white = refit_whitening(t, fresh[name])
             else:
                 white = self._white(t)
-            f = _make(t, d.option, white, self.config.refine_steps)
+            f = _make_trying(t, d.option, white, self.config)
             self.layers.append(report_of(t, f))
             yield t, f
+        tried = [lr for lr in self.layers if lr.name in todo and todo[lr.name].option.structure == "lowrank"]
+        if self.config.try_mpo and tried:
+            taken = sum(lr.structure == "mpo" for lr in tried)
+            self.notes.append(f"--try-mpo: {taken} of the {len(tried)} layers made low-rank became 4-core MPOs of no more parameters "
+                              "(lower error on the calibration inputs after a longer refinement)")  # fmt: skip
 
 
 def refit_whitening(t: LayerTarget, st: CrossStats) -> Whitening:
@@ -194,6 +200,15 @@ def white_for(t: LayerTarget, cal: Calibration) -> Whitening:
     if getattr(t.cand.module, "bias", None) is None:
         return whitening(cal.grams[name])
     return whitening(cal.grams[name], total=cal.sums[name], rows=cal.rows[name])
+
+
+def _make_trying(t: LayerTarget, option: Option, white: Whitening | None, config: CompressionConfig) -> Factors:
+    """`_make`, then with `config.try_mpo` (and calibration) a low-rank Linear is offered the MPO of
+    no more parameters (`structures.try_mpo`)."""
+    f = _make(t, option, white, config.refine_steps)
+    if config.try_mpo and white is not None and t.cand.kind == "linear" and "mpo" in t.cand.converter.structures:
+        f = try_mpo(weight_of(t), f, white, config.refine_steps)
+    return f
 
 
 def _make(t: LayerTarget, option: Option, white: Whitening | None, refine_steps: int) -> Factors:

@@ -63,6 +63,8 @@ class CompressionConfig:
     sequential: bool = False  # calibrate each layer on the inputs the already-compressed layers give it
     remove: float | None = None  # instead of target_params: the share of the selected layers' weights to remove
     budget_of: str = "model"  # what target_params counts: "model" (its size after) or "selected" (the selected layers')
+    try_mpo: bool = False  # with calibration: each low-rank layer made is offered a 4-core MPO of no more parameters,
+    # refined TRY_MPO_REFINE times longer, and takes it where its calibrated error is lower
 
     def __post_init__(self) -> None:
         for what, d in [("bond dimension", self.bond_dim), *((f"bond dimension of {k}", v) for k, v in self.bond_dims.items())]:
@@ -152,6 +154,7 @@ class CompressionConfig:
             "sequential": self.sequential,
             "remove": self.remove,
             "budget_of": self.budget_of,
+            "try_mpo": self.try_mpo,
         }
 
     @classmethod
@@ -173,4 +176,5 @@ class CompressionConfig:
             sequential=d.get("sequential", False),
             remove=d.get("remove"),
             budget_of=d.get("budget_of", "model"),
+            try_mpo=d.get("try_mpo", False),
         )

@@ -52,6 +52,7 @@ from mpocompress.compress.choose import (
     _fixed_option,
     _fixed_params,
     _make,
+    _make_trying,
     curves_of,
     fixed_structure,
     refit_whitening,
@@ -486,7 +487,7 @@ def _compress_streamed(
                         t = d.target
                         status(f"factorizing {t.cand.name}")
                         st = fresh.pop(t.cand.name)  # each layer's statistics freed once whitened
-                        f = ranks.deal(lambda t=t, d=d, st=st: _make(t, d.option, refit_whitening(t, st), config.refine_steps))
+                        f = ranks.deal(lambda t=t, d=d, st=st: _make_trying(t, d.option, refit_whitening(t, st), config))
                         del st
                         plan.layers.append(report_of(t, f))
                         swap_in(model, t, f)

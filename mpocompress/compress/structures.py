@@ -173,6 +173,35 @@ def _best_modes(w: torch.Tensor, n: int) -> list[tuple[tuple[int, ...], tuple[in
     return [min(scored, key=lambda t: t[0])[1]]
 
 
+TRY_MPO_REFINE = 10  # --try-mpo refines the challenging MPO this many times the refinement steps convert uses
+TRY_MPO_SCREEN = 1.3  # ... once its error after the usual refinement is within this factor of the low-rank form's
+
+
+def try_mpo(w: torch.Tensor, lows: Factors, white: Whitening, refine_steps: int) -> Factors:
+    """`--try-mpo`: the low-rank factors `lows` of W against a 4-core MPO of no more parameters (W's
+    best 4-core modes, the largest uniform D that fits), fitted on the same calibrated objective: the
+    MPO is refined as `convert` refines; if its error comes within TRY_MPO_SCREEN of low-rank's, it is
+    refined TRY_MPO_REFINE times longer, and returned if its calibrated error is then lower. On the FFN
+    down projections of pretrained encoders the longer refinement is what lets the MPO win (docs/results.md,
+    issue 29); elsewhere the screen keeps the cost to one short refinement per layer."""
+    if lows.structure != "lowrank" or lows.output_rel_error is None or refine_steps < 1:
+        return lows
+    params = sum(f.numel() for f in lows.factors)
+    modes = _best_modes(w, 4)
+    if not modes:
+        return lows
+    fits = [d for d in range(2, max(MPOShape.exact(*modes[0]).bond_dims) + 1) if MPOShape.uniform(*modes[0], d).param_count <= params]
+    if not fits:
+        return lows
+    shape = MPOShape.uniform(*modes[0], fits[-1])
+    option = Option("mpo", shape.param_count, math.nan, shape=shape)
+    quick = make_factors(w, option, white, refine_steps)
+    if quick.output_rel_error is None or quick.output_rel_error > TRY_MPO_SCREEN * lows.output_rel_error:
+        return lows
+    long = make_factors(w, option, white, TRY_MPO_REFINE * refine_steps)
+    return long if long.output_rel_error is not None and long.output_rel_error < lows.output_rel_error else lows
+
+
 def layer_options(
     w: torch.Tensor,
     white: Whitening | None,
