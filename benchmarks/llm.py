@@ -95,7 +95,7 @@ def uniform_rank(model_path: Path, out: Path, remove: float, calib: str | None, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--remove", default="0.2,0.4", help="shares of the decoder's linear weights to remove")
-    ap.add_argument("--methods", default="svd,svd-llm,ours", help="svd (plain), svd-llm (whitened uniform rank), ours (the allocator), ours-no-table (the allocator, the tied embedding/head kept dense), ours-sequential (the allocator, then --sequential refits)")
+    ap.add_argument("--methods", default="svd,svd-llm,ours", help="svd (plain), svd-llm (whitened uniform rank), ours (the allocator), ours-no-table (the allocator, the tied embedding/head kept dense), ours-sequential (the allocator, then --sequential refits), ours-try-mpo (the allocator with --try-mpo)")
     ap.add_argument("--calib-samples", type=int, default=64, help="calibration windows of 512 tokens (32,768 tokens, as the anchor's 128 x 256)")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None, help="write every report as JSON here")
@@ -115,9 +115,10 @@ def main() -> None:
         for method in args.methods.split(","):
             out = work / f"{method}-{remove:g}.safetensors"
             t0 = time.perf_counter()
-            if method in ("ours", "ours-no-table", "ours-sequential"):
+            if method in ("ours", "ours-no-table", "ours-sequential", "ours-try-mpo"):
                 keep = ("--exclude", "model.embed_tokens") if method == "ours-no-table" else ()  # the tied table left dense
                 keep += ("--sequential",) if method == "ours-sequential" else ()  # refits block by block on the compressed inputs
+                keep += ("--try-mpo",) if method == "ours-try-mpo" else ()  # low-rank layers offered the MPO of their size
                 conv = cli("convert", str(model), "-o", str(out), "--calib", calib, "--calib-samples", str(args.calib_samples),
                            "--remove", str(remove), "--force", *keep)  # fmt: skip
                 reports[f"convert {method} {remove:g}"] = conv
