@@ -70,3 +70,17 @@ def test_a_layer_without_structure_keeps_low_rank_after_one_short_fit(monkeypatc
     assert fits == [5]  # the short fit only: the long one (TRY_MPO_REFINE x 5 steps) was screened out
     shape = MPOShape.of_cores(make_factors(w, StructOption("mpo", 0, 0.0, shape=structures.MPOShape.uniform(*structures._best_modes(w, 4)[0], 2)), white, 5).factors)
     assert shape.param_count <= sum(f.numel() for f in lows.factors) and TRY_MPO_REFINE > 1
+
+
+def test_cli_try_mpo_needs_calibration_and_low_rank_layers(tmp_path):
+    from test_cli_train import invoke
+
+    from mpocompress.io import save
+
+    src = tmp_path / "m.safetensors"
+    save(_model(), src, arch=None)
+    out = tmp_path / "o.safetensors"
+    for extra, says in ((["--remove", "0.5"], "needs --calib"), (["--calib", "digits", "--structure", "mpo", "-D", "2"], "--structure mpo makes none")):
+        r = invoke("convert", src, "--try-mpo", *extra, "-o", out)
+        assert r.exit_code == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert not out.exists()
