@@ -224,7 +224,9 @@ def main() -> int:
     val = grams(model, names, "test", args.calib_samples, args.max_length)
     print(f"Grams of {len(names)} layers in {time.time() - t0:.0f} s", file=sys.stderr)
     rows: dict[tuple[float, str, str], list[float]] = {}
-    weight = lambda n: model.get_submodule(n).weight.detach().double()  # noqa: E731
+    def weight(n: str) -> torch.Tensor:
+        return model.get_submodule(n).weight.detach().double()
+
     for i in args.blocks:
         ins, down_name = mlp_of(args.model, i)
         down = weight(down_name)

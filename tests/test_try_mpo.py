@@ -32,7 +32,7 @@ def _batches(seed: int = 1) -> list[dict[str, torch.Tensor]]:
 
 
 def test_the_mpo_is_taken_where_it_is_better_and_never_larger():
-    config = dict(bond_dim=4, structure="lowrank", layers=("0", "1"))
+    config = {"bond_dim": 4, "structure": "lowrank", "layers": ("0", "1")}
     plain, tried = _model(), _model()
     a = compress_(plain, CompressionConfig(**config), calibration=_batches())
     b = compress_(tried, CompressionConfig(**config, try_mpo=True), calibration=_batches())
@@ -53,7 +53,7 @@ def test_a_layer_without_structure_keeps_low_rank_after_one_short_fit(monkeypatc
     """Weights of rank 8 plus a little noise (no Kronecker structure): the MPO of the rank-8 form's
     size loses after the usual refinement by more than the screen allows, so the low-rank factors come
     back unchanged and no longer refinement is paid for (one MPO fit, counted)."""
-    import mpocompress.compress.structures as structures
+    from mpocompress.compress import structures
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 48)

@@ -71,6 +71,7 @@ from mpocompress.utils import status
 
 Batch = Mapping[str, torch.Tensor]
 T = TypeVar("T")
+CPU = torch.device("cpu")
 LoadBlock = Callable[[nn.Module, str], None]  # fill block's parameters (on meta) from the files, by its full name
 WriteBlock = Callable[[str, nn.Module], None]  # take the compressed block's tensors (its full name, the block)
 
@@ -304,7 +305,7 @@ def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[
 def _allocate_streamed(
     model: nn.Module, config: CompressionConfig, fixed: list[LayerTarget], free: list[LayerTarget], batches: Sequence[Batch],
     masks: list, per_block: list[list[LayerTarget]], load_block: LoadBlock, store: HiddenStore, notes: list[str], ranks: Ranks,
-    options: dict[str, list] | None = None, device: torch.device = torch.device("cpu"),
+    options: dict[str, list] | None = None, device: torch.device = CPU,
 ) -> dict[str, Decision]:  # fmt: skip
     """The first pass, over the original blocks on the original inputs: every layer's decision. A
     layer with a D or an eps gets its form as in memory; the free layers' forms are weighed and their
@@ -450,7 +451,7 @@ def _outside_to(model: nn.Module, blocks: str, device: torch.device | str) -> to
 def _compress_streamed(
     model: nn.Module, config: CompressionConfig, batches: Sequence[Batch], masks: list, per_block: list[list[LayerTarget]],
     allocated: Mapping[str, Decision], load_block: LoadBlock, write_block: WriteBlock, store: HiddenStore, plan: LayerPlan,
-    ranks: Ranks, device: torch.device = torch.device("cpu"),
+    ranks: Ranks, device: torch.device = CPU,
 ) -> None:  # fmt: skip
     """The second pass: each block factorized and refitted on the compressed blocks' outputs, written, freed."""
     blocks = stream_blocks(model)
