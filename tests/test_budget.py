@@ -319,3 +319,30 @@ def test_lowrank_with_both_a_rank_and_eps_takes_the_smaller():
     by_eps = compress_(_mlp(), CompressionConfig(eps=0.9, structure="lowrank", layers=("0",)))
     assert loose.layers[0].ranks == by_eps.layers[0].ranks and by_eps.layers[0].ranks[0] < 20
     assert tight.layers[0].ranks == [3]
+
+
+def test_the_mpo_only_allocator_measures_its_mpo_forms(monkeypatch):
+    """With --structure mpo and a calibrated budget every Linear's MPO forms are priced by swaps
+    measured on the calibration data (`_probed`, as an embedding's are), made with convert's
+    refinement; `auto` keeps the predictions (it never gets there for a Linear). The ratios it
+    returns are real measurements: positive, and not all 1."""
+    import mpocompress.compress.choose as choose
+
+    seen = {}
+    real = choose._probed
+
+    def spy(model, t, opts, *a, **k):
+        ratios = real(model, t, opts, *a, **k)
+        seen[t.cand.name] = (k.get("refine_steps", a[5] if len(a) > 5 else 0), ratios)
+        return ratios
+
+    monkeypatch.setattr(choose, "_probed", spy)
+    batches, _ = _batches()
+    total = _params(_mlp())
+    compress_(_mlp(), CompressionConfig(structure="auto", target_params=total // 2), calibration=batches)
+    assert seen == {}
+    compress_(_mlp(), CompressionConfig(structure="mpo", target_params=total // 2, refine_steps=7), calibration=batches)
+    assert set(seen) == {"0", "2", "4"}  # the three Linears the budget sizes
+    for steps, ratios in seen.values():
+        assert steps == 7 and all(r > 0 for r in ratios)
+    assert any(abs(r - 1.0) > 1e-6 for _, ratios in seen.values() for r in ratios)

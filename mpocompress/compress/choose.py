@@ -404,6 +404,9 @@ def _allocate(
                 table = fn is not None and t.cand.converter.serves_head
                 scale[i] = _probed(model, t, options[i], sens[i] * costs[i], _first_tokens(probe, FISHER_TOKENS) if table else probe,
                                    reference, None if table else fn, plan._white(t))  # fmt: skip
+            elif config.structure == "mpo" and t.cand.kind == "linear":  # an MPO-only plan: large MPO errors are not noise-like
+                status(f"measuring MPO forms of layer {i + 1}/{len(free)} ({t.cand.name})")
+                scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference, fn, plan._white(t), config.refine_steps)
     joint = None
     if fn is not None and any(t.cand.converter.serves_head for t in free):
         joint = _joint_measure(model, free, options, plan, _first_tokens(probe, FISHER_TOKENS))
@@ -529,13 +532,16 @@ def _head_selected(model: nn.Module, free: list[LayerTarget]) -> bool:
 
 def _probed(
     model: nn.Module, t: LayerTarget, opts: list[Option], energy: float, probe: Sequence[Mapping[str, torch.Tensor]],
-    reference: Sequence[torch.Tensor], fn: HeadFisher | None = None, white: TableWeighting | None = None,
+    reference: Sequence[torch.Tensor], fn: HeadFisher | None = None, white: TableWeighting | Whitening | None = None,
+    refine_steps: int = 0,
 ) -> list[float]:  # fmt: skip
     """Per option, the ratio of the measured change of the model's output to the predicted one
     (sensitivity x energy x error^2). An embedding's truncation error is not the isotropic noise the
     sensitivity probes assume (on MiniLM the prediction fell 5-7x short), so PROBES of its forms,
     spread over their sizes, are made and swapped in; sizes in between take the ratio interpolated
-    in log size."""
+    in log size. The MPO-only allocator does the same for every layer's MPO forms (made with the
+    refinement `convert` applies): their errors at small D (0.5-0.9 of a layer's output) are far from
+    small noise, and priced as noise the q/k projections of MiniLM were driven to D = 4-6."""
     forms = sorted((k for k, o in enumerate(opts) if o.structure != "dense"), key=lambda k: opts[k].params)
     ratios = [1.0] * len(opts)
     if not forms:
@@ -544,7 +550,7 @@ def _probed(
     w = weight_of(t)
     points: list[tuple[float, float]] = []  # (log params, log ratio)
     for k in picks:
-        f = make_factors(w, opts[k], white, 0)
+        f = make_factors(w, opts[k], white, refine_steps)
         new = t.cand.converter.build(t.cand.module, f.factors, f.structure).eval()
         if t.cand.converter.serves_head and is_causal_lm(model):  # the head changes too: the full next-token KL
             real = measure_swap_kl(model, [(t.cand.names, new)], probe)
