@@ -372,14 +372,14 @@ def test_running_out_of_memory_in_a_block_names_the_block(folders, tmp_path, mon
     it needs, exit 2, with nothing written."""
     from mpocompress.compress import stream
 
-    real = stream._make
+    real = stream._make_trying  # what the stream's second pass calls to make a layer's factors
 
     def starved(t, *a, **k):
         if ".layers.1." in t.cand.name:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8388608 bytes")
         return real(t, *a, **k)
 
-    monkeypatch.setattr(stream, "_make", starved)
+    monkeypatch.setattr(stream, "_make_trying", starved)
     out = tmp_path / "o.safetensors"
     line = _fails("convert", folders["llama"], "--stream", "--calib", f"text:{folders['text']}", "-D", "4", "--max-length", "32", "-o", out)
     assert re.search(r"out of memory while streaming block model\.layers\.1: the block itself needs about [0-9.]+ GiB", line), line
