@@ -51,9 +51,8 @@ import torch
 
 from mpocompress import load
 from mpocompress.compress.calibrate import collect_grams
-from mpocompress.compress.structures import _best_modes
+from mpocompress.compress.structures import _best_modes, largest_uniform_bond
 from mpocompress.io.data.calibration import calibration_batches
-from mpocompress.tensors import MPOShape
 from mpocompress.tensors.calibrated import lowrank, output_error, refine_cores, whitening
 from mpocompress.tensors.contract import mpo_to_matrix
 from mpocompress.tensors.decompose import tt_svd
@@ -107,10 +106,7 @@ def hierarchical_order(features: torch.Tensor, modes: tuple[int, ...]) -> torch.
 
 
 def largest_d(in_modes: tuple[int, ...], out_modes: tuple[int, ...], budget: int) -> int:
-    d = 1
-    while MPOShape.uniform(in_modes, out_modes, d + 1).param_count <= budget and d < 512:
-        d += 1
-    return d
+    return largest_uniform_bond(in_modes, out_modes, budget) or 1
 
 
 def kf_factors(gram: torch.Tensor, in_modes: tuple[int, ...]) -> list[torch.Tensor]:

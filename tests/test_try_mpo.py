@@ -84,3 +84,12 @@ def test_cli_try_mpo_needs_calibration_and_low_rank_layers(tmp_path):
         r = invoke("convert", src, "--try-mpo", *extra, "-o", out)
         assert r.exit_code == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
     assert not out.exists()
+
+
+def test_the_library_refuses_try_mpo_with_mpo_only():
+    import pytest
+
+    from mpocompress.errors import MPOCompressError
+
+    with pytest.raises(MPOCompressError, match="makes none low-rank"):
+        CompressionConfig(structure="mpo", try_mpo=True, bond_dim=4)

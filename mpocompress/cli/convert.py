@@ -109,8 +109,6 @@ def convert(
         fail("--sequential calibrates layer by layer and needs --calib DATA")
     if try_mpo and calib is None:
         fail("--try-mpo compares each MPO with the low-rank form on the layers' real inputs and needs --calib DATA")
-    if try_mpo and structure == "mpo":
-        fail("--try-mpo offers MPOs to the layers made low-rank, and --structure mpo makes none low-rank; drop one of them")
     check_stream_options(stream, offload, calib)
     out = check_output_path(output, force, inputs=(model,))
     err = make_err_console()

@@ -97,6 +97,8 @@ class CompressionConfig:
             )
         if any(not isinstance(n, int) or not 1 <= n <= 8 for n in self.mpo_cores):
             raise MPOCompressError(f"MPO core counts must be whole numbers in 1..8, got {self.mpo_cores!r}")
+        if self.try_mpo and self.structure == "mpo":
+            raise MPOCompressError("--try-mpo offers MPOs to the layers made low-rank, and --structure mpo makes none low-rank; drop one of them")
         if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise MPOCompressError(f"refinement steps must be a whole number >= 0, got {self.refine_steps!r}")
         for pattern in (*self.layers, *self.exclude, *self.bond_dims, *self.shapes):

@@ -173,6 +173,14 @@ def _best_modes(w: torch.Tensor, n: int) -> list[tuple[tuple[int, ...], tuple[in
     return [min(scored, key=lambda t: t[0])[1]]
 
 
+def largest_uniform_bond(in_modes: Sequence[int], out_modes: Sequence[int], params: int) -> int | None:
+    """The largest uniform D (up to its useful maximum) whose MPO of these modes has at most `params`
+    parameters; None when not even D = 1 fits."""
+    cap = max(MPOShape.exact(in_modes, out_modes).bond_dims)
+    fits = [d for d in range(1, cap + 1) if MPOShape.uniform(in_modes, out_modes, d).param_count <= params]
+    return fits[-1] if fits else None
+
+
 TRY_MPO_REFINE = 10  # --try-mpo refines the challenging MPO this many times the refinement steps convert uses
 TRY_MPO_SCREEN = 1.3  # ... once its error after the usual refinement is within this factor of the low-rank form's
 
@@ -186,14 +194,11 @@ def try_mpo(w: torch.Tensor, lows: Factors, white: Whitening, refine_steps: int)
     issue 29); elsewhere the screen keeps the cost to one short refinement per layer."""
     if lows.structure != "lowrank" or lows.output_rel_error is None or refine_steps < 1:
         return lows
-    params = sum(f.numel() for f in lows.factors)
     modes = _best_modes(w, 4)
-    if not modes:
+    d = largest_uniform_bond(*modes[0], sum(f.numel() for f in lows.factors)) if modes else None
+    if d is None or d < 2:
         return lows
-    fits = [d for d in range(2, max(MPOShape.exact(*modes[0]).bond_dims) + 1) if MPOShape.uniform(*modes[0], d).param_count <= params]
-    if not fits:
-        return lows
-    shape = MPOShape.uniform(*modes[0], fits[-1])
+    shape = MPOShape.uniform(*modes[0], d)
     option = Option("mpo", shape.param_count, math.nan, shape=shape)
     quick = make_factors(w, option, white, refine_steps)
     if quick.output_rel_error is None or quick.output_rel_error > TRY_MPO_SCREEN * lows.output_rel_error:
