@@ -14,7 +14,7 @@ from mpocompress.compress.calibrate import collect_cross, collect_grams, measure
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn import dense_patches
 from mpocompress.tensors import (
-    cross_whitening, lowrank, mpo_to_matrix, output_error, random_cores, refine_cores, resolve_bonds, tt_svd, whitening,
+    bound_whitening, cross_whitening, lowrank, mpo_to_matrix, output_error, random_cores, refine_cores, resolve_bonds, tt_svd, whitening,
 )  # fmt: skip
 
 F64 = torch.float64
@@ -133,6 +133,50 @@ def test_whitening_in_place_equals_the_copying_one_and_leaves_what_it_does_not_o
     g = kept[2].clone()
     whitening(g, total=kept[3], rows=x.shape[0])
     assert torch.equal(g, kept[2])
+
+
+@pytest.mark.parametrize("centre", [True, False])
+def test_a_whitening_bound_to_its_weight_weighs_as_the_full_one_and_refuses_others(centre):
+    """The refit's whitening bound to its one weight (W M and the energy, never M or the Gram) gives
+    the same whitened weight, energy, offset, factors and errors as the one holding M and the Gram
+    (float64, same statistics, seed 3: within 1e-10 relative), and is asked about no other weight."""
+    from mpocompress.tensors import cross_whitening_of
+
+    x, w = _data(shift=0.7)
+    x_in = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    stats = (x_in.T @ x_in, x_in.sum(0), x.T @ x, x.sum(0), x_in.T @ x)
+    full = cross_whitening(*stats, x.shape[0], centre=centre)
+    held = {"gram_in": stats[0].clone(), "gram": stats[2].clone(), "cross": stats[4].clone()}
+    bound = cross_whitening_of(held, stats[1], stats[3], x.shape[0], centre=centre, weight=w)
+    assert held == {} and bound.target_map is None and bound.centred_gram is None
+    torch.testing.assert_close(bound.whiten(w), full.whiten(w), rtol=1e-10, atol=1e-12)
+    assert bound.energy(w) == pytest.approx(full.energy(w), rel=1e-10)
+    assert bound.offset(w) == pytest.approx(full.offset(w), rel=1e-8, abs=1e-10 * full.energy(w))
+    assert full.offset(w) > 1e-3 * full.energy(w)  # the inputs changed: part of the error is out of reach
+    a, b = lowrank(w, 3, full, dtype=F64), lowrank(w, 3, bound, dtype=F64)
+    torch.testing.assert_close(b.second @ b.first, a.second @ a.first, rtol=1e-9, atol=1e-11)
+    approx = a.second @ a.first
+    assert output_error(w, approx, bound) == pytest.approx(output_error(w, approx, full), rel=1e-9)
+    assert output_error(w.clone(), approx, bound) == pytest.approx(output_error(w, approx, full), rel=1e-9)  # equal values serve
+    with pytest.raises(RuntimeError, match="another"):
+        bound.whiten(w + 1e-3)
+
+
+@pytest.mark.parametrize("shift", [0.0, 2e-5])
+def test_whitening_factors_in_place_as_torch_does(shift):
+    """The factor is written over the Gram matrix the whitening owns (no second N^2 matrix), and is
+    torch.linalg.cholesky's of the damped Gram within 1e-12 relative, also where the first damping
+    fails (shift: G made indefinite by 2e-5 of its mean diagonal, so 1e-6 fails and 1e-4 holds)."""
+    torch.manual_seed(0)
+    x = torch.randn(30, 40, dtype=F64)
+    g = x.T @ x - shift * float((x.T @ x).diagonal().mean()) * torch.eye(40, dtype=F64)
+    kept = g.clone()
+    white = whitening(g, owned=True)
+    assert white.factor.data_ptr() == g.data_ptr()
+    assert white.damp == (pytest.approx(1e-4) if shift else 1e-6)
+    ref = torch.linalg.cholesky(kept + white.damp * float(kept.diagonal().mean()) * torch.eye(40, dtype=F64))
+    torch.testing.assert_close(white.factor, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    assert torch.equal(white.factor, white.factor.tril())
 
 
 def test_whitening_regularizes_a_singular_gram_and_refuses_nan():
@@ -267,12 +311,93 @@ def test_sensitivity_of_a_linear_chain():
 
 
 def test_cross_statistics_of_an_unchanged_model_equal_its_gram():
+    """Of an unchanged model, X' = X: a widening layer's cross moment and both Grams are X^T X; a
+    narrowing one's statistics are projected on its weight W: X^T X W^T and sum ||W x||^2 (float64
+    against the dense products, 1e-10)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
     batches = [{"x": torch.randn(40, 5)}, {"x": torch.randn(30, 5)}]
-    st = collect_cross(model, model, ["2"], batches)["2"]
-    assert st.rows == 70 and torch.allclose(st.cross, st.gram) and torch.allclose(st.gram_in, st.gram)
+    st = collect_cross(model, model, ["0"], batches)["0"]  # 5 -> 7: kept whole
+    assert st.rows == 70 and st.cross_w is None and torch.allclose(st.cross, st.gram) and torch.allclose(st.gram_in, st.gram)
+    x = torch.cat([b["x"] for b in batches]).double()
+    torch.testing.assert_close(st.gram, x.T @ x, rtol=1e-10, atol=1e-10)
+    st = collect_cross(model, model, ["2"], batches)["2"]  # 7 -> 3: projected on W
+    assert st.rows == 70 and st.gram is None and st.cross is None
+    with torch.no_grad():
+        h = torch.relu(model[0](torch.cat([b["x"] for b in batches]))).double()
+    w = model[2].weight.detach().double()
+    torch.testing.assert_close(st.gram_in, h.T @ h, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(st.cross_w, h.T @ h @ w.T, rtol=1e-10, atol=1e-10)
+    assert float(st.energy) == pytest.approx(float((h @ w.T).square().sum()), rel=1e-10)
     assert math.isclose(float(st.total.sum()), float(st.sum_in.sum()))
+
+
+@pytest.mark.parametrize("changing", [False, True])
+def test_layers_of_one_input_share_one_gram_and_a_changing_pattern_keeps_one_each(changing):
+    """Two layers called on one input tensor share one Gram (the same tensor); where the sharing
+    changes between batches (the second layer reads its own copy of the input in one batch), each
+    still gets X^T X of exactly the inputs it saw (float64 against the dense product, 1e-12)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.pre(x)
+            return self.a(h).sum() + self.b(h if not changing or x.shape[0] > 25 else h * 1.5).sum()
+
+    torch.manual_seed(2)
+    net = Net().double()
+    batches = [{"x": torch.randn(30, 4, dtype=F64)}, {"x": torch.randn(20, 4, dtype=F64)}]
+    cal = collect_grams(net, {"a": net.a, "b": net.b}, batches)
+    with torch.no_grad():
+        hs = [net.pre(b["x"]) for b in batches]
+    ha = torch.cat(hs)
+    hb = torch.cat([h if not changing or h.shape[0] > 25 else h * 1.5 for h in hs])
+    torch.testing.assert_close(cal.grams["a"], ha.T @ ha, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cal.grams["b"], hb.T @ hb, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cal.sums["b"], hb.sum(0), rtol=1e-12, atol=1e-12)
+    assert cal.rows == {"a": 50, "b": 50}
+    assert (cal.grams["a"] is cal.grams["b"]) is not changing
+
+
+def test_layers_of_one_input_share_one_cross_statistic_and_each_spends_its_own():
+    """q/k/v read one tensor: their X'^T X' is one tensor, each refit takes a copy but the last, and
+    every layer's whitening equals the one made from its own statistics alone (float64, 1e-10)."""
+    from mpocompress.compress.calibrate import CrossStats
+
+    torch.manual_seed(1)
+    lin = nn.ModuleDict({"q": nn.Linear(6, 6, bias=False), "k": nn.Linear(6, 2, bias=False), "up": nn.Linear(6, 9, bias=False)})
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.lin = nn.Linear(4, 6), lin
+
+        def forward(self, x):
+            h = self.pre(x)
+            return sum(m(h).sum() for m in self.lin.values())
+
+    ref, model = Net().double(), Net().double()
+    model.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        model.pre.weight.add_(0.1)  # the compressed model's inputs differ
+    batches = [{"x": torch.randn(30, 4, dtype=F64)}, {"x": torch.randn(20, 4, dtype=F64)}]
+    names = ["lin.q", "lin.k", "lin.up"]
+    stats = collect_cross(ref, model, names, batches)
+    assert all(stats[n].gram_in is stats["lin.q"].gram_in for n in names)  # one X'^T X'
+    own = {n: collect_cross(ref, model, [n], batches)[n] for n in names}
+    for n in names:
+        assert not any(t is stats["lin.q"].gram_in for t in own[n].tensors())
+        a, b = stats[n], own[n]
+        keys = ("gram_in", "energy", "cross_w") if a.cross_w is not None else ("gram_in", "gram", "cross")
+        w = ref.get_submodule(n).weight
+        wa = bound_whitening({k: a.take(k) for k in keys}, w, a.sum_in, a.total, a.rows, centre=False)
+        wb = bound_whitening({k: b.take(k) for k in keys}, w, b.sum_in, b.total, b.rows, centre=False)
+        torch.testing.assert_close(wa.whiten(w), wb.whiten(w), rtol=1e-10, atol=1e-12)
+        assert wa.energy(w) == pytest.approx(wb.energy(w), rel=1e-10)
+    assert isinstance(stats["lin.q"], CrossStats) and stats["lin.up"].users == {"gram_in": 0, "gram": 0, "cross": 0}
 
 
 def test_auto_weighs_an_mpo_only_where_it_can_beat_lowrank():

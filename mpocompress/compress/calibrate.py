@@ -88,19 +88,25 @@ def _run(model: nn.Module, batch: Batch) -> object:
         raise MPOCompressError(f"the model does not run on the calibration data ({shapes}: {str(e).splitlines()[0] if str(e) else type(e).__name__}); give --calib data this model takes") from None
 
 
-def _gram_of(vecs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _gram_of(vecs: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """X^T X and the row sum of one batch's input vectors, in float64 (in row blocks of about 4M
-    numbers). float32 products lose the small eigenvalues that whitening needs: on the digits MLP
-    of test_budget the allocator then lost to uniform ranks."""
+    numbers), added to `into` (a Gram and a sum being accumulated) when given, so no second matrix
+    of the input's width is made. float32 products lose the small eigenvalues that whitening needs:
+    on the digits MLP of test_budget the allocator then lost to uniform ranks."""
     width = vecs.shape[1]
-    g = torch.zeros(width, width, dtype=torch.float64, device=vecs.device)
-    total = torch.zeros(width, dtype=torch.float64, device=vecs.device)
+    if into is None:
+        into = (torch.zeros(width, width, dtype=torch.float64, device=vecs.device), torch.zeros(width, dtype=torch.float64, device=vecs.device))
+    g, total = into
     step = max(1, (1 << 22) // max(width, 1))
     for s in range(0, vecs.shape[0], step):
         v = vecs[s : s + step].to(torch.float64)
         g.addmm_(v.T, v)
         total += v.sum(0)
     return g, total, int(vecs.shape[0])
+
+
+class _Changed(Exception):
+    """The layers sharing an input were not the same in every batch (see `collect_grams`)."""
 
 
 @torch.no_grad()
@@ -112,7 +118,22 @@ def collect_grams(
     several names is hooked once, under its first). With `stop_after`, each pass ends as soon as
     those modules have been called. `run(k, batch)` replaces the model's own call on batch k (a
     streamed block runs on the hidden states kept for that batch; the batch still gives the mask
-    of its real rows and its sample count)."""
+    of its real rows and its sample count).
+
+    Layers called one after another on one input tensor (q/k/v, gate/up) share one Gram matrix
+    (the same tensor under each name: not to be changed in place), and each batch's products are
+    added straight into it. Should the layers sharing an input differ between batches (a model
+    whose calls change with the data), the pass is made again keeping a Gram per layer."""
+    try:
+        return _collect_grams(model, modules, batches, stop_after, run, share=True)
+    except _Changed:
+        return _collect_grams(model, modules, batches, stop_after, run, share=False)
+
+
+def _collect_grams(
+    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], stop_after: set[str] | None,
+    run: Callable[[int, Batch], object] | None, share: bool,
+) -> Calibration:  # fmt: skip
     unique: dict[str, nn.Module] = {}
     seen_ids: set[int] = set()
     for name, mod in modules.items():
@@ -122,11 +143,13 @@ def collect_grams(
     grams: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
+    leader: dict[str, str] = {}  # with `share`: a layer -> the layer whose Gram it shares (itself when it leads)
     mask: torch.Tensor | None = None
     pending: set[str] = set()
     calls: list[tuple[str, int]] = []  # (name, serial of its input) at its first call, in call order
     seen = [None, 0]  # the last hooked input (held) and its serial: consecutive calls on one input share it
-    last: list[tuple] = []  # the last Linear input seen (held) and its Gram: consecutive calls on it share it
+    last: list[tuple] = []  # the last Linear input seen (held), the layer that led on it, its Gram (without `share`)
+    batch_no = [0]
 
     def hook(name: str, mod: nn.Module, x: torch.Tensor) -> None:
         if seen[0] is not x:  # identity against the one tensor held: never a freed tensor's reused address
@@ -139,14 +162,32 @@ def collect_grams(
             counts = torch.bincount(ids, minlength=conv.dims(mod)[1]).to(torch.float64)
             grams[name] = sums[name] = grams[name] + counts if name in grams else counts
             rows[name] = rows.get(name, 0) + int(ids.numel())
+        elif share:
+            follows = conv.kind == "linear" and bool(last) and last[0][0] is x
+            if follows:  # q/k/v, gate/up: one input, one Gram, added once by the leader
+                lead, n = last[0][1], last[0][2]
+                if name not in rows and batch_no[0] == 0 and leader.get(lead) == lead:
+                    grams[name], sums[name], leader[name] = grams[lead], sums[lead], lead
+                elif leader.get(name) != lead:
+                    raise _Changed
+            else:
+                if leader.get(name, name) != name:
+                    raise _Changed
+                vecs = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach()
+                into = (grams[name], sums[name]) if name in grams else None
+                grams[name], sums[name], n = _gram_of(vecs, into)
+                leader[name] = name
+                if conv.kind == "linear":  # the very tensor is held, so no later input can be mistaken for it
+                    last[:] = [(x, name, n)]
+            rows[name] = rows.get(name, 0) + n
         else:
-            if conv.kind == "linear" and last and last[0][0] is x:  # q/k/v, gate/up: one input, one Gram
-                dg, ds, n = last[0][1:]
+            if conv.kind == "linear" and last and last[0][0] is x:
+                dg, ds, n = last[0][2:]
             else:
                 vecs = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach()
                 dg, ds, n = _gram_of(vecs)
-                if conv.kind == "linear":  # the very tensor is held, so no later input can be mistaken for it
-                    last[:] = [(x, dg, ds, n)]
+                if conv.kind == "linear":
+                    last[:] = [(x, name, dg, ds, n)]
             if name in grams:
                 grams[name] += dg
                 sums[name] += ds
@@ -166,6 +207,7 @@ def collect_grams(
                 status(f"calibration pass {k + 1}/{len(batches)}")
                 mask = _row_mask(batch)
                 pending = set(stop_after) if stop_after is not None else set()
+                batch_no[0] = k
                 if run is None:
                     _run(model, batch)
                 else:
@@ -176,6 +218,8 @@ def collect_grams(
                 seen[0] = None
                 last.clear()
                 samples += int(next(iter(batch.values())).shape[0])
+                if any(rows.get(n) != rows.get(lead) for n, lead in leader.items()):  # a sharer not called with its leader
+                    raise _Changed
     finally:
         model.train(was_training)
     missing = [n for n in unique if n not in grams]
@@ -195,14 +239,55 @@ def collect_grams(
 
 @dataclass
 class CrossStats:
-    """One layer's inputs in the original model (X) and in the partly compressed one (X'), row for row."""
+    """One layer's inputs in the original model (X) and in the partly compressed one (X'), row for
+    row, as its refit needs them (`cross_whitening_of`). Layers that read one input (q/k/v, gate/up)
+    share the tensors of their group (`users` counts who still needs each), so a group holds one
+    X'^T X' however many layers read it.
 
-    gram: torch.Tensor  # X^T X
-    total: torch.Tensor  # sum of X's rows
+    A layer with N_y <= N_x (a down or output projection) keeps its statistics projected on its
+    original weight W, never X^T X or X'^T X: `energy` = sum ||W x||^2 and `cross_w` = X'^T X W^T
+    (N_x x N_y), which is all the refit of that one W uses (for a 5632-wide down projection, 88 MB in
+    place of two matrices of 254 MB)."""
+
     gram_in: torch.Tensor  # X'^T X'
     sum_in: torch.Tensor  # sum of X''s rows
-    cross: torch.Tensor  # X'^T X
+    total: torch.Tensor  # sum of X's rows
     rows: int
+    gram: torch.Tensor | None = None  # X^T X (None when projected)
+    cross: torch.Tensor | None = None  # X'^T X (None when projected)
+    energy: torch.Tensor | None = None  # sum ||W x||^2, a float64 scalar (projected)
+    cross_w: torch.Tensor | None = None  # X'^T X W^T (projected)
+    users: dict[str, int] = field(default_factory=dict)  # shared with the group: layers still to take each shared tensor
+
+    def take(self, key: str) -> torch.Tensor:
+        """The statistic for this layer to spend (change in place): the group's tensor to its last user,
+        a copy to the others."""
+        t = getattr(self, key)
+        setattr(self, key, None)
+        if key not in self.users:
+            return t
+        self.users[key] -= 1
+        return t if self.users[key] == 0 else t.clone()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.gram_in, self.sum_in, self.total, self.gram, self.cross, self.energy, self.cross_w) if t is not None]
+
+
+def projects(weight: torch.Tensor) -> bool:
+    """Whether a layer's refit statistics are kept projected on its weight (N_y <= N_x: smaller than X^T X)."""
+    return weight.shape[0] <= weight.shape[1]
+
+
+def _rows_of(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, store: dict, raw: dict, name: str) -> None:
+    """Store a hooked layer's input rows in float64; layers of one input tensor share one copy."""
+    conv = converter_for(mod)
+    if conv.kind == "linear":
+        for other, seen in raw.items():
+            if seen is x:
+                store[name] = store[other]
+                return
+        raw[name] = x
+    store[name] = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach().to(torch.float64)
 
 
 @torch.no_grad()
@@ -214,15 +299,17 @@ def collect_cross(
     group has been called."""
     ref_mods = {n: reference.get_submodule(n) for n in names}
     mods = {n: model.get_submodule(n) for n in names}
+    weights = {n: _weight(m) for n, m in ref_mods.items()}
     seen: dict[str, torch.Tensor] = {}
     out: dict[str, CrossStats] = {}
     mask: torch.Tensor | None = None
     pending: set[str] = set()
 
     def grab(store: dict[str, torch.Tensor]):  # noqa: ANN202
+        raw: dict[str, torch.Tensor] = {}
+
         def hook(name: str, mod: nn.Module, x: torch.Tensor) -> None:
-            conv = converter_for(mod)
-            store[name] = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach().to(torch.float64)
+            _rows_of(mod, x, mask, store, raw, name)
             pending.discard(name)
             if not pending:
                 raise _Stop
@@ -238,12 +325,16 @@ def collect_cross(
                 pending = set(names)
                 with _input_hooks(table, grab(store)):
                     _run(net, batch)
-            for n in names:
-                _accumulate(out, n, seen[n], current[n])
+            _accumulate(out, names, seen, current, weights)
             seen.clear()
     finally:
         reference.train(states[0]), model.train(states[1])
     return out
+
+
+def _weight(mod: nn.Module) -> torch.Tensor:
+    conv = converter_for(mod)
+    return conv.weight(mod).detach().reshape(conv.dims(mod))
 
 
 OutputFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -251,21 +342,47 @@ FISHER_TOKENS = 2048  # calibration tokens the head's averaged Fisher is estimat
 MICRO_TOKENS = 1024  # tokens per backward pass of gradient_sensitivity
 
 
-def _accumulate(out: dict[str, CrossStats], name: str, x: torch.Tensor, xp: torch.Tensor) -> None:
-    """Add one batch's rows of a layer's original inputs x and current inputs x' to its statistics."""
-    if x.shape != xp.shape:
-        raise MPOCompressError(f"layer {name} sees inputs of shape {tuple(xp.shape)} after compression, {tuple(x.shape)} before")
-    s = out.get(name)
-    if s is None:
-        z = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
-        v = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-        s = out[name] = CrossStats(z.clone(), v.clone(), z.clone(), v.clone(), z.clone(), 0)
-    s.gram.addmm_(x.T, x)
-    s.gram_in.addmm_(xp.T, xp)
-    s.cross.addmm_(xp.T, x)
-    s.total += x.sum(0)
-    s.sum_in += xp.sum(0)
-    s.rows += int(x.shape[0])
+def _accumulate(
+    out: dict[str, CrossStats], names: Sequence[str], xs: Mapping[str, torch.Tensor], xps: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+) -> None:  # fmt: skip
+    """Add one batch's rows of a group's original inputs (xs) and current inputs (xps), by layer, to
+    its statistics; layers whose rows are one tensor on both sides share theirs."""
+    for name in names:
+        x, xp = xs[name], xps[name]
+        if x.shape != xp.shape:
+            raise MPOCompressError(f"layer {name} sees inputs of shape {tuple(xp.shape)} after compression, {tuple(x.shape)} before")
+    done: set[str] = set()
+    for name in names:
+        if name in done:
+            continue
+        group = [n for n in names if n not in done and xs[n] is xs[name] and xps[n] is xps[name]]
+        done.update(group)
+        x, xp = xs[name], xps[name]
+        plain = [n for n in group if not projects(weights[n])]
+        if name not in out:
+            n, kw = x.shape[1], {"dtype": torch.float64, "device": x.device}
+            users = {"gram_in": len(group), **({"gram": len(plain), "cross": len(plain)} if plain else {})}
+            gram_in, gram, cross = torch.zeros(n, n, **kw), torch.zeros(n, n, **kw) if plain else None, torch.zeros(n, n, **kw) if plain else None
+            sum_in, total = torch.zeros(n, **kw), torch.zeros(n, **kw)
+            for m in group:  # one tensor of each kind for the group; the projections per layer
+                proj = m not in plain
+                out[m] = CrossStats(gram_in, sum_in, total, 0, None if proj else gram, None if proj else cross,
+                                    torch.zeros((), **kw) if proj else None,
+                                    torch.zeros(n, weights[m].shape[0], **kw) if proj else None, users)  # fmt: skip
+        first = out[name]
+        first.gram_in.addmm_(xp.T, xp)
+        first.sum_in += xp.sum(0)
+        first.total += x.sum(0)
+        if plain:
+            out[plain[0]].gram.addmm_(x.T, x)
+            out[plain[0]].cross.addmm_(xp.T, x)
+        for m in group:
+            out[m].rows += int(x.shape[0])
+            if m not in plain:
+                y = x @ weights[m].to(torch.float64).T  # the original outputs W x
+                out[m].energy += y.square().sum()
+                out[m].cross_w.addmm_(xp.T, y)
 
 
 def _output(model: nn.Module, batch: Batch, fn: OutputFn | None = None) -> torch.Tensor:
@@ -634,14 +751,15 @@ class BlockStream:
             self.advance()
         out: dict[str, CrossStats] = {}
         pending: set[str] = set()
+        inner = {n: n[len(self.prefix) + len(str(i)) + 1 :] for n in names}
+        weights = {n: _weight(self.stacks[0][i].get_submodule(inner[n])) for n in names}
         for b, mask in enumerate(self.masks):
             seen: list[dict[str, torch.Tensor]] = [{}, {}]
             for k, stack in enumerate(self.stacks):
-                store = seen[k]
+                store, raw = seen[k], {}
 
-                def hook(name: str, mod: nn.Module, x: torch.Tensor, store: dict = store) -> None:
-                    conv = converter_for(mod)
-                    store[name] = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach().to(torch.float64)
+                def hook(name: str, mod: nn.Module, x: torch.Tensor, store: dict = store, raw: dict = raw) -> None:
+                    _rows_of(mod, x, mask, store, raw, name)
                     pending.discard(name)
                     if not pending:
                         raise _Stop
@@ -651,13 +769,12 @@ class BlockStream:
                 was = block.training
                 block.eval()
                 try:
-                    with _input_hooks({n: block.get_submodule(n[len(self.prefix) + len(str(i)) + 1 :]) for n in names}, hook):
+                    with _input_hooks({n: block.get_submodule(inner[n]) for n in names}, hook):
                         try:
                             self.run(k, b)
                         except _Stop:
                             pass
                 finally:
                     block.train(was)
-            for n in names:
-                _accumulate(out, n, seen[0][n], seen[1][n])
+            _accumulate(out, names, seen[0], seen[1], weights)
         return out

@@ -53,7 +53,7 @@ from mpocompress.tensors import (
     TableWeighting,
     Whitening,
     bond_spectra,
-    cross_whitening_of,
+    bound_whitening,
     lowrank_spectrum,
     table_weighting,
     truncation_errors,
@@ -101,6 +101,7 @@ class LayerPlan:
     tables: dict[str, TableWeighting] = field(default_factory=dict)  # a tied table's weighting, by name
     options: dict[str, list[Option]] = field(default_factory=dict)  # every form the allocator weighed, by layer
     screen: bool = True  # `auto` weighs an MPO's forms only where it could win (analyze's curves: all of them)
+    spend: bool = False  # a layer's Gram is taken out of `calibration` by its whitening (a streamed pass, one use each)
 
     def curves(self) -> dict[str, list[dict[str, Any]]]:
         """Per layer, every form weighed (see `curves_of`)."""
@@ -122,7 +123,7 @@ class LayerPlan:
             return self.tables.get(t.cand.name)
         name = t.cand.name
         if name not in self._whites:
-            self._whites[name] = white_for(t, self.calibration)
+            self._whites[name] = white_for(t, self.calibration, spend=self.spend)
         return self._whites[name]
 
     def energy(self, t: LayerTarget, w: torch.Tensor) -> float:
@@ -180,11 +181,12 @@ class LayerPlan:
 def refit_whitening(t: LayerTarget, st: CrossStats) -> Whitening:
     """The error-correcting whitening of a sequential refit: the layer sees the inputs the partly
     compressed model gives it and must reproduce what it gave on the original's. Its statistics are
-    used up (changed in place and dropped from `st`: a wide layer's are hundreds of MB each)."""
+    used up (changed in place and dropped from `st`: a wide layer's are hundreds of MB each), and the
+    whitening serves this layer's weight only (`Bound`)."""
     centre = getattr(t.cand.module, "bias", None) is not None
-    held = {"gram_in": st.gram_in, "gram": st.gram, "cross": st.cross}
-    st.gram_in = st.gram = st.cross = None
-    return cross_whitening_of(held, st.sum_in, st.total, st.rows, centre=centre)
+    keys = ("gram_in", "energy", "cross_w") if st.cross_w is not None else ("gram_in", "gram", "cross")
+    held = {k: st.take(k) for k in keys}
+    return bound_whitening(held, weight_of(t), st.sum_in, st.total, st.rows, centre=centre)
 
 
 def report_of(t: LayerTarget, f: Factors) -> LayerReport:
@@ -194,12 +196,16 @@ def report_of(t: LayerTarget, f: Factors) -> LayerReport:
     )  # fmt: skip
 
 
-def white_for(t: LayerTarget, cal: Calibration) -> Whitening:
-    """The whitening of a layer's inputs, centred on their mean when the layer has a bias to absorb it."""
+def white_for(t: LayerTarget, cal: Calibration, spend: bool = False) -> Whitening:
+    """The whitening of a layer's inputs, centred on their mean when the layer has a bias to absorb it.
+    With `spend`, the layer's Gram is taken out of `cal` and, where no other layer shares it, factorized
+    in place (a streamed block's wide Gram is then held once, not twice)."""
     name = t.cand.name
+    gram = cal.grams.pop(name) if spend else cal.grams[name]
+    owned = spend and not any(g is gram for g in cal.grams.values())
     if getattr(t.cand.module, "bias", None) is None:
-        return whitening(cal.grams[name])
-    return whitening(cal.grams[name], total=cal.sums[name], rows=cal.rows[name])
+        return whitening(gram, owned=owned)
+    return whitening(gram, total=cal.sums[name], rows=cal.rows[name], owned=owned)
 
 
 def _make_trying(t: LayerTarget, option: Option, white: Whitening | None, config: CompressionConfig) -> Factors:

@@ -67,7 +67,7 @@ from mpocompress.compress.report import CompressionReport, count_params, totals
 from mpocompress.compress.select import FilterFn, transformer_blocks
 from mpocompress.compress.targets import LayerTarget, select_targets
 from mpocompress.errors import MPOCompressError, is_out_of_memory
-from mpocompress.utils import status
+from mpocompress.utils import map_large_blocks, return_free_memory, status
 
 Batch = Mapping[str, torch.Tensor]
 T = TypeVar("T")
@@ -116,16 +116,18 @@ class Ranks:
 
 
 def _summed_grams(cal: Calibration, ranks: Ranks) -> Calibration:
-    ranks.sum_([*cal.grams.values(), *cal.sums.values()])
+    ranks.sum_(list({id(t): t for t in (*cal.grams.values(), *cal.sums.values())}.values()))  # a shared Gram once
     cal.rows = {name: ranks.count(n) for name, n in cal.rows.items()}
     cal.samples = ranks.count(cal.samples)
     return cal
 
 
 def _summed_cross(stats: dict, ranks: Ranks) -> dict:
+    summed: dict[int, torch.Tensor] = {}  # a group's shared tensors once
     for st in stats.values():
-        ranks.sum_([st.gram, st.total, st.gram_in, st.sum_in, st.cross])
+        summed.update((id(t), t) for t in st.tensors())
         st.rows = ranks.count(st.rows)
+    ranks.sum_(list(summed.values()))
     return stats
 
 
@@ -142,8 +144,9 @@ def stream_blocks(model: nn.Module) -> str:
 
 
 def _release(block: nn.Module) -> None:
-    """Back to the meta device: the block's tensors are freed."""
+    """Back to the meta device: the block's tensors are freed, and the heap's free pages returned."""
     block.to("meta")
+    return_free_memory()
 
 
 def stream_compress_(
@@ -174,6 +177,7 @@ def stream_compress_(
             outside the blocks move there too, and stay.
     """
     sel = _select_streamed(model, config, batches, filter_fn, "compresses")
+    map_large_blocks()  # a block's freed tensors go back to the system, not to the heap
     device = _outside_to(model, sel.blocks, device)
     blocks, skipped, before, per_block, fixed, free = sel.blocks, sel.skipped, sel.before, sel.per_block, sel.fixed, sel.free
     store = store if store is not None else HiddenStore()
@@ -246,6 +250,7 @@ def stream_analyze(
     original inputs' Grams, refined, no refit) for their reports. Arguments as
     `stream_compress_`; the blocks go back to the meta device."""
     sel = _select_streamed(model, config, batches, filter_fn, "analyzes")
+    map_large_blocks()  # a block's freed tensors go back to the system, not to the heap
     device = _outside_to(model, sel.blocks, device)
     blocks, targets, skipped, before, per_block, fixed, free = sel.blocks, sel.targets, sel.skipped, sel.before, sel.per_block, sel.fixed, sel.free
     stack, prefix = model.get_submodule(blocks), blocks + "."
@@ -269,7 +274,7 @@ def stream_analyze(
                     if ts:
                         cal = _summed_grams(_block_grams(stream, 0, block, ts, batches, prefix), ranks)
                         for t in ts:
-                            f = ranks.deal(lambda t=t, cal=cal: _make(t, made[t.cand.name].option, white_for(t, cal), config.refine_steps))
+                            f = ranks.deal(lambda t=t, cal=cal: _make(t, made[t.cand.name].option, white_for(t, cal, spend=True), config.refine_steps))
                             plan.layers.append(report_of(t, f))
                             for table in (cal.grams, cal.sums):
                                 table.pop(t.cand.name, None)
@@ -322,6 +327,7 @@ def _allocate_streamed(
     decided: list[Decision] = []
     plan = LayerPlan([], config, None, batches)
     plan.screen = options is None  # analyze's curves show every form, as in memory
+    plan.spend = True  # each layer's Gram serves its one whitening
     for i in range(last + 1):
         block, ts = stack[i], per_block[i]
         status(f"weighing the forms of block {i + 1}/{len(stack)}")
@@ -492,6 +498,7 @@ def _compress_streamed(
                         del st
                         plan.layers.append(report_of(t, f))
                         swap_in(model, t, f)
+                        return_free_memory()  # a wide layer's refit leaves hundreds of MB of freed pages
                     del fresh
             else:
                 references[i] = block

@@ -30,6 +30,27 @@ _MAX_DAMP = 1e-1
 
 
 @dataclass
+class Bound:
+    """What an error-correcting whitening needs of the one weight W it was made for: W M (float64)
+    and the original outputs' centred energy tr(W G W^T). Holding these instead of M and G (each
+    N_x^2 in float64: 254 MB for a 5632-wide input) is what lets a wide layer's refit fit in a
+    streamed block's memory."""
+
+    weight: torch.Tensor  # W as given (not copied)
+    whitened: torch.Tensor  # W M
+    energy: float
+
+    def check(self, w: torch.Tensor) -> Bound:
+        b = self.weight
+        same = w.shape == b.shape and (
+            (w.data_ptr() == b.data_ptr() and w.stride() == b.stride() and w.dtype == b.dtype) or torch.equal(w.detach().to(b.dtype), b.detach())
+        )  # fmt: skip
+        if not same:
+            raise RuntimeError("internal: a whitening made for one weight was asked about another")
+        return self
+
+
+@dataclass
 class Whitening:
     """A lower-triangular L with L L^T = G + damp * mean(diag G) * I (float64), and the damp used.
 
@@ -50,13 +71,18 @@ class Whitening:
     target_map: torch.Tensor | None = None  # M (error-correcting); None: L
     mean_in: torch.Tensor | None = None  # mu' of the inputs W~ will see (error-correcting); None: mu
     centred_gram: torch.Tensor | None = None  # the original inputs' centred Gram matrix (error-correcting)
+    bound: Bound | None = None  # error-correcting for one weight only: W M and its energy, M and the Gram never kept
 
     def whiten(self, w: torch.Tensor) -> torch.Tensor:
-        """W L (W M when error-correcting) in float64: what W~ L should approach."""
+        """W L (W M when error-correcting) in float64: what W~ L should approach (not to be changed in place)."""
+        if self.bound is not None:
+            return self.bound.check(w).whitened
         m = self.target_map if self.target_map is not None else self.factor
         return w.detach().to(torch.float64) @ m
 
     def _centred_energy(self, w: torch.Tensor) -> float:
+        if self.bound is not None:
+            return self.bound.check(w).energy
         w64 = w.detach().to(torch.float64)
         if self.centred_gram is not None:
             return float(((w64 @ self.centred_gram) * w64).sum())
@@ -71,7 +97,7 @@ class Whitening:
 
     def offset(self, w: torch.Tensor) -> float:
         """The part of the output error no W~ can remove (0 unless error-correcting)."""
-        if self.target_map is None:
+        if self.target_map is None and self.bound is None:
             return 0.0
         return max(0.0, self._centred_energy(w) - float(self.whiten(w).square().sum()))
 
@@ -172,16 +198,55 @@ def whitening(gram: torch.Tensor, damp: float = DAMP, total: torch.Tensor | None
     if scale <= 0:
         return Whitening(torch.eye(g.shape[0], dtype=torch.float64, device=g.device), 1.0, mean, rows)
     d, added = damp, 0.0
+    diagonal = g.diagonal().clone() if _in_place(g) else None
     while True:
-        g.diagonal().add_(d * scale - added)
-        added = d * scale
-        factor, info = torch.linalg.cholesky_ex(g)
-        if int(info) == 0:
-            return Whitening(factor, d, mean, rows)
-        del factor
+        if diagonal is not None:  # the factor overwrites G's lower triangle; the upper one keeps G
+            g.diagonal().copy_(diagonal).add_(d * scale)
+            if _cholesky_in_place(g):
+                return Whitening(g, d, mean, rows)
+        else:
+            g.diagonal().add_(d * scale - added)
+            added = d * scale
+            factor, info = torch.linalg.cholesky_ex(g)
+            if int(info) == 0:
+                return Whitening(factor, d, mean, rows)
+            del factor
         if d >= _MAX_DAMP:
             raise MPOCompressError("the calibration inputs' Gram matrix is not positive semi-definite; check the data")
         d = max(d * 10, 1e-10)
+
+
+def _in_place(g: torch.Tensor) -> bool:
+    """Whether `_cholesky_in_place` serves G: a contiguous float64 matrix in CPU memory, with SciPy."""
+    if g.device.type != "cpu" or g.dtype != torch.float64 or not g.is_contiguous():
+        return False
+    try:
+        from scipy.linalg import lapack  # noqa: F401  (tensorly's dependency)
+    except ImportError:
+        return False
+    return True
+
+
+def _cholesky_in_place(g: torch.Tensor) -> bool:
+    """L with L L^T = G written over G's lower triangle, and G's strict upper triangle zeroed; False
+    (G's lower triangle restored from its upper one, the diagonal left to the caller) where G is not
+    positive definite. LAPACK's potrf on G's own memory: a 5632-wide Gram's factor costs no second
+    254 MB matrix, and is the factor torch.linalg.cholesky gives to rounding (tested)."""
+    from scipy.linalg import lapack
+
+    # G in C order is G^T = G in Fortran order, whose upper triangle is G's lower one: potrf(upper)
+    # on that view writes U = L^T there, and `clean=0` leaves the other triangle as it was
+    _, info = lapack.dpotrf(g.numpy().T, lower=0, clean=0, overwrite_a=1)
+    if info == 0:
+        g.tril_()
+        return True
+    n, step = g.shape[0], 512
+    for i in range(0, n, step):  # strict lower triangle := strict upper transposed, by blocks (no N^2 copy)
+        j = min(i + step, n)
+        g[i:j, :i] = g[:i, i:j].T
+        block = g[i:j, i:j]
+        block.copy_(block.triu(1) + block.triu(1).T)  # the diagonal is reset by the caller
+    return False
 
 
 def cross_whitening(
@@ -198,12 +263,17 @@ def cross_whitening(
 
 def cross_whitening_of(
     held: dict[str, torch.Tensor], sum_in: torch.Tensor, total: torch.Tensor, rows: int, damp: float = DAMP,
-    centre: bool = True, owned: bool = True,
+    centre: bool = True, owned: bool = True, weight: torch.Tensor | None = None,
 ) -> Whitening:  # fmt: skip
     """`cross_whitening` of the matrices in `held` ("gram_in", "gram", "cross"), each taken out of it as
     it is used. With `owned` (float64 matrices the caller gives up) they are changed in place and freed
     as soon as they are spent: four matrices of the input's width at the peak instead of six (for an
-    MLP's 5632-wide down projection, 1 GB instead of 1.5)."""
+    MLP's 5632-wide down projection, 1 GB instead of 1.5).
+
+    With `weight` (the one W the whitening will serve) neither M nor the Gram is kept (`Bound`): the
+    energy is taken from the Gram first, then C W^T (N_x x N_y) from the cross moment, and W M =
+    (L^{-1} C W^T)^T after the factorization, so at most two matrices of the input's width are held
+    at once (for the 5632-wide down projection, 0.5 GB instead of 1)."""
     if owned and not all(all_finite(t) for t in (*held.values(), sum_in, total)):
         raise MPOCompressError("the calibration statistics hold NaN or Inf (the model produced them on the calibration data); check the data")
 
@@ -211,6 +281,8 @@ def cross_whitening_of(
         t = held.pop(key).detach()
         return t if owned and t.dtype == torch.float64 else t.to(torch.float64, copy=True)
 
+    if weight is not None:
+        return bound_whitening({k: take(k) for k in ("gram", "cross", "gram_in")}, weight, sum_in, total, rows, damp, centre)
     inner = whitening(take("gram_in"), damp, sum_in if centre else None, rows, owned=True)
     mean = total.detach().to(torch.float64) / rows if centre else None
     c = take("cross")
@@ -222,6 +294,38 @@ def cross_whitening_of(
     if mean is not None:
         g.addr_(mean, mean, alpha=-rows)
     return Whitening(inner.factor, inner.damp, mean, rows, target_map, inner.mean, g)
+
+
+def bound_whitening(
+    held: dict[str, torch.Tensor], weight: torch.Tensor, sum_in: torch.Tensor, total: torch.Tensor, rows: int,
+    damp: float = DAMP, centre: bool = True,
+) -> Whitening:  # fmt: skip
+    """The error-correcting whitening of the one weight W (`Bound`) from float64 statistics in `held`
+    that the caller gives up (each taken out, changed in place and freed as it is spent): "gram_in"
+    (X'^T X'), and either "gram" and "cross" (X^T X, X'^T X) or their projections on W, "energy"
+    (sum ||W x||^2, a scalar) and "cross_w" (X'^T X W^T, N_x x N_y). The energy comes first, then
+    C W^T, then the factor of X'^T X' and W M = (L^{-1} C W^T)^T: at most two N_x^2 matrices at once."""
+    w64 = weight.detach().to(torch.float64)
+    mean = total.detach().to(torch.float64) / rows if centre else None
+    if "energy" in held:
+        raw = float(held.pop("energy"))
+    else:
+        g = held.pop("gram")
+        raw = float(((w64 @ g) * w64).sum())  # tr(W X^T X W^T)
+        del g
+    energy = raw - rows * float((w64 @ mean).square().sum()) if mean is not None else raw  # about the mean
+    if "cross_w" in held:
+        cw = held.pop("cross_w")
+    else:
+        c = held.pop("cross")
+        cw = c @ w64.T  # X'^T X W^T (N_x x N_y)
+        del c
+    if mean is not None:  # (X' - mu')^T (X - mu) W^T
+        cw.addr_(sum_in.detach().to(torch.float64) / rows, w64 @ mean, alpha=-rows)
+    inner = whitening(held.pop("gram_in"), damp, sum_in if centre else None, rows, owned=True)
+    whitened = torch.linalg.solve_triangular(inner.factor, cw, upper=False).T.contiguous()  # (L^{-1} C W^T)^T = W M
+    del cw
+    return Whitening(inner.factor, inner.damp, mean, rows, None, inner.mean, None, Bound(weight, whitened, energy))
 
 
 @dataclass
