@@ -4,7 +4,7 @@ such real model is offline; the values change neither memory nor time), compress
 `convert --stream --remove R` under a hard address-space cap; peak resident memory against the
 float32 model's size, wall time per block, and time against depth.
 
-    python benchmarks/scale.py                                 # 22 blocks at 50 %, cap 3 GB (about an hour on 2 cores)
+    python benchmarks/scale.py                                 # 22 blocks at 50 %, cap 3 GB (about 20 minutes on 2 cores)
     python benchmarks/scale.py --depths 2,4 --blocks 0         # time against depth only (minutes)
     python benchmarks/scale.py --hidden 256 --mlp 1024 --heads 4 --kv-heads 2 --depths 4,16 --blocks 0   # a quick look
 
