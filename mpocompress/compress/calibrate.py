@@ -758,7 +758,7 @@ class BlockStream:
             for k, stack in enumerate(self.stacks):
                 store, raw = seen[k], {}
 
-                def hook(name: str, mod: nn.Module, x: torch.Tensor, store: dict = store, raw: dict = raw) -> None:
+                def hook(name: str, mod: nn.Module, x: torch.Tensor, store: dict = store, raw: dict = raw, mask: torch.Tensor | None = mask) -> None:
                     _rows_of(mod, x, mask, store, raw, name)
                     pending.discard(name)
                     if not pending:
