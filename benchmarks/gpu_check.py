@@ -2,7 +2,8 @@
 backward, against the dense product in float64 on the CPU; the batched step's own backward against
 autograd's; `optimize_for_inference` on the device; the commands a user runs on the device (a tiny
 Llama converted, healed by distillation with `finetune --device`, evaluated with `evaluate --device`;
-`convert --calib` and `convert --stream` with `--device` against the same on the CPU; `analyze --stream --device`);
+`convert --calib` and `convert --stream` with `--device` against the same on the CPU; `analyze --stream --device`;
+`export --format onnx|pt2 --device`, the pt2 program then run on the CPU against the model);
 and a short timing of plans at batch 1 and 512.
 
     python benchmarks/gpu_check.py                 # on a machine with a CUDA GPU (about a minute)
@@ -153,6 +154,9 @@ def commands(device: torch.device, failures: list[str]) -> None:
                                                                         "-o", str(d / f"c{tag.strip()}-{dev}.safetensors")]))  # fmt: skip
         steps.append(("analyze --stream --device", ["analyze", str(folder), "--stream", "--calib", f"text:{text}", "--calib-samples", "64",
                                                     "--max-length", "32", "--remove", "0.3", "--device", device.type, "--json"]))  # fmt: skip
+        for fmt in ("onnx", "pt2"):  # traced on the device, written device-neutral, checked on the CPU by export itself
+            steps.append((f"export --format {fmt} --device", ["export", str(d / "s.safetensors"), "--format", fmt, "--device", device.type,
+                                                              "-o", str(d / f"s.{fmt}")]))  # fmt: skip
         for name, args in steps:
             r = subprocess.run([sys.executable, "-m", "mpocompress", *args], capture_output=True, text=True, timeout=600, check=False)
             ok = r.returncode == 0
@@ -163,6 +167,16 @@ def commands(device: torch.device, failures: list[str]) -> None:
             if not ok:
                 print(r.stderr[-2000:])
                 failures.append(f"command {name}")
+        if (d / "s.pt2").exists():  # the program traced on the device loads and runs on the CPU
+            from mpocompress.io import load_model
+            from mpocompress.models.hf import probe_inputs
+
+            model = load_model(d / "s.safetensors", None, False).model.eval()
+            x = probe_inputs(model, batch=3, length=11, seed=1)
+            with torch.no_grad():
+                want = model(**x).logits
+                got = torch.export.load(str(d / "s.pt2")).module()(*x.values())
+            check(f"export --format pt2 --device {device.type}, run on cpu = the model", rel(got, want), failures)
         for tag in ("", "--stream"):
             a, b = (d / f"c{tag}-{dev}.safetensors" for dev in (device.type, "cpu"))
             if a.exists() and b.exists():

@@ -215,6 +215,25 @@ def test_cli_convert_and_export_a_folder(folders, tmp_path):
     assert rep["arch"] == "hf:GPT2Model" and len(rep["layers"]) == 8
 
 
+def test_cli_export_device(folders, tmp_path):
+    """export --device cpu writes what the default does; cuda where there is none is one line, exit 2,
+    and nothing written (the CUDA path itself: benchmarks/gpu_check.py)."""
+    run_json("convert", folders / "gpt2", "--bond-dim", "4", "-o", tmp_path / "c.safetensors")
+    a = run_json("export", tmp_path / "c.safetensors", "--format", "pt2", "-o", tmp_path / "a.pt2")
+    b = run_json("export", tmp_path / "c.safetensors", "--format", "pt2", "--device", "cpu", "-o", tmp_path / "b.pt2")
+    assert a["rel_error"] == b["rel_error"] <= 1e-4
+    x = probe_inputs(load(tmp_path / "c.safetensors"), batch=3, length=11, seed=1)
+    with torch.no_grad():
+        ya, yb = (torch.export.load(str(tmp_path / f)).module()(*x.values()) for f in ("a.pt2", "b.pt2"))
+    assert torch.equal(ya, yb)
+    if not torch.cuda.is_available():
+        r = invoke("export", tmp_path / "c.safetensors", "--format", "onnx", "--device", "cuda", "-o", tmp_path / "c.onnx")
+        assert r.exit_code == 2 and "no CUDA GPU" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "c.onnx").exists()
+    r = invoke("export", tmp_path / "c.safetensors", "--format", "onnx", "--device", "tpu", "-o", tmp_path / "c.onnx")
+    assert r.exit_code == 2 and "unknown device 'tpu'" in r.stderr
+
+
 def test_cli_calibrates_a_transformer_on_text_and_exports_its_lowrank_layers(folders, sentences, tmp_path):
     """--calib text:FILE tokenizes with the folder's own tokenizer (padding left out of the Gram
     matrices); GPT-2's Conv1D takes low-rank too; both export to plain models and ONNX."""

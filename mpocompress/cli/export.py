@@ -23,6 +23,7 @@ from mpocompress.cli.render import make_console
 from mpocompress.io import check_output_path, load_model
 from mpocompress.io.export import FORMATS, export_model
 from mpocompress.models import default_input_shape
+from mpocompress.train.distributed import resolve_device
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,6 +38,7 @@ def export(
     input_shape: str | None = typer.Option(None, "--input-shape", metavar="C,H,W", help="Shape of one input sample for the probe batch of a non-text model (default: from a built-in --arch)."),
     dtype: str | None = typer.Option(None, "--dtype", metavar="float32|bfloat16|float16", help="Cast the weights to this dtype before exporting (onnxruntime's CPU kernels need float32). [default: as stored]", show_default=False),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    device: str = typer.Option("cpu", "--device", metavar="auto|cpu|cuda", help="Where the model runs the probe batch and is traced (auto takes a CUDA GPU when there is one). The files written are the same either way (a pt2 traced on a GPU is moved to the CPU before it is saved), and each is checked on the CPU."),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -58,11 +60,12 @@ def export(
     sample = parse_input_shape(input_shape)
     if dtype is not None and dtype not in EXPORT_DTYPES:
         fail(f"unknown --dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
+    dev = resolve_device(device)
     out = check_output_path(output, force, inputs=(model,), folder=fmt == "hf")
     loaded = load_model(model, arch, trust_pickle)
     if dtype is not None:
         loaded.model.to(EXPORT_DTYPES[dtype])
-    rep = export_model(loaded.model, out, fmt, loaded.arch, sample or default_input_shape(loaded.arch))
+    rep = export_model(loaded.model, out, fmt, loaded.arch, sample or default_input_shape(loaded.arch), device=dev)
     if json_out:
         print_json({"model": str(model), "arch": loaded.arch, **rep.to_dict()})
         return

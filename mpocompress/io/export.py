@@ -28,7 +28,9 @@ from mpocompress.io.hf import decode_tokenizer_files, quiet_transformers, save_p
 from mpocompress.io.paths import remove_stale_temporaries, usual_modes
 from mpocompress.models.hf import build_hf, hf_config_json, probe_inputs, transformers_module
 from mpocompress.nn import FactorizedLayer
-from mpocompress.utils import call_with, is_causal_lm, is_hf_model, main_output, short_error
+from mpocompress.utils import batch_to, call_with, is_causal_lm, is_hf_model, main_output, short_error
+
+CPU = torch.device("cpu")
 
 FORMATS = ("hf", "onnx", "pt2")
 TOLERANCE = 1e-4
@@ -213,15 +215,16 @@ def _export_hf(model: nn.Module, arch: str, out: Path, probe: Mapping[str, torch
 def _export_traced(
     model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor, fmt: str, what: str,
     write: Callable[[nn.Module, tuple[torch.Tensor, ...], list[str], Path, Any], None],
-    run: Callable[[Path], torch.Tensor],
+    run: Callable[[Path], torch.Tensor], device: torch.device = CPU,
 ) -> tuple[float, int, bool]:  # fmt: skip
-    """The ONNX and torch.export paths: the model called positionally in the probe's order, written
-    with batch (and sequence) sizes free where its code allows (`write(wrapper, args, names, path,
-    shapes)`), then run from the file on the probe (`run(path)`) and checked."""
+    """The ONNX and torch.export paths: the model called positionally in the probe's order (traced
+    on `device`), written with batch (and sequence) sizes free where its code allows (`write(wrapper,
+    args, names, path, shapes)`), then run from the file on the probe in CPU memory (`run(path)`) and
+    checked."""
     names = list(probe)
     wrapper = _Positional(model, names).eval()  # a fresh module is in training mode: dropout on
     dims = _dynamic_dims(model)
-    args = tuple(probe.values())
+    args = tuple(v.to(device) for v in probe.values())
     with _staging(out, is_dir=False) as tmp:
         try:
             dynamic = _dynamic_or_static(lambda shapes: write(wrapper, args, names, tmp, shapes), (tuple(dims for _ in names),))
@@ -242,7 +245,7 @@ def _export_traced(
     return rel, sum(p.numel() for p in model.parameters()), dynamic
 
 
-def _export_onnx(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor) -> tuple[float, int, bool]:
+def _export_onnx(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor, device: torch.device = CPU) -> tuple[float, int, bool]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -257,18 +260,23 @@ def _export_onnx(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor],
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run(None, {n: v.numpy() for n, v in probe.items()})[0])
 
-    return _export_traced(model, out, probe, ref, "onnx", "the ONNX exporter", write, run)
+    return _export_traced(model, out, probe, ref, "onnx", "the ONNX exporter", write, run, device)
 
 
-def _export_pt2(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor) -> tuple[float, int, bool]:
+def _export_pt2(model: nn.Module, out: Path, probe: Mapping[str, torch.Tensor], ref: torch.Tensor, device: torch.device = CPU) -> tuple[float, int, bool]:
     def write(wrapper: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], path: Path, shapes: Any) -> None:
-        torch.export.save(torch.export.export(wrapper, args, dynamic_shapes=shapes), str(path))
+        program = torch.export.export(wrapper, args, dynamic_shapes=shapes)
+        if device.type != "cpu":  # a program holds its tensors where it was traced: saved from the CPU, it loads anywhere
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, "cpu")
+        torch.export.save(program, str(path))
 
     def run(path: Path) -> torch.Tensor:
         with torch.no_grad():
             return torch.export.load(str(path)).module()(*probe.values())
 
-    return _export_traced(model, out, probe, ref, "pt2", "torch.export", write, run)
+    return _export_traced(model, out, probe, ref, "pt2", "torch.export", write, run, device)
 
 
 def _dynamic_or_static(export: Callable[[Any], None], shapes: Any) -> bool:
@@ -321,26 +329,39 @@ class _Positional(nn.Module):
 
 
 def export_model(
-    model: nn.Module, out: Path, fmt: str, arch: str | None, input_shape: tuple[int, ...] | None = None
-) -> ExportReport:
-    """Write `model` to `out` in format `fmt` (hf, onnx or pt2) and check the result against it."""
+    model: nn.Module, out: Path, fmt: str, arch: str | None, input_shape: tuple[int, ...] | None = None,
+    device: torch.device | str = "cpu",
+) -> ExportReport:  # fmt: skip
+    """Write `model` to `out` in format `fmt` (hf, onnx or pt2) and check the result against it.
+
+    `device`: where the model runs the probe batch and is traced (the model is moved there and back
+    to where it was). What is written never depends on it: a Hugging Face folder's weights and an
+    ONNX file's initializers are plain data, and a pt2 program traced on a GPU is moved to the CPU
+    before it is saved; every check runs the written file on the CPU against the model's output."""
     if fmt not in FORMATS:
         raise MPOCompressError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     was_training = model.training
+    param = next(model.parameters(), None)
+    home = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
     model.eval()
     try:
-        return _export(model, out, fmt, arch, input_shape)
+        if device != home:
+            model.to(device)
+        return _export(model, out, fmt, arch, input_shape, device)
     finally:
+        if device != home:
+            model.to(home)
         model.train(was_training)
 
 
-def _export(model: nn.Module, out: Path, fmt: str, arch: str | None, input_shape: tuple[int, ...] | None) -> ExportReport:
-    probe = probe_for(model, input_shape)
-    ref = _reference_output(model, probe, input_shape)
-    if fmt == "hf":
-        rel, params, dynamic = _export_hf(model, arch or "", out, probe, ref)
+def _export(model: nn.Module, out: Path, fmt: str, arch: str | None, input_shape: tuple[int, ...] | None, device: torch.device) -> ExportReport:
+    probe = probe_for(model, input_shape)  # in CPU memory: what the written file is checked on
+    ref = _reference_output(model, batch_to(probe, device), input_shape).cpu()
+    if fmt == "hf":  # its weights saved from CPU memory
+        rel, params, dynamic = _export_hf(model.to(CPU), arch or "", out, probe, ref)
     elif fmt == "onnx":
-        rel, params, dynamic = _export_onnx(model, out, probe, ref)
+        rel, params, dynamic = _export_onnx(model, out, probe, ref, device)
     else:
-        rel, params, dynamic = _export_pt2(model, out, probe, ref)
+        rel, params, dynamic = _export_pt2(model, out, probe, ref, device)
     return ExportReport(str(out), fmt, rel, {k: list(v.shape) for k, v in probe.items()}, params, dynamic)
