@@ -104,7 +104,7 @@ def test_centred_and_error_correcting_fits_are_reduced_rank_regression(rank):
     x_in = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
     n = x.shape[0]
     for target, inputs in ((x, x), (x, x_in)):  # centred calibration, then inputs changed by earlier layers
-        white = cross_whitening(inputs.T @ inputs, inputs.sum(0), target.T @ target, target.sum(0), inputs.T @ target, n, damp=0.0)
+        white = cross_whitening(inputs.T @ inputs, inputs.sum(0), target.T @ target, target.sum(0), inputs.T @ target, n, w, damp=0.0)
         lr = lowrank(w, rank, white, dtype=F64)
         approx = lr.second @ lr.first
         shift = white.bias_shift(w, approx)
@@ -115,20 +115,18 @@ def test_centred_and_error_correcting_fits_are_reduced_rank_regression(rank):
 
 def test_whitening_in_place_equals_the_copying_one_and_leaves_what_it_does_not_own():
     """The whitenings change one copy of the Gram in place (or the caller's, when it gives them up):
-    the inputs of a copying call are left bit for bit, and the owning call (cross_whitening_of, as
-    the streamed refits use it) gives the same factor, map and centred Gram, and spends its inputs."""
-    from mpocompress.tensors import cross_whitening_of
-
-    x, _ = _data(shift=0.7)
+    the inputs of a copying call are left bit for bit, and the owning call (bound_whitening, as the
+    refits use it) gives the same factor and W M, and spends its inputs."""
+    x, w = _data(shift=0.7)
     x_in = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
     stats = (x_in.T @ x_in, x_in.sum(0), x.T @ x, x.sum(0), x_in.T @ x)
     kept = [t.clone() for t in stats]
-    white = cross_whitening(*stats, x.shape[0])
+    white = cross_whitening(*stats, x.shape[0], w)
     assert all(torch.equal(a, b) for a, b in zip(stats, kept))  # the caller's statistics are untouched
     held = {"gram_in": kept[0].clone(), "gram": kept[2].clone(), "cross": kept[4].clone()}
-    owned = cross_whitening_of(held, kept[1], kept[3], x.shape[0])
+    owned = bound_whitening(held, w, kept[1], kept[3], x.shape[0])
     assert held == {}
-    for a, b in ((white.factor, owned.factor), (white.target_map, owned.target_map), (white.centred_gram, owned.centred_gram)):
+    for a, b in ((white.factor, owned.factor), (white.whiten(w), owned.whiten(w))):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     g = kept[2].clone()
     whitening(g, total=kept[3], rows=x.shape[0])
@@ -136,30 +134,31 @@ def test_whitening_in_place_equals_the_copying_one_and_leaves_what_it_does_not_o
 
 
 @pytest.mark.parametrize("centre", [True, False])
-def test_a_whitening_bound_to_its_weight_weighs_as_the_full_one_and_refuses_others(centre):
-    """The refit's whitening bound to its one weight (W M and the energy, never M or the Gram) gives
-    the same whitened weight, energy, offset, factors and errors as the one holding M and the Gram
-    (float64, same statistics, seed 3: within 1e-10 relative), and is asked about no other weight."""
-    from mpocompress.tensors import cross_whitening_of
-
+def test_a_whitening_bound_to_its_weight_holds_w_m_and_the_energy_and_refuses_others(centre):
+    """The refit's whitening keeps W M and the energy of its one weight, each equal to the dense
+    products (M = C^T L^{-T} from torch.linalg's Cholesky factor of the damped X'^T X'; the energy
+    ||(X - mu) W^T||^2; float64, within 1e-10), whether given X^T X and X'^T X or their projections
+    on W; the offset is the energy no W~ can reach; it is asked about no other weight."""
     x, w = _data(shift=0.7)
     x_in = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
-    stats = (x_in.T @ x_in, x_in.sum(0), x.T @ x, x.sum(0), x_in.T @ x)
-    full = cross_whitening(*stats, x.shape[0], centre=centre)
-    held = {"gram_in": stats[0].clone(), "gram": stats[2].clone(), "cross": stats[4].clone()}
-    bound = cross_whitening_of(held, stats[1], stats[3], x.shape[0], centre=centre, weight=w)
-    assert held == {} and bound.target_map is None and bound.centred_gram is None
-    torch.testing.assert_close(bound.whiten(w), full.whiten(w), rtol=1e-10, atol=1e-12)
-    assert bound.energy(w) == pytest.approx(full.energy(w), rel=1e-10)
-    assert bound.offset(w) == pytest.approx(full.offset(w), rel=1e-8, abs=1e-10 * full.energy(w))
-    assert full.offset(w) > 1e-3 * full.energy(w)  # the inputs changed: part of the error is out of reach
-    a, b = lowrank(w, 3, full, dtype=F64), lowrank(w, 3, bound, dtype=F64)
-    torch.testing.assert_close(b.second @ b.first, a.second @ a.first, rtol=1e-9, atol=1e-11)
-    approx = a.second @ a.first
-    assert output_error(w, approx, bound) == pytest.approx(output_error(w, approx, full), rel=1e-9)
-    assert output_error(w.clone(), approx, bound) == pytest.approx(output_error(w, approx, full), rel=1e-9)  # equal values serve
-    with pytest.raises(RuntimeError, match="another"):
-        bound.whiten(w + 1e-3)
+    n = x.shape[0]
+    xc, xic = (x - x.mean(0), x_in - x_in.mean(0)) if centre else (x, x_in)
+    gin = xic.T @ xic
+    low = torch.linalg.cholesky(gin + 1e-6 * float(gin.diagonal().mean()) * torch.eye(gin.shape[0], dtype=F64))
+    want = w @ torch.linalg.solve_triangular(low, xic.T @ xc, upper=False).T  # W C^T L^{-T}
+    energy = float((xc @ w.T).square().sum())
+    whole = {"gram_in": x_in.T @ x_in, "gram": x.T @ x, "cross": x_in.T @ x}
+    projected = {"gram_in": x_in.T @ x_in, "energy": (x @ w.T).square().sum(), "cross_w": x_in.T @ x @ w.T}
+    for held in (whole, projected):
+        bound = bound_whitening(held, w, x_in.sum(0), x.sum(0), n, centre=centre)
+        assert held == {}
+        torch.testing.assert_close(bound.whiten(w), want, rtol=1e-10, atol=1e-12)
+        assert bound.energy(w) - (n * float((w @ x.mean(0)).square().sum()) if centre else 0.0) == pytest.approx(energy, rel=1e-10)
+        assert bound.offset(w) == pytest.approx(bound._centred_energy(w) - float(want.square().sum()), rel=1e-8)
+        assert bound.offset(w) > 1e-3 * bound.energy(w)  # the inputs changed: part of the error is out of reach
+        assert bound.whiten(w.clone()) is bound.whiten(w)  # equal values serve
+        with pytest.raises(RuntimeError, match="another"):
+            bound.whiten(w + 1e-3)
 
 
 @pytest.mark.parametrize("shift", [0.0, 2e-5])

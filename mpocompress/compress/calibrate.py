@@ -240,7 +240,7 @@ def _collect_grams(
 @dataclass
 class CrossStats:
     """One layer's inputs in the original model (X) and in the partly compressed one (X'), row for
-    row, as its refit needs them (`cross_whitening_of`). Layers that read one input (q/k/v, gate/up)
+    row, as its refit needs them (`bound_whitening`). Layers that read one input (q/k/v, gate/up)
     share the tensors of their group (`users` counts who still needs each), so a group holds one
     X'^T X' however many layers read it.
 
@@ -294,7 +294,7 @@ def _rows_of(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, store: 
 def collect_cross(
     reference: nn.Module, model: nn.Module, names: Sequence[str], batches: Sequence[Batch]
 ) -> dict[str, CrossStats]:
-    """For the named layers (a group called on one input), the statistics `cross_whitening` needs:
+    """For the named layers (a group called on one input), the statistics `bound_whitening` needs:
     each batch runs through the original `reference` and through `model`, each pass ending once the
     group has been called."""
     ref_mods = {n: reference.get_submodule(n) for n in names}
@@ -333,8 +333,10 @@ def collect_cross(
 
 
 def _weight(mod: nn.Module) -> torch.Tensor:
+    """A layer's weight matrix, in float64 where its statistics are projected on it (made once per pass)."""
     conv = converter_for(mod)
-    return conv.weight(mod).detach().reshape(conv.dims(mod))
+    w = conv.weight(mod).detach().reshape(conv.dims(mod))
+    return w.to(torch.float64) if projects(w) else w
 
 
 OutputFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -380,7 +382,7 @@ def _accumulate(
         for m in group:
             out[m].rows += int(x.shape[0])
             if m not in plain:
-                y = x @ weights[m].to(torch.float64).T  # the original outputs W x
+                y = x @ weights[m].T  # the original outputs W x
                 out[m].energy += y.square().sum()
                 out[m].cross_w.addmm_(xp.T, y)
 

@@ -58,35 +58,30 @@ class Whitening:
     replacement W~ also moves the bias by W mu - W~ mu, which removes the mean of its output error; the
     error is then ||(W - W~) L|| and the output energy it is relative to still includes the mean.
 
-    Error-correcting (`target_map` given, see `cross_whitening`): the replacement sees other inputs X'
+    Error-correcting (`bound` given, see `bound_whitening`): the replacement sees other inputs X'
     than the original layer X (those of a model whose earlier layers are already compressed) and
     should still give the original outputs: min ||X W^T - X' W~^T||. Then L is the factor of X'^T X',
     W L becomes W M with M = (X^T X') L^{-T}, and what no W~ can fix of the input change is `offset`.
+    Such a whitening serves the one W it was made for: it keeps W M and the energy, not M.
     """
 
     factor: torch.Tensor
     damp: float
     mean: torch.Tensor | None = None  # mu of the inputs the outputs should be reproduced on (float64), when centred
     rows: int = 0  # input vectors behind the statistics (for the mean's share of the energy)
-    target_map: torch.Tensor | None = None  # M (error-correcting); None: L
     mean_in: torch.Tensor | None = None  # mu' of the inputs W~ will see (error-correcting); None: mu
-    centred_gram: torch.Tensor | None = None  # the original inputs' centred Gram matrix (error-correcting)
-    bound: Bound | None = None  # error-correcting for one weight only: W M and its energy, M and the Gram never kept
+    bound: Bound | None = None  # error-correcting, for one weight: W M and its energy
 
     def whiten(self, w: torch.Tensor) -> torch.Tensor:
         """W L (W M when error-correcting) in float64: what W~ L should approach (not to be changed in place)."""
         if self.bound is not None:
             return self.bound.check(w).whitened
-        m = self.target_map if self.target_map is not None else self.factor
-        return w.detach().to(torch.float64) @ m
+        return w.detach().to(torch.float64) @ self.factor
 
     def _centred_energy(self, w: torch.Tensor) -> float:
         if self.bound is not None:
             return self.bound.check(w).energy
-        w64 = w.detach().to(torch.float64)
-        if self.centred_gram is not None:
-            return float(((w64 @ self.centred_gram) * w64).sum())
-        return float((w64 @ self.factor).square().sum())
+        return float((w.detach().to(torch.float64) @ self.factor).square().sum())
 
     def energy(self, w: torch.Tensor) -> float:
         """||W X^T||^2 over the calibration inputs (the denominator of every relative output error)."""
@@ -97,7 +92,7 @@ class Whitening:
 
     def offset(self, w: torch.Tensor) -> float:
         """The part of the output error no W~ can remove (0 unless error-correcting)."""
-        if self.target_map is None and self.bound is None:
+        if self.bound is None:
             return 0.0
         return max(0.0, self._centred_energy(w) - float(self.whiten(w).square().sum()))
 
@@ -140,7 +135,6 @@ class TableWeighting:
     left: torch.Tensor  # R (d x d), upper-triangular, float64
     columns: torch.Tensor  # sqrt(p + floor) per token (V,), float64
     mean = None  # never centred: a table has no bias to move
-    target_map = None
 
     def whiten(self, w: torch.Tensor) -> torch.Tensor:
         """R W C in float64."""
@@ -251,49 +245,14 @@ def _cholesky_in_place(g: torch.Tensor) -> bool:
 
 def cross_whitening(
     gram_in: torch.Tensor, sum_in: torch.Tensor, gram: torch.Tensor, total: torch.Tensor, cross: torch.Tensor, rows: int,
-    damp: float = DAMP, centre: bool = True,
+    weight: torch.Tensor, damp: float = DAMP, centre: bool = True,
 ) -> Whitening:  # fmt: skip
-    """The error-correcting whitening: W~ will see inputs X' (Gram `gram_in`, sum `sum_in`) where W saw
-    X (`gram`, `total`), row for row, with cross moment `cross` = X'^T X. Minimizing ||X W^T - X' W~^T||
-    (about the means when `centre`, the bias absorbing W mu - W~ mu') becomes min ||W M - W~ L||."""
-    if not all(all_finite(t) for t in (gram_in, sum_in, gram, total, cross)):
-        raise MPOCompressError("the calibration statistics hold NaN or Inf (the model produced them on the calibration data); check the data")
-    return cross_whitening_of({"gram_in": gram_in, "gram": gram, "cross": cross}, sum_in, total, rows, damp, centre, owned=False)
-
-
-def cross_whitening_of(
-    held: dict[str, torch.Tensor], sum_in: torch.Tensor, total: torch.Tensor, rows: int, damp: float = DAMP,
-    centre: bool = True, owned: bool = True, weight: torch.Tensor | None = None,
-) -> Whitening:  # fmt: skip
-    """`cross_whitening` of the matrices in `held` ("gram_in", "gram", "cross"), each taken out of it as
-    it is used. With `owned` (float64 matrices the caller gives up) they are changed in place and freed
-    as soon as they are spent: four matrices of the input's width at the peak instead of six (for an
-    MLP's 5632-wide down projection, 1 GB instead of 1.5).
-
-    With `weight` (the one W the whitening will serve) neither M nor the Gram is kept (`Bound`): the
-    energy is taken from the Gram first, then C W^T (N_x x N_y) from the cross moment, and W M =
-    (L^{-1} C W^T)^T after the factorization, so at most two matrices of the input's width are held
-    at once (for the 5632-wide down projection, 0.5 GB instead of 1)."""
-    if owned and not all(all_finite(t) for t in (*held.values(), sum_in, total)):
-        raise MPOCompressError("the calibration statistics hold NaN or Inf (the model produced them on the calibration data); check the data")
-
-    def take(key: str) -> torch.Tensor:
-        t = held.pop(key).detach()
-        return t if owned and t.dtype == torch.float64 else t.to(torch.float64, copy=True)
-
-    if weight is not None:
-        return bound_whitening({k: take(k) for k in ("gram", "cross", "gram_in")}, weight, sum_in, total, rows, damp, centre)
-    inner = whitening(take("gram_in"), damp, sum_in if centre else None, rows, owned=True)
-    mean = total.detach().to(torch.float64) / rows if centre else None
-    c = take("cross")
-    if mean is not None:
-        c.addr_(inner.mean, mean, alpha=-rows)  # (X' - mu')^T (X - mu)
-    target_map = torch.linalg.solve_triangular(inner.factor, c, upper=False).T  # ((L^{-1} C))^T = C^T L^{-T}
-    del c
-    g = take("gram")  # the original inputs' centred Gram: its quadratic form is the energy's, unsymmetrized
-    if mean is not None:
-        g.addr_(mean, mean, alpha=-rows)
-    return Whitening(inner.factor, inner.damp, mean, rows, target_map, inner.mean, g)
+    """The error-correcting whitening of `weight`: W~ will see inputs X' (Gram `gram_in`, sum `sum_in`)
+    where W saw X (`gram`, `total`), row for row, with cross moment `cross` = X'^T X. Minimizing
+    ||X W^T - X' W~^T|| (about the means when `centre`, the bias absorbing W mu - W~ mu') becomes
+    min ||W M - W~ L||. `bound_whitening` on copies: the caller's statistics are left as they are."""
+    held = {k: t.detach().to(torch.float64, copy=True) for k, t in (("gram_in", gram_in), ("gram", gram), ("cross", cross))}
+    return bound_whitening(held, weight, sum_in, total, rows, damp, centre)
 
 
 def bound_whitening(
@@ -305,6 +264,8 @@ def bound_whitening(
     (X'^T X'), and either "gram" and "cross" (X^T X, X'^T X) or their projections on W, "energy"
     (sum ||W x||^2, a scalar) and "cross_w" (X'^T X W^T, N_x x N_y). The energy comes first, then
     C W^T, then the factor of X'^T X' and W M = (L^{-1} C W^T)^T: at most two N_x^2 matrices at once."""
+    if not all(all_finite(t) for t in (*held.values(), sum_in, total)):
+        raise MPOCompressError("the calibration statistics hold NaN or Inf (the model produced them on the calibration data); check the data")
     w64 = weight.detach().to(torch.float64)
     mean = total.detach().to(torch.float64) / rows if centre else None
     if "energy" in held:
@@ -325,7 +286,7 @@ def bound_whitening(
     inner = whitening(held.pop("gram_in"), damp, sum_in if centre else None, rows, owned=True)
     whitened = torch.linalg.solve_triangular(inner.factor, cw, upper=False).T.contiguous()  # (L^{-1} C W^T)^T = W M
     del cw
-    return Whitening(inner.factor, inner.damp, mean, rows, None, inner.mean, None, Bound(weight, whitened, energy))
+    return Whitening(inner.factor, inner.damp, mean, rows, mean_in=inner.mean, bound=Bound(weight, whitened, energy))
 
 
 @dataclass
