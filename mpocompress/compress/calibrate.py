@@ -387,11 +387,53 @@ def _accumulate(
                 out[m].cross_w.addmm_(xp.T, y)
 
 
+def model_output(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's main output on a batch in float64, padding positions left out (gradients kept)."""
+    y = main_output(_run(model, batch)).to(torch.float64)
+    return _real_rows(y, _row_mask(batch)) if y.dim() >= 3 else y
+
+
 def _output(model: nn.Module, batch: Batch, fn: OutputFn | None = None) -> torch.Tensor:
     if fn is not None:
         return fn(model, batch).detach()
-    y = main_output(_run(model, batch)).detach().to(torch.float64)
-    return _real_rows(y, _row_mask(batch)) if y.dim() >= 3 else y
+    return model_output(model, batch).detach()
+
+
+FISHER_CHUNK = 256  # tokens whose next-token distributions are held at once
+
+
+@torch.no_grad()
+def head_fisher(head: nn.Linear, h: torch.Tensor, reduce: Callable[[list[torch.Tensor]], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A square root of the LM head's Fisher information averaged over the tokens whose final hidden
+    states are the rows of `h`, F = mean_t E^T (diag p_t - p_t p_t^T) E (E the head's weight, p_t
+    the next-token distribution), as `root` with F = root root^T, and the mean next-token
+    distribution. The distributions are made FISHER_CHUNK tokens at a time (a vocabulary-wide row
+    each), and F from two sums over tokens, which `reduce` (an all-reduce) may sum over processes
+    before they are used."""
+    weight = head.weight.detach().to(h.device).float()
+    bias = head.bias.detach().to(h.device).float() if head.bias is not None else None
+    sum_p = torch.zeros(weight.shape[0], dtype=torch.float64, device=h.device)
+    mm = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=h.device)
+    for chunk in h.split(FISHER_CHUNK):
+        logits = chunk.float() @ weight.T
+        if bias is not None:
+            logits = logits + bias
+        p = torch.softmax(logits, -1)
+        del logits
+        sum_p += p.sum(0, dtype=torch.float64)
+        m = (p @ weight).to(torch.float64)  # E^T p_t per token
+        mm.addmm_(m.T, m)
+    count = torch.tensor([float(h.shape[0])], dtype=torch.float64, device=h.device)
+    if reduce is not None:
+        reduce([sum_p, mm, count])
+    n = float(count.clamp_min(1))
+    mean_p = sum_p / n
+    fisher = -mm / n
+    for s in range(0, weight.shape[0], 8192):  # E^T diag(mean p) E, a block of vocabulary rows at a time
+        e = weight[s : s + 8192].to(torch.float64)
+        fisher.addmm_(e.T, e * mean_p[s : s + 8192, None])
+    vals, vecs = torch.linalg.eigh((fisher + fisher.T) / 2)
+    return vecs * vals.clamp_min(0).sqrt(), mean_p
 
 
 class HeadFisher:
@@ -419,18 +461,8 @@ class HeadFisher:
             h = torch.cat(hs)
             if h.shape[0] > tokens:  # evenly spread over the calibration tokens
                 h = h[torch.linspace(0, h.shape[0] - 1, tokens).long()]
-            weight = head.weight.detach().float()
-            logits = h.float() @ weight.T
-            if head.bias is not None:
-                logits = logits + head.bias.detach().float()
-            p = torch.softmax(logits, -1)
-            e = weight.to(torch.float64)
-            mean_p = p.mean(0).to(torch.float64)
-            m = (p @ weight).to(torch.float64)  # E^T p_t per token
-            fisher = (e * mean_p[:, None]).T @ e - m.T @ m / m.shape[0]
-            vals, vecs = torch.linalg.eigh((fisher + fisher.T) / 2)
-            self.root = vecs * vals.clamp_min(0).sqrt()  # F = root root^T
-            self.mean_p = mean_p  # the mean next-token distribution, and the second moment of what the head reads
+            self.root, self.mean_p = head_fisher(head, h)  # F = root root^T; the mean next-token distribution
+            # the second moment of what the head reads
             self.head_gram = h.to(torch.float64).T @ h.to(torch.float64) / h.shape[0]
             self.reference = [x.to(torch.float64) @ self.root for x in hs]  # the model's outputs now, per batch
         self.tokens = int(h.shape[0])
@@ -449,10 +481,10 @@ def gradient_sensitivity(
 ) -> dict[str, float]:  # fmt: skip
     """For each named module: ||J||_F^2 / (its output entries), J the Jacobian of the output `fn`
     gives with respect to that module's output (real positions only), estimated by Hutchinson's
-    trick with one Gaussian projection u of the output per pass: E||J^T u||^2 = ||J||_F^2. That is
+    trick with one Gaussian projection u of the output per batch (`projection_grid`): E||J^T u||^2 =
+    ||J||_F^2. That is
     what `measure_sensitivity`'s noise probes measure (E||J n||^2 / E||n||^2 for isotropic noise n),
     for every layer from one backward pass per micro-batch of MICRO_TOKENS tokens."""
-    gen = torch.Generator().manual_seed(seed)
     grad2 = {name: 0.0 for name in modules}
     entries = {name: 0 for name in modules}
     kept: dict[str, torch.Tensor] = {}
@@ -477,12 +509,16 @@ def gradient_sensitivity(
                 status(f"sensitivities: backward pass {k + 1}/{len(batches)}")
                 n, length = next(iter(batch.values())).shape[:2]
                 step = max(1, MICRO_TOKENS // max(int(length), 1))
+                grid = None
                 for s in range(0, int(n), step):
                     micro = {k: v[s : s + step] for k, v in batch.items()}
                     mask = _row_mask(micro)
                     kept.clear()
                     y = fn(model, micro)
-                    u = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y)
+                    y = y.reshape(-1, y.shape[-1])
+                    if grid is None:  # the batch's projection, drawn whole: micro-batches take their rows of it
+                        grid = projection_grid(seed, k, (int(n), int(length), y.shape[-1]))
+                    u = projection_rows(grid[s : s + step], mask, y.shape[0]).to(y)
                     names = list(kept)
                     grads = torch.autograd.grad((y * u).sum(), [kept[k] for k in names], allow_unused=True)
                     for name, g in zip(names, grads):
@@ -499,6 +535,25 @@ def gradient_sensitivity(
         kept.clear()
         model.train(was_training)
     return {name: grad2[name] / entries[name] if entries[name] else 0.0 for name in modules}
+
+
+def projection_grid(seed: int, index: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The Gaussian projection of batch `index`'s output (samples x positions x output width, float64),
+    drawn from its own seed, so a batch gets the same one however the batches are split into
+    micro-batches or dealt to processes."""
+    gen = torch.Generator().manual_seed(1_000_003 * seed + index)
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def projection_rows(grid: torch.Tensor, mask: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """The rows of a projection grid that meet an output of `rows` rows: one per real position (an
+    output per token), or one per sample (an output per sequence)."""
+    tokens = grid[mask] if mask is not None and tuple(mask.shape) == tuple(grid.shape[:2]) else grid.reshape(-1, grid.shape[-1])
+    if tokens.shape[0] == rows:
+        return tokens
+    if grid.shape[0] == rows:
+        return grid[:, 0]
+    raise MPOCompressError(f"internal: an output of {rows} rows for a batch of shape {tuple(grid.shape[:2])}")
 
 
 @torch.no_grad()
@@ -636,6 +691,11 @@ class HiddenStore:
     def get(self, key: tuple[int, int]) -> torch.Tensor:
         return self._held[key].to(self._device[key], non_blocking=True)
 
+    def drop(self, key: tuple[int, int]) -> None:
+        """Forget one kept state."""
+        self._held.pop(key, None)
+        self._device.pop(key, None)
+
     def held_bytes(self) -> int:
         """The memory the kept hidden states take."""
         return sum(t.numel() * t.element_size() for t in self._held.values())
@@ -701,6 +761,7 @@ class BlockStream:
         self.prefix, self.stacks, self.masks = blocks + ".", stacks, list(masks)
         self.store = store if store is not None else HiddenStore()
         self.index = 0
+        self.wrapped = False
         self.extra: list[list[tuple[tuple, dict]]] = []  # per side, per batch: the block's other arguments
         for k, side in enumerate(inputs):
             self.extra.append([(args, kwargs) for _, args, kwargs in side])
@@ -728,7 +789,8 @@ class BlockStream:
         """The current block of one side on batch b's kept inputs: its output hidden states."""
         args, kwargs = self.extra[side][b]
         out = self.stacks[side][self.index](self.store.get((side, b)), *args, **kwargs)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        self.wrapped = isinstance(out, (tuple, list))  # what the blocks return: their hidden states alone, or first
+        return out[0] if self.wrapped else out
 
     def advance(self) -> None:
         """Leave the current block: its outputs become the next block's kept inputs."""

@@ -15,11 +15,12 @@ stream equals (tests check it).
 
 Sizes: a D or an eps per layer as in memory. A budget (`--target-params`, `--remove`) needs every
 layer's forms before any is chosen, so a first streamed pass runs the original blocks on the original
-inputs, weighs each layer's forms from its block's statistics and keeps only their sizes and
-predicted errors, and measures each layer's sensitivity within its block (noise added to the layer's
-output, the change of the block's output measured: `_block_sensitivity`); the allocator then spends the
-budget on sensitivity x predicted squared output error. A streamed model is never run whole, so the
-next-token sensitivities of the in-memory allocator (at the model's output) are not measured.
+inputs and weighs each layer's forms from its block's statistics, keeping only their sizes and
+predicted errors. Each layer's sensitivity is the in-memory allocator's, at the model's output (for a
+causal LM next-token KL through the head's Fisher): the first pass keeps the hidden states entering
+every block for a few calibration batches, and a reverse pass carries the output's gradient back
+through the blocks, read again one at a time (`_Backward`). The allocator then spends the budget on
+sensitivity x predicted squared output error, as in memory.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ from mpocompress.compress.calibrate import (
     _row_mask,
     capture_block_inputs,
     collect_grams,
-    noise_hook,
+    head_fisher,
+    model_output,
+    projection_grid,
+    projection_rows,
 )
 from mpocompress.compress.choose import (
     CURVES_ONLY,
@@ -67,7 +71,7 @@ from mpocompress.compress.report import CompressionReport, count_params, totals
 from mpocompress.compress.select import FilterFn, transformer_blocks
 from mpocompress.compress.targets import LayerTarget, select_targets
 from mpocompress.errors import MPOCompressError, is_out_of_memory
-from mpocompress.utils import map_large_blocks, return_free_memory, status
+from mpocompress.utils import is_causal_lm, map_large_blocks, return_free_memory, status
 
 Batch = Mapping[str, torch.Tensor]
 T = TypeVar("T")
@@ -104,6 +108,14 @@ class Ranks:
         t = torch.tensor([n], dtype=torch.int64)
         dist.all_reduce(t)
         return int(t)
+
+    def gather(self, obj: T) -> list[T]:
+        """Every process's `obj`, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def deal(self, make: Callable[[], T]) -> T:
         """make() on the process whose turn it is, its result on every process."""
@@ -313,8 +325,9 @@ def _allocate_streamed(
     options: dict[str, list] | None = None, device: torch.device = CPU,
 ) -> dict[str, Decision]:  # fmt: skip
     """The first pass, over the original blocks on the original inputs: every layer's decision. A
-    layer with a D or an eps gets its form as in memory; the free layers' forms are weighed and their
-    sensitivities within their blocks measured, and the budget is spent on them. `options`, when
+    layer with a D or an eps gets its form as in memory; the free layers' forms are weighed, their
+    sensitivities at the model's output come from the reverse pass (`_Backward`), and the budget is
+    spent on them. `options`, when
     given, receives every free layer's weighed forms (analyze's curves); without a budget the free
     layers are then only weighed, and stay undecided (dense, with the reason)."""
     blocks = stream_blocks(model)
@@ -323,19 +336,21 @@ def _allocate_streamed(
     free_ids = {id(t) for t in free}
     last = max(i for i, ts in enumerate(per_block) if ts)
     weighed: dict[int, tuple[list, float]] = {}
-    sens: dict[str, float] = {}
     decided: list[Decision] = []
     plan = LayerPlan([], config, None, batches)
     plan.screen = options is None  # analyze's curves show every form, as in memory
     plan.spend = True  # each layer's Gram serves its one whitening
-    for i in range(last + 1):
+    # what the budget is spent on needs the output's gradients; curves and error caps alone need none
+    back = _Backward(model, stream, batches, ranks, [[t for t in ts if id(t) in free_ids] for ts in per_block]) if config.budgeted and free else None
+    end = len(stack) - 1 if back is not None else last  # the gradients start at the model's output
+    for i in range(end + 1):
         block, ts = stack[i], per_block[i]
         status(f"weighing the forms of block {i + 1}/{len(stack)}")
         with _block_memory(f"{prefix}{i}", block, ts, stream, sides=1):
             _load(load_block, block, f"{prefix}{i}", device)
+            if back is not None:
+                back.keep(i)
             if ts:
-                if config.allocating:  # what the budget is spent on; curves alone need no sensitivities
-                    sens.update(_block_sensitivity(stream, block, [t for t in ts if id(t) in free_ids], prefix, ranks))
                 plan.calibration = _summed_grams(_block_grams(stream, 0, block, ts, batches, prefix), ranks)
                 for t in ts:
                     if id(t) in free_ids:
@@ -346,9 +361,12 @@ def _allocate_streamed(
                     for table in (plan.calibration.grams, plan.calibration.sums):
                         table.pop(t.cand.name, None)
                 plan.calibration = None
-            if i < last:
+            if i < end:
                 stream.advance()
+            elif back is not None:
+                back.keep_output()
         _release(block)
+    sens = back.sensitivities(load_block, device) if back is not None else {}
     plan.decisions = decided
     if options is not None:
         options.update({t.cand.name: weighed[id(t)][0] for t in free})
@@ -357,15 +375,16 @@ def _allocate_streamed(
     forms = [weighed[id(t)][0] for t in free]
     costs = [weighed[id(t)][1] for t in free]
     fixed_params = _fixed_params(decided)
-    decisions = spend(config, free, forms, costs, [sens[t.cand.name] for t in free], [[1.0] * len(o) for o in forms], plan,
+    decisions = spend(config, free, forms, costs, [sens.get(t.cand.name, 1.0) for t in free], [[1.0] * len(o) for o in forms], plan,
                       count_params(model), fixed_params)  # fmt: skip
     notes += plan.notes
-    notes.append(
-        "allocated from a first streamed pass over the original blocks: each form's cost is its predicted squared "
-        "output error on the block's calibration inputs times the layer's sensitivity, the change of its block's "
-        "output per unit of noise added to the layer's output (the model is never run whole, so the in-memory "
-        "allocator's sensitivities at the model's output are not measured)"
-    )
+    if back is not None:
+        notes.append(
+            "allocated from a first streamed pass over the original blocks: each form's cost is its predicted squared output "
+            "error on the block's calibration inputs times the layer's sensitivity at the model's output ("
+            + ("next-token KL through the LM head's Fisher" if back.causal else "its main output")
+            + f"), from gradients carried back through the blocks in reverse order over {back.tokens:,} calibration tokens"
+        )
     return {d.target.cand.name: d for d in [*decided, *decisions]}
 
 
@@ -392,37 +411,217 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-SENSITIVITY_BATCHES = 4  # calibration batches (per process) a block's noise probes run on
+SENSITIVITY_TOKENS = 2048  # calibration tokens (all processes together) the streamed sensitivities run on
+KEPT = 2  # the store's sides from which the reverse pass keeps the hidden states entering block i (KEPT + i)
 
 
-@torch.no_grad()
-def _block_sensitivity(stream: BlockStream, block: nn.Module, ts: Sequence[LayerTarget], prefix: str, ranks: Ranks) -> dict[str, float]:
-    """Per layer of the current block: E||change of the block's output||^2 / E||noise||^2 when
-    Gaussian noise (NOISE times the output's RMS) is added to that layer's output alone, on the kept
-    inputs of the first batches (padding excluded): the streamed counterpart of `measure_sensitivity`,
-    in units of the hidden states the block passes on."""
-    # the first SENSITIVITY_BATCHES batches of all processes together (batch g is local batch g // world of
-    # process g % world), each with noise of its own seed: N processes probe what one would
-    probe = [b for b in range(len(stream.masks)) if b * ranks.world + ranks.rank < SENSITIVITY_BATCHES]
-    reference = {b: stream.run(0, b) for b in probe}
-    gen = torch.Generator()
-    out: dict[str, float] = {}
-    for k, t in enumerate(ts):
-        state: dict[str, object] = {"energy": 0.0, "mask": None}
-        handle = block.get_submodule(_in_block(t.cand.name, prefix)).register_forward_hook(noise_hook(gen, state))
-        change = 0.0
+class _Given(nn.Module):
+    """Stands in for a block on the meta device while the model runs past its stack: passes the
+    hidden states on, or (the last block) gives those in `given[0]`, with the block's plain
+    attributes (a layer type, an index) for the model's loop to read."""
+
+    def __init__(self, block: nn.Module, given: list[torch.Tensor] | None, wrapped: bool) -> None:
+        super().__init__()
+        for k, v in vars(block).items():
+            if not k.startswith("_") and k != "training" and not isinstance(v, torch.Tensor):
+                self.__dict__[k] = v
+        self.given, self.wrapped = given, wrapped
+
+    def forward(self, hidden: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor | tuple[torch.Tensor]:
+        out = self.given[0] if self.given is not None else hidden
+        return (out,) if self.wrapped else out
+
+
+@dataclass
+class _Probe:
+    """A calibration batch the reverse pass runs on, cut to its leading `rows` samples."""
+
+    b: int  # the local batch
+    index: int  # its index among the batches of all processes
+    batch: Batch
+    mask: torch.Tensor | None
+    args: tuple  # what the model passes each block besides the hidden states, cut alike
+    kwargs: dict
+
+
+def _leading(obj: object, n: int, rows: int) -> object:
+    """`obj` (a block's argument: a tensor, or tuples and dicts of them) cut to its leading `rows`
+    samples: each tensor whose first dimension is the batch's `n` samples; others (a mask or rotary
+    table broadcast over the batch) as they are."""
+    if rows >= n:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj[:rows] if obj.dim() >= 1 and obj.shape[0] == n else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_leading(x, n, rows) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _leading(v, n, rows) for k, v in obj.items()}
+    return obj
+
+
+class _Backward:
+    """The free layers' sensitivities at the model's output, as the in-memory allocator measures them
+    (`gradient_sensitivity`: next-token KL through the LM head's Fisher for a causal LM, else the
+    model's main output), with one block in memory at a time. The first pass keeps the hidden states
+    entering every block from the first free layer's on, for the leading SENSITIVITY_TOKENS tokens of
+    the calibration batches of all processes together (the last batch cut to its leading samples);
+    at the end of the stack the output's random projection (seeded per batch, as in memory) is drawn
+    and its gradient carried back block by block in reverse order, each block read again and run
+    forward on its kept inputs. The gradient reaching each layer's output is the one a backward pass
+    through the whole model gives, so the sensitivities equal the in-memory ones on the same batches
+    (tests check it)."""
+
+    def __init__(self, model: nn.Module, stream: BlockStream, batches: Sequence[Batch], ranks: Ranks, free: list[list[LayerTarget]]) -> None:
+        self.model, self.stream, self.ranks, self.free = model, stream, ranks, free
+        self.causal = is_causal_lm(model)
+        self.first = min(i for i, ts in enumerate(free) if ts)
+        shapes = [tuple(next(iter(b.values())).shape[:2]) for b in batches]
+        counts = ranks.gather([(int(s[0]), int(torch.Size(s).numel())) for s in shapes])  # (samples, tokens) per local batch, per process
+        n = g = 0  # batch g of all processes together is local batch g // world of process g % world
+        cut: dict[int, int] = {}  # global batch -> its leading samples kept
+        while n < SENSITIVITY_TOKENS and g // ranks.world < len(counts[g % ranks.world]):
+            samples, tokens = counts[g % ranks.world][g // ranks.world]
+            cut[g] = min(samples, -(-(SENSITIVITY_TOKENS - n) * samples // max(tokens, 1)))
+            n, g = n + tokens * cut[g] // samples, g + 1
+        self.tokens = n
+        self.probe: list[_Probe] = []
+        for b, batch in enumerate(batches):
+            index = b * ranks.world + ranks.rank
+            if index in cut:
+                samples, rows = shapes[b][0], cut[index]
+                args, kwargs = stream.extra[0][b]
+                small = {k: _leading(v, samples, rows) for k, v in batch.items()}
+                self.probe.append(_Probe(b, index, small, _row_mask(small), _leading(args, samples, rows), _leading(kwargs, samples, rows)))
+
+    def keep(self, i: int) -> None:
+        """Block i is the stream's current one: keep what enters it."""
+        if i >= self.first:
+            for p in self.probe:
+                x = self.stream.store.get((0, p.b))
+                rows = next(iter(p.batch.values())).shape[0]
+                self.stream.store.put((KEPT + i, p.b), x if rows == x.shape[0] else x[:rows].clone())
+
+    @torch.no_grad()
+    def keep_output(self) -> None:
+        """The stream's current block is the last: keep what leaves it."""
+        i = self.stream.index
+        block = self.stream.stacks[0][i]
+        block.eval()
+        for p in self.probe:
+            out = block(self.stream.store.get((KEPT + i, p.b)), *p.args, **p.kwargs)
+            self.stream.store.put((KEPT + i + 1, p.b), out[0] if isinstance(out, (tuple, list)) else out)
+
+    def sensitivities(self, load_block: LoadBlock, device: torch.device) -> dict[str, float]:
+        store, stack, n = self.stream.store, self.stream.stacks[0], len(self.stream.stacks[0])
+        prefix = self.stream.prefix
         try:
-            for b in probe:
-                state["mask"] = stream.masks[b]
-                gen.manual_seed(1_000_003 * k + b * ranks.world + ranks.rank)
-                diff = _real_rows(stream.run(0, b), stream.masks[b]) - _real_rows(reference[b], stream.masks[b])
-                change += float(diff.double().square().sum())
+            grads = self._output_gradients(load_block)
+            grad2: dict[str, float] = {}
+            entries: dict[str, int] = {}
+            for i in range(n - 1, self.first - 1, -1):
+                status(f"sensitivities: block {i + 1}/{n}, backward")
+                block = stack[i]
+                with _block_memory(f"{prefix}{i}", block, [], self.stream, sides=1):
+                    _load(load_block, block, f"{prefix}{i}", device)
+                    flags = [p.requires_grad for p in block.parameters()]
+                    block.eval().requires_grad_(False)  # gradients reach the hidden states, not the weights
+                    mods = {t.cand.name: block.get_submodule(_in_block(t.cand.name, prefix)) for t in self.free[i]}
+                    for p in self.probe:
+                        grads[p.b] = self._back_through(block, p, store.get((KEPT + i, p.b)), grads[p.b], mods, grad2, entries)
+                        store.drop((KEPT + i, p.b))
+                    for p, f in zip(block.parameters(), flags):
+                        p.requires_grad_(f)
+                _release(block)
         finally:
-            handle.remove()
-        both = torch.tensor([change, float(state["energy"])], dtype=torch.float64)
-        ranks.sum_([both])
-        out[t.cand.name] = float(both[0] / both[1]) if float(both[1]) > 0 else 0.0
-    return out
+            for i in range(self.first, n + 1):
+                for p in self.probe:
+                    store.drop((KEPT + i, p.b))
+        names = [t.cand.name for ts in self.free for t in ts]
+        both = torch.tensor([[grad2.get(k, 0.0), float(entries.get(k, 0))] for k in names], dtype=torch.float64)
+        self.ranks.sum_([both])
+        return {k: float(s / e) if e > 0 else 0.0 for k, (s, e) in zip(names, both.tolist())}
+
+    def _back_through(self, block: nn.Module, p: _Probe, x: torch.Tensor, grad: torch.Tensor, mods: Mapping[str, nn.Module],
+                      grad2: dict[str, float], entries: dict[str, int]) -> torch.Tensor:  # fmt: skip
+        """The block on a probe's kept input once more, the gradient at its output carried to its
+        input (returned) and to its free layers' outputs (squared sums added)."""
+        kept: dict[str, torch.Tensor] = {}
+        handles = [m.register_forward_hook(lambda m, a, y, name=name: kept.__setitem__(name, y)) for name, m in mods.items()]
+        x = x.detach().requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                out = block(x, *p.args, **p.kwargs)
+                y = out[0] if isinstance(out, (tuple, list)) else out
+                names = [k for k in mods if isinstance(kept.get(k), torch.Tensor)]
+                got = torch.autograd.grad(y, [x, *(kept[k] for k in names)], grad_outputs=grad, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        for k, g in zip(names, got[1:]):
+            if g is not None:
+                g = _real_rows(g, p.mask)
+                grad2[k] = grad2.get(k, 0.0) + float(g.double().square().sum())
+                entries[k] = entries.get(k, 0) + g.numel()
+        return got[0] if got[0] is not None else torch.zeros_like(x)
+
+    def _output_gradients(self, load_block: LoadBlock) -> dict[int, torch.Tensor]:
+        """Per probe batch: the gradient, at the last block's output, of the output's random projection
+        (for a causal LM the final hidden states times a root of the head's Fisher, made here from
+        the probe tokens of every process)."""
+        store, stack, n = self.stream.store, self.stream.stacks[0], len(self.stream.stacks[0])
+        given: list[torch.Tensor] = []
+        net = self.model.base_model if self.causal else self.model
+        with _past_the_blocks(stack, given, self.stream.wrapped):
+            if self.causal:
+                with torch.no_grad():
+                    hs = []
+                    for p in self.probe:
+                        given[:] = [store.get((KEPT + n, p.b))]
+                        hs.append(model_output(net, {**p.batch, "use_cache": False}))
+                    root = self._fisher_root(torch.cat(hs), load_block)
+                    del hs
+            grads: dict[int, torch.Tensor] = {}
+            for p in self.probe:
+                status(f"sensitivities: the output's gradient, batch {p.b + 1}")
+                h = store.get((KEPT + n, p.b)).detach().requires_grad_(True)
+                given[:] = [h]
+                with torch.enable_grad():
+                    y = model_output(net, {**p.batch, "use_cache": False}) @ root.to(h.device) if self.causal else model_output(net, p.batch)
+                    y = y.reshape(-1, y.shape[-1])
+                    samples, length = next(iter(p.batch.values())).shape[:2]
+                    grid = projection_grid(0, p.index, (int(samples), int(length), y.shape[-1]))
+                    u = projection_rows(grid, p.mask, y.shape[0]).to(y)
+                    grads[p.b] = torch.autograd.grad((y * u).sum(), h)[0]
+                given.clear()
+        return grads
+
+    def _fisher_root(self, h: torch.Tensor, load_block: LoadBlock) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise MPOCompressError(f"the LM head of this model is a {type(head).__name__}, not a Linear; leave it dense to calibrate on next-token KL")
+        read = head.weight.is_meta  # an untied head, read from the files for this alone
+        if read:
+            _load(load_block, head, next(k for k, m in self.model.named_modules() if m is head), h.device)
+        try:
+            root, _ = head_fisher(head, h, reduce=self.ranks.sum_)
+        finally:
+            if read:
+                _release(head)
+        return root
+
+
+@contextlib.contextmanager
+def _past_the_blocks(stack: nn.Module, given: list[torch.Tensor], wrapped: bool) -> Iterator[None]:
+    """The model runs past its stack of blocks (on the meta device): each passes its input on, the
+    last gives `given[0]` instead, so the model's output is what follows the blocks applied to it."""
+    blocks = dict(stack._modules)
+    keys = list(blocks)
+    try:
+        for k in keys:
+            stack._modules[k] = _Given(blocks[k], given if k == keys[-1] else None, wrapped)
+        yield
+    finally:
+        stack._modules.update(blocks)
 
 
 def _load(load_block: LoadBlock, block: nn.Module, name: str, device: torch.device) -> None:

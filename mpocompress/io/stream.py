@@ -270,6 +270,10 @@ class DiskStore(HiddenStore):
     def get(self, key: tuple[int, int]) -> torch.Tensor:
         return torch.load(self.folder / f"{key[0]}-{key[1]}.pt", weights_only=True, map_location=self._device[key])
 
+    def drop(self, key: tuple[int, int]) -> None:
+        self._device.pop(key, None)
+        (self.folder / f"{key[0]}-{key[1]}.pt").unlink(missing_ok=True)
+
     def held_bytes(self) -> int:
         return 0
 
