@@ -618,3 +618,47 @@ def test_blocks_of_a_few_mb_are_handed_back_when_freed():
     assert freed < 30 and trimmed > 96, got  # stranded in the heap, then handed back by the trim
     freed, _ = got["mapped"]
     assert 96 < freed < 144, got
+
+
+def test_the_model_runs_past_its_blocks_to_what_follows_them():
+    """`_past_the_blocks`: with every block replaced by a stand-in, the model's output is what follows
+    its blocks (here a norm and a scale) applied to the given hidden states, for blocks that return
+    their hidden states alone or first in a tuple; the stand-ins carry the blocks' plain attributes
+    (a loop may read them); the blocks are back afterwards, also after an error."""
+    from mpocompress.compress.stream import _past_the_blocks
+
+    class Block(torch.nn.Module):
+        def __init__(self, wrapped):
+            super().__init__()
+            self.lin, self.wrapped, self.kind = torch.nn.Linear(4, 4), wrapped, "full"
+
+        def forward(self, h, scale=1.0):
+            out = h + self.lin(h) * scale
+            return (out, None) if self.wrapped else out
+
+    class Net(torch.nn.Module):
+        def __init__(self, wrapped):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Block(wrapped) for _ in range(3))
+            self.norm = torch.nn.LayerNorm(4)
+            self.wrapped = wrapped
+
+        def forward(self, x):
+            h = x * 2
+            for blk in self.layers:
+                assert blk.kind == "full"
+                out = blk(h, scale=0.5)
+                h = out[0] if self.wrapped else out
+            return self.norm(h) * 3
+
+    for wrapped in (False, True):
+        net = Net(wrapped)
+        blocks = list(net.layers)
+        given = torch.randn(2, 5, 4)
+        with _past_the_blocks(net.layers, [given], wrapped):
+            got = net(torch.randn(2, 5, 4))
+        assert torch.allclose(got, net.norm(given) * 3, atol=1e-6)
+        assert list(net.layers) == blocks
+        with pytest.raises(RuntimeError), _past_the_blocks(net.layers, [given], wrapped):
+            raise RuntimeError
+        assert list(net.layers) == blocks
