@@ -483,7 +483,6 @@ class _Backward:
             samples, tokens = counts[g % ranks.world][g // ranks.world]
             cut[g] = min(samples, -(-(SENSITIVITY_TOKENS - n) * samples // max(tokens, 1)))
             n, g = n + tokens * cut[g] // samples, g + 1
-        self.tokens = n
         self.probe: list[_Probe] = []
         for b, batch in enumerate(batches):
             index = b * ranks.world + ranks.rank
@@ -492,6 +491,8 @@ class _Backward:
                 args, kwargs = stream.extra[0][b]
                 small = {k: _leading(v, samples, rows) for k, v in batch.items()}
                 self.probe.append(_Probe(b, index, small, _row_mask(small), _leading(args, samples, rows), _leading(kwargs, samples, rows)))
+        # the real tokens (padding left out) the gradients run on, of all processes
+        self.tokens = ranks.count(sum(int(p.mask.sum()) if p.mask is not None else int(next(iter(p.batch.values())).numel()) for p in self.probe))
 
     def keep(self, i: int) -> None:
         """Block i is the stream's current one: keep what enters it."""
