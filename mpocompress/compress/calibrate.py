@@ -436,6 +436,14 @@ def head_fisher(head: nn.Linear, h: torch.Tensor, reduce: Callable[[list[torch.T
     return vecs * vals.clamp_min(0).sqrt(), mean_p
 
 
+def lm_head(model: nn.Module) -> nn.Linear:
+    """A causal LM's output head, which next-token KL is measured through (a Linear)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise MPOCompressError(f"the LM head of this model is a {type(head).__name__}, not a Linear; leave it dense to calibrate on next-token KL")
+    return head
+
+
 class HeadFisher:
     """A causal LM's output as the allocator measures it: h L for the final hidden state h (what the
     LM head reads), where L L^T = F, the head's Fisher information averaged over calibration tokens,
@@ -446,9 +454,7 @@ class HeadFisher:
     give on the batches it was made from (the pass that estimates F gives them too)."""
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch], tokens: int = FISHER_TOKENS) -> None:
-        head = model.get_output_embeddings()
-        if not isinstance(head, nn.Linear):
-            raise MPOCompressError(f"the LM head of this model is a {type(head).__name__}, not a Linear; leave it dense to calibrate on next-token KL")
+        head = lm_head(model)
         self.base = model.base_model
         was_training = model.training
         model.eval()
@@ -468,12 +474,10 @@ class HeadFisher:
         self.tokens = int(h.shape[0])
 
     def _hidden(self, batch: Batch) -> torch.Tensor:
-        out = _run(self.base, {**batch, "use_cache": False})
-        y = main_output(out)
-        return _real_rows(y, _row_mask(batch)) if y.dim() >= 3 else y
+        return model_output(self.base, {**batch, "use_cache": False})
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return self._hidden(batch).to(torch.float64) @ self.root
+        return self._hidden(batch) @ self.root
 
 
 def gradient_sensitivity(
@@ -740,6 +744,11 @@ def capture_block_inputs(net: nn.Module, first: nn.Module, batches: Sequence[Bat
     return got
 
 
+def block_hidden(out: object) -> torch.Tensor:
+    """The hidden states a transformer block returns: alone, or first in a tuple."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 class BlockStream:
     """`collect_cross` for the layers of a transformer's stack of blocks, one block at a time: the
     hidden states entering the current block are kept for every batch (in a `HiddenStore`), from the
@@ -790,7 +799,7 @@ class BlockStream:
         args, kwargs = self.extra[side][b]
         out = self.stacks[side][self.index](self.store.get((side, b)), *args, **kwargs)
         self.wrapped = isinstance(out, (tuple, list))  # what the blocks return: their hidden states alone, or first
-        return out[0] if self.wrapped else out
+        return block_hidden(out)
 
     def advance(self) -> None:
         """Leave the current block: its outputs become the next block's kept inputs."""

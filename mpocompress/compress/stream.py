@@ -41,9 +41,11 @@ from mpocompress.compress.calibrate import (
     HiddenStore,
     _real_rows,
     _row_mask,
+    block_hidden,
     capture_block_inputs,
     collect_grams,
     head_fisher,
+    lm_head,
     model_output,
     projection_grid,
     projection_rows,
@@ -438,6 +440,7 @@ class _Probe:
 
     b: int  # the local batch
     index: int  # its index among the batches of all processes
+    rows: int  # its leading samples kept
     batch: Batch
     mask: torch.Tensor | None
     args: tuple  # what the model passes each block besides the hidden states, cut alike
@@ -490,7 +493,7 @@ class _Backward:
                 samples, rows = shapes[b][0], cut[index]
                 args, kwargs = stream.extra[0][b]
                 small = {k: _leading(v, samples, rows) for k, v in batch.items()}
-                self.probe.append(_Probe(b, index, small, _row_mask(small), _leading(args, samples, rows), _leading(kwargs, samples, rows)))
+                self.probe.append(_Probe(b, index, rows, small, _row_mask(small), _leading(args, samples, rows), _leading(kwargs, samples, rows)))
         # the real tokens (padding left out) the gradients run on, of all processes
         self.tokens = ranks.count(sum(int(p.mask.sum()) if p.mask is not None else int(next(iter(p.batch.values())).numel()) for p in self.probe))
 
@@ -499,8 +502,7 @@ class _Backward:
         if i >= self.first:
             for p in self.probe:
                 x = self.stream.store.get((0, p.b))
-                rows = next(iter(p.batch.values())).shape[0]
-                self.stream.store.put((KEPT + i, p.b), x if rows == x.shape[0] else x[:rows].clone())
+                self.stream.store.put((KEPT + i, p.b), x if p.rows == x.shape[0] else x[: p.rows].clone())
 
     @torch.no_grad()
     def keep_output(self) -> None:
@@ -510,7 +512,7 @@ class _Backward:
         block.eval()
         for p in self.probe:
             out = block(self.stream.store.get((KEPT + i, p.b)), *p.args, **p.kwargs)
-            self.stream.store.put((KEPT + i + 1, p.b), out[0] if isinstance(out, (tuple, list)) else out)
+            self.stream.store.put((KEPT + i + 1, p.b), block_hidden(out))
 
     def sensitivities(self, load_block: LoadBlock, device: torch.device) -> dict[str, float]:
         store, stack, n = self.stream.store, self.stream.stacks[0], len(self.stream.stacks[0])
@@ -551,8 +553,7 @@ class _Backward:
         x = x.detach().requires_grad_(True)
         try:
             with torch.enable_grad():
-                out = block(x, *p.args, **p.kwargs)
-                y = out[0] if isinstance(out, (tuple, list)) else out
+                y = block_hidden(block(x, *p.args, **p.kwargs))
                 names = [k for k in mods if isinstance(kept.get(k), torch.Tensor)]
                 got = torch.autograd.grad(y, [x, *(kept[k] for k in names)], grad_outputs=grad, allow_unused=True)
         finally:
@@ -572,34 +573,29 @@ class _Backward:
         store, stack, n = self.stream.store, self.stream.stacks[0], len(self.stream.stacks[0])
         given: list[torch.Tensor] = []
         net = self.model.base_model if self.causal else self.model
-        with _past_the_blocks(stack, given, self.stream.wrapped):
-            if self.causal:
-                with torch.no_grad():
-                    hs = []
-                    for p in self.probe:
-                        given[:] = [store.get((KEPT + n, p.b))]
-                        hs.append(model_output(net, {**p.batch, "use_cache": False}))
-                    root = self._fisher_root(torch.cat(hs), load_block)
-                    del hs
-            grads: dict[int, torch.Tensor] = {}
+        kept, outs = [], []  # per probe: the last block's output (a leaf) and what the model makes of it
+        with _past_the_blocks(stack, given, self.stream.wrapped), torch.enable_grad():
             for p in self.probe:
-                status(f"sensitivities: the output's gradient, batch {p.b + 1}")
-                h = store.get((KEPT + n, p.b)).detach().requires_grad_(True)
-                given[:] = [h]
-                with torch.enable_grad():
-                    y = model_output(net, {**p.batch, "use_cache": False}) @ root.to(h.device) if self.causal else model_output(net, p.batch)
-                    y = y.reshape(-1, y.shape[-1])
-                    samples, length = next(iter(p.batch.values())).shape[:2]
-                    grid = projection_grid(0, p.index, (int(samples), int(length), y.shape[-1]))
-                    u = projection_rows(grid, p.mask, y.shape[0]).to(y)
-                    grads[p.b] = torch.autograd.grad((y * u).sum(), h)[0]
-                given.clear()
+                kept.append(store.get((KEPT + n, p.b)).detach().requires_grad_(True))
+                given[:] = kept[-1:]
+                outs.append(model_output(net, {**p.batch, "use_cache": False} if self.causal else p.batch))
+            given.clear()
+        root = self._fisher_root(torch.cat([y.detach() for y in outs]), load_block) if self.causal else None
+        grads: dict[int, torch.Tensor] = {}
+        for p, h, y in zip(self.probe, kept, outs):
+            status(f"sensitivities: the output's gradient, batch {p.b + 1}")
+            with torch.enable_grad():
+                if root is not None:  # the final hidden states times a root of the head's Fisher
+                    y = y @ root.to(y.device)
+                y = y.reshape(-1, y.shape[-1])
+                samples, length = next(iter(p.batch.values())).shape[:2]
+                grid = projection_grid(0, p.index, (int(samples), int(length), y.shape[-1]))
+                u = projection_rows(grid, p.mask, y.shape[0]).to(y)
+                grads[p.b] = torch.autograd.grad((y * u).sum(), h)[0]
         return grads
 
     def _fisher_root(self, h: torch.Tensor, load_block: LoadBlock) -> torch.Tensor:
-        head = self.model.get_output_embeddings()
-        if not isinstance(head, nn.Linear):
-            raise MPOCompressError(f"the LM head of this model is a {type(head).__name__}, not a Linear; leave it dense to calibrate on next-token KL")
+        head = lm_head(self.model)
         read = head.weight.is_meta  # an untied head, read from the files for this alone
         if read:
             _load(load_block, head, next(k for k, m in self.model.named_modules() if m is head), h.device)
