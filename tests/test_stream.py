@@ -9,6 +9,7 @@ inputs it refuses, each with one line and exit 2, leaving nothing behind.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -173,6 +174,80 @@ def test_a_budget_is_spent_from_a_first_streamed_pass(folders, tmp_path):
     assert ev["perplexity"] > 0 and 0.0 <= ev["top1_agreement"] <= 1.0
 
 
+def _wide_table_folder(folder: Path) -> Path:
+    """A tiny tied Llama whose table outweighs its blocks, as an LLM's does (vocabulary 2,048 x 64
+    against 61,440 projection weights), with a decaying spectrum, as trained tables have: the budget
+    shrinks it."""
+    cfg = transformers.LlamaConfig(vocab_size=2048, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=None,
+                                   eos_token_id=2047, pad_token_id=2047)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.08)
+        w = model.model.embed_tokens.weight
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        w.copy_(u @ torch.diag(s * torch.logspace(0, -2, s.numel())) @ vh * 3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_a_streamed_budget_prices_the_tied_table_as_in_memory(tmp_path, monkeypatch):
+    """--remove 0.3 on a tied Llama whose table outweighs its blocks. The stream offers the table
+    (outside the blocks) as the in-memory allocator does, and prices it the same way: each probed
+    form's real next-token KL, measured by running it through the blocks one at a time, gives the
+    in-memory costs within 1e-6; the projections' joint KL (their allocated forms made from the
+    Grams of a streamed pass) equals the in-memory one within 1e-6. Both take the table at the same
+    rank, and the streamed file equals the in-memory --sequential model's within 1e-5, and gives its
+    logits."""
+    from mpocompress.compress import choose
+    from mpocompress.compress import stream as stream_mod
+
+    folder = _wide_table_folder(tmp_path / "wide")
+    seen: dict[str, dict] = {}
+
+    def spy(module, key):
+        real = module.spend
+
+        def spend(config, free, forms, costs, sens, scale, plan, total, fixed, joint=None):
+            k = next(i for i, t in enumerate(free) if t.cand.converter.serves_head)
+            # what a form costs, sensitivity x energy x measured ratio (x error^2): the stream prices the table with
+            # no sensitivity of its own (it cancels, the costs are measured), in memory it has one
+            seen[key] = {"costs": [sens[k] * costs[k] * r for o, r in zip(forms[k], scale[k]) if o.structure != "dense"],
+                         "forms": [o.params for o in forms[k]]}  # fmt: skip
+
+            def measured(chosen):
+                seen[key]["joint"] = joint(chosen)
+                return seen[key]["joint"]
+
+            return real(config, free, forms, costs, sens, scale, plan, total, fixed, measured)
+
+        monkeypatch.setattr(module, "spend", spend)
+
+    spy(stream_mod, "stream")
+    spy(choose, "memory")
+    config = build_config([], [], [], [], None, None, "lowrank", None, None, True, 0.3, "model")
+    report = _streamed(folder, config, _batches(2048), tmp_path / "s.safetensors")
+    model, mem = _in_memory(folder, dataclasses.replace(config, sequential=True), _batches(2048))
+    a, b = seen["stream"], seen["memory"]
+    assert a["forms"] == b["forms"] and len(a["forms"]) >= 5
+    assert len(set(a["costs"])) >= 5  # the probed forms and those between them
+    assert a["costs"] == pytest.approx(b["costs"], rel=1e-6)
+    assert b["joint"] > 0 and a["joint"] == pytest.approx(b["joint"], rel=1e-6)
+    table = [lr for lr in report.layers if lr.name == "model.embed_tokens"]
+    assert table and [lr.bond_dims for lr in table] == [lr.bond_dims for lr in mem.layers if lr.name == "model.embed_tokens"]
+    assert any("5 of its forms were swapped in" in n for n in report.notes)
+    assert report.params_model_after == mem.params_model_after
+    save(model, tmp_path / "m.safetensors")
+    assert _max_rel(load_file(tmp_path / "s.safetensors"), load_file(tmp_path / "m.safetensors")) < 1e-5
+    streamed, ids = load(tmp_path / "s.safetensors"), _batches(2048)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert "LowRankTable" in type(streamed.get_output_embeddings()).__name__
+
+
 def test_streamed_analyze_shows_what_the_streamed_convert_does(folders, tmp_path):
     """analyze --stream --remove 0.3 (low-rank) reports the allocation convert --stream makes (the same
     layers at the same ranks, the same size), curves equal to the in-memory analyze's (the first pass
@@ -187,9 +262,9 @@ def test_streamed_analyze_shows_what_the_streamed_convert_does(folders, tmp_path
     assert rep["params_model_after"] == conv["params_model_after"] < rep["params_model_before"]
     assert rep["applied"] is False and sorted(p.name for p in folders["llama"].iterdir()) == before
     mem = run_json("analyze", folders["llama"], "--remove", "0.3", *common)
-    mem_blocks = {n: c for n, c in mem["curves"].items() if ".layers." in n}  # in memory the tied table is offered too
-    assert sorted(rep["curves"]) == sorted(mem_blocks) and len(rep["curves"]) == 14  # 2 blocks x 7 projections
-    for name, forms in mem_blocks.items():
+    # 2 blocks x 7 projections and the tied table, which a budget offers in both paths
+    assert sorted(rep["curves"]) == sorted(mem["curves"]) and len(rep["curves"]) == 15 and "model.embed_tokens" in rep["curves"]
+    for name, forms in mem["curves"].items():
         assert [f["params"] for f in rep["curves"][name]] == [f["params"] for f in forms]
         for a, b in zip(rep["curves"][name], forms, strict=True):
             assert a["rel_error"] == pytest.approx(b["rel_error"], rel=1e-6, abs=1e-9), name
@@ -216,6 +291,8 @@ def test_bad_inputs_get_one_line_and_exit_2_and_leave_nothing(folders, tmp_path)
     assert "add --stream" in _fails("analyze", folders["llama"], "--offload", "disk", "--calib", calib)
     assert "add --stream" in _fails("convert", folders["llama"], "--offload", "disk", "--calib", calib, "-D", "4", "-o", out)
     assert "cpu or disk" in _fails("convert", folders["llama"], "--stream", "--offload", "tape", "--calib", calib, "-D", "4", "-o", out)
+    assert "by the budget only" in _fails("convert", folders["llama"], "--stream", "--calib", calib, "-D", "model.embed_tokens=8",
+                                          "-D", "model.layers.*=8", "--remove", "0.3", "-o", out)  # fmt: skip
     pt = tmp_path / "plain.safetensors"
     save(torch.nn.Sequential(torch.nn.Linear(4, 4)), pt, arch=None)
     assert "Hugging Face model folder" in _fails("convert", pt, "--stream", "--calib", calib, "-D", "4", "-o", out)
@@ -546,7 +623,7 @@ def test_streamed_sensitivities_are_the_in_memory_ones(folders, tmp_path, kind, 
     real_spend = stream_mod.spend
 
     def spend(config, free, forms, costs, sens, *rest, **kw):
-        seen.update({t.cand.name: s for t, s in zip(free, sens)})
+        seen.update({t.cand.name: s for t, s in zip(free, sens) if not t.cand.converter.serves_head})  # the table's cost is measured
         return real_spend(config, free, forms, costs, sens, *rest, **kw)
 
     monkeypatch.setattr(stream_mod, "spend", spend)
@@ -562,7 +639,8 @@ def test_streamed_sensitivities_are_the_in_memory_ones(folders, tmp_path, kind, 
             file = self.folder / f"{key[0]}-{key[1]}.pt"
             before = file.exists()
             real_drop(self, key)
-            dropped.append((before, file.exists()))
+            if stream_mod.KEPT <= key[0] < stream_mod.JOINT_SIDE:  # the reverse pass's (the table's passes drop theirs too)
+                dropped.append((before, file.exists()))
 
         monkeypatch.setattr(DiskStore, "drop", drop)
     report = _streamed(folders[kind], config, _batches(), tmp_path / "s.safetensors", disk=disk)

@@ -76,6 +76,29 @@ def test_the_two_sided_weighting_gives_the_closed_form_optimum():
     torch.testing.assert_close(white.columns.square(), p + 0.1 / v)
 
 
+def test_a_table_weighed_a_block_of_tokens_at_a_time_is_the_whole_formula(monkeypatch):
+    """R W C, ||R W C||^2 and a low-rank table's two errors, made 7 tokens at a time (60 tokens: a last
+    block of 4), against the whole products in float64 (seed 1, within 1e-12), and `make_factors`
+    reports those errors for a table as `output_error` does for the product B A."""
+    from mpocompress.compress.structures import Option, make_factors
+    from mpocompress.tensors import calibrated
+
+    monkeypatch.setattr(calibrated, "TABLE_CHUNK", 7)
+    g = torch.Generator().manual_seed(1)
+    d, v = 12, 60
+    w = torch.randn(d, v, generator=g, dtype=torch.float64)
+    h = torch.randn(300, d, generator=g, dtype=torch.float64)
+    white = table_weighting(h.T @ h, torch.softmax(2 * torch.randn(v, generator=g, dtype=torch.float64), 0))
+    whole = (white.left @ w) * white.columns
+    torch.testing.assert_close(white.whiten(w), whole, rtol=1e-12, atol=0)
+    assert white.energy(w) == pytest.approx(float(whole.square().sum()), rel=1e-12)
+    f = make_factors(w, Option("lowrank", 5 * (d + v), float("nan"), rank=5), white, dtype=torch.float64)
+    approx = f.factors[0] @ f.factors[1]
+    assert f.rel_error == pytest.approx(float((w - approx).norm() / w.norm()), rel=1e-12)
+    assert f.output_rel_error == pytest.approx(output_error(w, approx, white), rel=1e-10)
+    assert f.spectra[0].tolist() == pytest.approx(torch.linalg.svdvals(approx)[:5].tolist(), rel=1e-10)
+
+
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
     d = tmp_path_factory.mktemp("tied")

@@ -548,13 +548,9 @@ def _probed(
     in log size. The MPO-only allocator does the same for every layer's MPO forms (made with the
     refinement `convert` applies): their errors at small D (0.5-0.9 of a layer's output) are far from
     small noise, and priced as noise the q/k projections of MiniLM were driven to D = 4-6."""
-    forms = sorted((k for k, o in enumerate(opts) if o.structure != "dense"), key=lambda k: opts[k].params)
-    ratios = [1.0] * len(opts)
-    if not forms:
-        return ratios
-    picks = sorted({forms[round(j * (len(forms) - 1) / max(PROBES - 1, 1))] for j in range(PROBES)}, key=lambda k: opts[k].params)
+    forms, picks = probe_picks(opts)
     w = weight_of(t)
-    points: list[tuple[float, float]] = []  # (log params, log ratio)
+    measured: dict[int, tuple[float, float]] = {}  # form -> (its real output change, its error as spend prices it)
     for k in picks:
         f = make_factors(w, opts[k], white, refine_steps)
         new = t.cand.converter.build(t.cand.module, f.factors, f.structure).eval()
@@ -562,10 +558,28 @@ def _probed(
             real = measure_swap_kl(model, [(t.cand.names, new)], probe)
         else:
             real = measure_swap(model, t.cand.names, new, probe, reference, fn)
-        err = opts[k].rel_error if white is not None else f.rel_error  # as spend prices it (a weighted table: its weighted error)
-        predicted = energy * err**2
-        if predicted > 0 and real > 0:
-            points.append((math.log(opts[k].params), math.log(real / predicted)))
+        measured[k] = (real, opts[k].rel_error if white is not None else f.rel_error)  # a weighted table: its weighted error
+    return probed_ratios(opts, forms, measured, energy)
+
+
+def probe_picks(opts: list[Option]) -> tuple[list[int], list[int]]:
+    """A layer's forms (not dense) by size, and the PROBES of them, spread over their sizes, whose
+    effect on the output is measured (see `_probed`)."""
+    forms = sorted((k for k, o in enumerate(opts) if o.structure != "dense"), key=lambda k: opts[k].params)
+    if not forms:
+        return [], []
+    picks = sorted({forms[round(j * (len(forms) - 1) / max(PROBES - 1, 1))] for j in range(PROBES)}, key=lambda k: opts[k].params)
+    return forms, picks
+
+
+def probed_ratios(opts: list[Option], forms: list[int], measured: Mapping[int, tuple[float, float]], energy: float) -> list[float]:
+    """Per option, measured / predicted output change (predicted: energy x error^2), from the
+    probed forms' (real change, error) in `measured`; the forms in between take the ratio
+    interpolated in log size, those outside the nearest probe's; dense keeps 1."""
+    ratios = [1.0] * len(opts)
+    points = [(math.log(opts[k].params), math.log(real / (energy * err**2)))
+              for k, (real, err) in sorted(measured.items(), key=lambda kv: opts[kv[0]].params)
+              if energy * err**2 > 0 and real > 0]  # fmt: skip
     if not points:
         return ratios
     xs, ys = [p[0] for p in points], [p[1] for p in points]

@@ -21,6 +21,13 @@ causal LM next-token KL through the head's Fisher): the first pass keeps the hid
 every block for a few calibration batches, and a reverse pass carries the output's gradient back
 through the blocks, read again one at a time (`_Backward`). The allocator then spends the budget on
 sensitivity x predicted squared output error, as in memory.
+
+A causal LM's tied embedding/LM head, outside the blocks, is offered to a budget too, and priced as
+in memory (`_TablePasses`): some of its forms are run through the blocks side by side on the
+reverse pass's probe and their real next-token KL measured; the projections allocated alone are
+made from a second streamed pass's Grams and their joint KL measured, to put their predicted costs
+on the table's scale. If the table is chosen it is factorized first, and the blocks are calibrated
+on what it gives them.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mpocompress.compress.calibrate import (
+    FISHER_CHUNK,
     BlockStream,
     Calibration,
     HiddenStore,
@@ -61,6 +69,8 @@ from mpocompress.compress.choose import (
     _make_trying,
     curves_of,
     fixed_structure,
+    probe_picks,
+    probed_ratios,
     refit_whitening,
     report_of,
     spend,
@@ -71,9 +81,11 @@ from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.convert import swap_in
 from mpocompress.compress.report import CompressionReport, count_params, totals
 from mpocompress.compress.select import FilterFn, transformer_blocks
-from mpocompress.compress.targets import LayerTarget, select_targets
+from mpocompress.compress.structures import Option, make_factors
+from mpocompress.compress.targets import LayerTarget, select_targets, weight_of
 from mpocompress.errors import MPOCompressError, is_out_of_memory
-from mpocompress.utils import is_causal_lm, map_large_blocks, return_free_memory, status
+from mpocompress.tensors import TableWeighting, table_weighting
+from mpocompress.utils import is_causal_lm, map_large_blocks, return_free_memory, set_module, status
 
 Batch = Mapping[str, torch.Tensor]
 T = TypeVar("T")
@@ -205,10 +217,11 @@ def stream_compress_(
             "--eps E, or a budget with --target-params P"
         )
     allocated: dict[str, Decision] = {}
+    plan = LayerPlan([], config, None, batches)
     try:
         if free:
-            allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks, device=device)
-        plan = LayerPlan([], config, None, batches)
+            allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks,
+                                           device=device, tables=plan.tables)  # fmt: skip
         _compress_streamed(model, config, batches, masks, per_block, allocated, load_block, write_block, store, plan, ranks, device)
     finally:
         store.close()
@@ -236,15 +249,37 @@ def _select_streamed(model: nn.Module, config: CompressionConfig, batches: Seque
         raise MPOCompressError("the calibration data is empty; give at least one sample")
     blocks = stream_blocks(model)
     stack, prefix = model.get_submodule(blocks), blocks + "."
-    targets, skipped = select_targets(model, config, lambda m, n: n.startswith(prefix) and (filter_fn is None or filter_fn(m, n)))
-    if not targets:
+    table = _tied_table(model) if config.budgeted else None  # a budget offers it, as in memory
+
+    def streamed(m: nn.Module, n: str) -> bool:
+        return (n.startswith(prefix) or m is table) and (filter_fn is None or filter_fn(m, n))
+
+    targets, skipped = select_targets(model, config, streamed)
+    if not any(t.cand.name.startswith(prefix) for t in targets):
         raise MPOCompressError(f"no layer inside {blocks} is selected; --stream {verb} the layers of the blocks")
     per_block: list[list[LayerTarget]] = [[] for _ in stack]
     for t in targets:
-        per_block[int(t.cand.name[len(prefix) :].split(".", 1)[0])].append(t)
+        if t.cand.module is not table:
+            per_block[int(t.cand.name[len(prefix) :].split(".", 1)[0])].append(t)
     fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
     free = [t for t in targets if t.bond_dim is None and t.eps is None]
+    for t in fixed:
+        if t.cand.module is table:
+            raise MPOCompressError(
+                f"--stream sizes the tied embedding/LM head ({t.cand.name}) by the budget only; drop its D or eps, "
+                f"or leave it dense with --exclude {t.cand.name}"
+            )
     return _Selected(blocks, targets, skipped, count_params(model), per_block, fixed, free)
+
+
+def _tied_table(model: nn.Module) -> nn.Module | None:
+    """A causal LM's input embedding when its LM head shares its weight (tied embeddings): the one
+    layer outside the blocks a streamed budget offers (see `_TablePasses`)."""
+    if not is_causal_lm(model):
+        return None
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(emb, "weight", None)
+    return emb if weight is not None and not weight.is_meta and getattr(head, "weight", None) is weight else None
 
 
 def stream_analyze(
@@ -275,8 +310,13 @@ def stream_analyze(
     curves: dict[str, list] = {}
     plan = LayerPlan([], config, None, batches)
     try:
-        decided = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks, curves, device)
+        decided = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks, curves, device,
+                                     plan.tables)  # fmt: skip
         made = {n: d for n, d in decided.items() if d.option is not None}
+        for name, white in plan.tables.items():  # the tied table, outside the blocks
+            if name in made:
+                t = made[name].target
+                plan.layers.append(report_of(t, ranks.deal(lambda t=t, white=white: _make(t, made[t.cand.name].option, white, config.refine_steps))))
         last = max((i for i, ts in enumerate(per_block) if any(t.cand.name in made for t in ts)), default=-1)
         if last >= 0:
             stream = BlockStream(blocks, (stack,), [capture_block_inputs(model, stack[0], batches)], masks, store)
@@ -324,7 +364,7 @@ def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[
 def _allocate_streamed(
     model: nn.Module, config: CompressionConfig, fixed: list[LayerTarget], free: list[LayerTarget], batches: Sequence[Batch],
     masks: list, per_block: list[list[LayerTarget]], load_block: LoadBlock, store: HiddenStore, notes: list[str], ranks: Ranks,
-    options: dict[str, list] | None = None, device: torch.device = CPU,
+    options: dict[str, list] | None = None, device: torch.device = CPU, tables: dict[str, TableWeighting] | None = None,
 ) -> dict[str, Decision]:  # fmt: skip
     """The first pass, over the original blocks on the original inputs: every layer's decision. A
     layer with a D or an eps gets its form as in memory; the free layers' forms are weighed, their
@@ -369,6 +409,14 @@ def _allocate_streamed(
                 back.keep_output()
         _release(block)
     sens = back.sensitivities(load_block, device) if back is not None else {}
+    table = next((t for t in free if t.cand.converter.serves_head), None)
+    passes = _TablePasses(model, table, back, batches, masks, per_block, load_block, device) if table is not None and back is not None else None
+    if passes is not None:
+        status("weighing the forms of the tied embedding/LM head")
+        opts, energy, white = passes.weigh(config)
+        weighed[id(table)] = (opts, energy)
+        if tables is not None:
+            tables[table.cand.name] = white
     plan.decisions = decided
     if options is not None:
         options.update({t.cand.name: weighed[id(t)][0] for t in free})
@@ -377,8 +425,23 @@ def _allocate_streamed(
     forms = [weighed[id(t)][0] for t in free]
     costs = [weighed[id(t)][1] for t in free]
     fixed_params = _fixed_params(decided)
-    decisions = spend(config, free, forms, costs, [sens.get(t.cand.name, 1.0) for t in free], [[1.0] * len(o) for o in forms], plan,
-                      count_params(model), fixed_params)  # fmt: skip
+    scale = [[1.0] * len(o) for o in forms]
+    joint = None
+    if passes is not None:
+        k = free.index(table)
+        measured = passes.forms_kl(forms[k], white)
+        scale[k] = probed_ratios(forms[k], probe_picks(forms[k])[0], measured, costs[k])
+
+        def joint(chosen: list[Option]) -> float:
+            return passes.joint_kl({t.cand.name: o for t, o in zip(free, chosen) if o.structure != "dense" and t is not table})
+
+        notes.append(
+            f"the tied input embedding and LM head ({' = '.join(table.cand.names)}) are one candidate, a low-rank table serving both "
+            f"ends: {len(measured)} of its forms were swapped in and run through the blocks, their real next-token KL measured over "
+            f"{back.tokens:,} calibration tokens"
+        )
+    decisions = spend(config, free, forms, costs, [1.0 if t is table else sens.get(t.cand.name, 1.0) for t in free], scale, plan,
+                      count_params(model), fixed_params, joint)  # fmt: skip
     notes += plan.notes
     if back is not None:
         notes.append(
@@ -477,7 +540,7 @@ class _Backward:
     def __init__(self, model: nn.Module, stream: BlockStream, batches: Sequence[Batch], ranks: Ranks, free: list[list[LayerTarget]]) -> None:
         self.model, self.stream, self.ranks, self.free = model, stream, ranks, free
         self.causal = is_causal_lm(model)
-        self.first = min(i for i, ts in enumerate(free) if ts)
+        self.first = min((i for i, ts in enumerate(free) if ts), default=len(free))  # none: only the tied table is free
         shapes = [tuple(next(iter(b.values())).shape[:2]) for b in batches]
         counts = ranks.gather([(int(s[0]), int(torch.Size(s).numel())) for s in shapes])  # (samples, tokens) per local batch, per process
         n = g = 0  # batch g of all processes together is local batch g // world of process g % world
@@ -580,7 +643,8 @@ class _Backward:
                 given[:] = kept[-1:]
                 outs.append(model_output(net, {**p.batch, "use_cache": False} if self.causal else p.batch))
             given.clear()
-        root = self._fisher_root(torch.cat([y.detach() for y in outs]), load_block) if self.causal else None
+        self.final = [y.detach() for y in outs]  # the original's final hidden states (real tokens), for the table's passes
+        root = self._fisher_root(torch.cat(self.final), load_block) if self.causal else None
         grads: dict[int, torch.Tensor] = {}
         for p, h, y in zip(self.probe, kept, outs):
             status(f"sensitivities: the output's gradient, batch {p.b + 1}")
@@ -600,11 +664,184 @@ class _Backward:
         if read:
             _load(load_block, head, next(k for k, m in self.model.named_modules() if m is head), h.device)
         try:
-            root, _ = head_fisher(head, h, reduce=self.ranks.sum_)
+            root, self.mean_p = head_fisher(head, h, reduce=self.ranks.sum_)
         finally:
             if read:
                 _release(head)
+        gram = h.T @ h  # the second moment of what the head reads, all processes' tokens
+        count = torch.tensor([float(h.shape[0])], dtype=torch.float64, device=h.device)
+        self.ranks.sum_([gram, count])
+        self.head_gram = gram / count.clamp_min(1)
         return root
+
+    @torch.no_grad()
+    def final_states(self, side: int) -> list[torch.Tensor]:
+        """Per probe batch, what follows the blocks (the final norm) makes of the last block's
+        outputs kept on `side` of the store: the final hidden states of its real tokens."""
+        stack, given = self.stream.stacks[0], []
+        net = self.model.base_model
+        out = []
+        with _past_the_blocks(stack, given, self.stream.wrapped):
+            for p in self.probe:
+                given[:] = [self.stream.store.get((side, p.b))]
+                out.append(model_output(net, {**p.batch, "use_cache": False}))
+        return out
+
+    @torch.no_grad()
+    def swap_kl(self, finals: Sequence[torch.Tensor], head: nn.Module) -> float:
+        """`measure_swap_kl`'s units over the probe (twice the next-token KL summed over the real tokens,
+        over the samples; all processes): the original's final hidden states through its own head
+        against `finals` through `head`."""
+        ref = lm_head(self.model)
+        total = torch.zeros(2, dtype=torch.float64)
+        for p, h0, h1 in zip(self.probe, self.final, finals):
+            for a, b in zip(h0.split(FISHER_CHUNK), h1.split(FISHER_CHUNK)):
+                logp0 = torch.log_softmax(ref(a.to(ref.weight.dtype)).float(), -1)
+                logp1 = torch.log_softmax(head(b.to(ref.weight.dtype)).float(), -1)
+                total[0] += 2.0 * float((logp0.exp() * (logp0 - logp1)).sum(dtype=torch.float64))
+            total[1] += p.rows
+        self.ranks.sum_([total])
+        return float(total[0] / total[1].clamp_min(1))
+
+
+TABLE_SIDES = 1000  # the store's sides for the probe's hidden states under the tied table's probed forms (TABLE_SIDES + k)
+JOINT_SIDE = 999  # and under the projections' allocated forms swapped in together
+
+
+class _TablePasses:
+    """The tied embedding/LM head offered to a streamed budget, priced as the in-memory allocator
+    prices it (`choose._probed`, `choose._on_the_table_scale`), with one block in memory at a time.
+    Its weighting (`TableWeighting`) comes from the reverse pass's final hidden states and head
+    distributions on the probe; its forms are weighed as in memory. Then two more streamed passes
+    over the probe batches of `_Backward`:
+    - `forms_kl`: PROBES of its forms, each swapped in at both ends, run through the original blocks
+      side by side (each block read once for all of them); the real next-token KL of each;
+    - `joint_kl` (called by `spend` with the projections allocated alone, the table dense): the
+      original blocks run once more on all the calibration batches for their layers' Grams, each
+      block's allocated forms made from them (as in memory, no refit) and swapped in for the probe;
+      the real next-token KL of them all together, which puts the projections' predicted costs on
+      the scale of the table's measured ones."""
+
+    def __init__(self, model: nn.Module, t: LayerTarget, back: _Backward, batches: Sequence[Batch], masks: list,
+                 per_block: list[list[LayerTarget]], load_block: LoadBlock, device: torch.device) -> None:  # fmt: skip
+        self.model, self.t, self.back, self.batches, self.masks = model, t, back, batches, masks
+        self.per_block, self.load_block, self.device = per_block, load_block, device
+        self.stack = back.stream.stacks[0]
+
+    def weigh(self, config: CompressionConfig) -> tuple[list[Option], float, TableWeighting]:
+        """The table's forms and output energy, weighted by the head's statistics on the probe (as
+        `plan_layers` weights it in memory) and the token counts of all calibration batches."""
+        t, ranks = self.t, self.back.ranks
+        white = table_weighting(self.back.head_gram, self.back.mean_p)
+        counts = torch.zeros(t.cand.nx, dtype=torch.float64)
+        samples = torch.zeros(1, dtype=torch.float64)
+        for b, mask in zip(self.batches, self.masks):
+            ids = b["input_ids"][mask] if mask is not None else b["input_ids"].reshape(-1)
+            counts += torch.bincount(ids.cpu(), minlength=t.cand.nx)[: t.cand.nx].to(torch.float64)
+            samples += int(b["input_ids"].shape[0])
+        ranks.sum_([counts, samples])
+        plan = LayerPlan([], config, Calibration({t.cand.name: counts}, {}, int(samples)), None)
+        plan.tables[t.cand.name] = white
+        opts, energy = ranks.deal(lambda: weigh(t, config, plan))
+        return opts, energy, white
+
+    def _through_the_blocks(self, sides: Mapping[int, nn.Module], joint: Mapping[str, Option] | None = None) -> None:
+        """Run the probe's hidden states kept on each of `sides` through every block in order (read
+        once for all sides); a side's first inputs are what the model gives its first block with
+        that side's table swapped in at both ends. With `joint` (layer name -> allocated form), the
+        calibration batches run through the original blocks too, each block's allocated layers are
+        made from their Grams, and JOINT_SIDE (the original table) runs through the block with them
+        swapped in."""
+        back, store, prefix = self.back, self.back.stream.store, self.back.stream.prefix
+        probe = back.probe
+        starts: dict[int, nn.Module | None] = {**sides, **({JOINT_SIDE: None} if joint is not None else {})}
+        for side, table in starts.items():
+            olds = [self.model.get_submodule(n) for n in self.t.cand.names]
+            try:
+                if table is not None:
+                    for n in self.t.cand.names:
+                        set_module(self.model, n, table)
+                inputs = capture_block_inputs(self.model, self.stack[0], [p.batch for p in probe])
+            finally:
+                for n, old in zip(self.t.cand.names, olds):
+                    set_module(self.model, n, old)
+            for p, (x, _, _) in zip(probe, inputs):
+                store.put((side, p.b), x)
+        stream, last = None, -1
+        if joint is not None:
+            stream = BlockStream(self.back.stream.prefix[:-1], (self.stack,), [capture_block_inputs(self.model, self.stack[0], self.batches)],
+                                 self.masks, store)  # fmt: skip
+            last = max((i for i, ts in enumerate(self.per_block) if any(t.cand.name in joint for t in ts)), default=-1)
+        for i, block in enumerate(self.stack):
+            status(f"{'the allocated layers together' if joint is not None else 'the tied table forms'}: block {i + 1}/{len(self.stack)}")
+            with _block_memory(f"{prefix}{i}", block, [], back.stream, sides=1):
+                _load(self.load_block, block, f"{prefix}{i}", self.device)
+                block.eval()
+                swapped: list[tuple[str, nn.Module]] = []
+                try:
+                    with torch.no_grad():
+                        for side in sides:
+                            for p in probe:
+                                store.put((side, p.b), block_hidden(block(store.get((side, p.b)), *p.args, **p.kwargs)))
+                    if stream is not None:
+                        swapped = self._swap_allocated(i, block, stream, joint)
+                        with torch.no_grad():
+                            for p in probe:
+                                store.put((JOINT_SIDE, p.b), block_hidden(block(store.get((JOINT_SIDE, p.b)), *p.args, **p.kwargs)))
+                finally:
+                    for inner, old in swapped:
+                        set_module(block, inner, old)
+                if stream is not None and i < last:
+                    stream.advance()
+            _release(block)
+        del stream
+        for b in range(len(self.batches)):
+            store.drop((0, b))
+
+    def _swap_allocated(self, i: int, block: nn.Module, stream: BlockStream, joint: Mapping[str, Option]) -> list[tuple[str, nn.Module]]:
+        """Block i's allocated layers made as the in-memory joint measure makes them (whitened by their
+        inputs' Grams over all calibration batches, no refinement) and swapped into the block; returns
+        (name in the block, original) for each."""
+        prefix, ranks = self.back.stream.prefix, self.back.ranks
+        ts = [t for t in self.per_block[i] if t.cand.name in joint]
+        swapped: list[tuple[str, nn.Module]] = []
+        if not ts:
+            return swapped
+        cal = _summed_grams(_block_grams(stream, 0, block, ts, self.batches, prefix), ranks)
+        for t in ts:
+            o = joint[t.cand.name]
+            f = ranks.deal(lambda t=t, o=o: make_factors(weight_of(t), o, white_for(t, cal, spend=True), 0))
+            cal.sums.pop(t.cand.name, None)
+            inner = _in_block(t.cand.name, prefix)
+            swapped.append((inner, block.get_submodule(inner)))
+            set_module(block, inner, t.cand.converter.build(t.cand.module, f.factors, f.structure).eval())
+        return swapped
+
+    def forms_kl(self, opts: list[Option], white: TableWeighting) -> dict[int, tuple[float, float]]:
+        """The probed forms' (real next-token KL, weighted error), by option index (see `probe_picks`)."""
+        w = weight_of(self.t)
+        _, picks = probe_picks(opts)
+        tables = {}
+        for k in picks:
+            f = self.back.ranks.deal(lambda k=k: make_factors(w, opts[k], white, 0))
+            tables[k] = self.t.cand.converter.build(self.t.cand.module, f.factors, f.structure).eval()
+        self._through_the_blocks({TABLE_SIDES + j: tables[k] for j, k in enumerate(picks)})
+        out = {}
+        for j, k in enumerate(picks):
+            status(f"measuring the next-token KL of the tied table's form {j + 1}/{len(picks)}")
+            out[k] = (self.back.swap_kl(self.back.final_states(TABLE_SIDES + j), tables[k]), opts[k].rel_error)
+            for p in self.back.probe:
+                self.back.stream.store.drop((TABLE_SIDES + j, p.b))
+        return out
+
+    def joint_kl(self, allocated: Mapping[str, Option]) -> float:
+        """The real next-token KL with the projections' `allocated` forms swapped in together (the table dense)."""
+        self._through_the_blocks({}, allocated)
+        status(f"measuring the next-token KL of {len(allocated)} layers together")
+        kl = self.back.swap_kl(self.back.final_states(JOINT_SIDE), lm_head(self.model))
+        for p in self.back.probe:
+            self.back.stream.store.drop((JOINT_SIDE, p.b))
+        return kl
 
 
 @contextlib.contextmanager
@@ -660,8 +897,19 @@ def _compress_streamed(
     stack, prefix = model.get_submodule(blocks), blocks + "."
     references: list[nn.Module | None] = [None] * len(stack)
     inputs = capture_block_inputs(model, stack[0], batches)
-    stream = BlockStream(blocks, (references, stack), [inputs, inputs], masks, store)
-    del inputs
+    given = inputs
+    for name, white in plan.tables.items():  # the tied table first: the blocks are calibrated on what it gives them
+        d = allocated[name]
+        plan.decisions.append(d)
+        if d.option is not None:
+            status("factorizing the tied embedding/LM head")
+            f = ranks.deal(lambda d=d, white=white: _make_trying(d.target, d.option, white, config))
+            plan.layers.append(report_of(d.target, f))
+            swap_in(model, d.target, f)
+            _release(d.target.cand.module)  # the dense table, replaced at both ends
+            given = capture_block_inputs(model, stack[0], batches)
+    stream = BlockStream(blocks, (references, stack), [inputs, given], masks, store)
+    del inputs, given
     for i, block in enumerate(stack):
         status(f"compressing block {i + 1}/{len(stack)}")
         name, ts = f"{prefix}{i}", per_block[i]

@@ -19,6 +19,7 @@ import torch
 
 from mpocompress.tensors import (
     MPOShape,
+    TableWeighting,
     Whitening,
     error_meter,
     factorize,
@@ -285,6 +286,10 @@ def make_factors(
             werr = float(truncation_errors(lr.spectrum)[lr.rank])
             return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr,
                            None, [lr.spectrum[: lr.rank].clone()])  # fmt: skip
+        if isinstance(white, TableWeighting):  # a vocabulary-wide table: its errors a block of tokens at a time
+            werr, oerr = white.errors(w, lr.second, lr.first)
+            spectrum = torch.linalg.svdvals(torch.linalg.qr(lr.second, mode="r")[1] @ torch.linalg.qr(lr.first.T, mode="r")[1].T)
+            return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr, oerr, [spectrum])
         approx = lr.second @ lr.first
         werr = output_error(w, approx, None)
         oerr = output_error(w, approx, white)

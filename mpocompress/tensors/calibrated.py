@@ -117,6 +117,7 @@ class Whitening:
 
 
 TABLE_FLOOR = 0.1  # a token's weight floor in a table's weighting, as a share of the uniform 1/V
+TABLE_CHUNK = 8192  # tokens of a table weighted at once
 
 
 @dataclass
@@ -137,13 +138,31 @@ class TableWeighting:
     mean = None  # never centred: a table has no bias to move
 
     def whiten(self, w: torch.Tensor) -> torch.Tensor:
-        """R W C in float64."""
-        return (self.left @ w.detach().to(torch.float64)) * self.columns
+        """R W C in float64, made TABLE_CHUNK tokens at a time (a vocabulary-wide table is hundreds of
+        MB in float64: one copy is held, not three)."""
+        out = torch.empty(w.shape, dtype=torch.float64, device=w.device)
+        for s in range(0, w.shape[1], TABLE_CHUNK):
+            torch.matmul(self.left, w[:, s : s + TABLE_CHUNK].detach().to(torch.float64), out=out[:, s : s + TABLE_CHUNK])
+        return out.mul_(self.columns)
 
     apply = whiten
 
     def energy(self, w: torch.Tensor) -> float:
-        return float(self.whiten(w).square().sum())
+        """||R W C||^2, TABLE_CHUNK tokens at a time."""
+        return sum(float(((self.left @ w[:, s : s + TABLE_CHUNK].detach().to(torch.float64)) * self.columns[s : s + TABLE_CHUNK]).square().sum())
+                   for s in range(0, w.shape[1], TABLE_CHUNK))  # fmt: skip
+
+    def errors(self, w: torch.Tensor, second: torch.Tensor, first: torch.Tensor) -> tuple[float, float]:
+        """The relative weight error ||W - B A|| / ||W|| and the weighted one ||R (W - B A) C|| / ||R W C||
+        of a low-rank table B A, TABLE_CHUNK tokens at a time (B A is never formed whole)."""
+        sums = torch.zeros(4, dtype=torch.float64)
+        for s in range(0, w.shape[1], TABLE_CHUNK):
+            wc = w[:, s : s + TABLE_CHUNK].detach().to(torch.float64)
+            diff = wc - second.to(torch.float64) @ first[:, s : s + TABLE_CHUNK].to(torch.float64)
+            c = self.columns[s : s + TABLE_CHUNK]
+            sums += torch.stack([diff.square().sum(), wc.square().sum(), ((self.left @ diff) * c).square().sum(), ((self.left @ wc) * c).square().sum()])
+        rel = [math.sqrt(float(a / b)) if float(b) > 0 else 0.0 for a, b in (sums[:2], sums[2:])]
+        return rel[0], rel[1]
 
     def offset(self, w: torch.Tensor) -> float:
         return 0.0
@@ -331,8 +350,8 @@ def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     top = vec[:, :r]
     inv = torch.where(s[:r] > 0, 1.0 / s[:r], torch.zeros_like(s[:r]))
     if wide:  # top: left singular vectors
-        return top, s, (top.T @ m) * inv[:, None]
-    return (m @ top) * inv, s, top.T
+        return top, s, (top.T @ m).mul_(inv[:, None])
+    return (m @ top).mul_(inv), s, top.T
 
 
 def truncation_errors(spectrum: torch.Tensor, total: float | None = None) -> torch.Tensor:
@@ -353,10 +372,11 @@ def lowrank(w: torch.Tensor, rank: int, white: Whitening | None = None, dtype: t
         raise MPOCompressError("cannot factorize a matrix with NaN or Inf entries")
     m = white.whiten(w) if white is not None else w.detach().to(torch.float64)
     u, s, vh = truncated_svd(m, rank)
+    del m  # a vocabulary-wide table's is hundreds of MB
     r = min(rank, s.numel())
     root = s[:r].sqrt()
     second = u[:, :r] * root
-    first = root[:, None] * vh[:r]
+    first = vh[:r] * root[:, None]
     if white is not None:
         first, second = white.unwhiten_rows(first), white.unwhiten_cols(second)
     out = dtype or w.dtype
