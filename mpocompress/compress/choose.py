@@ -135,7 +135,8 @@ class LayerPlan:
             return float(w.detach().to(torch.float64).square().sum())
         if t.cand.kind == "embedding":
             counts = cal.grams[t.cand.name][: w.shape[1]]  # an MPO table's padded tokens are never counted
-            return float(w.detach().to(torch.float64).square().sum(0) @ counts) / cal.samples
+            rows = torch.cat([c.detach().to(torch.float64).square().sum(0) for c in w.split(8192, dim=1)])  # a vocabulary wide: in blocks
+            return float(rows @ counts) / cal.samples
         return self._white(t).energy(w) / cal.samples
 
     def factors(self, model: nn.Module | None = None) -> Iterator[tuple[LayerTarget, Factors]]:

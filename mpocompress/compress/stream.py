@@ -745,28 +745,28 @@ class _TablePasses:
         opts, energy = ranks.deal(lambda: weigh(t, config, plan))
         return opts, energy, white
 
-    def _through_the_blocks(self, sides: Mapping[int, nn.Module], joint: Mapping[str, Option] | None = None) -> None:
-        """Run the probe's hidden states kept on each of `sides` through every block in order (read
-        once for all sides); a side's first inputs are what the model gives its first block with
-        that side's table swapped in at both ends. With `joint` (layer name -> allocated form), the
+    def _start(self, side: int, table: nn.Module | None) -> None:
+        """Keep on `side` what the model gives its first block for each probe batch, with `table`
+        (None: the original) swapped in at both ends."""
+        olds = [self.model.get_submodule(n) for n in self.t.cand.names]
+        try:
+            if table is not None:
+                for n in self.t.cand.names:
+                    set_module(self.model, n, table)
+            inputs = capture_block_inputs(self.model, self.stack[0], [p.batch for p in self.back.probe])
+        finally:
+            for n, old in zip(self.t.cand.names, olds):
+                set_module(self.model, n, old)
+        for p, (x, _, _) in zip(self.back.probe, inputs):
+            self.back.stream.store.put((side, p.b), x)
+
+    def _through_the_blocks(self, sides: Sequence[int], joint: Mapping[str, Option] | None = None) -> None:
+        """Run the probe's hidden states kept on each of `sides` (see `_start`) through every block in
+        order, each block read once for all sides. With `joint` (layer name -> allocated form), the
         calibration batches run through the original blocks too, each block's allocated layers are
-        made from their Grams, and JOINT_SIDE (the original table) runs through the block with them
-        swapped in."""
+        made from their Grams, and JOINT_SIDE runs through the block with them swapped in."""
         back, store, prefix = self.back, self.back.stream.store, self.back.stream.prefix
         probe = back.probe
-        starts: dict[int, nn.Module | None] = {**sides, **({JOINT_SIDE: None} if joint is not None else {})}
-        for side, table in starts.items():
-            olds = [self.model.get_submodule(n) for n in self.t.cand.names]
-            try:
-                if table is not None:
-                    for n in self.t.cand.names:
-                        set_module(self.model, n, table)
-                inputs = capture_block_inputs(self.model, self.stack[0], [p.batch for p in probe])
-            finally:
-                for n, old in zip(self.t.cand.names, olds):
-                    set_module(self.model, n, old)
-            for p, (x, _, _) in zip(probe, inputs):
-                store.put((side, p.b), x)
         stream, last = None, -1
         if joint is not None:
             stream = BlockStream(self.back.stream.prefix[:-1], (self.stack,), [capture_block_inputs(self.model, self.stack[0], self.batches)],
@@ -818,25 +818,31 @@ class _TablePasses:
         return swapped
 
     def forms_kl(self, opts: list[Option], white: TableWeighting) -> dict[int, tuple[float, float]]:
-        """The probed forms' (real next-token KL, weighted error), by option index (see `probe_picks`)."""
+        """The probed forms' (real next-token KL, weighted error), by option index (see `probe_picks`).
+        Each form is made twice, for the first block's inputs and for the head, so that one table
+        (a vocabulary wide) is held at a time, not all."""
         w = weight_of(self.t)
         _, picks = probe_picks(opts)
-        tables = {}
-        for k in picks:
-            f = self.back.ranks.deal(lambda k=k: make_factors(w, opts[k], white, 0))
-            tables[k] = self.t.cand.converter.build(self.t.cand.module, f.factors, f.structure).eval()
-        self._through_the_blocks({TABLE_SIDES + j: tables[k] for j, k in enumerate(picks)})
+
+        def table(k: int) -> nn.Module:
+            f = self.back.ranks.deal(lambda: make_factors(w, opts[k], white, 0))
+            return self.t.cand.converter.build(self.t.cand.module, f.factors, f.structure).eval()
+
+        for j, k in enumerate(picks):
+            self._start(TABLE_SIDES + j, table(k))
+        self._through_the_blocks([TABLE_SIDES + j for j in range(len(picks))])
         out = {}
         for j, k in enumerate(picks):
             status(f"measuring the next-token KL of the tied table's form {j + 1}/{len(picks)}")
-            out[k] = (self.back.swap_kl(self.back.final_states(TABLE_SIDES + j), tables[k]), opts[k].rel_error)
+            out[k] = (self.back.swap_kl(self.back.final_states(TABLE_SIDES + j), table(k)), opts[k].rel_error)
             for p in self.back.probe:
                 self.back.stream.store.drop((TABLE_SIDES + j, p.b))
         return out
 
     def joint_kl(self, allocated: Mapping[str, Option]) -> float:
         """The real next-token KL with the projections' `allocated` forms swapped in together (the table dense)."""
-        self._through_the_blocks({}, allocated)
+        self._start(JOINT_SIDE, None)
+        self._through_the_blocks([], allocated)
         status(f"measuring the next-token KL of {len(allocated)} layers together")
         kl = self.back.swap_kl(self.back.final_states(JOINT_SIDE), lm_head(self.model))
         for p in self.back.probe:

@@ -171,8 +171,8 @@ class TableWeighting:
         return None
 
     def unwhiten_rows(self, a: torch.Tensor) -> torch.Tensor:
-        """A C^{-1} for rows A (r x V)."""
-        return a / self.columns
+        """A C^{-1} for rows A (r x V), in place (A is the caller's own, a vocabulary wide)."""
+        return a.div_(self.columns)
 
     def unwhiten_cols(self, b: torch.Tensor) -> torch.Tensor:
         """R^{-1} B for columns B (d x r)."""
@@ -376,7 +376,8 @@ def lowrank(w: torch.Tensor, rank: int, white: Whitening | None = None, dtype: t
     r = min(rank, s.numel())
     root = s[:r].sqrt()
     second = u[:, :r] * root
-    first = vh[:r] * root[:, None]
+    first = vh[:r].mul_(root[:, None])  # V_r^T is truncated_svd's own: scaled in place
+    del vh
     if white is not None:
         first, second = white.unwhiten_rows(first), white.unwhiten_cols(second)
     out = dtype or w.dtype
