@@ -643,6 +643,13 @@ def measure_swap(
             set_module(model, n, old)
 
 
+def twice_kl(logits: torch.Tensor, other: torch.Tensor) -> float:
+    """Twice the next-token KL divergence KL(p || q), summed over the rows, of the distributions p of
+    `logits` and q of `other` (softmax in float32, the sum in float64)."""
+    logp, logq = torch.log_softmax(logits.float(), -1), torch.log_softmax(other.float(), -1)
+    return 2.0 * float((logp.exp() * (logp - logq)).sum(dtype=torch.float64))
+
+
 @torch.no_grad()
 def measure_swap_kl(model: nn.Module, swaps: Sequence[tuple[Sequence[str], nn.Module]], batches: Sequence[Batch]) -> float:
     """Twice the next-token KL divergence of a causal LM's full output (its head included), summed over
@@ -664,13 +671,13 @@ def measure_swap_kl(model: nn.Module, swaps: Sequence[tuple[Sequence[str], nn.Mo
             for s in range(n):
                 one = {k: v[s : s + 1] for k, v in batch.items()}
                 mask = _row_mask(one)
-                logp = []
+                logits = []
                 for modules in (olds, news):
                     for name, module in zip(names, modules):
                         set_module(model, name, module)
-                    y = main_output(_run(model, {**one, "use_cache": False})).float()
-                    logp.append(torch.log_softmax(_real_rows(y, mask) if y.dim() >= 3 else y, -1))
-                total += 2.0 * float((logp[0].exp() * (logp[0] - logp[1])).sum(dtype=torch.float64))
+                    y = main_output(_run(model, {**one, "use_cache": False}))
+                    logits.append(_real_rows(y, mask) if y.dim() >= 3 else y)
+                total += twice_kl(*logits)
     finally:
         for name, old in zip(names, olds):
             set_module(model, name, old)

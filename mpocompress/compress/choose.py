@@ -49,6 +49,7 @@ from mpocompress.compress.structures import (
 from mpocompress.compress.targets import LayerTarget, decompose, reported_structure, weight_of
 from mpocompress.errors import MPOCompressError
 from mpocompress.tensors import (
+    TABLE_CHUNK,
     MPOShape,
     TableWeighting,
     Whitening,
@@ -135,7 +136,7 @@ class LayerPlan:
             return float(w.detach().to(torch.float64).square().sum())
         if t.cand.kind == "embedding":
             counts = cal.grams[t.cand.name][: w.shape[1]]  # an MPO table's padded tokens are never counted
-            rows = torch.cat([c.detach().to(torch.float64).square().sum(0) for c in w.split(8192, dim=1)])  # a vocabulary wide: in blocks
+            rows = torch.cat([c.detach().to(torch.float64).square().sum(0) for c in w.split(TABLE_CHUNK, dim=1)])  # a vocabulary wide: in blocks
             return float(rows @ counts) / cal.samples
         return self._white(t).energy(w) / cal.samples
 

@@ -57,6 +57,7 @@ from mpocompress.compress.calibrate import (
     model_output,
     projection_grid,
     projection_rows,
+    twice_kl,
 )
 from mpocompress.compress.choose import (
     CURVES_ONLY,
@@ -221,7 +222,7 @@ def stream_compress_(
     try:
         if free:
             allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks,
-                                           device=device, tables=plan.tables)  # fmt: skip
+                                           None, device, plan.tables)  # fmt: skip
         _compress_streamed(model, config, batches, masks, per_block, allocated, load_block, write_block, store, plan, ranks, device)
     finally:
         store.close()
@@ -364,14 +365,15 @@ def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[
 def _allocate_streamed(
     model: nn.Module, config: CompressionConfig, fixed: list[LayerTarget], free: list[LayerTarget], batches: Sequence[Batch],
     masks: list, per_block: list[list[LayerTarget]], load_block: LoadBlock, store: HiddenStore, notes: list[str], ranks: Ranks,
-    options: dict[str, list] | None = None, device: torch.device = CPU, tables: dict[str, TableWeighting] | None = None,
+    options: dict[str, list] | None, device: torch.device, tables: dict[str, TableWeighting],
 ) -> dict[str, Decision]:  # fmt: skip
     """The first pass, over the original blocks on the original inputs: every layer's decision. A
     layer with a D or an eps gets its form as in memory; the free layers' forms are weighed, their
     sensitivities at the model's output come from the reverse pass (`_Backward`), and the budget is
-    spent on them. `options`, when
-    given, receives every free layer's weighed forms (analyze's curves); without a budget the free
-    layers are then only weighed, and stay undecided (dense, with the reason)."""
+    spent on them; a free tied table is priced by `_TablePasses`, and `tables` receives its weighting
+    (for its factors). `options`, when given, receives every free layer's weighed forms (analyze's
+    curves); without a budget the free layers are then only weighed, and stay undecided (dense, with
+    the reason)."""
     blocks = stream_blocks(model)
     stack, prefix = model.get_submodule(blocks), blocks + "."
     stream = BlockStream(blocks, (stack,), [capture_block_inputs(model, stack[0], batches)], masks, store)
@@ -415,8 +417,7 @@ def _allocate_streamed(
         status("weighing the forms of the tied embedding/LM head")
         opts, energy, white = passes.weigh(config)
         weighed[id(table)] = (opts, energy)
-        if tables is not None:
-            tables[table.cand.name] = white
+        tables[table.cand.name] = white
     plan.decisions = decided
     if options is not None:
         options.update({t.cand.name: weighed[id(t)][0] for t in free})
@@ -696,9 +697,7 @@ class _Backward:
         total = torch.zeros(2, dtype=torch.float64)
         for p, h0, h1 in zip(self.probe, self.final, finals):
             for a, b in zip(h0.split(FISHER_CHUNK), h1.split(FISHER_CHUNK)):
-                logp0 = torch.log_softmax(ref(a.to(ref.weight.dtype)).float(), -1)
-                logp1 = torch.log_softmax(head(b.to(ref.weight.dtype)).float(), -1)
-                total[0] += 2.0 * float((logp0.exp() * (logp0 - logp1)).sum(dtype=torch.float64))
+                total[0] += twice_kl(ref(a.to(ref.weight.dtype)), head(b.to(ref.weight.dtype)))
             total[1] += p.rows
         self.ranks.sum_([total])
         return float(total[0] / total[1].clamp_min(1))

@@ -286,17 +286,15 @@ def make_factors(
             werr = float(truncation_errors(lr.spectrum)[lr.rank])
             return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr,
                            None, [lr.spectrum[: lr.rank].clone()])  # fmt: skip
-        if isinstance(white, TableWeighting):  # a vocabulary-wide table: its errors a block of tokens at a time
-            werr, oerr = white.errors(w, lr.second, lr.first)
-            spectrum = torch.linalg.svdvals(torch.linalg.qr(lr.second, mode="r")[1] @ torch.linalg.qr(lr.first.T, mode="r")[1].T)
-            return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr, oerr, [spectrum])
-        approx = lr.second @ lr.first
-        werr = output_error(w, approx, None)
-        oerr = output_error(w, approx, white)
+        if isinstance(white, TableWeighting):  # a vocabulary-wide table: its errors a block of tokens at a time, B A never whole
+            (werr, oerr), shift = white.errors(w, lr.second, lr.first), None
+        else:
+            approx = lr.second @ lr.first
+            werr, oerr, shift = output_error(w, approx, None), output_error(w, approx, white), white.bias_shift(w, approx)
         # the bond's spectrum: the singular values of B A itself, from the r x r product of the factors' R's
-        spectrum = torch.linalg.svdvals(torch.linalg.qr(lr.second)[1] @ torch.linalg.qr(lr.first.T)[1].T)
+        spectrum = torch.linalg.svdvals(torch.linalg.qr(lr.second, mode="r")[1] @ torch.linalg.qr(lr.first.T, mode="r")[1].T)
         return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr, oerr,
-                       [spectrum], white.bias_shift(w, approx))  # fmt: skip
+                       [spectrum], shift)  # fmt: skip
     shape = option.shape
     dec = tt_svd(w, shape.in_modes, shape.out_modes, max_bond=max(shape.bond_dims), dtype=torch.float64)
     cores = dec.cores

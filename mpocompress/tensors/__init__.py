@@ -3,6 +3,7 @@ initial values. Nothing here is an nn.Module, reads a file or prints; it imports
 `mpocompress.errors`."""
 
 from mpocompress.tensors.calibrated import (
+    TABLE_CHUNK,
     LowRank,
     TableWeighting,
     Bound,
@@ -61,6 +62,7 @@ from mpocompress.tensors.shape import (
 )
 
 __all__ = [
+    "TABLE_CHUNK",
     "TT_METHODS",
     "ContractionPlan",
     "CostModel",

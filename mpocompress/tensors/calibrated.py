@@ -15,7 +15,7 @@ returns cores worse than those it was given. Pure tensor math: no modules, no I/
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -137,32 +137,37 @@ class TableWeighting:
     columns: torch.Tensor  # sqrt(p + floor) per token (V,), float64
     mean = None  # never centred: a table has no bias to move
 
-    def whiten(self, w: torch.Tensor) -> torch.Tensor:
-        """R W C in float64, made TABLE_CHUNK tokens at a time (a vocabulary-wide table is hundreds of
-        MB in float64: one copy is held, not three)."""
-        out = torch.empty(w.shape, dtype=torch.float64, device=w.device)
+    def _blocks(self, w: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """W's columns TABLE_CHUNK tokens at a time, in float64 (a vocabulary-wide table is hundreds
+        of MB in float64: whole copies are never made)."""
         for s in range(0, w.shape[1], TABLE_CHUNK):
-            torch.matmul(self.left, w[:, s : s + TABLE_CHUNK].detach().to(torch.float64), out=out[:, s : s + TABLE_CHUNK])
+            cols = slice(s, s + TABLE_CHUNK)
+            yield cols, w[:, cols].detach().to(torch.float64)
+
+    def whiten(self, w: torch.Tensor) -> torch.Tensor:
+        """R W C in float64 (one copy held, filled a block of tokens at a time)."""
+        out = torch.empty(w.shape, dtype=torch.float64, device=w.device)
+        for cols, x in self._blocks(w):
+            torch.matmul(self.left, x, out=out[:, cols])
         return out.mul_(self.columns)
 
     apply = whiten
 
     def energy(self, w: torch.Tensor) -> float:
-        """||R W C||^2, TABLE_CHUNK tokens at a time."""
-        return sum(float(((self.left @ w[:, s : s + TABLE_CHUNK].detach().to(torch.float64)) * self.columns[s : s + TABLE_CHUNK]).square().sum())
-                   for s in range(0, w.shape[1], TABLE_CHUNK))  # fmt: skip
+        """||R W C||^2, a block of tokens at a time."""
+        return sum(float(((self.left @ x) * self.columns[cols]).square().sum()) for cols, x in self._blocks(w))
 
     def errors(self, w: torch.Tensor, second: torch.Tensor, first: torch.Tensor) -> tuple[float, float]:
         """The relative weight error ||W - B A|| / ||W|| and the weighted one ||R (W - B A) C|| / ||R W C||
-        of a low-rank table B A, TABLE_CHUNK tokens at a time (B A is never formed whole)."""
+        of a low-rank table B A, a block of tokens at a time (B A is never formed whole)."""
         sums = torch.zeros(4, dtype=torch.float64)
-        for s in range(0, w.shape[1], TABLE_CHUNK):
-            wc = w[:, s : s + TABLE_CHUNK].detach().to(torch.float64)
-            diff = wc - second.to(torch.float64) @ first[:, s : s + TABLE_CHUNK].to(torch.float64)
-            c = self.columns[s : s + TABLE_CHUNK]
-            sums += torch.stack([diff.square().sum(), wc.square().sum(), ((self.left @ diff) * c).square().sum(), ((self.left @ wc) * c).square().sum()])
-        rel = [math.sqrt(float(a / b)) if float(b) > 0 else 0.0 for a, b in (sums[:2], sums[2:])]
-        return rel[0], rel[1]
+        second = second.to(torch.float64)
+        for cols, x in self._blocks(w):
+            diff = x - second @ first[:, cols].to(torch.float64)
+            c = self.columns[cols]
+            sums += torch.stack([diff.square().sum(), x.square().sum(), ((self.left @ diff) * c).square().sum(), ((self.left @ x) * c).square().sum()])
+        weight, weighted = (math.sqrt(float(err / norm)) if float(norm) > 0 else 0.0 for err, norm in (sums[:2], sums[2:]))
+        return weight, weighted
 
     def offset(self, w: torch.Tensor) -> float:
         return 0.0
