@@ -145,12 +145,12 @@ def test_class3_a_temporary_a_killed_run_left_is_removed_by_the_next_write(model
 def test_class6_small_files_are_read_whole_not_memory_mapped(model, monkeypatch):
     """A file that is memory-mapped and truncated under the reader kills it with SIGBUS; files up to
     1 GiB are read into memory, so safetensors' mapping loader is never called for them."""
-    import mpocompress.io.model_files as mf
+    import mpocompress.io.tensor_files as tf
 
     def mapped(*a, **k):
         raise AssertionError("memory-mapped")
 
-    monkeypatch.setattr(mf, "load_file", mapped)
+    monkeypatch.setattr(tf, "load_file", mapped)
     assert invoke("evaluate", model / "fc2_d4.safetensors").exit_code == 0
 
 

@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -255,6 +256,7 @@ MAX_LENGTH_OPT = typer.Option(None, "--max-length", metavar="N", help="Tokens pe
 CALIB_DATA_DIR_OPT = typer.Option(None, "--data-dir", metavar="DIR", help="Folder with the dataset files of --calib (default: $MPOCOMPRESS_DATA, else ./data).", show_default=False)
 TRUST_OPT = typer.Option(False, "--trust-pickle", help="Allow loading a whole pickled model. Unpickling can run arbitrary code: only for files you trust.")
 STREAM_OPT = typer.Option(False, "--stream", help="Stream a Hugging Face folder of safetensors weights block by block: the blocks are read, calibrated, factorized and written one at a time, so peak memory is one block, its statistics and the calibration activations, whatever the depth (implies --sequential; needs --calib).")
+SHARD_SIZE_OPT = typer.Option(None, "--shard-size", metavar="SIZE", help="Write OUT as a folder of safetensors shards of at most SIZE each (5GB, 500MB, 2GiB) with an index, as Hugging Face shards a large model; it loads as the one file does. [default: one file]", show_default=False)
 OFFLOAD_OPT = typer.Option(None, "--offload", metavar="cpu|disk", help="With --stream: keep the hidden states between blocks in memory (cpu) or in files beside OUT (disk). [default: cpu]", show_default=False)
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout instead of tables.")
 COMPUTE_DEVICE_OPT = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where the calibration passes, statistics and factorizations run: auto takes a CUDA GPU when there is one. The model is read and written through CPU memory either way; activations run in the model's dtype, statistics in float64.")
@@ -268,6 +270,20 @@ def check_stream_options(stream: bool, offload: str | None, calib: str | None) -
         fail("--offload says where --stream keeps the hidden states between blocks; add --stream")
     if stream and calib is None:
         fail("--stream calibrates block by block and needs --calib DATA (text:FILE for a language model)")
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_shard_size(text: str | None) -> int | None:
+    """`--shard-size 5GB` (as Hugging Face writes sizes: GB = 10^9 bytes, GiB = 2^30), `500MB` or bytes."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", text)
+    unit = _BYTE_UNITS.get(m.group(2).lower()) if m else None
+    if m is None or unit is None or float(m.group(1)) * unit < 1:
+        raise MPOCompressError(f"--shard-size {text!r} is not a size; give bytes per shard such as 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * unit)
 
 
 def parse_input_shape(text: str | None) -> tuple[int, ...] | None:

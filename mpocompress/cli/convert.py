@@ -30,6 +30,7 @@ from mpocompress.cli.common import (
     REMOVE_OPT,
     SEQUENTIAL_OPT,
     SHAPE_OPT,
+    SHARD_SIZE_OPT,
     STREAM_OPT,
     STRUCTURE_OPT,
     TARGET_OPT,
@@ -39,6 +40,7 @@ from mpocompress.cli.common import (
     check_stream_options,
     fail,
     handle_errors,
+    parse_shard_size,
     print_json,
     read_calibration,
 )  # fmt: skip
@@ -83,6 +85,7 @@ def convert(
     stream: bool = STREAM_OPT,
     offload: str | None = OFFLOAD_OPT,
     device: str = COMPUTE_DEVICE_OPT,
+    shard_size: str | None = SHARD_SIZE_OPT,
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     trust_pickle: bool = TRUST_OPT,
     json_out: bool = JSON_OPT,
@@ -93,7 +96,8 @@ def convert(
     the allocator, which picks each layer's structure and size. With --calib the factorizations
     minimize each layer's error on its real inputs. The report's rho is factorized weights / dense
     weights of the converted layers (Eq. 9). The output is safetensors with metadata to
-    rebuild the model: `mpocompress.load(OUT)` returns it. The input file is never modified.
+    rebuild the model (one file, or with --shard-size a folder of shards): `mpocompress.load(OUT)`
+    returns it. The input file is never modified.
 
     \b
     Examples:
@@ -110,12 +114,14 @@ def convert(
     if try_mpo and calib is None:
         fail("--try-mpo compares each MPO with the low-rank form on the layers' real inputs and needs --calib DATA")
     check_stream_options(stream, offload, calib)
-    out = check_output_path(output, force, inputs=(model,))
+    shard_bytes = parse_shard_size(shard_size)
+    out = check_output_path(output, force, inputs=(model,), folder=shard_bytes is not None)
     err = make_err_console()
     if not stream and dist_env().distributed:
         fail("convert runs in one process unless it streams: add --stream (a Hugging Face folder), or launch it without torchrun")
     if stream:
-        _convert_streamed(err, model, out, arch, config, calib, calib_samples, data_dir, max_length, offload or "cpu", device, json_out)
+        _convert_streamed(err, model, out, arch, config, calib, calib_samples, data_dir, max_length, offload or "cpu", device, json_out,
+                          shard_bytes)
         return
     dev = resolve_device(device)
     with working(err, f"loading {model}"):
@@ -147,7 +153,7 @@ def convert(
     elif calib:  # else the calibration data: what evaluate and finetune default to (its held-out split)
         extra["data"] = choose_data(calib, None, None, None, data_dir=data_dir).record()
     with working(err, f"writing {out}"):
-        save(loaded.model, out, loaded.arch, force=force, extra_metadata=extra)
+        save(loaded.model, out, loaded.arch, force=force, extra_metadata=extra, shard_size=shard_bytes)
     if measured is not None and measured["cosine_mean"] < PROBE_WARN:
         hint = ("calibrate and budget instead: --calib DATA (text:FILE for a text model) with --target-params P or --remove R"
                 if calib is None else "give a larger budget, or heal it: mpocompress finetune OUT --distill-from MODEL")  # fmt: skip
@@ -162,7 +168,7 @@ def convert(
 
 def _convert_streamed(
     err: Any, model: Path, out: Path, arch: str | None, config: Any, calib: str, calib_samples: int | None,
-    data_dir: Path | None, max_length: int | None, offload: str, device: str, json_out: bool,
+    data_dir: Path | None, max_length: int | None, offload: str, device: str, json_out: bool, shard_size: int | None = None,
 ) -> None:  # fmt: skip
     """convert --stream: the model's blocks read, compressed and written one at a time. Under torchrun
     each process takes its share of the calibration batches (gloo, on CPU); rank 0 writes and reports."""
@@ -189,7 +195,7 @@ def _convert_streamed(
                             f"{'on disk' if offload == 'disk' else 'in memory'}"
                             + (f"; {env.world_size} processes, each running its share of the batches" if env.distributed else ""))  # fmt: skip
         if env.is_main:
-            writer.finish(loaded.model, blocks, loaded.arch, extra, source)
+            writer.finish(loaded.model, blocks, loaded.arch, extra, source, shard_size)
     finish_distributed(env)
     if not env.is_main:
         return

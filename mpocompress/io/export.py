@@ -10,9 +10,6 @@ import contextlib
 import io as _io
 import logging
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,7 +22,7 @@ from torch import nn
 from mpocompress.compress import converter_for
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.hf import decode_tokenizer_files, quiet_transformers, save_pretrained_quietly, write_files
-from mpocompress.io.paths import remove_stale_temporaries, usual_modes
+from mpocompress.io.paths import staged_output
 from mpocompress.models.hf import build_hf, hf_config_json, probe_inputs, transformers_module
 from mpocompress.nn import FactorizedLayer
 from mpocompress.utils import batch_to, call_with, is_causal_lm, is_hf_model, main_output, short_error
@@ -131,25 +128,6 @@ def _reference_output(model: nn.Module, probe: Mapping[str, torch.Tensor], input
         raise MPOCompressError(f"the model does not run on the probe batch ({shapes}: {short_error(e)}); {hint}") from None
 
 
-@contextlib.contextmanager
-def _staging(out: Path, is_dir: bool) -> Iterator[Path]:
-    """A temporary path in a hidden folder beside `out`; it replaces `out` (by a rename) only when
-    the block succeeds, and the folder is removed in any case."""
-    remove_stale_temporaries(out)  # one a killed export left (its process is gone)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
-    try:
-        staged = tmpdir / out.name
-        if is_dir:
-            staged.mkdir()
-        yield staged
-        usual_modes(staged)  # what the libraries wrote through temporaries is 0600
-        if is_dir and out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
 def _check(rel: float, fmt: str) -> None:
     if not rel <= TOLERANCE:
         raise MPOCompressError(
@@ -199,7 +177,7 @@ def _export_hf(model: nn.Module, arch: str, out: Path, probe: Mapping[str, torch
         )
     dense = dense_hf_model(model, arch)
     tokenizer = getattr(model, "mpocompress_tokenizer", None)
-    with _staging(out, is_dir=True) as tmp:
+    with staged_output(out, is_dir=True) as tmp:
         save_pretrained_quietly(dense, tmp)
         if tokenizer:
             write_files(tmp, decode_tokenizer_files(tokenizer, "the model"))
@@ -225,7 +203,7 @@ def _export_traced(
     wrapper = _Positional(model, names).eval()  # a fresh module is in training mode: dropout on
     dims = _dynamic_dims(model)
     args = tuple(v.to(device) for v in probe.values())
-    with _staging(out, is_dir=False) as tmp:
+    with staged_output(out, is_dir=False) as tmp:
         try:
             dynamic = _dynamic_or_static(lambda shapes: write(wrapper, args, names, tmp, shapes), (tuple(dims for _ in names),))
         except MPOCompressError:

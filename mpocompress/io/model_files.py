@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from mpocompress._version import __version__
@@ -35,8 +34,16 @@ from mpocompress.io.metadata import (
     parse_own_metadata,
     tensors_digest,
 )  # fmt: skip
-from mpocompress.io.paths import atomic_write, check_output_path, check_readable
+from mpocompress.io.paths import atomic_write, check_output_path, check_readable, staged_output
 from mpocompress.io.pickles import torch_load, unwrap_state_dict
+from mpocompress.io.tensor_files import (
+    held_entries,
+    is_safetensors,
+    read_safetensors,
+    read_shards,
+    sharded_metadata,
+    write_shards,
+)
 from mpocompress.models import ARCHITECTURES, ArchSpec, build_model, parse_arch
 from mpocompress.models.hf import HF_PREFIX, build_hf, hf_arch, hf_config_json
 from mpocompress.nn import FactorizedLayer, layer_from_spec
@@ -54,27 +61,14 @@ class LoadedModel:
     metadata: dict[str, Any] | None = None  # parsed metadata of an mpocompress file
 
 
-READ_WHOLE = 1 << 30  # files up to this size are read into memory, larger ones memory-mapped
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors. Files up to READ_WHOLE bytes are read into memory first, so a file
-    truncated while it is read is an error, not a SIGBUS; larger files are memory-mapped (as
-    safetensors does), where a truncation during the read still ends the process."""
-    if path.stat().st_size <= READ_WHOLE:
-        return safetensors_load(path.read_bytes())
-    return load_file(str(path))
-
-
-def is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
 def read_metadata(path: str | os.PathLike) -> dict[str, str] | None:
-    """The raw safetensors metadata of a file, or None when it is not a safetensors file."""
+    """The raw safetensors metadata of a file (of a sharded model folder: its index's), or None when it
+    is not a safetensors file."""
     path = Path(path)
+    if path.is_dir():
+        meta = sharded_metadata(path)
+        if meta is not None:
+            return meta
     check_readable(path)
     if not is_safetensors(path):
         return None
@@ -106,10 +100,13 @@ def load_model(
     path = Path(path)
     arch_text = str(arch) if arch is not None else None
     if path.is_dir():
+        meta = sharded_metadata(path) if not is_hf_dir(path) else None
+        if meta is not None:
+            return _load_own(path, meta, arch_text, check_values)
         if not is_hf_dir(path):
             raise MPOCompressError(
-                f"{path} is a folder without config.json; give a model file, or a Hugging Face model folder "
-                "(config.json beside model.safetensors or pytorch_model.bin)"
+                f"{path} is a folder without config.json; give a model file, a Hugging Face model folder "
+                "(config.json beside model.safetensors or pytorch_model.bin), or a sharded model mpocompress wrote"
             )
         model, spec, tokenizer = load_hf_dir(path, arch_text)
         if check_values:
@@ -127,10 +124,7 @@ def load_model(
         meta = read_metadata(path)
         if meta is not None and meta.get("format") == FORMAT:
             return _load_own(path, meta, arch_text, check_values)
-        try:
-            state = read_safetensors(path)
-        except Exception as e:
-            raise MPOCompressError(f"{path} is not a readable safetensors file ({short_error(e)})") from None
+        state = read_safetensors(path)
         if check_values:
             check_finite(state, path)
         return LoadedModel(_model_from_state(state, path, arch_text), arch_text, "state_dict", path)
@@ -153,7 +147,7 @@ def arch_for_second(path: str | os.PathLike, asked: str | None, model_arch: str 
     if asked is not None:
         return asked
     p = Path(path)
-    if p.is_dir() or is_gguf(p):
+    if (p.is_dir() and sharded_metadata(p) is None) or (not p.is_dir() and is_gguf(p)):
         return None
     try:
         own = (read_metadata(p) or {}).get("format") == FORMAT
@@ -290,10 +284,7 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_value
         arch = file_arch
     for name, spec in info["layers"].items():
         check_layer_spec(path, name, spec)  # before anything is built from it
-    try:
-        state = read_safetensors(path)
-    except Exception as e:
-        raise MPOCompressError(f"{path} is not a readable safetensors file ({short_error(e)})") from None
+    state = read_shards(path) if path.is_dir() else read_safetensors(path)
     if info["format_version"] >= 2:
         recorded = meta.get(DIGEST_KEY)
         if recorded is None:
@@ -436,18 +427,24 @@ def save(
     arch: str | ArchSpec | None = _INFER,
     force: bool = False,
     extra_metadata: Mapping[str, Any] | None = None,
+    shard_size: int | None = None,
 ) -> Path:
     """Write `model` as safetensors with the metadata `load` needs, atomically.
 
     `arch` defaults to what the model is known to be (`infer_arch`: the spec it was built or
     loaded with, or hf:CLASS for a transformers model, whose config and tokenizer are recorded
-    too); None records no architecture (then loading needs --arch). The file appears complete or
-    not at all: it is written under a temporary name in the same folder and renamed into place.
-    An existing file is replaced only with `force=True`.
+    too); None records no architecture (then loading needs --arch). With `shard_size` (bytes of
+    tensor data per file) `path` is a folder of shards with an index (see `tensor_files`). The file
+    or folder appears complete or not at all: it is written under a temporary name in the same folder
+    and renamed into place. An existing output is replaced only with `force=True`.
     """
-    path = check_output_path(path, force)
+    path = check_output_path(path, force, folder=shard_size is not None)
     metadata = own_metadata(model, arch, extra_metadata)
     tensors = tensors_for_saving(model)
+    if shard_size is not None:
+        with staged_output(path, is_dir=True) as tmp:
+            write_shards(tmp, metadata, held_entries(tensors), shard_size)
+        return path
     check_finite(tensors, "the model to save")  # reads every tensor, as the digest does
     metadata[DIGEST_KEY] = tensors_digest(tensors)
     metadata[META_DIGEST_KEY] = metadata_digest(metadata)

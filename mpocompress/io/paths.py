@@ -3,10 +3,12 @@ mpocompress writes goes through `atomic_write`."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,33 @@ def atomic_write(path: Path, write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, is_dir: bool) -> Iterator[Path]:
+    """A temporary path in a hidden folder beside `out` (a folder of its own when `is_dir`); it replaces
+    `out` (by a rename) only when the block succeeds, and the hidden folder is removed in any case. A
+    folder `out` being replaced is first renamed into the hidden folder, so a killed process leaves the
+    old output or the new one, or (killed between the two renames) the old one in the hidden folder."""
+    remove_stale_temporaries(out)  # one a killed run left (its process is gone)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    try:
+        staged = tmpdir / out.name
+        if is_dir:
+            staged.mkdir()
+        yield staged
+        usual_modes(staged)  # what the libraries wrote through temporaries is 0600
+        replace_with(staged, out, tmpdir / "old")
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def replace_with(staged: Path, out: Path, aside: Path) -> None:
+    """Rename `staged` to `out`; a folder already at `out` is first renamed to `aside` (in a hidden
+    folder the caller removes)."""
+    if out.is_dir() and not out.is_symlink():
+        os.replace(out, aside)
+    os.replace(staged, out)
 
 
 def checkpoint_path_for(output: str | os.PathLike) -> Path:

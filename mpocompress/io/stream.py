@@ -1,15 +1,13 @@
 """The files of a streamed conversion (`convert --stream`): the model's skeleton on the meta device, its
 weights read lazily, tensor by tensor, from the folder's (sharded) safetensors files; the hidden states
 between blocks kept on disk (`--offload disk`); and the output written block by block into a staging
-folder beside it, then assembled into one mpocompress file (the same format and metadata as `save`),
-one tensor in memory at a time, and renamed into place.
+folder beside it, then assembled into one mpocompress file or a folder of shards (the same format and
+metadata as `save`), one tensor in memory at a time, and renamed into place.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -34,18 +32,14 @@ from mpocompress.io.hf import (
     read_config,
     read_tokenizer_files,
 )
-from mpocompress.io.metadata import DIGEST_KEY, META_DIGEST_KEY, check_finite, digest_update, metadata_digest
+from mpocompress.io.metadata import check_finite
 from mpocompress.io.model_files import LoadedModel, own_metadata, remember, tensors_for_saving, tied_parameters
-from mpocompress.io.paths import atomic_write
+from mpocompress.io.paths import atomic_write, replace_with, usual_modes
+from mpocompress.io.tensor_files import INDEX, ITEMSIZE, TORCH_DTYPES, Entry, held_entries, write_file, write_shards
 from mpocompress.models.hf import HF_PREFIX, check_config, hf_class, transformers_module
 from mpocompress.utils import bounded_json, short_error
 
-INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}  # fmt: skip
-TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
-ITEMSIZE = {name: torch.empty(0, dtype=t).element_size() for name, t in TORCH_DTYPES.items()}
 
 
 class SafetensorsSource:
@@ -126,6 +120,12 @@ class SafetensorsSource:
             if key in self.where:
                 return key
         return None
+
+    def entries_for_writing(self, keys: Mapping[str, str]) -> dict[str, Entry]:
+        """What a writer needs of the tensors `keys` names (output name -> this source's key): dtype,
+        shape, and a read of the tensor when it is written."""
+        return {name: Entry(self.entries[key][0], self.entries[key][1], lambda key=key: self.get(key), str(self.folder / self.where[key]))
+                for name, key in keys.items()}  # fmt: skip
 
     def get(self, key: str) -> torch.Tensor:
         dtype, shape, start, end = self.entries[key]
@@ -284,8 +284,8 @@ class DiskStore(HiddenStore):
 class StreamWriter:
     """The output of a streamed conversion: each compressed block's tensors go to a file of a staging
     folder beside `path` as the block is done; `finish` assembles them and the model's other tensors
-    into one mpocompress file (tensors in name order, hashed as they are copied) and renames it into
-    place. The staging folder is removed either way; one left by a killed run is removed by the next
+    into one mpocompress file or a folder of shards (tensors in name order, hashed as they are copied)
+    and renames it into place. The staging folder is removed either way; one left by a killed run is removed by the next
     write of the same path."""
 
     def __init__(self, path: Path) -> None:
@@ -300,75 +300,38 @@ class StreamWriter:
         save_file(tensors, str(self.staging / file))
         self.parts.append(file)
 
-    def finish(self, model: nn.Module, blocks: str, arch: str, extra_metadata: Mapping[str, Any], source: SafetensorsSource | None = None) -> Path:
-        """Write the file: the staged blocks and the model's tensors outside `blocks`, with `save`'s
-        metadata; those still on the meta device (an untied head, never run) are read from `source`."""
+    def finish(
+        self, model: nn.Module, blocks: str, arch: str, extra_metadata: Mapping[str, Any], source: SafetensorsSource | None = None,
+        shard_size: int | None = None,
+    ) -> Path:  # fmt: skip
+        """Write the output: the staged blocks and the model's tensors outside `blocks`, with `save`'s
+        metadata, as one file or (with `shard_size`, bytes per file) a folder of shards; those still on
+        the meta device (an untied head, never run) are read from `source`."""
         tied = tied_parameters(model)
         base = getattr(model, "base_model_prefix", "") or ""
         outside = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks + ".") and k not in tied}
-        rest = {k: v.detach().contiguous().cpu() for k, v in outside.items() if not v.is_meta}
-        check_finite(rest, "the model to save")
-        later = {k: source.key_for(k, base) for k, v in outside.items() if v.is_meta} if source is not None else {}
-        if any(v.is_meta for v in outside.values()) and (source is None or None in later.values()):
-            raise MPOCompressError("internal: a tensor outside the blocks was never read")
-        metadata = own_metadata(model, arch, extra_metadata)
+        entries = held_entries({k: v.detach().contiguous().cpu() for k, v in outside.items() if not v.is_meta})
         staged = SafetensorsSource.of_files(self.staging, self.parts)
-        deferred = {name: (source, key) for name, key in later.items()}  # read from the model's files as written, checked then
-        atomic_write(self.path, lambda tmp: _assemble(tmp, metadata, rest, staged, deferred))
+        entries.update(staged.entries_for_writing({k: k for k in staged.entries}))
+        later = [k for k, v in outside.items() if v.is_meta]
+        if later:
+            keys = {k: source.key_for(k, base) for k in later} if source is not None else {}
+            if source is None or None in keys.values():
+                raise MPOCompressError("internal: a tensor outside the blocks was never read")
+            entries.update(source.entries_for_writing(keys))  # read from the model's files as written, checked then
+        metadata = own_metadata(model, arch, extra_metadata)
+        if shard_size is None:
+            atomic_write(self.path, lambda tmp: write_file(tmp, metadata, entries))
+        else:
+            folder = self.staging / "output"
+            folder.mkdir()
+            write_shards(folder, metadata, entries, shard_size)
+            usual_modes(folder)
+            replace_with(folder, self.path, self.staging / "old")
         return self.path
 
     def close(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def _assemble(
-    tmp: str, metadata: dict[str, str], held: Mapping[str, torch.Tensor], staged: SafetensorsSource,
-    deferred: Mapping[str, tuple[SafetensorsSource, str]] | None = None,
-) -> None:  # fmt: skip
-    """One safetensors file from tensors held, tensors staged in files and tensors `deferred` to the
-    model's own files (name -> its source and key there), one tensor read at a time. The header is
-    written with a placeholder digest of the digest's length, the data in name order (hashed as
-    `tensors_digest` hashes it), then the header again with the real digest."""
-    deferred = deferred or {}
-    names = sorted({*held, *staged.entries, *deferred})
-    header: dict[str, Any] = {}
-    offset = 0
-    for name in names:
-        if name in held:
-            shape, dtype = list(held[name].shape), DTYPES[held[name].dtype]
-        elif name in deferred:
-            source, key = deferred[name]
-            dtype, shape = source.entries[key][:2]
-        else:
-            dtype, shape = staged.entries[name][:2]
-        size = math.prod(shape) * ITEMSIZE[dtype]
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    meta = dict(metadata)
-    meta[META_DIGEST_KEY] = metadata_digest(meta)
-
-    def encoded(digest: str) -> bytes:
-        text = json.dumps({"__metadata__": {**meta, DIGEST_KEY: digest}, **header}, separators=(",", ":")).encode()
-        return text + b" " * (-len(text) % 8)
-
-    h = hashlib.sha256()
-    first = encoded("0" * 64)
-    with open(tmp, "wb") as out:
-        out.write(struct.pack("<Q", len(first)) + first)
-        for name in names:
-            if name in deferred:
-                t = deferred[name][0].get(deferred[name][1])
-                check_finite({name: t}, deferred[name][0].folder)
-            else:
-                t = (held[name] if name in held else staged.get(name)).contiguous()
-            data = digest_update(h, name, t)
-            if t.numel():
-                out.write(memoryview(data))  # no copy of the tensor's bytes
-        final = encoded(h.hexdigest())
-        if len(final) != len(first):
-            raise MPOCompressError("internal: the streamed file's header changed size")
-        out.seek(0)
-        out.write(struct.pack("<Q", len(final)) + final)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,223 @@
+"""Safetensors files written one tensor at a time, as one file or as a folder of shards, and read back.
+
+A sharded model is a folder laid out as Hugging Face shards a large checkpoint:
+`model-00001-of-0000N.safetensors` ... and `model.safetensors.index.json`. The index's "weight_map"
+names each tensor's shard; its "metadata" holds what one mpocompress file's header holds (format,
+architecture, layer specs, ties, both digests) beside Hugging Face's "total_size". The shards hold runs
+of tensor names in name order, so the tensors digest (every tensor in name order) is the same whether a
+model is one file or sharded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file
+
+from mpocompress.errors import MPOCompressError
+from mpocompress.io.hf import check_weight_paths
+from mpocompress.io.metadata import DIGEST_KEY, FORMAT, META_DIGEST_KEY, check_finite, digest_update, metadata_digest
+from mpocompress.utils import bounded_json, short_error
+
+INDEX = "model.safetensors.index.json"
+SHARD = "model-{:05d}-of-{:05d}.safetensors"
+MAX_SHARDS = 99_999  # what five digits name
+MAX_INDEX_BYTES = 64 << 20
+DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+          torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+          torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}  # fmt: skip
+TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {name: torch.empty(0, dtype=t).element_size() for name, t in TORCH_DTYPES.items()}
+READ_WHOLE = 1 << 30  # files up to this size are read into memory, larger ones memory-mapped
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor to write: its safetensors dtype and shape (known before it is read), how to read it,
+    and where it comes from (named when it holds NaN or Inf)."""
+
+    dtype: str
+    shape: list[int]
+    read: Callable[[], torch.Tensor]
+    origin: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+def held_entries(tensors: Mapping[str, torch.Tensor], origin: str = "the model to save") -> dict[str, Entry]:
+    """Entries for tensors in memory."""
+    out = {}
+    for name, t in tensors.items():
+        if t.dtype not in DTYPES:
+            raise MPOCompressError(f"{name} is {t.dtype}, which mpocompress cannot write; cast the model to float32 first")
+        out[name] = Entry(DTYPES[t.dtype], list(t.shape), lambda t=t: t, origin)
+    return out
+
+
+def _header(names: list[str], entries: Mapping[str, Entry]) -> dict[str, Any]:
+    header, offset = {}, 0
+    for name in names:
+        size = entries[name].nbytes
+        header[name] = {"dtype": entries[name].dtype, "shape": entries[name].shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    return header
+
+
+def _encoded(header: Mapping[str, Any], metadata: Mapping[str, str]) -> bytes:
+    text = json.dumps({"__metadata__": dict(metadata), **header}, separators=(",", ":")).encode()
+    return text + b" " * (-len(text) % 8)
+
+
+def _write_data(out: Any, names: list[str], entries: Mapping[str, Entry], h: Any) -> None:
+    """Each tensor's bytes in order, read one at a time, checked finite and hashed as `tensors_digest` hashes."""
+    for name in names:
+        t = entries[name].read().contiguous()
+        check_finite({name: t}, entries[name].origin)
+        data = digest_update(h, name, t)
+        if t.numel():
+            out.write(memoryview(data))  # no copy of the tensor's bytes
+
+
+def write_file(path: str | os.PathLike, metadata: Mapping[str, str], entries: Mapping[str, Entry]) -> None:
+    """One mpocompress safetensors file: `metadata` with both digests added, the tensors in name order.
+    The header is written with a placeholder digest of the digest's length, then the data, then the
+    header again with the real digest."""
+    names = sorted(entries)
+    header = _header(names, entries)
+    meta = dict(metadata)
+    meta[META_DIGEST_KEY] = metadata_digest(meta)
+    h = hashlib.sha256()
+    first = _encoded(header, {**meta, DIGEST_KEY: "0" * 64})
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(first)) + first)
+        _write_data(out, names, entries, h)
+        final = _encoded(header, {**meta, DIGEST_KEY: h.hexdigest()})
+        if len(final) != len(first):
+            raise MPOCompressError("internal: the file's header changed size")
+        out.seek(0)
+        out.write(struct.pack("<Q", len(final)) + final)
+
+
+def plan_shards(sizes: list[int], max_bytes: int) -> list[tuple[int, int]]:
+    """Runs [start, end) of consecutive tensors, each at most `max_bytes` of data unless one tensor
+    alone is larger (it then has a shard of its own), as Hugging Face shards."""
+    runs: list[tuple[int, int]] = []
+    start, held = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and held + size > max_bytes:
+            runs.append((start, i))
+            start, held = i, 0
+        held += size
+    if sizes:
+        runs.append((start, len(sizes)))
+    return runs
+
+
+def write_shards(folder: Path, metadata: Mapping[str, str], entries: Mapping[str, Entry], max_bytes: int) -> None:
+    """The shards and the index of a sharded mpocompress model into the existing empty `folder`; each
+    file is flushed to disk. The index, with the tensors digest over all shards, is written last."""
+    names = sorted(entries)
+    runs = plan_shards([entries[n].nbytes for n in names], max_bytes)
+    if len(runs) > MAX_SHARDS:
+        raise MPOCompressError(f"--shard-size {max_bytes:,} bytes would make {len(runs):,} shards, more than {MAX_SHARDS:,}; give a larger one")
+    h = hashlib.sha256()
+    weight_map = {}
+    for i, (lo, hi) in enumerate(runs):
+        file = SHARD.format(i + 1, len(runs))
+        part = names[lo:hi]
+        head = _encoded(_header(part, entries), {"format": "pt"})
+        with open(folder / file, "wb") as out:
+            out.write(struct.pack("<Q", len(head)) + head)
+            _write_data(out, part, entries, h)
+            out.flush()
+            os.fsync(out.fileno())
+        weight_map.update(dict.fromkeys(part, file))
+    meta = {**metadata, DIGEST_KEY: h.hexdigest()}
+    meta[META_DIGEST_KEY] = metadata_digest(meta)
+    index = {"metadata": {"total_size": sum(entries[n].nbytes for n in names), **meta}, "weight_map": weight_map}
+    with open(folder / INDEX, "w", encoding="utf-8") as out:
+        json.dump(index, out, indent=2, sort_keys=True)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors. Files up to READ_WHOLE bytes are read into memory first, so a file
+    truncated while it is read is an error, not a SIGBUS; larger files are memory-mapped (as
+    safetensors does), where a truncation during the read still ends the process."""
+    try:
+        if path.stat().st_size <= READ_WHOLE:
+            return safetensors_load(path.read_bytes())
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a damaged file
+        raise MPOCompressError(f"{path} is not a readable safetensors file ({short_error(e)})") from None
+
+
+def _read_index(folder: Path) -> dict[str, Any] | None:
+    """The folder's index as written, or None when it has none."""
+    path = folder / INDEX
+    if not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise ValueError
+        index = bounded_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        index = None
+    if not isinstance(index, dict):
+        raise MPOCompressError(f"{path} is not a readable index of weights files; the folder is damaged")
+    return index
+
+
+def sharded_metadata(folder: Path) -> dict[str, str] | None:
+    """The metadata of the sharded mpocompress model in `folder` (the index's string entries), or None
+    when the folder is not one."""
+    index = _read_index(folder)
+    meta = index.get("metadata") if index is not None else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return None
+    return {k: v for k, v in meta.items() if isinstance(v, str)}
+
+
+def read_shards(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded model, each shard checked to hold exactly the tensors the index gives it;
+    every shard must be a regular file inside the folder."""
+    index = _read_index(folder) or {}
+    mapping = index.get("weight_map")
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise MPOCompressError(f"{folder / INDEX}: its weight_map is not a mapping of tensor names to files; the folder is damaged")
+    check_weight_paths(folder)
+    wanted: dict[str, set[str]] = {}
+    for name, file in mapping.items():
+        wanted.setdefault(file, set()).add(name)
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(wanted):
+        if not (folder / file).is_file():
+            raise MPOCompressError(f"{folder}: the shard {file[:80]!r} named by {INDEX} is missing; copy every shard of the model")
+        tensors = read_safetensors(folder / file)
+        if set(tensors) != wanted[file]:
+            odd = sorted(set(tensors) ^ wanted[file])
+            raise MPOCompressError(f"{folder / file} does not hold the tensors {INDEX} gives it ({odd[0][:80]} differs); the folder is damaged")
+        state.update(tensors)
+    return state
