@@ -1,8 +1,8 @@
 """Streamed conversion at scale (issue 25): a Llama of TinyLlama's shape (22 blocks, hidden 2048, GQA
 32/4 heads, MLP 5632, 1.1B parameters) with random weights stored in bf16 as sharded safetensors (no
 such real model is offline; the values change neither memory nor time), compressed with
-`convert --stream --remove R` under a hard address-space cap; peak resident memory against the
-float32 model's size, wall time per block, and time against depth.
+`convert --stream --remove R --shard-size 1GB` under a hard address-space cap; peak resident memory
+against the float32 model's size, wall time per block, and time against depth.
 
     python benchmarks/scale.py                                 # 22 blocks at 50 %, cap 3 GB (about 20 minutes on 2 cores)
     python benchmarks/scale.py --depths 2,4 --blocks 0         # time against depth only (minutes)
@@ -111,7 +111,8 @@ def run(folder: Path, text: Path, args: argparse.Namespace, out: Path, cap_gb: f
     env.update(RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-c", RUNNER, str(cap_gb), str(folder), "--stream", "--calib", f"text:{text}",
            "--calib-samples", str(args.calib_samples), "--max-length", str(args.max_length), "--remove", str(args.remove),
-           "--structure", "lowrank", "--offload", args.offload, "-o", str(out), "--force", "--json"]  # fmt: skip
+           "--structure", "lowrank", "--offload", args.offload, "-o", str(out), "--force", "--json",
+           *(["--shard-size", args.shard_size] if args.shard_size else [])]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     line = next((ln for ln in r.stderr.splitlines() if ln.startswith("SCALE ")), None)
     if line is None:
@@ -136,6 +137,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--offload", default="cpu", choices=["cpu", "disk"])
+    ap.add_argument("--shard-size", default="1GB", help="the output's shards (convert --shard-size); '' writes one file")
     ap.add_argument("--work", type=Path, default=None, help="folder for the models and outputs (default: a temporary one)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mpo-scale-"))
@@ -152,18 +154,21 @@ def main() -> None:
             n = write_model(folder, depth, args.hidden, args.mlp, args.heads, args.kv_heads)
             print(f"wrote {depth} blocks ({n / 1e9:.2f}B parameters) in {time.perf_counter() - t0:.0f} s", flush=True)
         params = _params(folder)
-        got = run(folder, text, args, work / f"out-{depth}.safetensors", args.cap_gb)
+        out = work / (f"out-{depth}" if args.shard_size else f"out-{depth}.safetensors")
+        got = run(folder, text, args, out, args.cap_gb)
+        shards = len(list(out.glob("model-*-of-*.safetensors"))) if out.is_dir() else 1
         rep = got["report"]
         fp32 = params * 4
         rows.append({"blocks": depth, "params": params, "fp32_gb": fp32 / 2**30, "seconds": got["seconds"],
                      "per_block": got["seconds"] / depth, "peak_gb": got["peak"] / 2**30, "base_gb": got["base"] / 2**30,
-                     "peak_over_fp32": got["peak"] / fp32, "after": rep["params_model_after"]})  # fmt: skip
+                     "peak_over_fp32": got["peak"] / fp32, "after": rep["params_model_after"], "shards": shards})  # fmt: skip
         r = rows[-1]
         print(f"{depth} blocks: {r['seconds']:.0f} s ({r['per_block']:.1f} s a block), peak RSS {r['peak_gb']:.2f} GB "
-              f"(baseline {r['base_gb']:.2f} GB) = {r['peak_over_fp32']:.2f} of the fp32 model's {r['fp32_gb']:.2f} GB", flush=True)  # fmt: skip
+              f"(baseline {r['base_gb']:.2f} GB) = {r['peak_over_fp32']:.2f} of the fp32 model's {r['fp32_gb']:.2f} GB; output in {shards} file(s)", flush=True)  # fmt: skip
     print()
     print(f"convert --stream --remove {args.remove} --structure lowrank, {args.calib_samples} windows of {args.max_length} tokens, "
-          f"--offload {args.offload}, address space capped at {args.cap_gb} GB above the warmed-up interpreter")  # fmt: skip
+          f"--offload {args.offload}, address space capped at {args.cap_gb} GB above the warmed-up interpreter, "
+          f"output {'in shards of ' + args.shard_size if args.shard_size else 'one file'}")  # fmt: skip
     print("| blocks | parameters | fp32 size | wall time | per block | peak RSS | baseline RSS | peak / fp32 size |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

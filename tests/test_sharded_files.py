@@ -231,3 +231,22 @@ def test_a_killed_sharded_write_is_cleaned_by_the_next(converted, tmp_path):
     save(converted, out, shard_size=SHARD)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")] and load(out) is not None
     assert os.listdir(out)
+
+
+def test_finetune_writes_shards_and_reads_them(tmp_path):
+    """finetune --shard-size writes what it writes as one file (the same seed: the same weights bit for
+    bit) as a folder of shards, and a sharded model is a finetune input like a file."""
+    from mpocompress.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("fc2")
+    compress_(model, build_config(["4"], [], ["fc1"], [], None, None, "mpo", None, None, False, None, "model"))
+    save(model, tmp_path / "small", arch="fc2", shard_size=4_000)
+    common = ("--epochs", "1", "--batch-size", "64", "--data", "digits")
+    run_json("finetune", tmp_path / "small", *common, "-o", tmp_path / "one.safetensors")
+    run_json("finetune", tmp_path / "small", *common, "--shard-size", "4kB", "-o", tmp_path / "healed")
+    assert len(list((tmp_path / "healed").glob("model-*.safetensors"))) > 1
+    a, b = load(tmp_path / "one.safetensors").state_dict(), load(tmp_path / "healed").state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_metadata(tmp_path / "healed") == read_metadata(tmp_path / "one.safetensors")
+    assert "already exists" in _fails("finetune", tmp_path / "small", *common, "--shard-size", "4kB", "-o", tmp_path / "healed")

@@ -15,9 +15,11 @@ from mpocompress.cli.common import (
     JSON_OPT,
     MAX_LENGTH_OPT,
     MODEL_ARG,
+    SHARD_SIZE_OPT,
     TRUST_OPT,
     fail,
     handle_errors,
+    parse_shard_size,
     print_json,
 )
 from mpocompress.cli.render import make_console, make_err_console, working
@@ -101,6 +103,7 @@ def finetune(
     balance: bool = typer.Option(True, "--balance/--no-balance", help="Before training, spread each bond's singular values evenly over the two cores it joins (a canonical gauge: the same matrix, better-conditioned gradients)."),
     seed: int = SEED_OPT,
     runs: int = RUNS_OPT,
+    shard_size: str | None = SHARD_SIZE_OPT,
     force: bool = FORCE_OPT,
     resume: bool = RESUME_OPT,
     keep_checkpoint: bool = KEEP_CKPT_OPT,
@@ -126,7 +129,8 @@ def finetune(
     if shard and not env.distributed:
         fail("--shard splits the model over torchrun processes; launch with torchrun --nproc_per_node N (N >= 2), or drop --shard")
     inputs = (model,) + ((distill_from,) if distill_from else ()) + data_inputs(data)
-    check_outputs("finetune", output, runs, force or resume, env, inputs)
+    shard_bytes = parse_shard_size(shard_size)
+    check_outputs("finetune", output, runs, force or resume, env, inputs, folder=shard_bytes is not None)
     err = make_err_console()
     with working(err, f"loading {model}"):
         loaded = load_model(model, arch, trust_pickle)  # errors about the model before the data is read
@@ -183,7 +187,7 @@ def finetune(
                   data_record=choice.record(),
                   describe={**describe, "data": data, "max_length": max_length, "max_samples": max_samples},
                   teacher=teacher, trainer=distill, metric=metric, eval_every=eval_every,
-                  start=start, by_loss=is_causal_lm(teacher), shard=shard, measure_start=shard)  # fmt: skip
+                  start=start, by_loss=is_causal_lm(teacher), shard=shard, measure_start=shard, shard_size=shard_bytes)  # fmt: skip
     else:
         train_set, test_set = load_data(choice, data_dir, augment)
         if teacher is not None:
@@ -195,7 +199,8 @@ def finetune(
             extra["accuracy_teacher"], extra["loss_teacher"] = evaluate(teacher.to(dev), test_set, dev)
             extra["params_teacher"] = sum(p.numel() for p in teacher.parameters())
         job = Job("finetune", make_model, train_set, test_set, config, runs, output, resume, dev, env, keep_checkpoint=keep_checkpoint,
-                  data_record=choice.record(), describe={"data": train_set.name, **describe}, teacher=teacher, shard=shard)  # fmt: skip
+                  data_record=choice.record(), describe={"data": train_set.name, **describe}, teacher=teacher, shard=shard,
+                  shard_size=shard_bytes)  # fmt: skip
     init_distributed(dev, env)
     outcomes = run_all(job, err)
     finish_distributed(env)

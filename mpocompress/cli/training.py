@@ -232,6 +232,7 @@ class Job:
     by_loss: bool = False
     shard: bool = False  # FSDP2 under torchrun (finetune --shard): sharded checkpoints, the whole model gathered to save
     measure_start: bool = False  # distillation without `start`: the trainer measures it, after sharding (RunOutcome.start)
+    shard_size: int | None = None  # --shard-size: each output a folder of safetensors shards of at most this many bytes
 
 
 def data_inputs(data: str | None) -> tuple[Path, ...]:
@@ -244,7 +245,7 @@ def data_inputs(data: str | None) -> tuple[Path, ...]:
 
 
 def check_outputs(
-    command: str, output: Path | None, runs: int, overwrite: bool, env: DistEnv, inputs: tuple[Path, ...] = ()
+    command: str, output: Path | None, runs: int, overwrite: bool, env: DistEnv, inputs: tuple[Path, ...] = (), folder: bool = False
 ) -> None:
     """Fail before any loading or training when an output cannot or must not be written."""
     if runs < 1:
@@ -254,7 +255,7 @@ def check_outputs(
     if env.is_main:
         for r in range(runs):
             out = run_output(output, r)
-            check_output_path(out, overwrite, inputs)
+            check_output_path(out, overwrite, inputs, folder=folder)
             ckpt = checkpoint_path_for(out)
             for src in inputs:  # the checkpoint is written too: it must not be an input either (links resolved)
                 if src.exists() and ckpt.exists() and ckpt.resolve() == src.resolve():
@@ -383,7 +384,7 @@ def _one_run(job: Job, r: int, console: Console, stop: StopOnSignal) -> RunOutco
                  "accuracy": result.accuracy, "loss": result.loss, "epochs": result.epochs}}  # fmt: skip
         if job.data_record is not None:
             extra["data"] = job.data_record
-        save(model, out, arch, force=True, extra_metadata=extra)
+        save(model, out, arch, force=True, extra_metadata=extra, shard_size=job.shard_size)
     if stop() and r + 1 < job.runs:
         raise Interrupted(f"interrupted after run {r + 1}/{job.runs}: {out} is complete; rerun the same command "
                           "with --resume for the remaining runs", stop())  # fmt: skip
