@@ -353,3 +353,24 @@ def save_pretrained_quietly(model: nn.Module, folder: Path) -> None:
     """model.save_pretrained(folder) as safetensors, with transformers' messages kept off stderr."""
     with quiet_transformers(), contextlib.redirect_stdout(_io.StringIO()):
         model.save_pretrained(str(folder), safe_serialization=True)
+
+
+def made_buffers(model: nn.Module, module: nn.Module, skip: str | None = None) -> None:
+    """The buffers the model makes rather than stores (rotary frequencies, position ids), on the CPU
+    and initialised as transformers does after building on the meta device: empty, then each owner
+    through the model's `_init_weights` (its parameters, still on the meta device, are untouched)."""
+    owners: dict[str, nn.Module] = {}
+    for name, owner in module.named_modules():
+        if skip is not None and f"{name}.".startswith(skip):
+            continue
+        for leaf in owner._non_persistent_buffers_set:
+            b = owner._buffers.get(leaf)
+            if b is not None and b.is_meta:
+                owner._buffers[leaf] = torch.empty_like(b, device="cpu")
+                owners[name] = owner
+    init = getattr(model, "_init_weights", None)
+    for owner in owners.values():
+        if init is None:
+            raise MPOCompressError(f"cannot make the buffers of {type(owner).__name__} (its model has no _init_weights)")
+        with torch.no_grad():
+            init(owner)

@@ -22,7 +22,7 @@ from torch import nn
 
 from mpocompress._version import __version__
 from mpocompress.errors import MPOCompressError
-from mpocompress.io.hf import decode_tokenizer_files, is_gguf, is_hf_dir, load_gguf, load_hf_dir
+from mpocompress.io.hf import decode_tokenizer_files, is_gguf, is_hf_dir, load_gguf, load_hf_dir, made_buffers
 from mpocompress.io.metadata import (
     DIGEST_KEY,
     FORMAT,
@@ -304,6 +304,11 @@ def _load_own(path: Path, meta: Mapping[str, str], arch: str | None, check_value
     if tokenizer:
         decode_tokenizer_files(tokenizer, str(path))  # checked before anything uses it
     skeleton = _skeleton(arch, hf_config)
+    if skeleton is not None and hf_config is not None:
+        try:  # what a transformers model makes rather than stores (rotary frequencies), made as from_pretrained does
+            made_buffers(skeleton, skeleton)
+        except MPOCompressError:
+            pass  # left on the meta device: the model is then built whole, below
     if skeleton is not None:  # shapes checked on the meta device, then the file's tensors become the weights
         model = _assemble(skeleton, info["layers"], path, arch, on_meta=True, tied=tied)
         _fit_state_dict(model, state, path, arch, assign=True)

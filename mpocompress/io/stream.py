@@ -28,6 +28,7 @@ from mpocompress.io.hf import (
     check_sizes,
     check_weight_paths,
     is_hf_dir,
+    made_buffers,
     quiet_transformers,
     read_config,
     read_tokenizer_files,
@@ -156,27 +157,6 @@ def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
-def _made_buffers(model: nn.Module, module: nn.Module, skip: str | None = None) -> None:
-    """The buffers the model makes rather than stores (rotary frequencies, position ids), on the CPU
-    and initialised as transformers does after building on the meta device: empty, then each owner
-    through the model's `_init_weights` (its parameters, still on the meta device, are untouched)."""
-    owners: dict[str, nn.Module] = {}
-    for name, owner in module.named_modules():
-        if skip is not None and f"{name}.".startswith(skip):
-            continue
-        for leaf in owner._non_persistent_buffers_set:
-            b = owner._buffers.get(leaf)
-            if b is not None and b.is_meta:
-                owner._buffers[leaf] = torch.empty_like(b, device="cpu")
-                owners[name] = owner
-    init = getattr(model, "_init_weights", None)
-    for owner in owners.values():
-        if init is None:
-            raise MPOCompressError(f"--stream cannot make the buffers of {type(owner).__name__}; convert without --stream")
-        with torch.no_grad():
-            init(owner)
-
-
 def _fill(module: nn.Module, prefix: str, source: SafetensorsSource, base: str, skip: tuple[str, ...] | str | None = None) -> None:
     """Read every meta tensor of `module` (named under `prefix`) from the files; those under `skip`
     (prefixes) are left on the meta device."""
@@ -216,7 +196,7 @@ def open_streamed(path: Path, arch: str | None) -> tuple[LoadedModel, Safetensor
     model.config._name_or_path = str(path)  # as from_pretrained records it, so the file's config is the in-memory path's
     blocks = stream_blocks(model)
     base = getattr(model, "base_model_prefix", "") or ""
-    _made_buffers(model, model, skip=blocks + ".")
+    made_buffers(model, model, skip=blocks + ".")
     head = _untied_head(model)  # never run while streaming: read only when the output is written
     _fill(model, "", source, base, skip=(blocks + ".", *([head + "."] if head else [])))
     if getattr(model.config, "tie_word_embeddings", False):
@@ -248,7 +228,7 @@ def block_loader(source: SafetensorsSource, model: nn.Module) -> Any:
     base = getattr(model, "base_model_prefix", "") or ""
 
     def load(block: nn.Module, name: str) -> None:
-        _made_buffers(model, block)
+        made_buffers(model, block)
         _fill(block, name + ".", source, base)
 
     return load
