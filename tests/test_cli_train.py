@@ -42,6 +42,15 @@ def invoke(*args):
     return Result(code, out.getvalue(), err.getvalue())
 
 
+def fails(*args):
+    """A command that must refuse its input: exit 2 and one line on stderr, which is returned."""
+    r = invoke(*args)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
 def run_json(*args):
     r = invoke(*args, "--json")
     assert r.exit_code == 0, r.output

@@ -19,7 +19,7 @@ import pytest
 import torch
 from lm_models import make_lm, write_folder
 from safetensors.torch import load_file
-from test_cli_train import invoke, run_json
+from test_cli_train import fails, invoke, run_json
 
 from mpocompress import load
 from mpocompress.cli.common import build_config, parse_shard_size
@@ -29,14 +29,6 @@ from mpocompress.io import read_metadata, save, tensor_files
 from mpocompress.io.tensor_files import INDEX, plan_shards
 
 SHARD = 16_000  # bytes per shard: the tiny Llama's 66 kB table alone, the rest in runs
-
-
-def _fails(*args):
-    r = invoke(*args)
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +129,12 @@ def _damaged(converted, tmp_path: Path, name: str) -> tuple[Path, list[str]]:
 def test_damaged_sharded_folders_are_named(converted, tmp_path):
     missing, shards = _damaged(converted, tmp_path, "missing")
     (missing / shards[1]).unlink()
-    assert "is missing; copy every shard" in _fails("evaluate", missing, "--data", "text:x.txt")
+    assert "is missing; copy every shard" in fails("evaluate", missing, "--data", "text:x.txt")
 
     outside, _ = _damaged(converted, tmp_path, "outside")
     (tmp_path / "evil.safetensors").write_bytes((outside / shards[1]).read_bytes())
     _rewrite_index(outside, lambda ix: ix["weight_map"].update({k: "../evil.safetensors" for k, v in ix["weight_map"].items() if v == shards[1]}))
-    assert "lies outside the model folder" in _fails("evaluate", outside, "--data", "text:x.txt")
+    assert "lies outside the model folder" in fails("evaluate", outside, "--data", "text:x.txt")
 
     flipped, _ = _damaged(converted, tmp_path, "flipped")
     shard = flipped / shards[2]
@@ -165,7 +157,7 @@ def test_damaged_sharded_folders_are_named(converted, tmp_path):
 
     garbled, _ = _damaged(converted, tmp_path, "garbled")
     (garbled / INDEX).write_text("{not json")
-    assert "not a readable index" in _fails("evaluate", garbled, "--data", "text:x.txt")
+    assert "not a readable index" in fails("evaluate", garbled, "--data", "text:x.txt")
 
 
 def test_bad_shard_options_and_a_failed_write_leave_nothing(converted, tmp_path, monkeypatch):
@@ -173,14 +165,14 @@ def test_bad_shard_options_and_a_failed_write_leave_nothing(converted, tmp_path,
     folder.mkdir()
     save(converted, folder / "model.safetensors")
     model = folder / "model.safetensors"
-    assert "not a size" in _fails("convert", model, "-D", "4", "--shard-size", "lots", "-o", tmp_path / "o")
-    assert "not a size" in _fails("convert", model, "-D", "4", "--shard-size", "0", "-o", tmp_path / "o")
+    assert "not a size" in fails("convert", model, "-D", "4", "--shard-size", "lots", "-o", tmp_path / "o")
+    assert "not a size" in fails("convert", model, "-D", "4", "--shard-size", "0", "-o", tmp_path / "o")
     (tmp_path / "file").write_text("x")
-    assert "writes a folder" in _fails("convert", model, "-D", "4", "--shard-size", "1MB", "-o", tmp_path / "file", "--force")
+    assert "writes a folder" in fails("convert", model, "-D", "4", "--shard-size", "1MB", "-o", tmp_path / "file", "--force")
     other = tmp_path / "notes"
     other.mkdir()
     (other / "thesis.tex").write_text("mine")
-    assert "no part of a model" in _fails("convert", model, "-D", "4", "--shard-size", "1MB", "-o", other, "--force")
+    assert "no part of a model" in fails("convert", model, "-D", "4", "--shard-size", "1MB", "-o", other, "--force")
     assert (other / "thesis.tex").read_text() == "mine"
 
     calls = []
@@ -248,4 +240,4 @@ def test_finetune_writes_shards_and_reads_them(tmp_path):
     a, b = load(tmp_path / "one.safetensors").state_dict(), load(tmp_path / "healed").state_dict()
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert read_metadata(tmp_path / "healed") == read_metadata(tmp_path / "one.safetensors")
-    assert "already exists" in _fails("finetune", tmp_path / "small", *common, "--shard-size", "4kB", "-o", tmp_path / "healed")
+    assert "already exists" in fails("finetune", tmp_path / "small", *common, "--shard-size", "4kB", "-o", tmp_path / "healed")

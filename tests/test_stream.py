@@ -23,7 +23,7 @@ import transformers
 from lm_models import byte_tokenizer, make_lm, write_folder
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_cli_train import invoke, run_json
+from test_cli_train import fails, invoke, run_json
 
 from mpocompress import load
 from mpocompress.cli.common import build_config
@@ -277,35 +277,27 @@ def test_streamed_analyze_shows_what_the_streamed_convert_does(folders, tmp_path
     assert shown.exit_code == 0 and "Model parameters:" in shown.stdout and "nan" not in shown.stdout and "rho" not in shown.stdout
 
 
-def _fails(*args):
-    r = invoke(*args)
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    return lines[0]
-
-
 def test_bad_inputs_get_one_line_and_exit_2_and_leave_nothing(folders, tmp_path):
     calib = f"text:{folders['text']}"
     out = tmp_path / "o.safetensors"
-    assert "needs --calib" in _fails("convert", folders["llama"], "--stream", "-D", "4", "-o", out)
-    assert "needs --calib" in _fails("analyze", folders["llama"], "--stream", "--remove", "0.3")
-    assert "add --stream" in _fails("analyze", folders["llama"], "--offload", "disk", "--calib", calib)
-    assert "add --stream" in _fails("convert", folders["llama"], "--offload", "disk", "--calib", calib, "-D", "4", "-o", out)
-    assert "cpu or disk" in _fails("convert", folders["llama"], "--stream", "--offload", "tape", "--calib", calib, "-D", "4", "-o", out)
-    assert "by the budget only" in _fails("convert", folders["llama"], "--stream", "--calib", calib, "-D", "model.embed_tokens=8",
+    assert "needs --calib" in fails("convert", folders["llama"], "--stream", "-D", "4", "-o", out)
+    assert "needs --calib" in fails("analyze", folders["llama"], "--stream", "--remove", "0.3")
+    assert "add --stream" in fails("analyze", folders["llama"], "--offload", "disk", "--calib", calib)
+    assert "add --stream" in fails("convert", folders["llama"], "--offload", "disk", "--calib", calib, "-D", "4", "-o", out)
+    assert "cpu or disk" in fails("convert", folders["llama"], "--stream", "--offload", "tape", "--calib", calib, "-D", "4", "-o", out)
+    assert "by the budget only" in fails("convert", folders["llama"], "--stream", "--calib", calib, "-D", "model.embed_tokens=8",
                                           "-D", "model.layers.*=8", "--remove", "0.3", "-o", out)  # fmt: skip
     pt = tmp_path / "plain.safetensors"
     save(torch.nn.Sequential(torch.nn.Linear(4, 4)), pt, arch=None)
-    assert "Hugging Face model folder" in _fails("convert", pt, "--stream", "--calib", calib, "-D", "4", "-o", out)
-    assert "Hugging Face model folder" in _fails("analyze", pt, "--stream", "--calib", calib, "--remove", "0.3")
+    assert "Hugging Face model folder" in fails("convert", pt, "--stream", "--calib", calib, "-D", "4", "-o", out)
+    assert "Hugging Face model folder" in fails("analyze", pt, "--stream", "--calib", calib, "--remove", "0.3")
     bins = tmp_path / "bins"
     bins.mkdir()
     model = make_lm("llama")
     model.config.architectures = ["LlamaForCausalLM"]
     model.config.save_pretrained(bins)
     torch.save(model.state_dict(), bins / "pytorch_model.bin")
-    assert "no safetensors weights" in _fails("convert", bins, "--stream", "--calib", calib, "-D", "4", "-o", out)
+    assert "no safetensors weights" in fails("convert", bins, "--stream", "--calib", calib, "-D", "4", "-o", out)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -320,11 +312,11 @@ def test_device_option(folders, tmp_path, monkeypatch):
     out = tmp_path / "o.safetensors"
     if not torch.cuda.is_available():
         for args in (base, ["convert", folders["llama"], "--calib", calib, "-D", "4"], ["analyze", folders["llama"], "--stream", "--calib", calib]):
-            assert "no CUDA GPU is available" in _fails(*args, "--device", "cuda", *(["-o", out] if args[0] == "convert" else []))
-    assert "unknown device" in _fails("analyze", folders["llama"], "--device", "tpu")
+            assert "no CUDA GPU is available" in fails(*args, "--device", "cuda", *(["-o", out] if args[0] == "convert" else []))
+    assert "unknown device" in fails("analyze", folders["llama"], "--device", "tpu")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("MASTER_ADDR", "localhost")
-    assert "run it as one process for --device cuda" in _fails(*base, "--device", "cuda", "-o", out)
+    assert "run it as one process for --device cuda" in fails(*base, "--device", "cuda", "-o", out)
     assert not out.exists()
 
 
@@ -355,13 +347,13 @@ def test_damaged_folders_are_named(folders, tmp_path):
     missing = _copy(folders["sharded"], tmp_path / "missing")
     shards = sorted(missing.glob("model-*.safetensors"))
     shards[-1].unlink()
-    assert "missing" in _fails("convert", missing, "--stream", "--calib", calib, "-D", "4", "-o", tmp_path / "a.safetensors")
+    assert "missing" in fails("convert", missing, "--stream", "--calib", calib, "-D", "4", "-o", tmp_path / "a.safetensors")
     outside = _copy(folders["sharded"], tmp_path / "outside")
     index = json.loads((outside / "model.safetensors.index.json").read_text())
     key = next(k for k in index["weight_map"] if ".layers.1." in k)
     index["weight_map"][key] = "../elsewhere.safetensors"
     (outside / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert "outside" in _fails("convert", outside, "--stream", "--calib", calib, "-D", "4", "-o", tmp_path / "b.safetensors")
+    assert "outside" in fails("convert", outside, "--stream", "--calib", calib, "-D", "4", "-o", tmp_path / "b.safetensors")
     lacking = _copy(folders["sharded"], tmp_path / "lacking")
     index = json.loads((lacking / "model.safetensors.index.json").read_text())
     gone = next(k for k in index["weight_map"] if k.startswith("model.layers.1.mlp.down_proj"))
@@ -370,7 +362,7 @@ def test_damaged_folders_are_named(folders, tmp_path):
     tensors = load_file(str(shard))
     del tensors[gone]
     save_file(tensors, str(shard), metadata={"format": "pt"})
-    line = _fails("convert", lacking, "--stream", "--calib", calib, "-D", "4", "-o", tmp_path / "c.safetensors")
+    line = fails("convert", lacking, "--stream", "--calib", calib, "-D", "4", "-o", tmp_path / "c.safetensors")
     assert "model.layers.1.mlp.down_proj.weight" in line and "not found" in line
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".safetensors" or p.name.startswith(".")]
 
@@ -460,7 +452,7 @@ def test_running_out_of_memory_in_a_block_names_the_block(folders, tmp_path, mon
 
     monkeypatch.setattr(stream, "_make_trying", starved)
     out = tmp_path / "o.safetensors"
-    line = _fails("convert", folders["llama"], "--stream", "--calib", f"text:{folders['text']}", "-D", "4", "--max-length", "32", "-o", out)
+    line = fails("convert", folders["llama"], "--stream", "--calib", f"text:{folders['text']}", "-D", "4", "--max-length", "32", "-o", out)
     assert re.search(r"out of memory while streaming block model\.layers\.1: the block itself needs about [0-9.]+ GiB", line), line
     assert not list(tmp_path.iterdir())
 
