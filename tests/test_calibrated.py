@@ -283,6 +283,35 @@ def test_conv_gram_is_over_unfolded_patches():
     assert torch.allclose(y.reshape(2, 3, 4, 4), conv(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("share", [False, True])  # the two ways a pass sums (a Gram per layer, or shared per input)
+def test_a_conv_gram_made_a_few_samples_at_a_time_is_the_whole_one(monkeypatch, share):
+    """The patches are unfolded a few samples at a time (PATCH_BLOCK numbers), so a large batch of
+    large images never holds all its patches: the Gram, the sums and the row count are those of the
+    whole batch's patches (the reference: F.unfold of all of it), to float64 rounding."""
+    from mpocompress.compress import calibrate as cc
+
+    from mpocompress.compress import registry
+
+    monkeypatch.setattr(cc, "PATCH_BLOCK", 2 * 16 * 18)  # two samples' patches of the first layer a block
+    unfolded = []
+    real = registry.dense_patches
+    monkeypatch.setattr(registry, "dense_patches", lambda m, x: unfolded.append(real(m, x).numel()) or real(m, x))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(3, 4, 3))
+    x = torch.randn(7, 2, 7, 7)
+    cal = cc._collect_grams(model, {"0": conv, "2": model[2]}, [{"x": x[:4]}, {"x": x[4:]}], None, None, share=share)
+    cols = torch.nn.functional.unfold(x, 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 18).double()
+    torch.testing.assert_close(cal.grams["0"], cols.T @ cols, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(cal.sums["0"], cols.sum(0), rtol=1e-12, atol=1e-10)
+    h = torch.relu(conv(x))
+    cols2 = torch.nn.functional.unfold(h, 3).transpose(1, 2).reshape(-1, 27).double()
+    torch.testing.assert_close(cal.grams["2"], cols2.T @ cols2, rtol=1e-10, atol=1e-8)
+    assert cal.rows == {"0": 7 * 16, "2": 7 * 4}
+    assert max(unfolded) <= cc.PATCH_BLOCK < 4 * 16 * 18  # never a whole batch's patches at once
+    assert sum(unfolded) == 7 * 16 * 18 + 7 * 4 * 27
+
+
 def test_layers_sharing_an_input_form_one_group():
     class Attn(nn.Module):
         def __init__(self):
@@ -444,3 +473,19 @@ def test_the_allocator_predicts_an_mpo_error_after_refinement():
     assert made.output_rel_error == pytest.approx(b.rel_error, rel=0.15)
     lows = [o for o in layer_options(w, white, "lowrank", refine_steps=30)]
     assert [(o.params, o.rel_error) for o in lows] == [(o.params, o.rel_error) for o in layer_options(w, white, "lowrank")]
+
+
+def test_probe_batches_of_large_images_go_in_pieces(monkeypatch):
+    """A probe batch whose largest input passes PROBE_PIECE numbers is split along its samples (every
+    input alike, in order); smaller batches stay the very same objects, so text and small-image
+    models are probed exactly as before."""
+    from mpocompress.compress import choose
+
+    monkeypatch.setattr(choose, "PROBE_PIECE", 3 * 8 * 8 * 5)  # five 3x8x8 images a piece
+    big = {"x": torch.randn(12, 3, 8, 8), "y": torch.arange(12)}
+    small = {"x": torch.randn(4, 3, 8, 8)}
+    ids = {"input_ids": torch.zeros(32, 7, dtype=torch.long), "attention_mask": torch.ones(32, 7, dtype=torch.long)}
+    pieces = choose._in_pieces([big, small, ids])
+    assert [len(p["x"]) for p in pieces[:3]] == [5, 5, 2] and pieces[3] is small and pieces[4] is ids
+    assert torch.equal(torch.cat([p["x"] for p in pieces[:3]]), big["x"]) and torch.equal(torch.cat([p["y"] for p in pieces[:3]]), big["y"])
+    assert all(p["x"].numel() <= choose.PROBE_PIECE for p in pieces[:3])

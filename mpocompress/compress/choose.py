@@ -21,6 +21,7 @@ from torch import nn
 from mpocompress.compress.allocate import Choice, allocate, cheapest_within
 from mpocompress.compress.calibrate import (
     FISHER_TOKENS,
+    Batch,
     BlockStream,
     Calibration,
     CrossStats,
@@ -384,6 +385,7 @@ def _allocate(
                     break
                 probe.append(b)
                 n += int(next(iter(b.values())).shape[0])
+            probe = _in_pieces(probe)
         mods = {t.cand.name: t.cand.module for t in free}
         if causal:  # next-token KL as the currency, every layer's sensitivity from backward passes
             fn = HeadFisher(model, probe)
@@ -419,6 +421,22 @@ def _allocate(
     if fn is not None and any(t.cand.converter.serves_head for t in free):
         joint = _joint_measure(model, free, options, plan, _first_tokens(probe, FISHER_TOKENS))
     return spend(config, free, options, costs, sens, scale, plan, count_params(model), fixed_params, joint)
+
+
+PROBE_PIECE = 1 << 21  # input numbers of a probe batch run at once (a larger batch of large images goes in pieces)
+
+
+def _in_pieces(batches: list[Batch]) -> list[Batch]:
+    """The probe batches split along the samples so no piece's largest input holds more than PROBE_PIECE
+    numbers (32 images of 320 x 320 go 6 at a time): every probe pass holds one piece's activations,
+    not the batch's (9.5 against 1.x GB on VGG-16 at that size). Batches within it are kept whole."""
+    out = []
+    for b in batches:
+        n = int(next(iter(b.values())).shape[0])
+        per_sample = max(int(v.numel()) // max(n, 1) for v in b.values())
+        per = max(1, PROBE_PIECE // max(per_sample, 1))
+        out += [b] if per >= n else [{k: v[s : s + per] for k, v in b.items()} for s in range(0, n, per)]
+    return out
 
 
 Joint = Callable[[list[Option]], float]
