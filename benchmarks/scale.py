@@ -187,7 +187,7 @@ def main() -> None:
 
 def _params(folder: Path) -> int:
     index = json.loads((folder / "model.safetensors.index.json").read_text())
-    from mpocompress.io.stream import SafetensorsSource
+    from mpocompress.io.tensor_files import SafetensorsSource
 
     source = SafetensorsSource(folder)
     return sum(torch.Size(source.entries[k][1]).numel() for k in index["weight_map"])

@@ -142,15 +142,17 @@ def test_class3_a_temporary_a_killed_run_left_is_removed_by_the_next_write(model
 # ----------------------------------------------------------------------------- 6. files read, not mapped
 
 
-def test_class6_small_files_are_read_whole_not_memory_mapped(model, monkeypatch):
-    """A file that is memory-mapped and truncated under the reader kills it with SIGBUS; files up to
-    1 GiB are read into memory, so safetensors' mapping loader is never called for them."""
-    import mpocompress.io.tensor_files as tf
+def test_class6_files_are_read_tensor_by_tensor_not_memory_mapped(model, monkeypatch):
+    """A file that is memory-mapped and truncated under the reader kills it with SIGBUS; mpocompress
+    reads every tensor into memory of its own (SafetensorsSource), so safetensors' loaders, which map
+    the file, are never called, and a model loads whatever its size."""
+    import safetensors.torch
 
     def mapped(*a, **k):
         raise AssertionError("memory-mapped")
 
-    monkeypatch.setattr(tf, "load_file", mapped)
+    monkeypatch.setattr(safetensors.torch, "load_file", mapped)
+    monkeypatch.setattr(safetensors.torch, "load", mapped)
     assert invoke("evaluate", model / "fc2_d4.safetensors").exit_code == 0
 
 

@@ -241,3 +241,24 @@ def test_finetune_writes_shards_and_reads_them(tmp_path):
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert read_metadata(tmp_path / "healed") == read_metadata(tmp_path / "one.safetensors")
     assert "already exists" in fails("finetune", tmp_path / "small", *common, "--shard-size", "4kB", "-o", tmp_path / "healed")
+
+
+def test_a_file_whose_tensors_overlap_or_leave_holes_is_refused(tmp_path):
+    """The reader checks a header before reading any tensor: data spans that overlap, or leave a hole,
+    name the file as damaged (safetensors' own rule: the buffer is indexed entirely, without holes);
+    a well-formed file's tensors come back equal."""
+    import struct
+
+    from mpocompress.io.tensor_files import read_safetensors
+
+    def write(path, spans, data=bytes(32)):
+        header = {f"t{i}": {"dtype": "F32", "shape": [(b - a) // 4], "data_offsets": [a, b]} for i, (a, b) in enumerate(spans)}
+        text = json.dumps(header).encode()
+        path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+        return path
+
+    good = read_safetensors(write(tmp_path / "good.safetensors", [(0, 16), (16, 32)], torch.arange(8.0).numpy().tobytes()))
+    assert torch.equal(good["t0"], torch.arange(4.0)) and torch.equal(good["t1"], torch.arange(4.0, 8.0))
+    for name, spans in (("overlap", [(0, 16), (8, 24)]), ("hole", [(0, 8), (16, 32)]), ("late", [(8, 24)])):
+        with pytest.raises(MPOCompressError, match="overlap or leave holes"):
+            read_safetensors(write(tmp_path / f"{name}.safetensors", spans))

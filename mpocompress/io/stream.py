@@ -8,10 +8,8 @@ metadata as `save`), one tensor in memory at a time, and renamed into place.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -36,111 +34,9 @@ from mpocompress.io.hf import (
 from mpocompress.io.metadata import check_finite
 from mpocompress.io.model_files import LoadedModel, own_metadata, remember, tensors_for_saving, tied_parameters
 from mpocompress.io.paths import atomic_write, replace_with, usual_modes
-from mpocompress.io.tensor_files import INDEX, ITEMSIZE, TORCH_DTYPES, Entry, held_entries, write_file, write_shards
+from mpocompress.io.tensor_files import SafetensorsSource, held_entries, write_file, write_shards
 from mpocompress.models.hf import HF_PREFIX, check_config, hf_class, transformers_module
-from mpocompress.utils import bounded_json, short_error
-
-SINGLE = "model.safetensors"
-
-
-class SafetensorsSource:
-    """The tensors of a Hugging Face folder's safetensors weights (one file, or the shards its index
-    lists), read one at a time when asked for: each file's header is parsed once, and a tensor's bytes
-    are read from their offsets into memory of their own (no file is memory-mapped, so a process under
-    an address-space cap holds only what it reads)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.where: dict[str, str] = {}  # tensor name -> file name
-        self.entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> (dtype, shape, start, end) in its file
-        if (folder / INDEX).is_file():
-            try:
-                mapping = bounded_json((folder / INDEX).read_text(encoding="utf-8")).get("weight_map")
-            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-                mapping = None
-            if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-                raise MPOCompressError(f"{folder / INDEX}: not a readable index of weights files; the folder is damaged")
-            files = sorted(set(mapping.values()))
-        elif (folder / SINGLE).is_file():
-            files = [SINGLE]
-        else:
-            raise MPOCompressError(
-                f"{folder} has no safetensors weights ({SINGLE} or {INDEX}); --stream reads safetensors: convert without "
-                "--stream, or save the model as safetensors first (mpocompress export MODEL --format hf -o DIR)"
-            )
-        for name in files:
-            if not (folder / name).is_file():
-                raise MPOCompressError(f"{folder}: the weights file {name} named by {INDEX} is missing; copy every shard of the model")
-        self.add(files)
-
-    @classmethod
-    def of_files(cls, folder: Path, files: list[str]) -> SafetensorsSource:
-        """The tensors of the named files of a folder (a streamed conversion's staged blocks)."""
-        source = cls.__new__(cls)
-        source.folder, source.where, source.entries = folder, {}, {}
-        source.add(files)
-        return source
-
-    def add(self, files: list[str]) -> None:
-        for name in files:
-            for key, entry in self._header(name).items():
-                self.where[key], self.entries[key] = name, entry
-
-    def _header(self, name: str) -> dict[str, tuple[str, list[int], int, int]]:
-        """A file's tensors, checked: known dtypes, whole shapes, offsets inside the file that agree with them."""
-        path = self.folder / name
-        bad = f"{path} is not a readable safetensors file"
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                n = struct.unpack("<Q", f.read(8))[0]
-                if n > min(size - 8, 100 << 20):
-                    raise ValueError
-                header = bounded_json(f.read(n).decode("utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError, struct.error):
-            raise MPOCompressError(f"{bad} (its header cannot be read); the file is truncated or damaged") from None
-        out = {}
-        for key, info in header.items() if isinstance(header, dict) else ():
-            if key == "__metadata__":
-                continue
-            try:
-                dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-                if dtype not in ITEMSIZE or min(shape, default=0) < 0 or not 0 <= start <= end <= size - 8 - n:
-                    raise ValueError
-                if end - start != math.prod(shape) * ITEMSIZE[dtype]:
-                    raise ValueError
-            except (KeyError, TypeError, ValueError):
-                raise MPOCompressError(f"{bad} (tensor {key[:80]!r} is described wrongly); the file is damaged") from None
-            out[key] = (dtype, shape, 8 + n + start, 8 + n + end)
-        return out
-
-    def key_for(self, name: str, prefix: str) -> str | None:
-        """The file's name for the model's tensor `name` (the same, or with the base model's prefix
-        added or dropped, as transformers matches them)."""
-        for key in (name, f"{prefix}.{name}" if prefix else name, name.removeprefix(prefix + ".") if prefix else name):
-            if key in self.where:
-                return key
-        return None
-
-    def entries_for_writing(self, keys: Mapping[str, str]) -> dict[str, Entry]:
-        """What a writer needs of the tensors `keys` names (output name -> this source's key): dtype,
-        shape, and a read of the tensor when it is written."""
-        return {name: Entry(self.entries[key][0], self.entries[key][1], lambda key=key: self.get(key), str(self.folder / self.where[key]))
-                for name, key in keys.items()}  # fmt: skip
-
-    def get(self, key: str) -> torch.Tensor:
-        dtype, shape, start, end = self.entries[key]
-        buf = bytearray(end - start)
-        try:
-            with open(self.folder / self.where[key], "rb") as f:
-                f.seek(start)
-                if f.readinto(buf) != len(buf):
-                    raise OSError("short read")
-        except OSError as e:
-            raise MPOCompressError(f"{self.folder / self.where[key]}: cannot read {key} ({short_error(e)}); the file may be truncated") from None
-        if not buf:
-            return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
-        return torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype]).reshape(shape)
+from mpocompress.utils import short_error
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ model is one file or sharded.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -21,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import load_file
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.hf import check_weight_paths
@@ -30,6 +29,7 @@ from mpocompress.io.metadata import DIGEST_KEY, FORMAT, META_DIGEST_KEY, check_f
 from mpocompress.utils import bounded_json, short_error
 
 INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
 SHARD = "model-{:05d}-of-{:05d}.safetensors"
 MAX_SHARDS = 99_999  # what five digits name
 MAX_INDEX_BYTES = 64 << 20
@@ -38,7 +38,6 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}  # fmt: skip
 TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
 ITEMSIZE = {name: torch.empty(0, dtype=t).element_size() for name, t in TORCH_DTYPES.items()}
-READ_WHOLE = 1 << 30  # files up to this size are read into memory, larger ones memory-mapped
 
 
 @dataclass(frozen=True)
@@ -156,6 +155,109 @@ def write_shards(folder: Path, metadata: Mapping[str, str], entries: Mapping[str
 # --------------------------------------------------------------------------- reading
 
 
+class SafetensorsSource:
+    """The tensors of a Hugging Face folder's safetensors weights (one file, or the shards its index
+    lists), read one at a time when asked for: each file's header is parsed once, and a tensor's bytes
+    are read from their offsets into memory of their own (no file is memory-mapped, so a process under
+    an address-space cap holds only what it reads)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.where: dict[str, str] = {}  # tensor name -> file name
+        self.entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> (dtype, shape, start, end) in its file
+        if (folder / INDEX).is_file():
+            try:
+                mapping = bounded_json((folder / INDEX).read_text(encoding="utf-8")).get("weight_map")
+            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+                mapping = None
+            if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+                raise MPOCompressError(f"{folder / INDEX}: not a readable index of weights files; the folder is damaged")
+            files = sorted(set(mapping.values()))
+        elif (folder / SINGLE).is_file():
+            files = [SINGLE]
+        else:
+            raise MPOCompressError(
+                f"{folder} has no safetensors weights ({SINGLE} or {INDEX}); --stream reads safetensors: convert without "
+                "--stream, or save the model as safetensors first (mpocompress export MODEL --format hf -o DIR)"
+            )
+        for name in files:
+            if not (folder / name).is_file():
+                raise MPOCompressError(f"{folder}: the weights file {name} named by {INDEX} is missing; copy every shard of the model")
+        self.add(files)
+
+    @classmethod
+    def of_files(cls, folder: Path, files: list[str]) -> SafetensorsSource:
+        """The tensors of the named files of a folder (a streamed conversion's staged blocks)."""
+        source = cls.__new__(cls)
+        source.folder, source.where, source.entries = folder, {}, {}
+        source.add(files)
+        return source
+
+    def add(self, files: list[str]) -> None:
+        for name in files:
+            for key, entry in self._header(name).items():
+                self.where[key], self.entries[key] = name, entry
+
+    def _header(self, name: str) -> dict[str, tuple[str, list[int], int, int]]:
+        """A file's tensors, checked: known dtypes, whole shapes, offsets inside the file that agree with them."""
+        path = self.folder / name
+        bad = f"{path} is not a readable safetensors file"
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                if n > min(size - 8, 100 << 20):
+                    raise ValueError
+                header = bounded_json(f.read(n).decode("utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, struct.error):
+            raise MPOCompressError(f"{bad} (its header cannot be read); the file is truncated or damaged") from None
+        out = {}
+        for key, info in header.items() if isinstance(header, dict) else ():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+                if dtype not in ITEMSIZE or min(shape, default=0) < 0 or not 0 <= start <= end <= size - 8 - n:
+                    raise ValueError
+                if end - start != math.prod(shape) * ITEMSIZE[dtype]:
+                    raise ValueError
+            except (KeyError, TypeError, ValueError):
+                raise MPOCompressError(f"{bad} (tensor {key[:80]!r} is described wrongly); the file is damaged") from None
+            out[key] = (dtype, shape, 8 + n + start, 8 + n + end)
+        spans = sorted((start, end) for _, _, start, end in out.values())
+        if any(a[1] != b[0] for a, b in itertools.pairwise(spans)) or (spans and spans[0][0] != 8 + n):
+            raise MPOCompressError(f"{bad} (its tensors' data overlap or leave holes); the file is damaged")
+        return out
+
+    def key_for(self, name: str, prefix: str) -> str | None:
+        """The file's name for the model's tensor `name` (the same, or with the base model's prefix
+        added or dropped, as transformers matches them)."""
+        for key in (name, f"{prefix}.{name}" if prefix else name, name.removeprefix(prefix + ".") if prefix else name):
+            if key in self.where:
+                return key
+        return None
+
+    def entries_for_writing(self, keys: Mapping[str, str]) -> dict[str, Entry]:
+        """What a writer needs of the tensors `keys` names (output name -> this source's key): dtype,
+        shape, and a read of the tensor when it is written."""
+        return {name: Entry(self.entries[key][0], self.entries[key][1], lambda key=key: self.get(key), str(self.folder / self.where[key]))
+                for name, key in keys.items()}  # fmt: skip
+
+    def get(self, key: str) -> torch.Tensor:
+        dtype, shape, start, end = self.entries[key]
+        buf = bytearray(end - start)
+        try:
+            with open(self.folder / self.where[key], "rb") as f:
+                f.seek(start)
+                if f.readinto(buf) != len(buf):
+                    raise OSError("short read")
+        except OSError as e:
+            raise MPOCompressError(f"{self.folder / self.where[key]}: cannot read {key} ({short_error(e)}); the file may be truncated") from None
+        if not buf:
+            return torch.empty(shape, dtype=TORCH_DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=TORCH_DTYPES[dtype]).reshape(shape)
+
+
 def is_safetensors(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(9)
@@ -163,15 +265,11 @@ def is_safetensors(path: Path) -> bool:
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors. Files up to READ_WHOLE bytes are read into memory first, so a file
-    truncated while it is read is an error, not a SIGBUS; larger files are memory-mapped (as
-    safetensors does), where a truncation during the read still ends the process."""
-    try:
-        if path.stat().st_size <= READ_WHOLE:
-            return safetensors_load(path.read_bytes())
-        return load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a damaged file
-        raise MPOCompressError(f"{path} is not a readable safetensors file ({short_error(e)})") from None
+    """A safetensors file's tensors, read one at a time into memory of their own (`SafetensorsSource`:
+    the header checked first; nothing memory-mapped, so a file truncated while it is read is an error,
+    not a SIGBUS, and the file's bytes are never held beside its tensors)."""
+    source = SafetensorsSource.of_files(path.parent, [path.name])
+    return {key: source.get(key) for key in source.entries}
 
 
 def _read_index(folder: Path) -> dict[str, Any] | None:
