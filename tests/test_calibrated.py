@@ -289,7 +289,6 @@ def test_a_conv_gram_made_a_few_samples_at_a_time_is_the_whole_one(monkeypatch, 
     large images never holds all its patches: the Gram, the sums and the row count are those of the
     whole batch's patches (the reference: F.unfold of all of it), to float64 rounding."""
     from mpocompress.compress import calibrate as cc
-
     from mpocompress.compress import registry
 
     monkeypatch.setattr(cc, "PATCH_BLOCK", 2 * 16 * 18)  # two samples' patches of the first layer a block
