@@ -2,7 +2,8 @@
 backward, against the dense product in float64 on the CPU; the batched step's own backward against
 autograd's; `optimize_for_inference` on the device; the commands a user runs on the device (a tiny
 Llama converted, healed by distillation with `finetune --device`, evaluated with `evaluate --device`;
-`convert --calib` and `convert --stream` with `--device` against the same on the CPU; `analyze --stream --device`;
+`convert --calib` and `convert --stream` with `--device` against the same on the CPU, and streamed into shards
+against the one file; `analyze --stream --device`;
 `export --format onnx|pt2 --device`, the pt2 program then run on the CPU against the model);
 and a short timing of plans at batch 1 and 512.
 
@@ -152,6 +153,8 @@ def commands(device: torch.device, failures: list[str]) -> None:
             for dev in dict.fromkeys((device.type, "cpu")):  # once on a CPU-only run
                 steps.append((f"convert --calib{tag} --device {dev}", ["convert", str(folder), *calib, *extra, "--device", dev,
                                                                         "-o", str(d / f"c{tag.strip()}-{dev}.safetensors")]))  # fmt: skip
+        steps.append((f"convert --calib --stream --shard-size --device {device.type}",
+                      ["convert", str(folder), *calib, "--stream", "--device", device.type, "--shard-size", "40KB", "-o", str(d / "c-shards")]))
         steps.append(("analyze --stream --device", ["analyze", str(folder), "--stream", "--calib", f"text:{text}", "--calib-samples", "64",
                                                     "--max-length", "32", "--remove", "0.3", "--device", device.type, "--json"]))  # fmt: skip
         for fmt in ("onnx", "pt2"):  # traced on the device, written device-neutral, checked on the CPU by export itself
@@ -177,6 +180,11 @@ def commands(device: torch.device, failures: list[str]) -> None:
                 want = model(**x).logits
                 got = torch.export.load(str(d / "s.pt2")).module()(*x.values())
             check(f"export --format pt2 --device {device.type}, run on cpu = the model", rel(got, want), failures)
+        if (d / "c-shards").is_dir() and (d / f"c--stream-{device.type}.safetensors").exists():  # the same model, sharded
+            from mpocompress import load
+
+            sa, sb = load(d / "c-shards").state_dict(), load(d / f"c--stream-{device.type}.safetensors").state_dict()
+            check("convert --stream --shard-size = one file (all tensors)", max(rel(sa[k], sb[k]) for k in sb), failures)
         for tag in ("", "--stream"):
             a, b = (d / f"c{tag}-{dev}.safetensors" for dev in (device.type, "cpu"))
             if a.exists() and b.exists():
