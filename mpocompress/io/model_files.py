@@ -34,7 +34,7 @@ from mpocompress.io.metadata import (
     parse_own_metadata,
     tensors_digest,
 )  # fmt: skip
-from mpocompress.io.paths import atomic_write, check_output_path, check_readable, staged_output
+from mpocompress.io.paths import atomic_write, check_output_path, check_readable
 from mpocompress.io.pickles import torch_load, unwrap_state_dict
 from mpocompress.io.tensor_files import (
     held_entries,
@@ -447,8 +447,7 @@ def save(
     metadata = own_metadata(model, arch, extra_metadata)
     tensors = tensors_for_saving(model)
     if shard_size is not None:
-        with staged_output(path, is_dir=True) as tmp:
-            write_shards(tmp, metadata, held_entries(tensors), shard_size)
+        write_shards(path, metadata, held_entries(tensors), shard_size)
         return path
     check_finite(tensors, "the model to save")  # reads every tensor, as the digest does
     metadata[DIGEST_KEY] = tensors_digest(tensors)

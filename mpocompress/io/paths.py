@@ -140,17 +140,11 @@ def staged_output(out: Path, is_dir: bool) -> Iterator[Path]:
             staged.mkdir()
         yield staged
         usual_modes(staged)  # what the libraries wrote through temporaries is 0600
-        replace_with(staged, out, tmpdir / "old")
+        if out.is_dir() and not out.is_symlink():
+            os.replace(out, tmpdir / "old")  # removed with the hidden folder
+        os.replace(staged, out)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def replace_with(staged: Path, out: Path, aside: Path) -> None:
-    """Rename `staged` to `out`; a folder already at `out` is first renamed to `aside` (in a hidden
-    folder the caller removes)."""
-    if out.is_dir() and not out.is_symlink():
-        os.replace(out, aside)
-    os.replace(staged, out)
 
 
 def checkpoint_path_for(output: str | os.PathLike) -> Path:

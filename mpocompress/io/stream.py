@@ -33,7 +33,7 @@ from mpocompress.io.hf import (
 )
 from mpocompress.io.metadata import check_finite
 from mpocompress.io.model_files import LoadedModel, own_metadata, remember, tensors_for_saving, tied_parameters
-from mpocompress.io.paths import atomic_write, replace_with, usual_modes
+from mpocompress.io.paths import atomic_write
 from mpocompress.io.tensor_files import SafetensorsSource, held_entries, write_file, write_shards
 from mpocompress.models.hf import HF_PREFIX, check_config, hf_class, transformers_module
 from mpocompress.utils import short_error
@@ -199,11 +199,7 @@ class StreamWriter:
         if shard_size is None:
             atomic_write(self.path, lambda tmp: write_file(tmp, metadata, entries))
         else:
-            folder = self.staging / "output"
-            folder.mkdir()
-            write_shards(folder, metadata, entries, shard_size)
-            usual_modes(folder)
-            replace_with(folder, self.path, self.staging / "old")
+            write_shards(self.path, metadata, entries, shard_size)
         return self.path
 
     def close(self) -> None:

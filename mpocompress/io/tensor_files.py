@@ -26,6 +26,7 @@ import torch
 from mpocompress.errors import MPOCompressError
 from mpocompress.io.hf import check_weight_paths
 from mpocompress.io.metadata import DIGEST_KEY, FORMAT, META_DIGEST_KEY, check_finite, digest_update, metadata_digest
+from mpocompress.io.paths import staged_output
 from mpocompress.utils import bounded_json, short_error
 
 INDEX = "model.safetensors.index.json"
@@ -124,9 +125,16 @@ def plan_shards(sizes: list[int], max_bytes: int) -> list[tuple[int, int]]:
     return runs
 
 
-def write_shards(folder: Path, metadata: Mapping[str, str], entries: Mapping[str, Entry], max_bytes: int) -> None:
-    """The shards and the index of a sharded mpocompress model into the existing empty `folder`; each
-    file is flushed to disk. The index, with the tensors digest over all shards, is written last."""
+def write_shards(path: Path, metadata: Mapping[str, str], entries: Mapping[str, Entry], max_bytes: int) -> None:
+    """A sharded mpocompress model at `path` (a folder), staged beside it and renamed into place
+    (`staged_output`): it appears complete or not at all."""
+    with staged_output(path, is_dir=True) as folder:
+        _write_shards_into(folder, metadata, entries, max_bytes)
+
+
+def _write_shards_into(folder: Path, metadata: Mapping[str, str], entries: Mapping[str, Entry], max_bytes: int) -> None:
+    """The shards and the index into the empty `folder`; each file is flushed to disk. The index, with
+    the tensors digest over all shards, is written last."""
     names = sorted(entries)
     runs = plan_shards([entries[n].nbytes for n in names], max_bytes)
     if len(runs) > MAX_SHARDS:
@@ -165,13 +173,13 @@ class SafetensorsSource:
         self.folder = folder
         self.where: dict[str, str] = {}  # tensor name -> file name
         self.entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> (dtype, shape, start, end) in its file
-        if (folder / INDEX).is_file():
-            try:
-                mapping = bounded_json((folder / INDEX).read_text(encoding="utf-8")).get("weight_map")
-            except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-                mapping = None
+        self.weight_map: dict[str, str] | None = None  # the index's tensor name -> file name, when there is one
+        index = _read_index(folder)
+        if index is not None:
+            mapping = index.get("weight_map")
             if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
                 raise MPOCompressError(f"{folder / INDEX}: not a readable index of weights files; the folder is damaged")
+            self.weight_map = mapping
             files = sorted(set(mapping.values()))
         elif (folder / SINGLE).is_file():
             files = [SINGLE]
@@ -189,7 +197,7 @@ class SafetensorsSource:
     def of_files(cls, folder: Path, files: list[str]) -> SafetensorsSource:
         """The tensors of the named files of a folder (a streamed conversion's staged blocks)."""
         source = cls.__new__(cls)
-        source.folder, source.where, source.entries = folder, {}, {}
+        source.folder, source.where, source.entries, source.weight_map = folder, {}, {}, None
         source.add(files)
         return source
 
@@ -299,23 +307,13 @@ def sharded_metadata(folder: Path) -> dict[str, str] | None:
 
 
 def read_shards(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a sharded model, each shard checked to hold exactly the tensors the index gives it;
-    every shard must be a regular file inside the folder."""
-    index = _read_index(folder) or {}
-    mapping = index.get("weight_map")
-    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-        raise MPOCompressError(f"{folder / INDEX}: its weight_map is not a mapping of tensor names to files; the folder is damaged")
+    """Every tensor of a sharded model: every shard a regular file inside the folder, its header
+    checked, holding exactly the tensors the index gives it."""
     check_weight_paths(folder)
-    wanted: dict[str, set[str]] = {}
-    for name, file in mapping.items():
-        wanted.setdefault(file, set()).add(name)
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(wanted):
-        if not (folder / file).is_file():
-            raise MPOCompressError(f"{folder}: the shard {file[:80]!r} named by {INDEX} is missing; copy every shard of the model")
-        tensors = read_safetensors(folder / file)
-        if set(tensors) != wanted[file]:
-            odd = sorted(set(tensors) ^ wanted[file])
-            raise MPOCompressError(f"{folder / file} does not hold the tensors {INDEX} gives it ({odd[0][:80]} differs); the folder is damaged")
-        state.update(tensors)
-    return state
+    source = SafetensorsSource(folder)
+    given = source.weight_map or {}
+    odd = sorted(k for k in source.where.keys() | given.keys() if source.where.get(k) != given.get(k))
+    if odd:
+        shard = given.get(odd[0]) or source.where[odd[0]]
+        raise MPOCompressError(f"{folder / shard} does not hold the tensors {INDEX} gives it ({odd[0][:80]} differs); the folder is damaged")
+    return {key: source.get(key) for key in source.entries}
