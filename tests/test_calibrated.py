@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from mpocompress.compress.allocate import Choice, allocate
-from mpocompress.compress.calibrate import collect_cross, collect_grams, measure_sensitivity
+from mpocompress.compress.calibrate import (
+    NotDifferentiable,
+    collect_cross,
+    collect_grams,
+    gradient_sensitivity,
+    measure_sensitivity,
+)
 from mpocompress.errors import MPOCompressError
 from mpocompress.nn import dense_patches
 from mpocompress.tensors import (
@@ -268,7 +274,10 @@ def test_gram_matrices_equal_direct_products_and_skip_padding():
     assert cal.groups == [["a"], ["b"]]
 
 
-def test_conv_gram_is_over_unfolded_patches():
+def test_conv_gram_is_over_unfolded_patches(monkeypatch):
+    from mpocompress.compress import calibrate as cc
+
+    monkeypatch.setattr(cc, "FAST_GRAMS", False)  # float64 products: the sum's terms checked exactly
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, 3, padding=1, stride=2, padding_mode="reflect")
     model = nn.Sequential(conv)
@@ -292,6 +301,7 @@ def test_a_conv_gram_made_a_few_samples_at_a_time_is_the_whole_one(monkeypatch, 
     from mpocompress.compress import registry
 
     monkeypatch.setattr(cc, "PATCH_BLOCK", 2 * 16 * 18)  # two samples' patches of the first layer a block
+    monkeypatch.setattr(cc, "FAST_GRAMS", False)  # float64 products: the sum's terms checked exactly
     unfolded = []
     real = registry.dense_patches
     monkeypatch.setattr(registry, "dense_patches", lambda m, x: unfolded.append(real(m, x).numel()) or real(m, x))
@@ -309,6 +319,44 @@ def test_a_conv_gram_made_a_few_samples_at_a_time_is_the_whole_one(monkeypatch, 
     assert cal.rows == {"0": 7 * 16, "2": 7 * 4}
     assert max(unfolded) <= cc.PATCH_BLOCK < 4 * 16 * 18  # never a whole batch's patches at once
     assert sum(unfolded) == 7 * 16 * 18 + 7 * 4 * 27
+
+
+def _whitened_change(g: torch.Tensor, ref: torch.Tensor, n: int, total: torch.Tensor) -> float:
+    """The largest relative change of any whitened squared error tr(dW C dW^T) when the centred
+    Gram C of `ref` is replaced by that of `g` (same row sum): ||C^-1/2 (C' - C) C^-1/2||_2."""
+    mean = total / n
+    c, c2 = ref - n * torch.outer(mean, mean), g - n * torch.outer(mean, mean)
+    vals, vecs = torch.linalg.eigh(c)
+    root = vecs / vals.sqrt()
+    return float(torch.linalg.matrix_norm(root.T @ (c2 - c) @ root, 2))
+
+
+def test_float32_gram_blocks_keep_the_stated_bound_and_the_whitened_errors(monkeypatch):
+    """`_gram_of` multiplies mean-shifted blocks of GRAM_BLOCK rows in float32, the upper triangle in
+    strips (3 here) mirrored: every entry within Higham's bound GRAM_BLOCK * 2^-24 * sum_r
+    |d_ri||d_rj| (d: the rows less their mean), the result symmetric, and
+    on correlated post-ReLU inputs far from zero (a condition number of 4e5 once centred) every
+    whitened squared error moves by under 1e-3 (relative: 3.4e-4 here), where unshifted float32
+    products move them by 100x more."""
+    from mpocompress.compress import calibrate as cc
+
+    monkeypatch.setattr(cc, "GRAM_STRIP", 24)  # 64 columns in 3 strips
+    torch.manual_seed(0)
+    x = (torch.randn(5000, 64) @ torch.randn(64, 64) * 0.1 + 3).relu()
+    g, total, rows = cc._gram_of(x)
+    xd = x.double()
+    ref = xd.T @ xd
+    assert rows == 5000 and torch.allclose(total, xd.sum(0), rtol=1e-12)
+    d = (xd - xd.mean(0)).abs()
+    bound = cc.GRAM_BLOCK * 2.0**-24 * (d.T @ d)
+    assert bool(((g - ref).abs() <= bound + 1e-9 * ref.abs()).all()) and torch.equal(g, g.T)
+    shifted = _whitened_change(g, ref, rows, total)
+    plain = torch.zeros_like(ref)
+    for s in range(0, len(x), cc.GRAM_BLOCK):
+        plain += (x[s : s + cc.GRAM_BLOCK].T @ x[s : s + cc.GRAM_BLOCK]).double()
+    assert shifted < 1e-3 and _whitened_change(plain, ref, rows, total) > 30 * shifted, shifted
+    g64, _, _ = cc._gram_of(xd)  # float64 inputs keep float64 products
+    torch.testing.assert_close(g64, ref, rtol=1e-12, atol=1e-9)
 
 
 def test_layers_sharing_an_input_form_one_group():
@@ -335,6 +383,76 @@ def test_sensitivity_of_a_linear_chain():
     s = measure_sensitivity(model, {"0": a, "1": b}, batches)
     assert s["1"] == pytest.approx(1.0, rel=1e-9)
     assert s["0"] == pytest.approx(float(b.weight.detach().square().sum()) / 6, rel=0.05)
+
+
+def test_gradient_sensitivity_of_a_linear_chain_is_the_noise_probes_closed_form():
+    """The backward-pass estimate of the same quantities (Hutchinson, one Gaussian projection per
+    sample): 1 at the last layer, ||W2||_F^2 / 6 at the first, within the estimate's 5 %."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 6), nn.Linear(6, 3)
+    model = nn.Sequential(a, b).double()
+    batches = [{"x": torch.randn(4000, 5, dtype=F64)}]
+    s = gradient_sensitivity(model, {"0": a, "1": b}, batches)
+    assert s["1"] == pytest.approx(1.0, rel=0.05)
+    assert s["0"] == pytest.approx(float(b.weight.detach().square().sum()) / 6, rel=0.05)
+    assert all(p.requires_grad for p in model.parameters())  # left as they were
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_gradient_sensitivity_is_taken_before_an_in_place_relu(inplace):
+    """Linear -> ReLU(inplace=True) -> Linear: the ReLU overwrites the first layer's output, whose
+    gradient must still be the one at that output (masked by the ReLU), E_x sum_j [h_j > 0]
+    ||W2[:, j]||^2 / 6, not the one past it (||W2||_F^2 / 6, 2x larger here)."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(5, 6), nn.Linear(6, 3)
+    model = nn.Sequential(a, nn.ReLU(inplace=inplace), b).double()
+    x = torch.randn(4000, 5, dtype=F64)
+    s = gradient_sensitivity(model, {"0": a, "2": b}, [{"x": x}])
+    with torch.no_grad():
+        active = (a(x) > 0).double()  # which units pass, per sample
+    exact = float((active @ b.weight.detach().square().sum(0)).mean()) / 6
+    assert s["0"] == pytest.approx(exact, rel=0.05)
+    assert abs(s["0"] - float(b.weight.detach().square().sum()) / 6) > 0.2 * exact
+    assert s["2"] == pytest.approx(1.0, rel=0.05)
+    assert torch.equal(model(x), b(torch.relu(a(x))))  # no hook left behind
+
+
+def test_the_allocator_runs_the_model_a_fixed_number_of_times_whatever_its_depth():
+    """Sensitivities come from backward passes over the probe, not one noisy forward pass per layer:
+    the model is called once per calibration batch and once per probe batch (64 samples: 2 batches
+    of 32), 6 times for 8 layers as for 16, where noise probes made 4 + 2 + 2 per layer."""
+    from mpocompress import CompressionConfig, compress_
+
+    for depth in (8, 16):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(32, 32), nn.LayerNorm(32), nn.GELU())])
+        calls = []
+        model.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(1))
+        batches = [{"x": torch.randn(32, 32)} for _ in range(4)]
+        report = compress_(model, CompressionConfig(target_params=0.6), calibration=batches)
+        assert len(calls) == 6 and report.layers, (depth, len(calls))
+
+
+def test_a_model_without_an_output_gradient_is_probed_by_noise():
+    """An output made by argmax has no gradient: `gradient_sensitivity` says so, and the allocator
+    measures that model's sensitivities by noise probes instead (and says so)."""
+    from mpocompress import CompressionConfig, compress_
+
+    class Votes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).argmax(-1, keepdim=True).double()
+
+    torch.manual_seed(0)
+    model = Votes()
+    batches = [{"x": torch.randn(64, 16)}]
+    with pytest.raises(NotDifferentiable):
+        gradient_sensitivity(model, {"net.0": model.net[0]}, batches)
+    report = compress_(model, CompressionConfig(target_params=0.6, structure="lowrank"), calibration=batches)
+    assert any("noise probes" in n for n in report.notes), report.notes
 
 
 def test_cross_statistics_of_an_unchanged_model_equal_its_gram():

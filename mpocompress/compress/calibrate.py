@@ -2,25 +2,28 @@
 model's output.
 
 `collect_grams` runs the model over calibration batches once, with a hook on every selected layer
-that adds the Gram matrix X^T X of the layer's input vectors (a conv: of its unfolded patches) in
-float64, so memory is O(sum N_x^2) whatever the number of samples. Padding tokens (where a batch's
-attention_mask is 0) are left out. `measure_sensitivity` injects small Gaussian noise into one
-layer's output at a time and measures the mean squared change of the model's main output per unit
-of noise energy: the factor that turns a layer's output error into an error at the model's output
-(the allocator's currency).
+that adds the Gram matrix X^T X of the layer's input vectors (a conv: of its unfolded patches) into
+float64 sums (the products in float32 on mean-shifted rows, `_gram_of`), so memory is O(sum N_x^2)
+whatever the number of samples. Padding tokens (where a batch's attention_mask is 0) are left out.
+
+A layer's sensitivity is the mean squared change of the model's main output per unit of error
+energy in that layer's output: the factor that turns a layer's output error into an error at the
+model's output (the allocator's currency). `gradient_sensitivity` estimates it for every layer at
+once from one backward pass per micro-batch (the squared gradient of a random projection of the
+output at every layer's output, Hutchinson's estimate of ||J||_F^2). `measure_sensitivity`, one
+noisy forward pass per layer, is what it replaced; it stays for models whose output has no
+gradient, and as the reference the estimate is checked against (benchmarks/sensitivity.py).
 
 For a causal language model the output is measured in the currency of next-token KL divergence
 (`HeadFisher`): the final hidden state times a square root of the LM head's Fisher information,
 averaged over calibration tokens, so a squared change is (to second order) twice the KL between
-the next-token distributions; the 49k-wide logits are never kept. Its sensitivities come from one
-backward pass per batch (`gradient_sensitivity`: the squared gradient of a random projection of the
-output at every layer's output at once, Hutchinson's estimate of ||J||_F^2) instead of one noisy
-forward pass per layer.
+the next-token distributions; the 49k-wide logits are never kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -88,21 +91,58 @@ def _run(model: nn.Module, batch: Batch) -> object:
         raise MPOCompressError(f"the model does not run on the calibration data ({shapes}: {str(e).splitlines()[0] if str(e) else type(e).__name__}); give --calib data this model takes") from None
 
 
+GRAM_BLOCK = 1024  # rows of one float32 product in `_gram_of`
+GRAM_STRIP = 256  # columns of one strip of the Gram's upper triangle
+FAST_GRAMS = True  # float32 products of mean-shifted row blocks, summed in float64 (else float64 products)
+
+
+def _strips(width: int) -> list[int]:
+    n = max(1, round(width / GRAM_STRIP))
+    return [round(i * width / n) for i in range(n + 1)]
+
+
 def _gram_of(vecs: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """X^T X and the row sum of one batch's input vectors, in float64 (in row blocks of about 4M
-    numbers), added to `into` (a Gram and a sum being accumulated) when given, so no second matrix
-    of the input's width is made. float32 products lose the small eigenvalues that whitening needs:
-    on the digits MLP of test_budget the allocator then lost to uniform ranks."""
+    """X^T X and the row sum of one batch's input vectors in float64, added to `into` (a Gram and a
+    sum being accumulated) when given, so no second matrix of the input's width is made.
+
+    The rows are shifted by their mean m first, X^T X = D^T D + m s^T + s m^T - n m m^T with D = X - m
+    and s the row sum (float64), and D^T D is made in float32, GRAM_BLOCK rows at a time, each
+    block's product added into the float64 sum: the rounding is then relative to the spread of the
+    inputs about their mean, not to their raw second moment (post-ReLU and pixel inputs sit far from
+    zero, and whitening centres the Gram: unshifted float32 products lost the small eigenvalues
+    there, and the allocator then lost to uniform ranks on the digits MLP). Each entry's error is at
+    most GRAM_BLOCK * 2^-24 * sum_r |d_ri||d_rj| (Higham's bound for dot products of that length, 6e-5
+    of that sum); tests bound every whitened squared error's change on such inputs. Only the upper
+    triangle is multiplied, in strips of GRAM_STRIP columns, and mirrored: about half the work for a
+    wide input (a convolution's 4,608-wide patches). Inputs in float64 keep float64 products."""
     width = vecs.shape[1]
     if into is None:
         into = (torch.zeros(width, width, dtype=torch.float64, device=vecs.device), torch.zeros(width, dtype=torch.float64, device=vecs.device))
     g, total = into
-    step = max(1, (1 << 22) // max(width, 1))
-    for s in range(0, vecs.shape[0], step):
-        v = vecs[s : s + step].to(torch.float64)
-        g.addmm_(v.T, v)
-        total += v.sum(0)
-    return g, total, int(vecs.shape[0])
+    n = int(vecs.shape[0])
+    if not FAST_GRAMS or vecs.dtype == torch.float64:
+        step = max(1, (1 << 22) // max(width, 1))
+        for s in range(0, n, step):
+            v = vecs[s : s + step].to(torch.float64)
+            g.addmm_(v.T, v)
+            total += v.sum(0)
+        return g, total, n
+    row_sum = vecs.sum(0, dtype=torch.float64)
+    mean = (row_sum / max(n, 1)).float()
+    edges = _strips(width)
+    for s in range(0, n, GRAM_BLOCK):
+        d = vecs[s : s + GRAM_BLOCK].float() - mean
+        for a, b in itertools.pairwise(edges):
+            g[a:b, a:] += d[:, a:b].T @ d[:, a:]
+    m = mean.double()
+    g.addr_(m, row_sum).addr_(row_sum, m).addr_(m, m, alpha=-n)
+    for a, b in itertools.pairwise(edges):  # the lower triangle from the upper: symmetric to the bit
+        g[b:, a:b] = g[a:b, b:].T
+        if b - a > 1:
+            block = g[a:b, a:b]
+            block.copy_(block.triu() + block.triu(1).T)
+    total += row_sum
+    return g, total, n
 
 
 PATCH_BLOCK = 1 << 24  # numbers of a convolution's unfolded patches made at once (64 MB in float32)
@@ -361,6 +401,7 @@ def _weight(mod: nn.Module) -> torch.Tensor:
 OutputFn = Callable[[nn.Module, Batch], torch.Tensor]
 FISHER_TOKENS = 2048  # calibration tokens the head's averaged Fisher is estimated on
 MICRO_TOKENS = 1024  # tokens per backward pass of gradient_sensitivity
+MICRO_NUMBERS = 1 << 18  # input numbers per backward pass for other inputs (images: 1 of 3 x 320 x 320, 85 of 3 x 32 x 32)
 
 
 def _accumulate(
@@ -499,51 +540,105 @@ class HeadFisher:
         return self._hidden(batch) @ self.root
 
 
-def gradient_sensitivity(
-    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], fn: OutputFn, seed: int = 0
-) -> dict[str, float]:  # fmt: skip
-    """For each named module: ||J||_F^2 / (its output entries), J the Jacobian of the output `fn`
-    gives with respect to that module's output (real positions only), estimated by Hutchinson's
-    trick with one Gaussian projection u of the output per batch (`projection_grid`): E||J^T u||^2 =
-    ||J||_F^2. That is
-    what `measure_sensitivity`'s noise probes measure (E||J n||^2 / E||n||^2 for isotropic noise n),
-    for every layer from one backward pass per micro-batch of MICRO_TOKENS tokens."""
-    grad2 = {name: 0.0 for name in modules}
-    entries = {name: 0 for name in modules}
-    kept: dict[str, torch.Tensor] = {}
-    mask: torch.Tensor | None = None
+class NotDifferentiable(MPOCompressError):
+    """`gradient_sensitivity` cannot run: the output is not differentiable in the layers' outputs."""
 
-    def keep(name: str):  # noqa: ANN202
-        def hook(m: nn.Module, args: object, y: torch.Tensor) -> None:
+
+class KeptOutputs:
+    """Forward hooks keeping the named modules' outputs (those that need gradients) for
+    `torch.autograd.grad`. An output that a later operation changes in place (a Linear followed by
+    ReLU(inplace=True)) would give the gradient at the changed tensor, past the ReLU's mask: after
+    each pass `changed` finds such outputs by their version counters, and from then on they are
+    passed on as copies, the kept tensor untouched (the caller runs the pass again)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = modules
+        self.kept: dict[str, torch.Tensor] = {}
+        self.versions: dict[str, int] = {}
+        self.copied: set[str] = set()
+        self.handles: list = []
+
+    def _hook(self, name: str) -> Callable[[nn.Module, object, object], torch.Tensor | None]:
+        def hook(m: nn.Module, args: object, y: object) -> torch.Tensor | None:
             if isinstance(y, torch.Tensor) and y.requires_grad:
-                kept[name] = y
+                self.kept[name], self.versions[name] = y, y._version
+                if name in self.copied:
+                    return y.clone()
+            return None
         return hook
 
+    def __enter__(self) -> KeptOutputs:  # noqa: PYI034
+        self.handles = [mod.register_forward_hook(self._hook(name)) for name, mod in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+        self.kept.clear()
+
+    def changed(self) -> bool:
+        """Whether a kept output was changed in place during the pass (it is copied from now on)."""
+        bad = {n for n, y in self.kept.items() if y._version != self.versions[n]}
+        self.copied |= bad
+        return bool(bad)
+
+    def run(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """forward() with the outputs kept, run again if one was changed in place."""
+        while True:
+            self.kept.clear()
+            y = forward()
+            if not self.changed():
+                return y
+
+
+def _grid_rows(batch: Batch) -> tuple[int, int]:
+    """(samples, positions) of a batch's output projection: token ids give a position per token,
+    any other input (images, feature vectors) one per sample."""
+    first = next(iter(batch.values()))
+    tokens = first.dim() == 2 and not first.is_floating_point()
+    return int(first.shape[0]), int(first.shape[1]) if tokens else 1
+
+
+def gradient_sensitivity(
+    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], fn: OutputFn = model_output, seed: int = 0
+) -> dict[str, float]:  # fmt: skip
+    """For each named module: ||J||_F^2 / (its output entries), J the Jacobian of the output `fn`
+    gives (by default the model's main output) with respect to that module's output (real positions
+    only), estimated by Hutchinson's trick with one Gaussian projection u of the output per batch
+    (`projection_grid`): E||J^T u||^2 = ||J||_F^2. That is what `measure_sensitivity`'s noise probes
+    measure (E||J n||^2 / E||n||^2 for isotropic noise n), for every layer from one backward pass
+    per micro-batch of MICRO_TOKENS tokens (of MICRO_NUMBERS input numbers for other inputs: the
+    activations a backward pass keeps grow with the input). Raises
+    `NotDifferentiable` when the output does not depend differentiably on the modules' outputs."""
+    grad2 = {name: 0.0 for name in modules}
+    entries = {name: 0 for name in modules}
+    mask: torch.Tensor | None = None
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
     model.eval()
-    handles = [mod.register_forward_hook(keep(name)) for name, mod in modules.items()]
     try:
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with KeptOutputs(modules) as keeper, torch.enable_grad():
             for k, batch in enumerate(batches):
                 status(f"sensitivities: backward pass {k + 1}/{len(batches)}")
-                n, length = next(iter(batch.values())).shape[:2]
-                step = max(1, MICRO_TOKENS // max(int(length), 1))
+                n, length = _grid_rows(batch)
+                per_sample = max(int(v.numel()) // max(n, 1) for v in batch.values())
+                step = max(1, MICRO_TOKENS // length) if length > 1 else max(1, MICRO_NUMBERS // max(per_sample, 1))
                 grid = None
-                for s in range(0, int(n), step):
+                for s in range(0, n, step):
                     micro = {k: v[s : s + step] for k, v in batch.items()}
                     mask = _row_mask(micro)
-                    kept.clear()
-                    y = fn(model, micro)
+                    y = keeper.run(lambda micro=micro: fn(model, micro))
                     y = y.reshape(-1, y.shape[-1])
                     if grid is None:  # the batch's projection, drawn whole: micro-batches take their rows of it
-                        grid = projection_grid(seed, k, (int(n), int(length), y.shape[-1]))
+                        grid = projection_grid(seed, k, (n, length, y.shape[-1]))
                     u = projection_rows(grid[s : s + step], mask, y.shape[0]).to(y)
-                    names = list(kept)
-                    grads = torch.autograd.grad((y * u).sum(), [kept[k] for k in names], allow_unused=True)
+                    names = list(keeper.kept)
+                    if not y.requires_grad or not names:
+                        raise NotDifferentiable("the model's output has no gradient with respect to the layers' outputs")
+                    grads = torch.autograd.grad((y * u).sum(), [keeper.kept[k] for k in names], allow_unused=True)
                     for name, g in zip(names, grads):
                         if g is None:
                             continue
@@ -551,11 +646,8 @@ def gradient_sensitivity(
                         grad2[name] += float(g.double().square().sum())
                         entries[name] += g.numel()
     finally:
-        for h in handles:
-            h.remove()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-        kept.clear()
         model.train(was_training)
     return {name: grad2[name] / entries[name] if entries[name] else 0.0 for name in modules}
 

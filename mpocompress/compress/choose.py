@@ -3,7 +3,7 @@ under a parameter budget and/or an error cap; then the factors of that form.
 
 With calibration batches, every layer's input Gram matrix is collected first (one pass), each
 error is an output error on those inputs, and the allocator weighs a layer's output error by how
-much it moves the model's output (`measure_sensitivity`). The cost of a form is that predicted
+much it moves the model's output (`gradient_sensitivity`). The cost of a form is that predicted
 squared change of the model's output per sample; the allocator minimizes its sum within the budget.
 """
 
@@ -26,6 +26,7 @@ from mpocompress.compress.calibrate import (
     Calibration,
     CrossStats,
     HeadFisher,
+    NotDifferentiable,
     collect_cross,
     collect_grams,
     gradient_sensitivity,
@@ -396,8 +397,13 @@ def _allocate(
                 f"backward passes over {n:,} calibration tokens"
             )
         else:
-            reference = outputs(model, probe)  # the original's outputs, shared by both kinds of probe
-            calib.sensitivity = measure_sensitivity(model, mods, probe, reference=reference)
+            reference = None  # the original's outputs on the probe, made once something is swapped in
+            try:
+                calib.sensitivity = gradient_sensitivity(model, mods, probe)
+            except NotDifferentiable:  # e.g. an output made by argmax: one noisy forward pass per layer
+                reference = outputs(model, probe)
+                calib.sensitivity = measure_sensitivity(model, mods, probe, reference=reference)
+                plan.notes.append("sensitivities from noise probes (the model's output has no gradient)")
     # the forms are weighed after the sensitivities: the backward passes' activations and the layers'
     # whitenings (made while weighing) are never held at once
     options, costs = [], []
@@ -409,6 +415,8 @@ def _allocate(
     sens = [calib.sensitivity.get(t.cand.name, 1.0) if calib is not None and calib.sensitivity else 1.0 for t in free]
     scale = [[1.0] * len(opts) for opts in options]  # measured / predicted output change, per option
     if config.budgeted and calib is not None:
+        if reference is None and any(t.cand.kind == "embedding" or (config.structure == "mpo" and t.cand.kind == "linear") for t in free):
+            reference = outputs(model, probe)
         for i, t in enumerate(free):
             if t.cand.kind == "embedding":  # its error is not noise-like: measure what it does (see _probed)
                 table = fn is not None and t.cand.converter.serves_head

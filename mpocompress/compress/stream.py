@@ -47,6 +47,8 @@ from mpocompress.compress.calibrate import (
     BlockStream,
     Calibration,
     HiddenStore,
+    KeptOutputs,
+    _grid_rows,
     _real_rows,
     _row_mask,
     block_hidden,
@@ -612,17 +614,11 @@ class _Backward:
                       grad2: dict[str, float], entries: dict[str, int]) -> torch.Tensor:  # fmt: skip
         """The block on a probe's kept input once more, the gradient at its output carried to its
         input (returned) and to its free layers' outputs (squared sums added)."""
-        kept: dict[str, torch.Tensor] = {}
-        handles = [m.register_forward_hook(lambda m, a, y, name=name: kept.__setitem__(name, y)) for name, m in mods.items()]
         x = x.detach().requires_grad_(True)
-        try:
-            with torch.enable_grad():
-                y = block_hidden(block(x, *p.args, **p.kwargs))
-                names = [k for k in mods if isinstance(kept.get(k), torch.Tensor)]
-                got = torch.autograd.grad(y, [x, *(kept[k] for k in names)], grad_outputs=grad, allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+        with KeptOutputs(mods) as keeper, torch.enable_grad():
+            y = keeper.run(lambda: block_hidden(block(x, *p.args, **p.kwargs)))
+            names = [k for k in mods if k in keeper.kept]
+            got = torch.autograd.grad(y, [x, *(keeper.kept[k] for k in names)], grad_outputs=grad, allow_unused=True)
         for k, g in zip(names, got[1:]):
             if g is not None:
                 g = _real_rows(g, p.mask)
@@ -653,8 +649,7 @@ class _Backward:
                 if root is not None:  # the final hidden states times a root of the head's Fisher
                     y = y @ root.to(y.device)
                 y = y.reshape(-1, y.shape[-1])
-                samples, length = next(iter(p.batch.values())).shape[:2]
-                grid = projection_grid(0, p.index, (int(samples), int(length), y.shape[-1]))
+                grid = projection_grid(0, p.index, (*_grid_rows(p.batch), y.shape[-1]))
                 u = projection_rows(grid, p.mask, y.shape[0]).to(y)
                 grads[p.b] = torch.autograd.grad((y * u).sum(), h)[0]
         return grads
