@@ -606,3 +606,33 @@ def test_probe_batches_of_large_images_go_in_pieces(monkeypatch):
     assert [len(p["x"]) for p in pieces[:3]] == [5, 5, 2] and pieces[3] is small and pieces[4] is ids
     assert torch.equal(torch.cat([p["x"] for p in pieces[:3]]), big["x"]) and torch.equal(torch.cat([p["y"] for p in pieces[:3]]), big["y"])
     assert all(p["x"].numel() <= choose.PROBE_PIECE for p in pieces[:3])
+
+
+def test_measured_swaps_swap_in_the_layer_convert_makes(monkeypatch):
+    """The MPO-only allocator prices a layer's forms by swapping each into the model: the module swapped
+    in is the one `convert` makes, its bias absorbing the fit's shift of the output mean (inputs far
+    from zero here). Without the shift every measured change was too large, by amounts that differ
+    from layer to layer, and the allocation trailed MPOs of one D on MiniLM at 30 and 50 %."""
+    from mpocompress import CompressionConfig
+    from mpocompress.compress import choose
+    from mpocompress.compress.structures import layer_options, make_factors
+    from mpocompress.compress.targets import select_targets, weight_of
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 32)
+    model = nn.Sequential(lin)
+    x = torch.randn(256, 16) @ torch.randn(16, 16) + 3
+    cal = collect_grams(model, {"0": lin}, [{"x": x}])
+    (t,), _ = select_targets(model, CompressionConfig(target_params=0.5, structure="mpo"))
+    white = choose.white_for(t, cal)
+    opts = layer_options(weight_of(t), white, "mpo", (2,))
+    swapped = []
+    monkeypatch.setattr(choose, "measure_swap", lambda model, names, new, *a, **k: swapped.append(new) or 1.0)
+    choose._probed(model, t, opts, 1.0, [{"x": x}], [torch.zeros(())], None, white, 0)
+    _, picks = choose.probe_picks(opts)
+    assert len(swapped) == len(picks) >= 2
+    for k, new in zip(picks, swapped):
+        f = make_factors(weight_of(t), opts[k], white, 0)
+        assert f.bias_shift is not None and float(f.bias_shift.abs().max()) > 1e-3
+        torch.testing.assert_close(new.bias, lin.bias + f.bias_shift.to(lin.bias))
+

@@ -36,6 +36,7 @@ from mpocompress.compress.calibrate import (
     outputs,
 )  # fmt: skip
 from mpocompress.compress.config import CompressionConfig
+from mpocompress.compress.registry import build_like
 from mpocompress.compress.report import LayerReport, SkippedLayer, count_params, layer_report
 from mpocompress.compress.select import first_match, transformer_blocks
 from mpocompress.compress.structures import (
@@ -191,6 +192,17 @@ def refit_whitening(t: LayerTarget, st: CrossStats) -> Whitening:
     keys = ("gram_in", "energy", "cross_w") if st.cross_w is not None else ("gram_in", "gram", "cross")
     held = {k: st.take(k) for k in keys}
     return bound_whitening(held, weight_of(t), st.sum_in, st.total, st.rows, centre=centre)
+
+
+def factorized(t: LayerTarget, f: Factors) -> nn.Module:
+    """The layer made of `f`, in the target's training mode, its bias absorbing what the fit moved (a
+    centred calibration's shift): what `convert` swaps in, and what every measured swap measures."""
+    old = t.cand.module
+    new = build_like(old, t.cand.converter.build(old, f.factors, f.structure))
+    if f.bias_shift is not None and getattr(new, "bias", None) is not None:
+        with torch.no_grad():
+            new.bias.add_(f.bias_shift.to(new.bias))
+    return new
 
 
 def report_of(t: LayerTarget, f: Factors) -> LayerReport:
@@ -462,7 +474,7 @@ def _joint_measure(
         for t, o in zip(free, chosen):
             if o.structure != "dense":
                 f = make_factors(weight_of(t), o, plan._white(t), 0)
-                swaps.append((t.cand.names, t.cand.converter.build(t.cand.module, f.factors, f.structure).eval()))
+                swaps.append((t.cand.names, factorized(t, f).eval()))
         status(f"measuring the next-token KL of {len(swaps)} layers together")
         return measure_swap_kl(model, swaps, batches)
 
@@ -581,7 +593,7 @@ def _probed(
     measured: dict[int, tuple[float, float]] = {}  # form -> (its real output change, its error as spend prices it)
     for k in picks:
         f = make_factors(w, opts[k], white, refine_steps)
-        new = t.cand.converter.build(t.cand.module, f.factors, f.structure).eval()
+        new = factorized(t, f).eval()
         if t.cand.converter.serves_head and is_causal_lm(model):  # the head changes too: the full next-token KL
             real = measure_swap_kl(model, [(t.cand.names, new)], probe)
         else:

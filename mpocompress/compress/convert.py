@@ -8,9 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from mpocompress.compress.choose import plan_layers
+from mpocompress.compress.choose import factorized, plan_layers
 from mpocompress.compress.config import CompressionConfig
-from mpocompress.compress.registry import build_like
 from mpocompress.compress.report import CompressionReport, count_params, totals
 from mpocompress.compress.select import FilterFn
 from mpocompress.compress.structures import Factors
@@ -51,10 +50,6 @@ def compress_(
 def swap_in(model: nn.Module, t: LayerTarget, factors: Factors) -> None:
     """Put the factorized layer made of `factors` in place of the target, under every name it has;
     the bias absorbs what the factors' fit moved (a centred calibration)."""
-    old = t.cand.module
-    new = build_like(old, t.cand.converter.build(old, factors.factors, factors.structure))
-    if factors.bias_shift is not None and new.bias is not None:
-        with torch.no_grad():
-            new.bias.add_(factors.bias_shift.to(new.bias))
+    new = factorized(t, factors)
     for name in t.cand.names:
         set_module(model, name, new)

@@ -71,6 +71,7 @@ from mpocompress.compress.choose import (
     _make,
     _make_trying,
     curves_of,
+    factorized,
     fixed_structure,
     probe_picks,
     probed_ratios,
@@ -808,7 +809,7 @@ class _TablePasses:
             cal.sums.pop(t.cand.name, None)
             inner = _in_block(t.cand.name, prefix)
             swapped.append((inner, block.get_submodule(inner)))
-            set_module(block, inner, t.cand.converter.build(t.cand.module, f.factors, f.structure).eval())
+            set_module(block, inner, factorized(t, f).eval())
         return swapped
 
     def forms_kl(self, opts: list[Option], white: TableWeighting) -> dict[int, tuple[float, float]]:
@@ -820,7 +821,7 @@ class _TablePasses:
 
         def table(k: int) -> nn.Module:
             f = self.back.ranks.deal(lambda: make_factors(w, opts[k], white, 0))
-            return self.t.cand.converter.build(self.t.cand.module, f.factors, f.structure).eval()
+            return factorized(self.t, f).eval()
 
         for j, k in enumerate(picks):
             self._start(TABLE_SIDES + j, table(k))
