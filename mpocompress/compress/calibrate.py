@@ -591,6 +591,12 @@ class KeptOutputs:
                 return y
 
 
+def numbers_per_sample(batch: Batch) -> int:
+    """The numbers one sample of the batch's largest input holds (at least 1)."""
+    n = max(int(next(iter(batch.values())).shape[0]), 1)
+    return max(1, max(int(v.numel()) // n for v in batch.values()))
+
+
 def _grid_rows(batch: Batch) -> tuple[int, int]:
     """(samples, positions) of a batch's output projection: token ids give a position per token,
     any other input (images, feature vectors) one per sample."""
@@ -624,8 +630,7 @@ def gradient_sensitivity(
             for k, batch in enumerate(batches):
                 status(f"sensitivities: backward pass {k + 1}/{len(batches)}")
                 n, length = _grid_rows(batch)
-                per_sample = max(int(v.numel()) // max(n, 1) for v in batch.values())
-                step = max(1, MICRO_TOKENS // length) if length > 1 else max(1, MICRO_NUMBERS // max(per_sample, 1))
+                step = max(1, MICRO_TOKENS // length) if length > 1 else max(1, MICRO_NUMBERS // numbers_per_sample(batch))
                 grid = None
                 for s in range(0, n, step):
                     micro = {k: v[s : s + step] for k, v in batch.items()}

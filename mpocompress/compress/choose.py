@@ -33,6 +33,7 @@ from mpocompress.compress.calibrate import (
     measure_sensitivity,
     measure_swap,
     measure_swap_kl,
+    numbers_per_sample,
     outputs,
 )  # fmt: skip
 from mpocompress.compress.config import CompressionConfig
@@ -427,14 +428,15 @@ def _allocate(
     sens = [calib.sensitivity.get(t.cand.name, 1.0) if calib is not None and calib.sensitivity else 1.0 for t in free]
     scale = [[1.0] * len(opts) for opts in options]  # measured / predicted output change, per option
     if config.budgeted and calib is not None:
-        if reference is None and any(t.cand.kind == "embedding" or (config.structure == "mpo" and t.cand.kind == "linear") for t in free):
-            reference = outputs(model, probe)
         for i, t in enumerate(free):
+            mpo_only = config.structure == "mpo" and t.cand.kind == "linear"
+            if reference is None and (t.cand.kind == "embedding" or mpo_only):  # the first layer whose forms are swapped in
+                reference = outputs(model, probe)
             if t.cand.kind == "embedding":  # its error is not noise-like: measure what it does (see _probed)
                 table = fn is not None and t.cand.converter.serves_head
                 scale[i] = _probed(model, t, options[i], sens[i] * costs[i], _first_tokens(probe, FISHER_TOKENS) if table else probe,
                                    reference, None if table else fn, plan._white(t))  # fmt: skip
-            elif config.structure == "mpo" and t.cand.kind == "linear":  # an MPO-only plan: large MPO errors are not noise-like
+            elif mpo_only:  # an MPO-only plan: large MPO errors are not noise-like
                 status(f"measuring MPO forms of layer {i + 1}/{len(free)} ({t.cand.name})")
                 scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference, fn, plan._white(t), config.refine_steps)
     joint = None
@@ -453,8 +455,7 @@ def _in_pieces(batches: list[Batch]) -> list[Batch]:
     out = []
     for b in batches:
         n = int(next(iter(b.values())).shape[0])
-        per_sample = max(int(v.numel()) // max(n, 1) for v in b.values())
-        per = max(1, PROBE_PIECE // max(per_sample, 1))
+        per = max(1, PROBE_PIECE // numbers_per_sample(b))
         out += [b] if per >= n else [{k: v[s : s + per] for k, v in b.items()} for s in range(0, n, per)]
     return out
 
