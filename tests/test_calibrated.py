@@ -565,6 +565,50 @@ def test_auto_weighs_an_mpo_only_where_it_can_beat_lowrank():
     assert any(o.structure == "mpo" for o in layer_options(lowr, None, "mpo"))
 
 
+def test_the_screen_refines_nearest_first_and_answers_as_refining_every_probe(monkeypatch):
+    """With calibration the screen refines the probes low-rank beats, nearest first, until one wins.
+    Its answer must be the one refining every probe gives (any probe's TT-SVD or refined error below
+    the best low-rank form no larger), checked against that brute force (seed 0, inputs with a
+    100:1 spread): a random weight, where only refinement makes the MPO win, takes 1 refinement; a
+    rank-4 weight plus noise, which the MPO never beats, refines all 6 probes and answers no."""
+    from mpocompress.compress import structures as S
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=g, dtype=F64) * torch.logspace(0, -2, 64, dtype=F64)
+    x = torch.randn(400, 64, generator=g, dtype=F64) @ mix
+    white = whitening(x.T @ x, damp=0.0)
+    dense = torch.randn(48, 64, generator=g, dtype=F64) / 8
+    lowr = torch.randn(48, 4, generator=g, dtype=F64) @ torch.randn(4, 64, generator=g, dtype=F64) + 0.01 * torch.randn(48, 64, generator=g, dtype=F64)
+
+    def every_probe(w, lows):  # the screen's probes, each refined: (TT-SVD wins, refined wins)
+        meter, out = S.error_meter(w, white), []
+        for n in (3, 4):
+            i_modes, o_modes = S.mode_candidates(64, 48, n)[0]
+            ds = [d for d in S.BOND_GRID if min(o.params for o in lows) <= S.MPOShape.uniform(i_modes, o_modes, d).param_count < 48 * 64
+                  and d <= max(S.MPOShape.exact(i_modes, o_modes).bond_dims)]  # fmt: skip
+            probes = sorted({ds[round(k * (len(ds) - 1) / (S.SCREEN_POINTS - 1))] for k in range(S.SCREEN_POINTS)}, reverse=True)
+            dec = S.tt_svd(w, i_modes, o_modes, max_bond=probes[0])
+            for d in probes:
+                if d < max(dec.bond_dims):
+                    dec = S.tt_round(dec.cores, max_bond=d)
+                best = min(o.rel_error for o in lows if o.params <= S.MPOShape.of_cores(dec.cores).param_count)
+                err = meter(S.mpo_to_matrix([c.to(F64) for c in dec.cores]))
+                out.append((err < best, S.refine_cores(dec.cores, w, white, steps=30).errors[-1] < best))
+        return out
+
+    calls = []
+    refine = S.refine_cores
+    monkeypatch.setattr(S, "refine_cores", lambda *a, **k: calls.append(1) or refine(*a, **k))
+    for w, want_calls in ((dense, 1), (lowr, 6)):
+        lows = [o for o in S.layer_options(w, white, "lowrank") if o.structure == "lowrank"]
+        brute = every_probe(w, lows)
+        calls.clear()
+        got = S.mpo_in_reach(w, white, lows, (3, 4), refine_steps=30)
+        assert got is any(a or b for a, b in brute) and len(calls) == want_calls
+        assert not any(a for a, _ in brute)  # neither wins before refinement: the order is what is tested
+    assert any(b for _, b in every_probe(dense, [o for o in S.layer_options(dense, white, "lowrank") if o.structure == "lowrank"]))
+
+
 def test_the_allocator_predicts_an_mpo_error_after_refinement():
     """With refine_steps, an MPO form's predicted calibrated error is the refined one: at a refined grid
     point it is the error `make_factors` reaches with the same steps (within 15 %: one refines the

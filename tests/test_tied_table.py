@@ -152,6 +152,48 @@ def test_the_kl_probe_is_twice_torch_kl_per_sample_and_every_name_gets_its_modul
     assert model.model.embed_tokens is emb and model.lm_head is head
 
 
+def test_the_kl_of_many_swaps_runs_the_original_once_and_measures_what_full_passes_measure(tied):
+    """`SwapKL` (the allocator's measured swaps of a tied table, and its joint measure) runs the
+    original's blocks once for all swaps and the head on kept final hidden states, in chunks of
+    KL_CHUNK tokens (3 here, so every window is cut): each swap's KL equals `measure_swap_kl`'s full
+    passes window by window (within 1e-6: the head's float32 products on 3 rows and on 32 round
+    differently, 1.6e-8 measured), every name gets its module back, and the
+    base runs once per batch for the original, once per batch per swap, and twice for the check."""
+    from mpocompress.compress import calibrate
+
+    model = load(tied["llama"])
+    batches = _batches(model, tied["text"])
+    names = ["model.embed_tokens", "lm_head"]
+    emb, head = model.model.embed_tokens, model.lm_head
+    calls = []
+    model.model.register_forward_hook(lambda m, a, y: calls.append(1))
+    kl = calibrate.SwapKL(model, batches)
+    assert kl.split and len(calls) == 2  # the check: one window through the full model, then its base
+    old_chunk, calibrate.KL_CHUNK = calibrate.KL_CHUNK, 3
+    try:
+        got = [kl([(names, _table(257, 64, 8, seed=s))]) for s in (3, 4)]
+    finally:
+        calibrate.KL_CHUNK = old_chunk
+    assert len(calls) == 2 + len(batches) + 2 * len(batches)
+    assert model.model.embed_tokens is emb and model.lm_head is head
+    want = [measure_swap_kl(model, [(names, _table(257, 64, 8, seed=s))], batches) for s in (3, 4)]
+    assert got == pytest.approx(want, rel=1e-6) and got[0] != pytest.approx(got[1], rel=1e-3)
+
+
+def test_the_kl_of_a_model_whose_logits_are_more_than_its_head_takes_full_passes(tied):
+    """A model that does more to its logits than its head (here they are halved, as a soft cap or a
+    scale would change them) is found on the first window, and measured by full passes."""
+    from mpocompress.compress.calibrate import SwapKL
+
+    model = load(tied["llama"])
+    model.register_forward_hook(lambda m, a, y: y.__setitem__("logits", y["logits"] * 0.5) or y)
+    batches = _batches(model, tied["text"])
+    names, new = ["model.embed_tokens", "lm_head"], _table(257, 64, 8, seed=3)
+    kl = SwapKL(model, batches)
+    assert not kl.split
+    assert kl([(names, new)]) == measure_swap_kl(model, [(names, new)], batches)
+
+
 def test_a_tied_table_converts_saves_once_loads_as_one_module_and_exports(tied, tmp_path):
     out = tmp_path / "t.safetensors"
     rep = run_json("convert", str(tied["llama"]), "--layers", "model.embed_tokens", "-D", "16", "--calib", f"text:{tied['text']}",

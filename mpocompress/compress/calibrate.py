@@ -496,6 +496,29 @@ def head_fisher(head: nn.Linear, h: torch.Tensor, reduce: Callable[[list[torch.T
     return vecs * vals.clamp_min(0).sqrt(), mean_p
 
 
+class FinalHidden:
+    """A causal LM's final hidden states (what its head reads: its base's output in float64, padding
+    left out) on calibration batches, the original model's, each batch's computed once however often
+    it is asked for (the table's weighting, the head's Fisher and the table's measured swaps read the
+    same leading batches). A batch is known by identity and held while its states are. Ask while the
+    model is the original: nothing swapped in."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._held: dict[int, tuple[Batch, torch.Tensor]] = {}
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if id(batch) not in self._held:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    self._held[id(batch)] = (batch, model_output(self.model.base_model, {**batch, "use_cache": False}))
+            finally:
+                self.model.train(was_training)
+        return self._held[id(batch)][1]
+
+
 def lm_head(model: nn.Module) -> nn.Linear:
     """A causal LM's output head, which next-token KL is measured through (a Linear)."""
     head = model.get_output_embeddings()
@@ -513,16 +536,11 @@ class HeadFisher:
     mean. Calls run the model's base (its blocks) only, never the head; `reference` holds what they
     give on the batches it was made from (the pass that estimates F gives them too)."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Batch], tokens: int = FISHER_TOKENS) -> None:
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], tokens: int = FISHER_TOKENS, hidden: FinalHidden | None = None) -> None:
         head = lm_head(model)
         self.base = model.base_model
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                hs = [self._hidden(b) for b in batches]
-        finally:
-            model.train(was_training)
+        hidden = hidden if hidden is not None else FinalHidden(model)
+        hs = [hidden(b) for b in batches]
         with torch.no_grad():
             h = torch.cat(hs)
             if h.shape[0] > tokens:  # evenly spread over the calibration tokens
@@ -799,6 +817,66 @@ def measure_swap_kl(model: nn.Module, swaps: Sequence[tuple[Sequence[str], nn.Mo
             set_module(model, name, old)
         model.train(was_training)
     return total / max(samples, 1)
+
+
+KL_CHUNK = 512  # tokens whose vocabulary-wide logits `SwapKL` holds at once (per side)
+
+
+class SwapKL:
+    """`measure_swap_kl` for many swaps on the same batches, the original's side computed once. Each
+    batch runs through the model's base (its blocks) whole, as calibration batches do, and the head
+    reads the final hidden states KL_CHUNK tokens at a time, so the vocabulary-wide logits are never
+    held whole: per swap, one pass of the base with the swap in, and the original's and the swapped
+    head on the kept states (on SmolLM2 the original's full pass was 45 % of a measured swap). The
+    split holds where the logits are the head applied to the base's output; a model that does more
+    (a soft cap, a scale) is found on the first window, and then measured by `measure_swap_kl`."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], hidden: FinalHidden | None = None) -> None:
+        self.model, self.batches = model, list(batches)
+        self.hidden = hidden if hidden is not None else FinalHidden(model)
+        self.head = model.get_output_embeddings()
+        self.split = self.head is not None and getattr(model, "base_model", model) is not model and self._splits()
+
+    def _splits(self) -> bool:
+        """Whether the model's logits on the first window are its head applied to its base's output."""
+        one = {k: v[:1] for k, v in self.batches[0].items()}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                y = main_output(_run(self.model, {**one, "use_cache": False}))
+                full = _real_rows(y, _row_mask(one)).float()
+                via = self.head(model_output(self.model.base_model, {**one, "use_cache": False}).to(full.dtype))
+        finally:
+            self.model.train(was_training)
+        return full.shape == via.shape and bool((full - via).abs().max() <= 1e-4 * max(1.0, float(full.abs().max())))
+
+    @torch.no_grad()
+    def __call__(self, swaps: Sequence[tuple[Sequence[str], nn.Module]]) -> float:
+        if not self.split:
+            return measure_swap_kl(self.model, swaps, self.batches)
+        names = [n for ns, _ in swaps for n in ns]
+        olds = [self.model.get_submodule(n) for n in names]
+        news = [new for ns, new in swaps for _ in ns]
+        dtype = next(self.head.parameters()).dtype
+        originals = [self.hidden(b) for b in self.batches]  # before anything is swapped in
+        total, samples = 0.0, 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for name, module in zip(names, news):
+                set_module(self.model, name, module)
+            head = self.model.get_output_embeddings()
+            for batch, h0 in zip(self.batches, originals):
+                samples += int(next(iter(batch.values())).shape[0])
+                h = model_output(self.model.base_model, {**batch, "use_cache": False})
+                for a, b in zip(h0.split(KL_CHUNK), h.split(KL_CHUNK)):
+                    total += twice_kl(self.head(a.to(dtype)), head(b.to(dtype)))
+        finally:
+            for name, old in zip(names, olds):
+                set_module(self.model, name, old)
+            self.model.train(was_training)
+        return total / max(samples, 1)
 
 
 class HiddenStore:

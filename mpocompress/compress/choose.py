@@ -25,14 +25,15 @@ from mpocompress.compress.calibrate import (
     BlockStream,
     Calibration,
     CrossStats,
+    FinalHidden,
     HeadFisher,
     NotDifferentiable,
+    SwapKL,
     collect_cross,
     collect_grams,
     gradient_sensitivity,
     measure_sensitivity,
     measure_swap,
-    measure_swap_kl,
     numbers_per_sample,
     outputs,
 )  # fmt: skip
@@ -107,6 +108,7 @@ class LayerPlan:
     options: dict[str, list[Option]] = field(default_factory=dict)  # every form the allocator weighed, by layer
     screen: bool = True  # `auto` weighs an MPO's forms only where it could win (analyze's curves: all of them)
     spend: bool = False  # a layer's Gram is taken out of `calibration` by its whitening (a streamed pass, one use each)
+    hidden: FinalHidden | None = None  # a causal LM's final hidden states on the leading batches, while the allocator needs them
 
     def curves(self) -> dict[str, list[dict[str, Any]]]:
         """Per layer, every form weighed (see `curves_of`)."""
@@ -298,7 +300,8 @@ def plan_layers(
             "compressed once, serves both ends (never untied)"
         )
         if batches is not None and is_causal_lm(model):
-            fisher = HeadFisher(model, _first_tokens(batches, FISHER_TOKENS))
+            plan.hidden = FinalHidden(model)  # the leading batches' final hidden states, shared by the table's measurements
+            fisher = HeadFisher(model, _first_tokens(batches, FISHER_TOKENS), hidden=plan.hidden)
             plan.tables[tied[0].cand.name] = table_weighting(fisher.head_gram, fisher.mean_p)
             del fisher
     fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
@@ -313,6 +316,7 @@ def plan_layers(
         opt, reason = _fixed_option(t, structure, plan._white(t))
         plan.decisions.append(Decision(t, opt, reason))
     if free and not config.allocating and curves_only:
+        plan.hidden = None
         for t in free:
             _options_of(t, weight_of(t), config, plan)
             plan.decisions.append(Decision(t, None, NO_SIZE))
@@ -324,6 +328,7 @@ def plan_layers(
         )
     if free:
         plan.decisions += _allocate(model, config, free, plan, fixed_params=_fixed_params(plan.decisions))
+    plan.hidden = None  # the allocator's: not kept with the plan
     order = {id(t): k for k, t in enumerate(targets)}
     plan.decisions.sort(key=lambda d: order[id(d.target)])
     return plan
@@ -402,7 +407,7 @@ def _allocate(
             probe = _in_pieces(probe)
         mods = {t.cand.name: t.cand.module for t in free}
         if causal:  # next-token KL as the currency, every layer's sensitivity from backward passes
-            fn = HeadFisher(model, probe)
+            fn = HeadFisher(model, probe, hidden=plan.hidden)
             reference = fn.reference
             calib.sensitivity = gradient_sensitivity(model, mods, probe, fn)
             plan.notes.append(
@@ -427,21 +432,22 @@ def _allocate(
         costs.append(cost)
     sens = [calib.sensitivity.get(t.cand.name, 1.0) if calib is not None and calib.sensitivity else 1.0 for t in free]
     scale = [[1.0] * len(opts) for opts in options]  # measured / predicted output change, per option
+    kl = None  # a tied table's measured swaps and the joint measure: the original's side computed once
+    if fn is not None and any(t.cand.converter.serves_head for t in free):
+        kl = SwapKL(model, _first_tokens(probe, FISHER_TOKENS), plan.hidden)
     if config.budgeted and calib is not None:
         for i, t in enumerate(free):
             mpo_only = config.structure == "mpo" and t.cand.kind == "linear"
             if reference is None and (t.cand.kind == "embedding" or mpo_only):  # the first layer whose forms are swapped in
                 reference = outputs(model, probe)
             if t.cand.kind == "embedding":  # its error is not noise-like: measure what it does (see _probed)
-                table = fn is not None and t.cand.converter.serves_head
-                scale[i] = _probed(model, t, options[i], sens[i] * costs[i], _first_tokens(probe, FISHER_TOKENS) if table else probe,
-                                   reference, None if table else fn, plan._white(t))  # fmt: skip
+                table = kl is not None and t.cand.converter.serves_head
+                scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference, None if table else fn, plan._white(t),
+                                   kl=kl if table else None)  # fmt: skip
             elif mpo_only:  # an MPO-only plan: large MPO errors are not noise-like
                 status(f"measuring MPO forms of layer {i + 1}/{len(free)} ({t.cand.name})")
                 scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference, fn, plan._white(t), config.refine_steps)
-    joint = None
-    if fn is not None and any(t.cand.converter.serves_head for t in free):
-        joint = _joint_measure(model, free, options, plan, _first_tokens(probe, FISHER_TOKENS))
+    joint = _joint_measure(free, plan, kl) if kl is not None else None
     return spend(config, free, options, costs, sens, scale, plan, count_params(model), fixed_params, joint)
 
 
@@ -463,10 +469,8 @@ def _in_pieces(batches: list[Batch]) -> list[Batch]:
 Joint = Callable[[list[Option]], float]
 
 
-def _joint_measure(
-    model: nn.Module, free: list[LayerTarget], options: list[list[Option]], plan: LayerPlan, batches: Sequence[Mapping[str, torch.Tensor]]
-) -> Joint:  # fmt: skip
-    """The real next-token KL (`measure_swap_kl`'s units) of the model with the given forms of the
+def _joint_measure(free: list[LayerTarget], plan: LayerPlan, kl: SwapKL) -> Joint:
+    """The real next-token KL (`measure_swap_kl`'s units, by `kl`) of the model with the given forms of the
     layers swapped in together (dense ones left), for `spend` to put the predicted costs of the
     projections on the scale of the tied table's measured one."""
 
@@ -477,7 +481,7 @@ def _joint_measure(
                 f = make_factors(weight_of(t), o, plan._white(t), 0)
                 swaps.append((t.cand.names, factorized(t, f).eval()))
         status(f"measuring the next-token KL of {len(swaps)} layers together")
-        return measure_swap_kl(model, swaps, batches)
+        return kl(swaps)
 
     return measure
 
@@ -580,7 +584,7 @@ def _head_selected(model: nn.Module, free: list[LayerTarget]) -> bool:
 def _probed(
     model: nn.Module, t: LayerTarget, opts: list[Option], energy: float, probe: Sequence[Mapping[str, torch.Tensor]],
     reference: Sequence[torch.Tensor], fn: HeadFisher | None = None, white: TableWeighting | Whitening | None = None,
-    refine_steps: int = 0,
+    refine_steps: int = 0, kl: SwapKL | None = None,
 ) -> list[float]:  # fmt: skip
     """Per option, the ratio of the measured change of the model's output to the predicted one
     (sensitivity x energy x error^2). An embedding's truncation error is not the isotropic noise the
@@ -592,11 +596,13 @@ def _probed(
     forms, picks = probe_picks(opts)
     w = weight_of(t)
     measured: dict[int, tuple[float, float]] = {}  # form -> (its real output change, its error as spend prices it)
+    if kl is None and t.cand.converter.serves_head and is_causal_lm(model):  # the head changes too: the full next-token KL
+        kl = SwapKL(model, probe)
     for k in picks:
         f = make_factors(w, opts[k], white, refine_steps)
         new = factorized(t, f).eval()
-        if t.cand.converter.serves_head and is_causal_lm(model):  # the head changes too: the full next-token KL
-            real = measure_swap_kl(model, [(t.cand.names, new)], probe)
+        if kl is not None:
+            real = kl([(t.cand.names, new)])
         else:
             real = measure_swap(model, t.cand.names, new, probe, reference, fn)
         measured[k] = (real, opts[k].rel_error if white is not None else f.rel_error)  # a weighted table: its weighted error

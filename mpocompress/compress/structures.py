@@ -244,13 +244,17 @@ def mpo_in_reach(w: torch.Tensor, white: Whitening | None, lows: Sequence[Option
     pretrained model) are not weighed; one probe where the MPO wins and they all are. A screen, not a
     proof: another mode order or a D between the probes could still have won there. With
     `refine_steps`, a probe's error is the refined one wherever `_mpo_options` would predict refined
-    errors (calibration, and a layer small enough to measure), so the screen and the forms agree."""
+    errors (calibration, and a layer small enough to measure), so the screen and the forms agree.
+    Every probe is made and measured before any is refined, and the refinements (most of the screen's
+    time) go nearest first, error / best low-rank error ascending, until one wins: the same answer as
+    refining in any order, with fewer refinements where one wins (242 -> 174 on SmolLM2's k/v)."""
     if not lows:
         return True
     ny, nx = w.shape
     smallest = min(o.params for o in lows)
     meter = error_meter(w, white)
     refine = refine_steps if white is not None and ny * nx * nx <= _EVAL_LIMIT else 0
+    losing: list[tuple[float, list[torch.Tensor], float]] = []  # (error / best, cores, best) of each probe low-rank beats
     for n in cores:
         i_modes, o_modes = mode_candidates(nx, ny, n)[0]
         if len(i_modes) < 2:
@@ -267,9 +271,12 @@ def mpo_in_reach(w: torch.Tensor, white: Whitening | None, lows: Sequence[Option
             p = MPOShape.of_cores(dec.cores).param_count
             err = meter(mpo_to_matrix([c.to(torch.float64) for c in dec.cores]))
             best = min((o.rel_error for o in lows if o.params <= p), default=math.inf)
-            if refine and err >= best:  # only refinement could make it win here
-                err = min(err, refine_cores(dec.cores, w, white, steps=refine).errors[-1])
             if err < best:
+                return True
+            losing.append((err / best if best > 0 else math.inf, dec.cores, best))
+    if refine:  # only refinement could make one win
+        for _, cs, best in sorted(losing, key=lambda t: t[0]):
+            if refine_cores(cs, w, white, steps=refine).errors[-1] < best:
                 return True
     return False
 
