@@ -9,6 +9,11 @@ import shutil
 import tempfile
 
 from hypothesis import settings
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # tests in parallel processes (pytest-xdist): the cores shared out, not oversubscribed
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # and the commands that tests start in subprocesses
+    torch.set_num_threads(_THREADS)
 from hypothesis.configuration import set_hypothesis_home_dir
 from hypothesis.database import InMemoryExampleDatabase
 

@@ -146,7 +146,7 @@ def test_plain_text_given_as_a_dataset_suggests_text_and_a_model_file_as_data_is
     assert f"text:{tmp_path / 'calib.txt'}" in line
     run_json("convert", folders / "bert", "-D", "2", "-o", tmp_path / "c.safetensors")
     line = _one_error_line(invoke("evaluate", tmp_path / "c.safetensors", "--data", tmp_path / "c.safetensors"))
-    assert "a model's weights" in line and "text:FILE" in line and len(line) < 400
+    assert "a model's weights" in line and "text:FILE" in line and len(line.replace(str(tmp_path), "TMP")) < 400  # brief, whatever the path
     for cmd in ("finetune", "evaluate", "sweep"):
         assert "text:FILE" in " ".join(invoke(cmd, "--help").stdout.split())
 
