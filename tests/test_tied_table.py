@@ -194,6 +194,47 @@ def test_the_kl_of_a_model_whose_logits_are_more_than_its_head_takes_full_passes
     assert kl([(names, new)]) == measure_swap_kl(model, [(names, new)], batches)
 
 
+def test_a_budgeted_causal_lm_is_calibrated_through_its_base_and_its_final_states_are_not_made_again(tied, monkeypatch):
+    """With a budget, a causal LM's calibration pass runs its base (blocks and final norm; never the
+    head) and keeps the leading batches' final hidden states: the table's weighting, the head's
+    Fisher and the table's measured swaps then run no pass of their own for them. The Grams are those
+    of the pass that stops at the last layer, and the table's weighting that of a fresh `HeadFisher`,
+    bit for bit."""
+    from mpocompress.compress import calibrate
+    from mpocompress.compress.choose import _first_tokens, plan_layers
+    from mpocompress.compress.targets import select_targets
+
+    model = load(tied["llama"])
+    batches = _batches(model, tied["text"])
+    config = CompressionConfig(remove=0.3)
+    targets, _ = select_targets(model, config)
+    made = []
+    call = calibrate.FinalHidden.__call__
+    monkeypatch.setattr(calibrate.FinalHidden, "__call__", lambda self, b: made.append(id(b) not in self._held) or call(self, b))
+    heads, during = [], []
+    handle = model.lm_head.register_forward_hook(lambda *a: heads.append(1))
+    inner = calibrate._collect_grams
+
+    def counted(*args, **kwargs):  # the head's calls during the calibration pass
+        before = len(heads)
+        out = inner(*args, **kwargs)
+        during.append(len(heads) - before)
+        return out
+
+    monkeypatch.setattr(calibrate, "_collect_grams", counted)
+    plan = plan_layers(model, config, targets, batches)
+    handle.remove()
+    assert made and not any(made)  # every final hidden state asked for came from the calibration pass
+    assert during == [0]  # one pass, the head never run
+    mods = {t.cand.name: t.cand.module for t in targets}
+    old = calibrate.collect_grams(model, mods, batches, stop_after=set(mods))
+    assert all(torch.equal(plan.calibration.grams[n], old.grams[n]) for n in mods)
+    fresh = calibrate.HeadFisher(model, _first_tokens(batches, calibrate.FISHER_TOKENS))
+    want = table_weighting(fresh.head_gram, fresh.mean_p)
+    got = plan.tables["model.embed_tokens"]
+    assert torch.equal(got.left, want.left) and torch.equal(got.columns, want.columns)
+
+
 def test_a_tied_table_converts_saves_once_loads_as_one_module_and_exports(tied, tmp_path):
     out = tmp_path / "t.safetensors"
     rep = run_json("convert", str(tied["llama"]), "--layers", "model.embed_tokens", "-D", "16", "--calib", f"text:{tied['text']}",

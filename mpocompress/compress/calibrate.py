@@ -507,6 +507,11 @@ class FinalHidden:
         self.model = model
         self._held: dict[int, tuple[Batch, torch.Tensor]] = {}
 
+    def keep(self, batch: Batch) -> None:
+        """Run the model's base on the batch and keep what it gives (a calibration pass's hooks see its
+        layers' inputs on the way)."""
+        self._held[id(batch)] = (batch, model_output(self.model.base_model, {**batch, "use_cache": False}))
+
     def __call__(self, batch: Batch) -> torch.Tensor:
         if id(batch) not in self._held:
             was_training = self.model.training
@@ -517,6 +522,21 @@ class FinalHidden:
             finally:
                 self.model.train(was_training)
         return self._held[id(batch)][1]
+
+
+def base_runner(model: nn.Module, hidden: FinalHidden, keep: Sequence[Batch]) -> Callable[[int, Batch], object]:
+    """A calibration pass's `run` (see `collect_grams`) for a causal LM whose head is not calibrated:
+    each batch runs through the model's base (its blocks and final norm, never the vocabulary-wide
+    head), and the final hidden states of the batches in `keep` stay in `hidden`, so the head's
+    Fisher and the tied table's measurements need no pass of their own over them."""
+    ids = {id(b) for b in keep}
+
+    def run(k: int, batch: Batch) -> object:
+        if id(batch) in ids:
+            return hidden.keep(batch)
+        return _run(model.base_model, {**batch, "use_cache": False})
+
+    return run
 
 
 def lm_head(model: nn.Module) -> nn.Linear:

@@ -29,6 +29,7 @@ from mpocompress.compress.calibrate import (
     HeadFisher,
     NotDifferentiable,
     SwapKL,
+    base_runner,
     collect_cross,
     collect_grams,
     gradient_sensitivity,
@@ -282,7 +283,7 @@ def plan_layers(
 ) -> LayerPlan:
     """Decide every target's form (without changing the model). With `curves_only`, layers without
     a size asked for are not allocated, only their forms listed (for `analyze`)."""
-    calib = None
+    calib, hidden = None, None
     if batches is not None:
         if len(batches) == 0:
             raise MPOCompressError("the calibration data is empty; give at least one sample")
@@ -290,8 +291,15 @@ def plan_layers(
         head = model.get_output_embeddings() if is_causal_lm(model) else None
         # a causal LM's pass ends at its last selected layer: the vocabulary-wide head is never run for it
         stop = set(mods) if head is not None and all(m is not head for m in mods.values()) else None
-        calib = collect_grams(model, mods, batches, stop_after=stop)
-    plan = LayerPlan([], config, calib, batches)
+        kept = config.budgeted or any(t.cand.converter.serves_head for t in targets)  # the allocator or the table reads them
+        if stop is not None and kept and getattr(model, "base_model", model) is not model:
+            # the base (blocks and final norm, no head) on every batch: the leading batches' final hidden states are kept
+            # for the head's Fisher and the table's measurements, which then need no passes of their own
+            hidden = FinalHidden(model)
+            calib = collect_grams(model, mods, batches, run=base_runner(model, hidden, _first_tokens(batches, SENSITIVITY_TOKENS)))
+        else:
+            calib = collect_grams(model, mods, batches, stop_after=stop)
+    plan = LayerPlan([], config, calib, batches, hidden=hidden)
     plan.screen = not curves_only
     tied = [t for t in targets if t.cand.converter.serves_head]
     if tied:
@@ -300,7 +308,7 @@ def plan_layers(
             "compressed once, serves both ends (never untied)"
         )
         if batches is not None and is_causal_lm(model):
-            plan.hidden = FinalHidden(model)  # the leading batches' final hidden states, shared by the table's measurements
+            plan.hidden = plan.hidden or FinalHidden(model)  # the leading batches' final hidden states, shared by the table's measurements
             fisher = HeadFisher(model, _first_tokens(batches, FISHER_TOKENS), hidden=plan.hidden)
             plan.tables[tied[0].cand.name] = table_weighting(fisher.head_gram, fisher.mean_p)
             del fisher
