@@ -118,6 +118,25 @@ def test_convert_measures_the_output_on_a_probe_and_warns_when_little_is_kept(lo
     assert probe["inputs"].startswith("32 held-out samples of text:") and probe["cosine_mean"] > 0.8
 
 
+def test_the_probe_change_is_compared_a_few_rows_at_a_time_as_whole(monkeypatch):
+    """The probe's relative error and mean cosine, made PROBE_ROWS rows at a time in float64 (3 here:
+    10 rows, a last piece of 1), equal the whole tensors' (seed 0, within 1e-12); the outputs are kept
+    in the model's own dtype, not float64."""
+    from mpocompress.cli import convert
+
+    monkeypatch.setattr(convert, "PROBE_ROWS", 3)
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(5, 7)
+    probe = {"input": torch.randn(10, 5, generator=g)}
+    before = torch.randn(10, 7, generator=g)
+    assert convert._probe_outputs(model, probe).dtype == torch.float32
+    got = convert._probe_change(model, probe, before, "x")
+    with torch.no_grad():
+        a, b = model(probe["input"]).double(), before.double()
+    assert got["output_rel_error"] == pytest.approx(float((a - b).norm() / b.norm()), rel=1e-12)
+    assert got["cosine_mean"] == pytest.approx(float(torch.nn.functional.cosine_similarity(a, b).mean()), rel=1e-12)
+
+
 def test_a_budget_says_what_it_counts(folders, sentences, tmp_path):  # noqa: F811
     model = load(folders / "bert")
     total = sum(p.numel() for p in model.parameters())
