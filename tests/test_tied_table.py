@@ -215,24 +215,48 @@ def test_a_budgeted_causal_lm_is_calibrated_through_its_base_and_its_final_state
     handle = model.lm_head.register_forward_hook(lambda *a: heads.append(1))
     inner = calibrate._collect_grams
 
-    def counted(*args, **kwargs):  # the head's calls during the calibration pass
+    def counted(*args, **kwargs):  # the head's calls during the calibration pass, and its Grams (the allocator drops them)
         before = len(heads)
         out = inner(*args, **kwargs)
-        during.append(len(heads) - before)
+        during.append((len(heads) - before, dict(out.grams)))
         return out
 
     monkeypatch.setattr(calibrate, "_collect_grams", counted)
     plan = plan_layers(model, config, targets, batches)
     handle.remove()
     assert made and not any(made)  # every final hidden state asked for came from the calibration pass
-    assert during == [0]  # one pass, the head never run
+    assert [n for n, _ in during] == [0]  # one pass, the head never run
     mods = {t.cand.name: t.cand.module for t in targets}
     old = calibrate.collect_grams(model, mods, batches, stop_after=set(mods))
-    assert all(torch.equal(plan.calibration.grams[n], old.grams[n]) for n in mods)
+    assert all(torch.equal(during[0][1][n], old.grams[n]) for n in mods)
     fresh = calibrate.HeadFisher(model, _first_tokens(batches, calibrate.FISHER_TOKENS))
     want = table_weighting(fresh.head_gram, fresh.mean_p)
     got = plan.tables["model.embed_tokens"]
     assert torch.equal(got.left, want.left) and torch.equal(got.columns, want.columns)
+
+
+def test_layers_on_one_input_share_one_whitening_and_the_grams_go_once_weighed(tied):
+    """In memory, q/k/v (and gate/up), which read one input, get one whitening, equal to each one's
+    own from a fresh calibration pass (bit for bit); once every layer reading a Gram has its
+    whitening the Gram is dropped (the embedding's token counts stay: its energy reads them)."""
+    from mpocompress.compress import calibrate
+    from mpocompress.compress.choose import plan_layers, white_for
+    from mpocompress.compress.targets import select_targets
+
+    model = load(tied["llama"])
+    batches = _batches(model, tied["text"])
+    config = CompressionConfig(remove=0.3)
+    targets, _ = select_targets(model, config)
+    plan = plan_layers(model, config, targets, batches)
+    whites = plan._whites
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert whites[attn + "q_proj"] is whites[attn + "k_proj"] is whites[attn + "v_proj"]
+    assert whites[mlp + "gate_proj"] is whites[mlp + "up_proj"] and whites[mlp + "down_proj"] is not whites[mlp + "up_proj"]
+    assert [n for n, g in plan.calibration.grams.items() if g.dim() == 2] == [] and "model.embed_tokens" in plan.calibration.grams
+    fresh = calibrate.collect_grams(model, {t.cand.name: t.cand.module for t in targets}, batches)
+    for t in targets:
+        if t.cand.kind == "linear":
+            assert torch.equal(white_for(t, fresh).factor, whites[t.cand.name].factor), t.cand.name
 
 
 def test_a_tied_table_converts_saves_once_loads_as_one_module_and_exports(tied, tmp_path):
