@@ -166,6 +166,25 @@ def test_perplexity_is_the_token_weighted_cross_entropy_and_kl_is_torchs(lms):
     assert torch.allclose(next_token_kl(a, a), torch.zeros(a.shape[:2], dtype=torch.float32), atol=1e-6)
 
 
+def test_scores_read_a_few_scored_positions_at_a_time_as_all_at_once(lms, monkeypatch):
+    """lm_scores reads the logits in place, POSITIONS_PER_CHUNK scored positions at a time: at 7 (chunks
+    that straddle windows and a padded row) every figure equals one chunk's, within 1e-6 (a chunk's
+    cross-entropy is summed in float32: 6e-8 apart measured)."""
+    from mpocompress.train import lm
+
+    model, other = load(lms["llama"]), make_lm("llama", seed=3)
+    ids = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[3, 5:] = 0
+    ds = TokenSet("t", "test", {"input_ids": ids, "attention_mask": mask})
+    whole = lm_scores(model, ds, batch_size=3, reference=other)
+    monkeypatch.setattr(lm, "POSITIONS_PER_CHUNK", 7)
+    parts = lm_scores(model, ds, batch_size=3, reference=other)
+    assert parts["tokens_scored"] == whole["tokens_scored"] == 5 * 11 - 7 and parts["top1_agreement"] == whole["top1_agreement"]
+    for key in ("perplexity", "reference_perplexity", "kl_mean"):
+        assert parts[key] == pytest.approx(whole[key], rel=1e-6), key
+
+
 def test_head_fisher_squared_change_is_twice_the_next_token_kl(lms):
     """For a small change of the final hidden state, |dh L|^2 (the allocator's currency) matches
     2 KL of the next-token distributions to within the spread of the per-token Fisher (the

@@ -62,17 +62,19 @@ def lm_scores(
         for idx in torch.arange(len(dataset)).split(batch_size):
             inputs = dataset.batch(idx, device)
             targets, keep = _scored(inputs)
-            logits = _logits(model, inputs)[:, :-1]
-            ref_logits = _logits(reference, inputs)[:, :-1] if reference is not None else None
-            rows = keep.reshape(-1).nonzero().squeeze(1)
-            flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-            ref_flat = ref_logits.reshape(-1, ref_logits.shape[-1]) if ref_logits is not None else None
-            for part in rows.split(POSITIONS_PER_CHUNK):
+            # the logits (B, L, V) are read in place, a chunk of scored rows at a time: slicing off the last
+            # position and flattening copied them whole (SmolLM2, 4 windows of 512: 0.4 GB per model)
+            logits = _logits(model, inputs)
+            flat = logits.reshape(-1, logits.shape[-1])
+            ref_flat = _logits(reference, inputs).reshape(-1, logits.shape[-1]) if reference is not None else None
+            pos = keep.nonzero()  # (window, position) of each scored target, in order
+            rows, tgt = pos[:, 0] * logits.shape[1] + pos[:, 1], targets[pos[:, 0], pos[:, 1]]
+            for part, t in zip(rows.split(POSITIONS_PER_CHUNK), tgt.split(POSITIONS_PER_CHUNK)):
                 a = flat[part].float()
-                nll += float(F.cross_entropy(a, tgt[part], reduction="sum").double())
+                nll += float(F.cross_entropy(a, t, reduction="sum").double())
                 if ref_flat is not None:
                     b = ref_flat[part].float()
-                    ref_nll += float(F.cross_entropy(b, tgt[part], reduction="sum").double())
+                    ref_nll += float(F.cross_entropy(b, t, reduction="sum").double())
                     kl += float(next_token_kl(a, b).double().sum())
                     same += int((a.argmax(-1) == b.argmax(-1)).sum())
             count += int(rows.numel())
