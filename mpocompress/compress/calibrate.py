@@ -498,6 +498,12 @@ def head_fisher(head: nn.Linear, h: torch.Tensor, reduce: Callable[[list[torch.T
     return vecs * vals.clamp_min(0).sqrt(), mean_p
 
 
+def final_states(base: nn.Module, batch: Batch) -> torch.Tensor:
+    """What a causal LM's base (its blocks and final norm: what the head reads) gives on a batch, in
+    float64, padding left out, no key/value cache kept."""
+    return model_output(base, {**batch, "use_cache": False})
+
+
 class FinalHidden:
     """A causal LM's final hidden states (what its head reads: its base's output in float64, padding
     left out) on calibration batches, the original model's, each batch's computed once however often
@@ -511,8 +517,8 @@ class FinalHidden:
 
     def keep(self, batch: Batch) -> None:
         """Run the model's base on the batch and keep what it gives (a calibration pass's hooks see its
-        layers' inputs on the way)."""
-        self._held[id(batch)] = (batch, model_output(self.model.base_model, {**batch, "use_cache": False}))
+        layers' inputs on the way; the caller has the model in eval mode, without gradients)."""
+        self._held[id(batch)] = (batch, final_states(self.model.base_model, batch))
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         if id(batch) not in self._held:
@@ -520,7 +526,7 @@ class FinalHidden:
             self.model.eval()
             try:
                 with torch.no_grad():
-                    self._held[id(batch)] = (batch, model_output(self.model.base_model, {**batch, "use_cache": False}))
+                    self.keep(batch)
             finally:
                 self.model.train(was_training)
         return self._held[id(batch)][1]
@@ -574,7 +580,7 @@ class HeadFisher:
         self.tokens = int(h.shape[0])
 
     def _hidden(self, batch: Batch) -> torch.Tensor:
-        return model_output(self.base, {**batch, "use_cache": False})
+        return final_states(self.base, batch)
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return self._hidden(batch) @ self.root
@@ -868,7 +874,7 @@ class SwapKL:
             with torch.no_grad():
                 y = main_output(_run(self.model, {**one, "use_cache": False}))
                 full = _real_rows(y, _row_mask(one)).float()
-                via = self.head(model_output(self.model.base_model, {**one, "use_cache": False}).to(full.dtype))
+                via = self.head(final_states(self.model.base_model, one).to(full.dtype))
         finally:
             self.model.train(was_training)
         return full.shape == via.shape and bool((full - via).abs().max() <= 1e-4 * max(1.0, float(full.abs().max())))
@@ -891,7 +897,7 @@ class SwapKL:
             head = self.model.get_output_embeddings()
             for batch, h0 in zip(self.batches, originals):
                 samples += int(next(iter(batch.values())).shape[0])
-                h = model_output(self.model.base_model, {**batch, "use_cache": False})
+                h = final_states(self.model.base_model, batch)
                 for a, b in zip(h0.split(KL_CHUNK), h.split(KL_CHUNK)):
                     total += twice_kl(self.head(a.to(dtype)), head(b.to(dtype)))
         finally:

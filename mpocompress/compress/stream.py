@@ -54,6 +54,7 @@ from mpocompress.compress.calibrate import (
     block_hidden,
     capture_block_inputs,
     collect_grams,
+    final_states,
     head_fisher,
     lm_head,
     model_output,
@@ -681,7 +682,7 @@ class _Backward:
         with _past_the_blocks(stack, given, self.stream.wrapped):
             for p in self.probe:
                 given[:] = [self.stream.store.get((side, p.b))]
-                out.append(model_output(net, {**p.batch, "use_cache": False}))
+                out.append(final_states(net, p.batch))
         return out
 
     @torch.no_grad()
