@@ -232,7 +232,7 @@ def test_a_streamed_budget_prices_the_tied_table_as_in_memory(tmp_path, monkeypa
     spy(choose, "memory")
     config = build_config([], [], [], [], None, None, "lowrank", None, None, True, 0.3, "model")
     report = _streamed(folder, config, _batches(2048), tmp_path / "s.safetensors")
-    model, mem = _in_memory(folder, dataclasses.replace(config, sequential=True), _batches(2048))
+    model, mem = _in_memory(folder, dataclasses.replace(config, sequential=True, calib_dtype="float32"), _batches(2048))
     a, b = seen["stream"], seen["memory"]
     assert a["forms"] == b["forms"] and len(a["forms"]) >= 5
     assert len(set(a["costs"])) >= 5  # the probed forms and those between them
@@ -263,7 +263,7 @@ def test_streamed_analyze_shows_what_the_streamed_convert_does(folders, tmp_path
     assert ranks and ranks == {lr["name"]: lr["bond_dims"] for lr in conv["layers"]}
     assert rep["params_model_after"] == conv["params_model_after"] < rep["params_model_before"]
     assert rep["applied"] is False and sorted(p.name for p in folders["llama"].iterdir()) == before
-    mem = run_json("analyze", folders["llama"], "--remove", "0.3", *common)
+    mem = run_json("analyze", folders["llama"], "--remove", "0.3", *common, "--calib-dtype", "float32")  # the stream's passes are float32
     # 2 blocks x 7 projections and the tied table, which a budget offers in both paths
     assert sorted(rep["curves"]) == sorted(mem["curves"]) and len(rep["curves"]) == 15 and "model.embed_tokens" in rep["curves"]
     for name, forms in mem["curves"].items():

@@ -12,6 +12,7 @@ from mpocompress.cli.common import (
     ARCH_OPT,
     BOND_OPT,
     CALIB_DATA_DIR_OPT,
+    CALIB_DTYPE_OPT,
     CALIB_OPT,
     CALIB_SAMPLES_OPT,
     COMPUTE_DEVICE_OPT,
@@ -65,6 +66,7 @@ def analyze(
     max_error: str | None = MAX_ERROR_OPT,
     calib: str | None = CALIB_OPT,
     calib_samples: int | None = CALIB_SAMPLES_OPT,
+    calib_dtype: str = CALIB_DTYPE_OPT,
     max_length: int | None = MAX_LENGTH_OPT,
     data_dir: Path | None = CALIB_DATA_DIR_OPT,
     stream: bool = typer.Option(False, "--stream", help="Read a Hugging Face folder of safetensors weights block by block, as convert --stream does: "
@@ -95,9 +97,10 @@ def analyze(
       mpocompress analyze MODEL_DIR --stream --calib text:sentences.txt --remove 0.3
       mpocompress analyze runs/fc2.safetensors --bond-dim 8
     """
-    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, remove=remove, budget_of=budget_of)
+    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, remove=remove, budget_of=budget_of,
+                          calib_dtype=calib_dtype)  # fmt: skip
     sample = parse_input_shape(input_shape)
-    check_stream_options(stream, offload, calib)
+    check_stream_options(stream, offload, calib, calib_dtype)
     if dist_env().distributed:
         fail("analyze runs in one process; launch it without torchrun")
     err = make_err_console()

@@ -15,6 +15,7 @@ from mpocompress.cli.common import (
     ARCH_OPT,
     BOND_OPT,
     CALIB_DATA_DIR_OPT,
+    CALIB_DTYPE_OPT,
     CALIB_OPT,
     CALIB_SAMPLES_OPT,
     COMPUTE_DEVICE_OPT,
@@ -80,6 +81,7 @@ def convert(
     calib_samples: int | None = CALIB_SAMPLES_OPT,
     sequential: bool = SEQUENTIAL_OPT,
     try_mpo: bool = TRY_MPO_OPT,
+    calib_dtype: str = CALIB_DTYPE_OPT,
     max_length: int | None = MAX_LENGTH_OPT,
     data_dir: Path | None = CALIB_DATA_DIR_OPT,
     stream: bool = STREAM_OPT,
@@ -104,7 +106,8 @@ def convert(
       mpocompress convert MODEL_DIR --calib text:sentences.txt --remove 0.3 -o small.safetensors
       mpocompress convert runs/fc2.safetensors --bond-dim 8 -o runs/fc2_d8.safetensors
     """
-    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, sequential, remove, budget_of, try_mpo)
+    config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, sequential, remove, budget_of, try_mpo,
+                          calib_dtype)  # fmt: skip
     if output is None:
         fail("convert needs an output file: add -o OUT.safetensors")
     if config.bond_dim is None and config.eps is None and not config.bond_dims and not config.allocating:
@@ -113,7 +116,7 @@ def convert(
         fail("--sequential calibrates layer by layer and needs --calib DATA")
     if try_mpo and calib is None:
         fail("--try-mpo compares each MPO with the low-rank form on the layers' real inputs and needs --calib DATA")
-    check_stream_options(stream, offload, calib)
+    check_stream_options(stream, offload, calib, calib_dtype)
     shard_bytes = parse_shard_size(shard_size)
     out = check_output_path(output, force, inputs=(model,), folder=shard_bytes is not None)
     err = make_err_console()

@@ -18,11 +18,17 @@ For a causal language model the output is measured in the currency of next-token
 (`HeadFisher`): the final hidden state times a square root of the LM head's Fisher information,
 averaged over calibration tokens, so a squared change is (to second order) twice the KL between
 the next-token distributions; the 49k-wide logits are never kept.
+
+The passes' matrix products may run in bfloat16 (`pass_precision`, `--calib-dtype`): autocast
+around the model's own call only, so every statistic the hooks gather, and every product of ours,
+stays in float32/float64; the layers' inputs a bfloat16 product made are widened before they are
+summed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -68,10 +74,79 @@ def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x
 
 
+CALIB_DTYPES = ("auto", "float32", "bfloat16")
+_PASS_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("pass_dtype", default=None)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports it, or
+    an x86 CPU with AVX512-BF16 or AMX (there oneDNN's bfloat16 GEMMs run about 4x float32's)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def resolve_pass_dtype(choice: str, model: nn.Module) -> torch.dtype | None:
+    """The dtype of the calibration passes' matrix products for --calib-dtype `choice` (None: the
+    model's own). A float32 model on a device with native bfloat16 runs them in bfloat16 under
+    "auto"; a model in another dtype always runs in its own."""
+    if choice not in CALIB_DTYPES:
+        raise MPOCompressError(f"unknown calibration dtype {choice!r}; choose {', '.join(CALIB_DTYPES)}")
+    p = next(model.parameters(), None)
+    if choice == "float32" or p is None or p.dtype != torch.float32:
+        return None
+    return torch.bfloat16 if choice == "bfloat16" or native_bf16(p.device) else None
+
+
+def precision_note(dtype: torch.dtype, asked: str) -> str:
+    """What the report says when the calibration passes ran narrower than the model."""
+    why = "this device multiplies it natively" if asked == "auto" else "--calib-dtype"
+    return (f"the calibration passes multiplied in {str(dtype).removeprefix('torch.')} ({why}); the statistics and the "
+            "factorizations are float32/float64 (--calib-dtype float32 for passes in float32)")
+
+
+@contextlib.contextmanager
+def pass_precision(dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block, the model's calibration passes (`_run`) run under autocast to `dtype`
+    (None: as the model is). Autocast covers the model's call only: hooks run without it."""
+    token = _PASS_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _PASS_DTYPE.reset(token)
+
+
+def _autocast(model: nn.Module) -> contextlib.AbstractContextManager:
+    dtype = _PASS_DTYPE.get()
+    if dtype is None:
+        return contextlib.nullcontext()
+    p = next(model.parameters(), None)
+    return torch.autocast(p.device.type if p is not None else "cpu", dtype=dtype)
+
+
 @contextlib.contextmanager
 def _input_hooks(modules: Mapping[str, nn.Module], fn: Callable[[str, nn.Module, torch.Tensor], None]) -> Iterator[None]:
-    """fn(name, module, input) on every call of the named modules, for the block's duration."""
-    handles = [mod.register_forward_pre_hook(lambda m, args, n=name: fn(n, m, args[0])) for name, mod in modules.items()]
+    """fn(name, module, input) on every call of the named modules, for the block's duration. Under
+    a bfloat16 pass, fn runs without autocast and gets the input widened to float32 (one tensor
+    widened once, so layers reading one input still get one tensor)."""
+    narrow = _PASS_DTYPE.get()
+    widened: list = [None, None]
+
+    def call(name: str, mod: nn.Module, x: torch.Tensor) -> None:
+        if narrow is None:
+            fn(name, mod, x)
+            return
+        if x.dtype == narrow:
+            if widened[0] is not x:
+                widened[:] = [x, x.float()]
+            x = widened[1]
+        with torch.autocast(x.device.type, enabled=False):
+            fn(name, mod, x)
+
+    handles = [mod.register_forward_pre_hook(lambda m, args, n=name: call(n, m, args[0])) for name, mod in modules.items()]
     try:
         yield
     finally:
@@ -81,7 +156,8 @@ def _input_hooks(modules: Mapping[str, nn.Module], fn: Callable[[str, nn.Module,
 
 def _run(model: nn.Module, batch: Batch) -> object:
     try:
-        return call_with(model, batch)
+        with _autocast(model):
+            return call_with(model, batch)
     except _Stop:
         return None
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
@@ -874,7 +950,9 @@ class SwapKL:
             with torch.no_grad():
                 y = main_output(_run(self.model, {**one, "use_cache": False}))
                 full = _real_rows(y, _row_mask(one)).float()
-                via = self.head(final_states(self.model.base_model, one).to(full.dtype))
+                h = final_states(self.model.base_model, one).float()
+                with _autocast(self.model):  # the head as the full pass runs it (bfloat16 under a bfloat16 pass)
+                    via = self.head(h).float()
         finally:
             self.model.train(was_training)
         return full.shape == via.shape and bool((full - via).abs().max() <= 1e-4 * max(1.0, float(full.abs().max())))
@@ -955,7 +1033,10 @@ def capture_block_inputs(net: nn.Module, first: nn.Module, batches: Sequence[Bat
     got: list[tuple[torch.Tensor, tuple, dict]] = []
 
     def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-        got.append((args[0].detach(), args[1:], kwargs))
+        h = args[0].detach()
+        if _PASS_DTYPE.get() is not None and h.dtype == _PASS_DTYPE.get():  # the blocks then run as the model is
+            h = h.float()
+        got.append((h, args[1:], kwargs))
         raise _Stop
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)

@@ -65,6 +65,7 @@ class CompressionConfig:
     budget_of: str = "model"  # what target_params counts: "model" (its size after) or "selected" (the selected layers')
     try_mpo: bool = False  # with calibration: each low-rank layer made is offered a 4-core MPO of no more parameters,
     # refined TRY_MPO_REFINE times longer, and takes it where its calibrated error is lower
+    calib_dtype: str = "auto"  # the calibration passes' products: auto (bfloat16 where the device has it natively) | float32 | bfloat16
 
     def __post_init__(self) -> None:
         for what, d in [("bond dimension", self.bond_dim), *((f"bond dimension of {k}", v) for k, v in self.bond_dims.items())]:
@@ -99,6 +100,8 @@ class CompressionConfig:
             raise MPOCompressError(f"MPO core counts must be whole numbers in 1..8, got {self.mpo_cores!r}")
         if self.try_mpo and self.structure == "mpo":
             raise MPOCompressError("--try-mpo offers MPOs to the layers made low-rank, and --structure mpo makes none low-rank; drop one of them")
+        if self.calib_dtype not in ("auto", "float32", "bfloat16"):
+            raise MPOCompressError(f"unknown --calib-dtype {self.calib_dtype!r}; choose auto, float32 or bfloat16")
         if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise MPOCompressError(f"refinement steps must be a whole number >= 0, got {self.refine_steps!r}")
         for pattern in (*self.layers, *self.exclude, *self.bond_dims, *self.shapes):
@@ -157,6 +160,7 @@ class CompressionConfig:
             "remove": self.remove,
             "budget_of": self.budget_of,
             "try_mpo": self.try_mpo,
+            "calib_dtype": self.calib_dtype,
         }
 
     @classmethod
@@ -179,4 +183,5 @@ class CompressionConfig:
             remove=d.get("remove"),
             budget_of=d.get("budget_of", "model"),
             try_mpo=d.get("try_mpo", False),
+            calib_dtype=d.get("calib_dtype", "auto"),
         )
