@@ -2,9 +2,10 @@
 backward, against the dense product in float64 on the CPU; the batched step's own backward against
 autograd's; `optimize_for_inference` on the device; the commands a user runs on the device (a tiny
 Llama converted, healed by distillation with `finetune --device`, evaluated with `evaluate --device`;
-`convert --calib` and `convert --stream` with `--device` against the same on the CPU, and streamed into shards
-against the one file; `analyze --stream --device`;
-`export --format onnx|pt2 --device`, the pt2 program then run on the CPU against the model);
+`convert --calib` and `convert --stream` with `--device` against the same on the CPU (float32
+passes), `convert --calib-dtype bfloat16 --device`, and streamed into shards against the one file;
+`analyze --stream --device`; `export --format onnx|pt2 --device`, the pt2 program then run on the
+CPU against the model);
 and a short timing of plans at batch 1 and 512.
 
     python benchmarks/gpu_check.py                 # on a machine with a CUDA GPU (about a minute)
@@ -148,11 +149,14 @@ def commands(device: torch.device, failures: list[str]) -> None:
             ("evaluate --device", ["evaluate", str(d / "h.safetensors"), "--data", f"text:{text}", "--max-samples", "300",
                                    "--max-length", "32", "--reference", str(folder), "--device", str(device.type), "--json"]),
         ]  # fmt: skip
-        calib = ["--calib", f"text:{text}", "--calib-samples", "64", "--max-length", "32", "--structure", "lowrank", "-D", "4"]
+        # float32 passes: the device's and the CPU's bfloat16 products differ by more than the tolerance
+        calib = ["--calib", f"text:{text}", "--calib-samples", "64", "--max-length", "32", "--structure", "lowrank", "-D", "4", "--calib-dtype", "float32"]
         for tag, extra in (("", []), (" --stream", ["--stream"])):  # calibrated on the device, against the same on the CPU
             for dev in dict.fromkeys((device.type, "cpu")):  # once on a CPU-only run
                 steps.append((f"convert --calib{tag} --device {dev}", ["convert", str(folder), *calib, *extra, "--device", dev,
                                                                         "-o", str(d / f"c{tag.strip()}-{dev}.safetensors")]))  # fmt: skip
+        steps.append((f"convert --calib --calib-dtype bfloat16 --device {device.type}",  # the passes under autocast on the device
+                      ["convert", str(folder), *calib[:-2], "--calib-dtype", "bfloat16", "--device", device.type, "-o", str(d / "c-bf16.safetensors")]))
         steps.append((f"convert --calib --stream --shard-size --device {device.type}",
                       ["convert", str(folder), *calib, "--stream", "--device", device.type, "--shard-size", "40KB", "-o", str(d / "c-shards")]))
         steps.append(("analyze --stream --device", ["analyze", str(folder), "--stream", "--calib", f"text:{text}", "--calib-samples", "64",
