@@ -34,6 +34,8 @@ from mpocompress.train.distill import agreement
 from mpocompress.train.lm import greedy_continuation, lm_scores
 from mpocompress.utils import is_causal_lm
 
+TEXT_BATCH = 64  # text samples per forward pass by default
+
 PREFER_HELP = (
     "Run the model as it would be served and report its resident weights and time: each MPO layer's "
     "contraction plan is timed on the first batch and the fastest kept. memory: nothing is kept besides "
@@ -52,7 +54,7 @@ def evaluate(
     image_size: int | None = IMAGE_SIZE_OPT,
     channels: int | None = CHANNELS_OPT,
     normalize: str | None = NORMALIZE_OPT,
-    batch_size: int | None = typer.Option(None, "--batch-size", metavar="B", help="Samples per forward pass. [default: 1000; 4 windows for a causal LM]", show_default=False),
+    batch_size: int | None = typer.Option(None, "--batch-size", metavar="B", help="Samples per forward pass. [default: 1000 images; 64 text samples; 4 windows for a causal LM]", show_default=False),
     device: str = EVAL_DEVICE_OPT,
     reference: Path | None = typer.Option(None, "--reference", metavar="ORIGINAL", help="Also measure agreement with this model (usually the uncompressed original): cosine of pooled outputs, relative output error, top-1 agreement for classifiers.", show_default=False),
     reference_arch: str | None = typer.Option(None, "--reference-arch", metavar="SPEC", help="Architecture of ORIGINAL when it is a state_dict (default: that of MODEL).", show_default=False),
@@ -95,9 +97,10 @@ def evaluate(
         return
     if prompt:
         raise MPOCompressError(f"--prompt continues text with a causal language model; {model} is not one")
-    batch_size = batch_size or 1000
     choice = choose_data(data, image_size, channels, normalize, (loaded.metadata or {}).get("data"), str(model), data_dir, loaded.model)
     data = choice.name
+    # text: a transformer's activations grow with samples x tokens (1,000 sentences at once held 5 GB for MiniLM)
+    batch_size = batch_size or (TEXT_BATCH if is_unlabelled(data) else 1000)
     rep: dict = {"model": str(model), "arch": loaded.arch}
     if is_unlabelled(data):
         if ref_model is None:
