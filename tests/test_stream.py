@@ -36,7 +36,8 @@ TESTS = Path(__file__).parent
 
 
 def _config(bond=("8",), structure="lowrank", remove=None, eps=None):
-    return build_config(list(bond), [], [], [], eps, None, structure, None, None, True, remove, "model")
+    # float32 passes: the identities below are the algorithm's (bfloat16 passes: tests/test_calib_dtype.py)
+    return build_config(list(bond), [], [], [], eps, None, structure, None, None, True, remove, "model", calib_dtype="float32")
 
 
 def _batches(vocab=257, seed=0):
@@ -230,9 +231,9 @@ def test_a_streamed_budget_prices_the_tied_table_as_in_memory(tmp_path, monkeypa
 
     spy(stream_mod, "stream")
     spy(choose, "memory")
-    config = build_config([], [], [], [], None, None, "lowrank", None, None, True, 0.3, "model")
+    config = build_config([], [], [], [], None, None, "lowrank", None, None, True, 0.3, "model", calib_dtype="float32")
     report = _streamed(folder, config, _batches(2048), tmp_path / "s.safetensors")
-    model, mem = _in_memory(folder, dataclasses.replace(config, sequential=True, calib_dtype="float32"), _batches(2048))
+    model, mem = _in_memory(folder, dataclasses.replace(config, sequential=True), _batches(2048))
     a, b = seen["stream"], seen["memory"]
     assert a["forms"] == b["forms"] and len(a["forms"]) >= 5
     assert len(set(a["costs"])) >= 5  # the probed forms and those between them
@@ -255,7 +256,7 @@ def test_streamed_analyze_shows_what_the_streamed_convert_does(folders, tmp_path
     layers at the same ranks, the same size), curves equal to the in-memory analyze's (the first pass
     runs the original blocks on the original inputs, as the in-memory pass does) within 1e-6, and
     writes nothing; without a budget it shows the curves and no allocation."""
-    common = ["--calib", f"text:{folders['text']}", "--max-length", "32", "--structure", "lowrank"]
+    common = ["--calib", f"text:{folders['text']}", "--max-length", "32", "--structure", "lowrank", "--calib-dtype", "float32"]
     before = sorted(p.name for p in folders["llama"].iterdir())
     rep = run_json("analyze", folders["llama"], "--stream", "--remove", "0.3", *common)
     conv = run_json("convert", folders["llama"], "--stream", "--remove", "0.3", *common, "-o", tmp_path / "c.safetensors")
@@ -263,7 +264,7 @@ def test_streamed_analyze_shows_what_the_streamed_convert_does(folders, tmp_path
     assert ranks and ranks == {lr["name"]: lr["bond_dims"] for lr in conv["layers"]}
     assert rep["params_model_after"] == conv["params_model_after"] < rep["params_model_before"]
     assert rep["applied"] is False and sorted(p.name for p in folders["llama"].iterdir()) == before
-    mem = run_json("analyze", folders["llama"], "--remove", "0.3", *common, "--calib-dtype", "float32")  # the stream's passes are float32
+    mem = run_json("analyze", folders["llama"], "--remove", "0.3", *common)
     # 2 blocks x 7 projections and the tied table, which a budget offers in both paths
     assert sorted(rep["curves"]) == sorted(mem["curves"]) and len(rep["curves"]) == 15 and "model.embed_tokens" in rep["curves"]
     for name, forms in mem["curves"].items():

@@ -100,7 +100,7 @@ def analyze(
     config = build_config(bond_dim, shape, layers, exclude, eps, cores, structure, target_params, max_error, remove=remove, budget_of=budget_of,
                           calib_dtype=calib_dtype)  # fmt: skip
     sample = parse_input_shape(input_shape)
-    check_stream_options(stream, offload, calib, calib_dtype)
+    check_stream_options(stream, offload, calib)
     if dist_env().distributed:
         fail("analyze runs in one process; launch it without torchrun")
     err = make_err_console()

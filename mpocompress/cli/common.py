@@ -252,7 +252,7 @@ MAX_ERROR_OPT = typer.Option(None, "--max-error", metavar="E", help="Largest rel
 CALIB_OPT = typer.Option(None, "--calib", metavar="DATA", help="Calibration data (anything --data accepts: a dataset name, a tensors file, a folder of images, text:FILE for a text model). Factorizations then minimize each layer's error on its real inputs.", show_default=False)
 CALIB_SAMPLES_OPT = typer.Option(None, "--calib-samples", metavar="N", help="Samples of --calib to use (the first N of its training split). [default: 512; for a causal LM 64 windows of --max-length tokens]", show_default=False)
 TRY_MPO_OPT = typer.Option(False, "--try-mpo", help="With --calib: offer every layer made low-rank a 4-core MPO of no more parameters, refined 10x longer, and keep the MPO where its error on the calibration inputs is lower (slower: a short MPO fit per low-rank layer, a long one where the short one comes close).")
-CALIB_DTYPE_OPT = typer.Option("auto", "--calib-dtype", metavar="auto|float32|bfloat16", help="Precision of the calibration passes' matrix products (autocast; the statistics and factorizations stay float32/float64): auto takes bfloat16 for a float32 model on a device that multiplies it natively (a CUDA GPU with bfloat16, an x86 CPU with AVX512-BF16 or AMX; about 2x faster passes there), else float32. The block-by-block passes of --sequential and --stream run in float32.")
+CALIB_DTYPE_OPT = typer.Option("auto", "--calib-dtype", metavar="auto|float32|bfloat16", help="Precision of the calibration passes' matrix products (autocast; the statistics and factorizations stay float32/float64): auto takes bfloat16 for a float32 model on a device that multiplies it natively (a CUDA GPU with bfloat16, an x86 CPU with AVX512-BF16 or AMX; about 2x faster passes there), else float32; the block-by-block passes of --sequential and --stream too.")
 SEQUENTIAL_OPT = typer.Option(False, "--sequential", help="Calibrate each layer on the inputs the already compressed layers give it (slower: a pass per layer group), so errors do not compound.")
 MAX_LENGTH_OPT = typer.Option(None, "--max-length", metavar="N", help="Tokens per sample of text:FILE data: a causal LM's text is one stream cut into windows of N tokens, other models' lines are cut at N. [default: 512 for a causal LM, else 128; at most the model's positions]", show_default=False)
 CALIB_DATA_DIR_OPT = typer.Option(None, "--data-dir", metavar="DIR", help="Folder with the dataset files of --calib (default: $MPOCOMPRESS_DATA, else ./data).", show_default=False)
@@ -264,17 +264,14 @@ JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout i
 COMPUTE_DEVICE_OPT = typer.Option("auto", "--device", metavar="auto|cpu|cuda", help="Where the calibration passes, statistics and factorizations run: auto takes a CUDA GPU when there is one. The model is read and written through CPU memory either way; activations run in the model's dtype, statistics in float64.")
 
 
-def check_stream_options(stream: bool, offload: str | None, calib: str | None, calib_dtype: str = "auto") -> None:
-    """--stream's companions: --offload only with it, cpu or disk; --calib always with it; its
-    passes in float32 (--calib-dtype bfloat16 is for the in-memory passes)."""
+def check_stream_options(stream: bool, offload: str | None, calib: str | None) -> None:
+    """--stream's companions: --offload only with it, cpu or disk; --calib always with it."""
     if offload is not None and offload not in ("cpu", "disk"):
         fail(f"--offload must be cpu or disk, got {offload!r}")
     if offload is not None and not stream:
         fail("--offload says where --stream keeps the hidden states between blocks; add --stream")
     if stream and calib is None:
         fail("--stream calibrates block by block and needs --calib DATA (text:FILE for a language model)")
-    if stream and calib_dtype == "bfloat16":
-        fail("--calib-dtype bfloat16 is for the in-memory passes: a streamed conversion calibrates in float32; drop --calib-dtype or --stream")
 
 
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

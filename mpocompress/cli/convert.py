@@ -116,7 +116,7 @@ def convert(
         fail("--sequential calibrates layer by layer and needs --calib DATA")
     if try_mpo and calib is None:
         fail("--try-mpo compares each MPO with the low-rank form on the layers' real inputs and needs --calib DATA")
-    check_stream_options(stream, offload, calib, calib_dtype)
+    check_stream_options(stream, offload, calib)
     shard_bytes = parse_shard_size(shard_size)
     out = check_output_path(output, force, inputs=(model,), folder=shard_bytes is not None)
     err = make_err_console()

@@ -1055,8 +1055,18 @@ def capture_block_inputs(net: nn.Module, first: nn.Module, batches: Sequence[Bat
 
 
 def block_hidden(out: object) -> torch.Tensor:
-    """The hidden states a transformer block returns: alone, or first in a tuple."""
-    return out[0] if isinstance(out, (tuple, list)) else out
+    """The hidden states a transformer block returns: alone, or first in a tuple (widened to float32
+    when a narrow pass made them so: kept hidden states stay in the model's dtype)."""
+    h = out[0] if isinstance(out, (tuple, list)) else out
+    narrow = _PASS_DTYPE.get()
+    return h.float() if narrow is not None and h.dtype == narrow else h
+
+
+def call_block(block: nn.Module, hidden: torch.Tensor, args: Sequence[object], kwargs: Mapping[str, object]) -> object:
+    """One transformer block on hidden states, as a calibration pass runs the model (`_run`): under
+    autocast to the pass's dtype, if any."""
+    with _autocast(block):
+        return block(hidden, *args, **kwargs)
 
 
 class BlockStream:
@@ -1107,7 +1117,7 @@ class BlockStream:
     def run(self, side: int, b: int) -> torch.Tensor:
         """The current block of one side on batch b's kept inputs: its output hidden states."""
         args, kwargs = self.extra[side][b]
-        out = self.stacks[side][self.index](self.store.get((side, b)), *args, **kwargs)
+        out = call_block(self.stacks[side][self.index], self.store.get((side, b)), args, kwargs)
         self.wrapped = isinstance(out, (tuple, list))  # what the blocks return: their hidden states alone, or first
         return block_hidden(out)
 

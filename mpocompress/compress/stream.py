@@ -52,14 +52,18 @@ from mpocompress.compress.calibrate import (
     _real_rows,
     _row_mask,
     block_hidden,
+    call_block,
     capture_block_inputs,
     collect_grams,
     final_states,
     head_fisher,
     lm_head,
     model_output,
+    pass_precision,
+    precision_note,
     projection_grid,
     projection_rows,
+    resolve_pass_dtype,
     twice_kl,
 )
 from mpocompress.compress.choose import (
@@ -223,15 +227,19 @@ def stream_compress_(
         )
     allocated: dict[str, Decision] = {}
     plan = LayerPlan([], config, None, batches)
-    try:
-        if free:
-            allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks,
-                                           None, device, plan.tables)  # fmt: skip
-        _compress_streamed(model, config, batches, masks, per_block, allocated, load_block, write_block, store, plan, ranks, device)
-    finally:
-        store.close()
+    narrow = resolve_pass_dtype(config.calib_dtype, model)  # the outside parts are on the device now
+    with pass_precision(narrow):
+        try:
+            if free:
+                allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks,
+                                               None, device, plan.tables)  # fmt: skip
+            _compress_streamed(model, config, batches, masks, per_block, allocated, load_block, write_block, store, plan, ranks, device)
+        finally:
+            store.close()
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, applied=True, model_after=count_params(model))
     report.notes += notes + plan.notes
+    if narrow is not None:
+        report.notes.append(precision_note(narrow, config.calib_dtype))
     return report
 
 
@@ -314,41 +322,45 @@ def stream_analyze(
     notes = [f"streamed block by block through the {len(per_block)} blocks of {blocks}: the original blocks on the original inputs"]
     curves: dict[str, list] = {}
     plan = LayerPlan([], config, None, batches)
-    try:
-        decided = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks, curves, device,
-                                     plan.tables)  # fmt: skip
-        made = {n: d for n, d in decided.items() if d.option is not None}
-        for name, white in plan.tables.items():  # the tied table, outside the blocks
-            if name in made:
-                t = made[name].target
-                plan.layers.append(report_of(t, ranks.deal(lambda t=t, white=white: _make(t, made[t.cand.name].option, white, config.refine_steps))))
-        last = max((i for i, ts in enumerate(per_block) if any(t.cand.name in made for t in ts)), default=-1)
-        if last >= 0:
-            stream = BlockStream(blocks, (stack,), [capture_block_inputs(model, stack[0], batches)], masks, store)
-            for i in range(last + 1):
-                block, ts = stack[i], [t for t in per_block[i] if t.cand.name in made]
-                status(f"making the chosen forms of block {i + 1}/{len(stack)}")
-                with _block_memory(f"{prefix}{i}", block, ts, stream, sides=1):
-                    _load(load_block, block, f"{prefix}{i}", device)
-                    if ts:
-                        cal = _summed_grams(_block_grams(stream, 0, block, ts, batches, prefix), ranks)
-                        for t in ts:
-                            f = ranks.deal(lambda t=t, cal=cal: _make(t, made[t.cand.name].option, white_for(t, cal, spend=True), config.refine_steps))
-                            plan.layers.append(report_of(t, f))
-                            for table in (cal.grams, cal.sums):
-                                table.pop(t.cand.name, None)
-                        del cal
-                    if i < last:
-                        stream.advance()
-                _release(block)
-    finally:
-        store.close()
+    narrow = resolve_pass_dtype(config.calib_dtype, model)  # the outside parts are on the device now
+    with pass_precision(narrow):
+        try:
+            decided = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks, curves, device,
+                                         plan.tables)  # fmt: skip
+            made = {n: d for n, d in decided.items() if d.option is not None}
+            for name, white in plan.tables.items():  # the tied table, outside the blocks
+                if name in made:
+                    t = made[name].target
+                    plan.layers.append(report_of(t, ranks.deal(lambda t=t, white=white: _make(t, made[t.cand.name].option, white, config.refine_steps))))
+            last = max((i for i, ts in enumerate(per_block) if any(t.cand.name in made for t in ts)), default=-1)
+            if last >= 0:
+                stream = BlockStream(blocks, (stack,), [capture_block_inputs(model, stack[0], batches)], masks, store)
+                for i in range(last + 1):
+                    block, ts = stack[i], [t for t in per_block[i] if t.cand.name in made]
+                    status(f"making the chosen forms of block {i + 1}/{len(stack)}")
+                    with _block_memory(f"{prefix}{i}", block, ts, stream, sides=1):
+                        _load(load_block, block, f"{prefix}{i}", device)
+                        if ts:
+                            cal = _summed_grams(_block_grams(stream, 0, block, ts, batches, prefix), ranks)
+                            for t in ts:
+                                f = ranks.deal(lambda t=t, cal=cal: _make(t, made[t.cand.name].option, white_for(t, cal, spend=True), config.refine_steps))
+                                plan.layers.append(report_of(t, f))
+                                for table in (cal.grams, cal.sums):
+                                    table.pop(t.cand.name, None)
+                            del cal
+                        if i < last:
+                            stream.advance()
+                    _release(block)
+        finally:
+            store.close()
     order = {t.cand.name: k for k, t in enumerate(targets)}
     plan.decisions = sorted(decided.values(), key=lambda d: order[d.target.cand.name])
     after = before - sum(t.cand.numel for t in targets if t.cand.name in made) + sum(lr.params_mpo for lr in plan.layers)
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, False, after)
     report.curves = curves_of(curves)
     report.notes += notes
+    if narrow is not None:
+        report.notes.append(precision_note(narrow, config.calib_dtype))
     if not made and not config.allocating:
         report.notes.append(CURVES_ONLY)
     return report
@@ -579,7 +591,7 @@ class _Backward:
         block = self.stream.stacks[0][i]
         block.eval()
         for p in self.probe:
-            out = block(self.stream.store.get((KEPT + i, p.b)), *p.args, **p.kwargs)
+            out = call_block(block, self.stream.store.get((KEPT + i, p.b)), p.args, p.kwargs)
             self.stream.store.put((KEPT + i + 1, p.b), block_hidden(out))
 
     def sensitivities(self, load_block: LoadBlock, device: torch.device) -> dict[str, float]:
@@ -618,7 +630,7 @@ class _Backward:
         input (returned) and to its free layers' outputs (squared sums added)."""
         x = x.detach().requires_grad_(True)
         with KeptOutputs(mods) as keeper, torch.enable_grad():
-            y = keeper.run(lambda: block_hidden(block(x, *p.args, **p.kwargs)))
+            y = keeper.run(lambda: block_hidden(call_block(block, x, p.args, p.kwargs)))
             names = [k for k in mods if k in keeper.kept]
             got = torch.autograd.grad(y, [x, *(keeper.kept[k] for k in names)], grad_outputs=grad, allow_unused=True)
         for k, g in zip(names, got[1:]):
@@ -778,12 +790,12 @@ class _TablePasses:
                     with torch.no_grad():
                         for side in sides:
                             for p in probe:
-                                store.put((side, p.b), block_hidden(block(store.get((side, p.b)), *p.args, **p.kwargs)))
+                                store.put((side, p.b), block_hidden(call_block(block, store.get((side, p.b)), p.args, p.kwargs)))
                     if stream is not None:
                         swapped = self._swap_allocated(i, block, stream, joint)
                         with torch.no_grad():
                             for p in probe:
-                                store.put((JOINT_SIDE, p.b), block_hidden(block(store.get((JOINT_SIDE, p.b)), *p.args, **p.kwargs)))
+                                store.put((JOINT_SIDE, p.b), block_hidden(call_block(block, store.get((JOINT_SIDE, p.b)), p.args, p.kwargs)))
                 finally:
                     for inner, old in swapped:
                         set_module(block, inner, old)
