@@ -81,8 +81,8 @@ _PASS_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports it, or
     an x86 CPU with AVX512-BF16 or AMX (there oneDNN's bfloat16 GEMMs run about 4x float32's)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not an older GPU that only emulates it (a T4: compute capability 7.5)
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         cpu = torch.cpu
         return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
