@@ -43,6 +43,16 @@ def test_the_pass_dtype_follows_the_choice_the_model_and_the_device():
     assert CompressionConfig.from_dict(CompressionConfig(calib_dtype="float32").to_dict()).calib_dtype == "float32"
 
 
+def test_a_gpu_that_only_emulates_bfloat16_keeps_float32_passes(monkeypatch):
+    """auto takes bfloat16 on a CUDA GPU that multiplies it natively, not on one (a T4) where torch
+    only emulates it, which would be slower than float32 (no GPU needed: torch's answer is faked)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # emulated only
+    assert not native_bf16(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, an H100
+    assert native_bf16(torch.device("cuda"))
+    assert not native_bf16(torch.device("meta"))
+
+
 def test_bfloat16_passes_leave_the_statistics_float64_and_near_the_float32_ones():
     """Block 0's q/k/v read the normed embeddings, which no bfloat16 product made: their Gram must be
     the float32 pass's bit for bit (the hooks' own products are not autocast). Every later input
