@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from mpocompress.compress.calibrate import pass_precision, precision_note, resolve_pass_dtype
+from mpocompress.compress.calibrate import calibration_passes
 from mpocompress.compress.choose import CURVES_ONLY, plan_layers
 from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.registry import converter_for
@@ -57,15 +57,14 @@ def _planned(
     model: nn.Module, config: CompressionConfig, chosen: list[LayerTarget], skipped: list, before: int,
     calibration: Sequence[Mapping[str, torch.Tensor]] | None,
 ) -> CompressionReport:  # fmt: skip
-    narrow = resolve_pass_dtype(config.calib_dtype, model) if calibration is not None else None
-    with pass_precision(narrow):
+    precision: list[str] = []
+    with calibration_passes(config.calib_dtype, model, precision, calibrated=calibration is not None):
         plan = plan_layers(model, replace(config, sequential=False), chosen, calibration, curves_only=True)
     made = [t for t, _ in plan.factors()]
     after = before - sum(t.cand.numel for t in made) + sum(lr.params_mpo for lr in plan.layers)
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, False, after)
     report.curves = plan.curves()
-    if narrow is not None:
-        report.notes.append(precision_note(narrow, config.calib_dtype))
+    report.notes += precision
     if not plan.layers:
         report.notes.append(CURVES_ONLY)
     return report

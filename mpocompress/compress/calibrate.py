@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mpocompress.compress.config import CALIB_DTYPES
 from mpocompress.compress.registry import Converter, converter_for
 from mpocompress.errors import MPOCompressError, is_out_of_memory
 from mpocompress.utils import call_with, main_output, set_module, status
@@ -74,7 +75,6 @@ def _real_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x
 
 
-CALIB_DTYPES = ("auto", "float32", "bfloat16")
 _PASS_DTYPE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("pass_dtype", default=None)
 
 
@@ -119,6 +119,25 @@ def pass_precision(dtype: torch.dtype | None) -> Iterator[None]:
         _PASS_DTYPE.reset(token)
 
 
+@contextlib.contextmanager
+def calibration_passes(choice: str, model: nn.Module, notes: list[str], calibrated: bool = True) -> Iterator[None]:
+    """Within the block, the calibration passes over `model` in the precision --calib-dtype `choice`
+    resolves to (`resolve_pass_dtype`; none without calibration), and after it, the report's note on
+    `notes` when that is narrower than the model."""
+    narrow = resolve_pass_dtype(choice, model) if calibrated else None
+    with pass_precision(narrow):
+        yield
+    if narrow is not None:
+        notes.append(precision_note(narrow, choice))
+
+
+def _widened(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float32 when the pass's narrow products made it narrow (what the hooks, the kept hidden
+    states and the statistics see), else itself."""
+    narrow = _PASS_DTYPE.get()
+    return t.float() if narrow is not None and t.dtype == narrow else t
+
+
 def _autocast(model: nn.Module) -> contextlib.AbstractContextManager:
     dtype = _PASS_DTYPE.get()
     if dtype is None:
@@ -139,12 +158,10 @@ def _input_hooks(modules: Mapping[str, nn.Module], fn: Callable[[str, nn.Module,
         if narrow is None:
             fn(name, mod, x)
             return
-        if x.dtype == narrow:
-            if widened[0] is not x:
-                widened[:] = [x, x.float()]
-            x = widened[1]
+        if widened[0] is not x:
+            widened[:] = [x, _widened(x)]
         with torch.autocast(x.device.type, enabled=False):
-            fn(name, mod, x)
+            fn(name, mod, widened[1])
 
     handles = [mod.register_forward_pre_hook(lambda m, args, n=name: call(n, m, args[0])) for name, mod in modules.items()]
     try:
@@ -1033,10 +1050,7 @@ def capture_block_inputs(net: nn.Module, first: nn.Module, batches: Sequence[Bat
     got: list[tuple[torch.Tensor, tuple, dict]] = []
 
     def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-        h = args[0].detach()
-        if _PASS_DTYPE.get() is not None and h.dtype == _PASS_DTYPE.get():  # the blocks then run as the model is
-            h = h.float()
-        got.append((h, args[1:], kwargs))
+        got.append((_widened(args[0].detach()), args[1:], kwargs))
         raise _Stop
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -1057,9 +1071,7 @@ def capture_block_inputs(net: nn.Module, first: nn.Module, batches: Sequence[Bat
 def block_hidden(out: object) -> torch.Tensor:
     """The hidden states a transformer block returns: alone, or first in a tuple (widened to float32
     when a narrow pass made them so: kept hidden states stay in the model's dtype)."""
-    h = out[0] if isinstance(out, (tuple, list)) else out
-    narrow = _PASS_DTYPE.get()
-    return h.float() if narrow is not None and h.dtype == narrow else h
+    return _widened(out[0] if isinstance(out, (tuple, list)) else out)
 
 
 def call_block(block: nn.Module, hidden: torch.Tensor, args: Sequence[object], kwargs: Mapping[str, object]) -> object:

@@ -12,6 +12,8 @@ from typing import Any
 from mpocompress.errors import MPOCompressError
 from mpocompress.tensors import Modes
 
+CALIB_DTYPES = ("auto", "float32", "bfloat16")  # --calib-dtype: the calibration passes' matrix products
+
 
 @dataclass(frozen=True)
 class LayerSelection:
@@ -100,7 +102,7 @@ class CompressionConfig:
             raise MPOCompressError(f"MPO core counts must be whole numbers in 1..8, got {self.mpo_cores!r}")
         if self.try_mpo and self.structure == "mpo":
             raise MPOCompressError("--try-mpo offers MPOs to the layers made low-rank, and --structure mpo makes none low-rank; drop one of them")
-        if self.calib_dtype not in ("auto", "float32", "bfloat16"):
+        if self.calib_dtype not in CALIB_DTYPES:
             raise MPOCompressError(f"unknown --calib-dtype {self.calib_dtype!r}; choose auto, float32 or bfloat16")
         if not isinstance(self.refine_steps, int) or self.refine_steps < 0:
             raise MPOCompressError(f"refinement steps must be a whole number >= 0, got {self.refine_steps!r}")

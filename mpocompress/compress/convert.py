@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from mpocompress.compress.calibrate import pass_precision, precision_note, resolve_pass_dtype
+from mpocompress.compress.calibrate import calibration_passes
 from mpocompress.compress.choose import factorized, plan_layers
 from mpocompress.compress.config import CompressionConfig
 from mpocompress.compress.report import CompressionReport, count_params, totals
@@ -33,23 +33,21 @@ def compress_(
         filter_fn: optional `filter_fn(module, full_name) -> bool` restricting the candidates.
         calibration: batches of the model's inputs (as the datasets serve them); with them every
             factorization minimizes the error on the layers' real inputs. The passes over them run
-            in `config.calib_dtype` (`resolve_pass_dtype`).
+            in `config.calib_dtype` (`calibration_passes`).
 
     Returns:
         The report of what was replaced and what was left dense.
     """
     chosen, skipped = select_targets(model, config, filter_fn)
     before = count_params(model)
-    narrow = resolve_pass_dtype(config.calib_dtype, model) if calibration is not None else None
-    with pass_precision(narrow):
+    precision: list[str] = []
+    with calibration_passes(config.calib_dtype, model, precision, calibrated=calibration is not None):
         plan = plan_layers(model, config, chosen, calibration)
         for t, factors in plan.factors(model):  # swapped at once: a sequential plan calibrates on the layers swapped so far
             swap_in(model, t, factors)
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, applied=True,
                     model_after=count_params(model))  # fmt: skip
-    report.notes += plan.notes
-    if narrow is not None:
-        report.notes.append(precision_note(narrow, config.calib_dtype))
+    report.notes += plan.notes + precision
     return report
 
 

@@ -52,6 +52,7 @@ from mpocompress.compress.calibrate import (
     _real_rows,
     _row_mask,
     block_hidden,
+    calibration_passes,
     call_block,
     capture_block_inputs,
     collect_grams,
@@ -59,11 +60,8 @@ from mpocompress.compress.calibrate import (
     head_fisher,
     lm_head,
     model_output,
-    pass_precision,
-    precision_note,
     projection_grid,
     projection_rows,
-    resolve_pass_dtype,
     twice_kl,
 )
 from mpocompress.compress.choose import (
@@ -227,8 +225,8 @@ def stream_compress_(
         )
     allocated: dict[str, Decision] = {}
     plan = LayerPlan([], config, None, batches)
-    narrow = resolve_pass_dtype(config.calib_dtype, model)  # the outside parts are on the device now
-    with pass_precision(narrow):
+    precision: list[str] = []
+    with calibration_passes(config.calib_dtype, model, precision):  # the outside parts are on the device now
         try:
             if free:
                 allocated = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks,
@@ -237,9 +235,7 @@ def stream_compress_(
         finally:
             store.close()
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, applied=True, model_after=count_params(model))
-    report.notes += notes + plan.notes
-    if narrow is not None:
-        report.notes.append(precision_note(narrow, config.calib_dtype))
+    report.notes += notes + plan.notes + precision
     return report
 
 
@@ -322,8 +318,8 @@ def stream_analyze(
     notes = [f"streamed block by block through the {len(per_block)} blocks of {blocks}: the original blocks on the original inputs"]
     curves: dict[str, list] = {}
     plan = LayerPlan([], config, None, batches)
-    narrow = resolve_pass_dtype(config.calib_dtype, model)  # the outside parts are on the device now
-    with pass_precision(narrow):
+    precision: list[str] = []
+    with calibration_passes(config.calib_dtype, model, precision):  # the outside parts are on the device now
         try:
             decided = _allocate_streamed(model, config, fixed, free, batches, masks, per_block, load_block, store, notes, ranks, curves, device,
                                          plan.tables)  # fmt: skip
@@ -358,9 +354,7 @@ def stream_analyze(
     after = before - sum(t.cand.numel for t in targets if t.cand.name in made) + sum(lr.params_mpo for lr in plan.layers)
     report = totals(plan.layers, skipped + plan.kept, before, config.bond_dim, config.eps, False, after)
     report.curves = curves_of(curves)
-    report.notes += notes
-    if narrow is not None:
-        report.notes.append(precision_note(narrow, config.calib_dtype))
+    report.notes += notes + precision
     if not made and not config.allocating:
         report.notes.append(CURVES_ONLY)
     return report
