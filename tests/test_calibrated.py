@@ -170,8 +170,10 @@ def test_a_whitening_bound_to_its_weight_holds_w_m_and_the_energy_and_refuses_ot
 @pytest.mark.parametrize("shift", [0.0, 2e-5])
 def test_whitening_factors_in_place_as_torch_does(shift):
     """The factor is written over the Gram matrix the whitening owns (no second N^2 matrix), and is
-    torch.linalg.cholesky's of the damped Gram within 1e-12 relative, also where the first damping
-    fails (shift: G made indefinite by 2e-5 of its mean diagonal, so 1e-6 fails and 1e-4 holds)."""
+    torch.linalg.cholesky's of the damped Gram, also where the first damping
+    fails (shift: G made indefinite by 2e-5 of its mean diagonal, so 1e-6 fails and 1e-4 holds).
+    Backward-stable: L L^T is the damped Gram within 1e-13 of its largest entry. The factor is torch's
+    within 1e-9 relative: two LAPACKs (scipy's and torch's) differ by up to 3e-11 at this conditioning."""
     torch.manual_seed(0)
     x = torch.randn(30, 40, dtype=F64)
     g = x.T @ x - shift * float((x.T @ x).diagonal().mean()) * torch.eye(40, dtype=F64)
@@ -179,8 +181,10 @@ def test_whitening_factors_in_place_as_torch_does(shift):
     white = whitening(g, owned=True)
     assert white.factor.data_ptr() == g.data_ptr()
     assert white.damp == (pytest.approx(1e-4) if shift else 1e-6)
-    ref = torch.linalg.cholesky(kept + white.damp * float(kept.diagonal().mean()) * torch.eye(40, dtype=F64))
-    torch.testing.assert_close(white.factor, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    damped = kept + white.damp * float(kept.diagonal().mean()) * torch.eye(40, dtype=F64)
+    torch.testing.assert_close(white.factor @ white.factor.T, damped, rtol=0, atol=1e-13 * float(damped.abs().max()))
+    ref = torch.linalg.cholesky(damped)
+    torch.testing.assert_close(white.factor, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
     assert torch.equal(white.factor, white.factor.tril())
 
 
@@ -609,6 +613,76 @@ def test_the_screen_refines_nearest_first_and_answers_as_refining_every_probe(mo
     assert any(b for _, b in every_probe(dense, [o for o in S.layer_options(dense, white, "lowrank") if o.structure == "lowrank"]))
 
 
+def _kron_plus_lowrank(a, out_f, in_f, g):
+    """a x a Kronecker product of three (an MPO of bond 1, full matrix rank; unit norm) plus a rank-4 matrix
+    (unit norm): an MPO wins at the smallest sizes (a = 1.2) or at every size (a = 2), low-rank soon after."""
+    k = torch.kron(torch.kron(torch.randn(out_f[0], in_f[0], generator=g), torch.randn(out_f[1], in_f[1], generator=g)),
+                   torch.randn(out_f[2], in_f[2], generator=g))  # fmt: skip
+    q = [torch.linalg.qr(torch.randn(n, 4, generator=g))[0] for n in k.shape]
+    uv = q[0] @ torch.diag(torch.logspace(0, -0.5, 4)) @ q[1].T
+    return a * k / k.norm() + uv / uv.norm()
+
+
+def test_the_screen_within_a_window_probes_only_its_sizes(monkeypatch):
+    """`within`: every probe's size lies in the window, or, where no bond's does, is the nearest one;
+    on a weight whose MPO wins only at the smallest sizes (seed 0) the screen says yes over every
+    size and in a window there, no in a window further up."""
+    from mpocompress.compress import structures as S
+
+    g = torch.Generator().manual_seed(0)
+    w = _kron_plus_lowrank(1.2, (4, 4, 3), (4, 8, 2), g)
+    x = torch.randn(2048, 64, generator=g, dtype=F64)
+    white = whitening(x.T @ x)
+    lows = [o for o in S.layer_options(w, white, "lowrank") if o.structure == "lowrank"]
+    sizes = []
+    made = S.mpo_to_matrix
+    monkeypatch.setattr(S, "mpo_to_matrix", lambda cores: sizes.append(S.MPOShape.of_cores(cores).param_count) or made(cores))
+    assert S.mpo_in_reach(w, white, lows, (3, 4), 30)
+    sizes.clear()
+    assert S.mpo_in_reach(w, white, lows, (3, 4), 30, within=(50, 200))
+    assert sizes and all(50 <= p <= 200 for p in sizes)
+    sizes.clear()
+    assert not S.mpo_in_reach(w, white, lows, (3, 4), 30, within=(400, 1600))
+    assert sizes and all(400 <= p <= 1600 for p in sizes)
+    sizes.clear()
+    S.mpo_in_reach(w, white, lows, (3, 4), 30, within=(2900, 3000))  # no bond of either core count gives a size there
+    grids = [[S.MPOShape.uniform(*S.mode_candidates(64, 48, n)[0], d).param_count for d in S.BOND_GRID] for n in (3, 4)]
+    assert sorted(sizes) == sorted(min((p for p in grid if min(o.params for o in lows) <= p < 48 * 64), key=lambda p: abs(math.log(p / min(max(p, 2900), 3000)))) for grid in grids)
+
+
+def test_auto_under_a_budget_weighs_an_mpo_where_it_could_win_near_the_first_allocation(monkeypatch):
+    """With a budget, `auto` screens a layer's MPO near the size a low-rank-only allocation gives it
+    (seed 0, 30 % of the weights): the layer whose MPO wins only at its smallest sizes gets no MPO
+    forms, the one whose MPO wins everywhere gets them and becomes one; the screen over every size
+    (an infinite window) weighs both and decides the same."""
+    from mpocompress import CompressionConfig
+    from mpocompress.compress import choose
+    from mpocompress.compress.targets import select_targets
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 64))
+    with torch.no_grad():
+        model[0].weight.copy_(_kron_plus_lowrank(1.2, (4, 4, 3), (4, 8, 2), g))
+        model[1].weight.copy_(_kron_plus_lowrank(2.0, (4, 4, 4), (4, 4, 3), g))
+    x = torch.randn(1024, 64, generator=g)
+    batches = [{"x": x[i : i + 128]} for i in range(0, 1024, 128)]
+    config = CompressionConfig(target_params=0.3)
+
+    def planned():
+        targets, _ = select_targets(model, config)
+        plan = choose.plan_layers(model, config, targets, batches)
+        kinds = {n: {o.structure for o in opts} for n, opts in plan.options.items()}
+        return plan, kinds, [(d.target.cand.name, d.option and (d.option.structure, d.option.params)) for d in plan.decisions]
+
+    plan, kinds, decided = planned()
+    assert plan.deferred == ["0", "1"] and kinds == {"0": {"dense", "lowrank"}, "1": {"dense", "lowrank", "mpo"}}
+    assert decided[0][1][0] == "lowrank" and decided[1][1][0] == "mpo"
+    assert any("MPO forms weighed for 1 of the 2 layers" in n for n in plan.notes)
+    monkeypatch.setattr(choose, "SCREEN_WINDOW", math.inf)
+    _, every, same = planned()
+    assert every == {"0": {"dense", "lowrank", "mpo"}, "1": {"dense", "lowrank", "mpo"}} and same == decided
+
+
 def test_the_allocator_predicts_an_mpo_error_after_refinement():
     """With refine_steps, an MPO form's predicted calibrated error is the refined one: at a refined grid
     point it is the error `make_factors` reaches with the same steps (within 15 %: one refines the
@@ -680,3 +754,49 @@ def test_measured_swaps_swap_in_the_layer_convert_makes(monkeypatch):
         assert f.bias_shift is not None and float(f.bias_shift.abs().max()) > 1e-3
         torch.testing.assert_close(new.bias, lin.bias + f.bias_shift.to(lin.bias))
 
+
+
+def test_reusing_whitened_makes_w_l_once_per_weight_with_the_same_bits(monkeypatch):
+    """Within `reusing_whitened` every reader of W L (spectrum, energy, error meter, refinement) gets
+    the same numbers as without it, from one product per weight; an in-place change of W, another W
+    or the context's exit makes it anew."""
+    from mpocompress.compress.structures import layer_options
+    from mpocompress.tensors import calibrated, error_meter, lowrank_spectrum, reusing_whitened
+
+    x, w = _data(nx=24, ny=18)
+    white = whitening(x.T @ x)
+    w = w.float()
+    cores = tt_svd(w, (4, 6), (3, 6), max_bond=4).cores
+
+    def readings(w):
+        return (lowrank_spectrum(w, white), white.energy(w), error_meter(w, white)(mpo_to_matrix(cores)),
+                refine_cores(cores, w, white, steps=3).errors, [(o.params, o.rel_error) for o in layer_options(w, white, refine_steps=2)])  # fmt: skip
+
+    plain = readings(w)
+    made = []
+    product = torch.Tensor.__matmul__
+
+    def counted(a, b):  # a W L made: W (or the W of the moment) times the factor
+        if b is white.factor and a.shape == w.shape and any(torch.equal(a, v.double()) for v in (w, 2.0 * w)):
+            made.append(1)
+        return product(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counted)
+    with reusing_whitened():
+        memo = readings(w)
+        assert len(made) == 1
+        with reusing_whitened():  # nested: the outer one's products serve
+            white.whiten(w)
+        assert len(made) == 1
+        w2 = w.clone()
+        white.whiten(w2)
+        assert len(made) == 2  # another weight, its own product
+        before = white.whiten(w).clone()
+        w.mul_(2.0)  # changed in place: made anew
+        assert torch.equal(white.whiten(w), 2.0 * before) and len(made) == 3
+        w.div_(2.0)
+    assert torch.equal(plain[0], memo[0]) and plain[1:] == memo[1:]
+    assert calibrated._WHITENED.get() is None
+    made.clear()
+    assert readings(w)[1:] == plain[1:]
+    assert len(made) > 10  # outside: every reader makes its own

@@ -50,6 +50,8 @@ from mpocompress.compress.structures import (
     Option,
     layer_options,
     make_factors,
+    mpo_in_reach,
+    mpo_options,
     try_mpo,
 )
 from mpocompress.compress.targets import LayerTarget, decompose, reported_structure, weight_of
@@ -62,6 +64,7 @@ from mpocompress.tensors import (
     bond_spectra,
     bound_whitening,
     lowrank_spectrum,
+    reusing_whitened,
     table_weighting,
     truncation_errors,
     whitening,
@@ -109,6 +112,8 @@ class LayerPlan:
     tables: dict[str, TableWeighting] = field(default_factory=dict)  # a tied table's weighting, by name
     options: dict[str, list[Option]] = field(default_factory=dict)  # every form the allocator weighed, by layer
     screen: bool = True  # `auto` weighs an MPO's forms only where it could win (analyze's curves: all of them)
+    defer: bool = False  # ... and where it could win near the size a first, low-rank-only allocation gives (see `_screen_deferred`)
+    deferred: list[str] = field(default_factory=list)  # the layers whose screen waits for that allocation
     spend: bool = False  # a layer's Gram is taken out of `calibration` by its whitening (a streamed pass, one use each)
     hidden: FinalHidden | None = None  # a causal LM's final hidden states on the leading batches, while the allocator needs them
 
@@ -393,18 +398,24 @@ def _structure_for(t: LayerTarget, asked: str) -> str:
     return asked if asked in t.cand.converter.structures else "dense"
 
 
+@reusing_whitened()
 def _options_of(t: LayerTarget, w: torch.Tensor, config: CompressionConfig, plan: LayerPlan) -> list[Option]:
     """Every form the allocator weighs for a layer (an MPO of the given modes only, under --shape),
     recorded in the plan for analyze's curves."""
     modes = (t.in_modes, t.out_modes) if first_match(config.shapes, t.cand.names) is not None else None
     embedding = t.cand.kind == "embedding"  # one huge layer whose cost is probed: 3 cores, a coarse grid
     cores = config.mpo_cores or ((3,) if embedding else AUTO_CORES)
-    opts = layer_options(w, plan._white(t), _structure_for(t, config.structure), cores, modes, COARSE_GRID if embedding else BOND_GRID,
+    structure = _structure_for(t, config.structure)
+    if plan.defer and plan.screen and structure == "auto" and modes is None and not embedding:
+        plan.deferred.append(t.cand.name)
+        structure = "lowrank"  # its low-rank forms now, its MPO's once the first allocation is known
+    opts = layer_options(w, plan._white(t), structure, cores, modes, COARSE_GRID if embedding else BOND_GRID,
                          screen=plan.screen, refine_steps=0 if embedding else config.refine_steps)  # fmt: skip
     plan.options[t.cand.name] = opts
     return opts
 
 
+@reusing_whitened()
 def weigh(t: LayerTarget, config: CompressionConfig, plan: LayerPlan) -> tuple[list[Option], float]:
     """A layer's forms within any --max-error (dense, error 0, always stays) and its output energy."""
     w = weight_of(t)
@@ -453,6 +464,7 @@ def _allocate(
     # the forms are weighed after the sensitivities: the backward passes' activations and the layers'
     # whitenings (made while weighing) are never held at once
     options, costs = [], []
+    plan.defer = config.budgeted  # an MPO's forms are weighed near the sizes a first allocation gives
     grams = calib.grams if calib is not None else {}
     last = {id(grams[t.cand.name]): k for k, t in enumerate(free) if t.cand.name in grams}  # a Gram's last reader among them
     for k, t in enumerate(free):
@@ -480,8 +492,60 @@ def _allocate(
             elif mpo_only:  # an MPO-only plan: large MPO errors are not noise-like
                 status(f"measuring MPO forms of layer {i + 1}/{len(free)} ({t.cand.name})")
                 scale[i] = _probed(model, t, options[i], sens[i] * costs[i], probe, reference, fn, plan._white(t), config.refine_steps)
+    total = count_params(model)
+    _screen_deferred(config, free, options, costs, sens, scale, plan, total, fixed_params)
     joint = _joint_measure(free, plan, kl) if kl is not None else None
-    return spend(config, free, options, costs, sens, scale, plan, count_params(model), fixed_params, joint)
+    return spend(config, free, options, costs, sens, scale, plan, total, fixed_params, joint)
+
+
+SCREEN_WINDOW = 2.0  # sizes within this factor of a layer's first allocation are those its MPO screen probes
+
+
+def _screen_deferred(
+    config: CompressionConfig, free: list[LayerTarget], options: list[list[Option]], costs: list[float], sens: list[float],
+    scale: list[list[float]], plan: LayerPlan, total: int, fixed_params: int,
+) -> None:  # fmt: skip
+    """The MPO screen of the deferred layers (`auto`, a budget), near the sizes that matter. The budget is
+    first spent on the dense and low-rank forms alone; a layer's MPO forms are then weighed (added to its
+    options) only if its screen finds an MPO beating low-rank within SCREEN_WINDOW of the size it got.
+
+    The screen over every size let MPOs in on what they win where no allocation goes: on SmolLM2 the
+    k/v projections' 4-core MPOs beat rank 1-2 (at 1 % of the layer) and nothing larger, and weighing
+    their every form took 43 of 376 s for forms the allocator never picked. An MPO that wins near a
+    layer's first size is weighed at every size, so the final allocation can move it anywhere."""
+    deferred = set(plan.deferred)
+    todo = [i for i, t in enumerate(free) if t.cand.name in deferred]
+    if not todo:
+        return
+    budget = _budget(config, free, plan, total, fixed_params)[0]
+    choices = [[Choice(o.params, s * e * (o.rel_error**2) * f) for o, f in zip(opts, fs)]
+               for opts, s, e, fs in zip(options, sens, costs, scale)]  # fmt: skip
+    try:
+        picks = allocate(choices, budget)
+    except MPOCompressError:  # `spend` says why; the screen then probes every size
+        picks = None
+    cores = config.mpo_cores or AUTO_CORES
+    passed = 0
+    for i in todo:
+        t = free[i]
+        status(f"screening MPO forms of layer {i + 1}/{len(free)} ({t.cand.name})")
+        size = options[i][picks[i]].params if picks is not None else None
+        within = (size / SCREEN_WINDOW, size * SCREEN_WINDOW) if size is not None else None
+        w, white = weight_of(t), plan._white(t)
+        lows = [o for o in options[i] if o.structure == "lowrank"]
+        with reusing_whitened():
+            if not mpo_in_reach(w, white, lows, cores, config.refine_steps, within=within):
+                continue
+            more = mpo_options(w, white, cores, None, BOND_GRID, config.refine_steps)
+        passed += 1
+        plan.options[t.cand.name] = plan.options.get(t.cand.name, []) + more
+        more = [o for o in more if config.max_error is None or o.rel_error <= config.max_error]
+        options[i] += more
+        scale[i] += [1.0] * len(more)
+    plan.notes.append(
+        f"MPO forms weighed for {passed} of the {len(todo)} layers that could take them: those where an MPO beat low-rank "
+        f"within {SCREEN_WINDOW:g}x of the size a first, low-rank-only allocation gave"
+    )
 
 
 PROBE_PIECE = 1 << 21  # input numbers of a probe batch run at once (a larger batch of large images goes in pieces)
@@ -529,39 +593,12 @@ def spend(
     if not config.budgeted:  # an error cap alone: the smallest form within it
         picks = [cheapest_within([Choice(o.params, 0.0) for o in opts], [o.rel_error for o in opts], config.max_error) for opts in options]
         return [_decision(t, opts[k], "no smaller form within --max-error") for t, opts, k in zip(free, options, picks)]
-    everything = [*free, *(d.target for d in plan.decisions)]
-    selected = sum(t.cand.numel for t in everything)
-    # what a share counts: the selected layers, less the embeddings a budget offers the allocator on its own
-    # (they may shrink to pay for the rest, but "remove 20 %" means 20 % of the projections); a named one counts
-    named = dict.fromkeys(config.layers, True)
-    counted = sum(t.cand.numel for t in everything if t.cand.kind != "embedding" or first_match(named, t.cand.names))
-    counted = counted or selected
-    offered = "" if counted == selected else f" (the {selected - counted:,} of the embeddings offered besides are not counted)"
-    if config.remove is not None:
-        target = total - round(config.remove * counted)
-        plan.notes.append(
-            f"budget: remove {config.remove:.0%} of the selected layers' {counted:,} weights{offered}: "
-            f"{total:,} -> {target:,} parameters in the model"
-        )
-    elif config.budget_of == "selected":
-        keep = int(config.target_params) if config.target_params > 1 else round(config.target_params * counted)
-        target = total - counted + keep
-        plan.notes.append(
-            f"budget: the selected layers' {counted:,} weights{offered} -> {keep:,} ({keep / counted:.0%}); "
-            f"{total:,} -> {target:,} parameters in the model"
-        )
-    else:
-        target = int(config.target_params) if config.target_params > 1 else round(config.target_params * total)
-        plan.notes.append(
-            f"budget: {target:,} parameters for the whole model ({target / total:.0%} of its {total:,}); the selected layers "
-            f"hold {selected:,} of them, the other {total - selected:,} stay as they are (--of selected counts the selected only)"
-        )
-    rest = total - selected + fixed_params
-    budget = target - rest
+    budget, rest, note = _budget(config, free, plan, total, fixed_params)
+    plan.notes.append(note)
     if budget < sum(min(o.params for o in opts) for opts in options):
         least = rest + sum(min(o.params for o in opts) for opts in options)
         raise MPOCompressError(
-            f"the budget of {target:,} parameters cannot be met: the layers left out of compression alone hold {rest:,} parameters "
+            f"the budget of {budget + rest:,} parameters cannot be met: the layers left out of compression alone hold {rest:,} parameters "
             f"and the selected ones need at least {least - rest:,}; the smallest reachable is {least:,} (select more "
             "layers with --layers, or raise the target)"
         )
@@ -574,6 +611,40 @@ def spend(
     order = sorted(range(len(free)), key=lambda i: -choices[i][picks[i]].cost)
     _fill(chosen, free, order, budget - sum(o.params for o in chosen))
     return [_decision(t, o, "kept dense by the allocator: within the budget nothing smaller pays") for t, o in zip(free, chosen)]
+
+
+def _budget(config: CompressionConfig, free: list[LayerTarget], plan: LayerPlan, total: int, fixed_params: int) -> tuple[int, int, str]:
+    """The parameters the free layers may hold together under the budget, those the rest of the model
+    holds, and the note saying what the budget counts."""
+    everything = [*free, *(d.target for d in plan.decisions)]
+    selected = sum(t.cand.numel for t in everything)
+    # what a share counts: the selected layers, less the embeddings a budget offers the allocator on its own
+    # (they may shrink to pay for the rest, but "remove 20 %" means 20 % of the projections); a named one counts
+    named = dict.fromkeys(config.layers, True)
+    counted = sum(t.cand.numel for t in everything if t.cand.kind != "embedding" or first_match(named, t.cand.names))
+    counted = counted or selected
+    offered = "" if counted == selected else f" (the {selected - counted:,} of the embeddings offered besides are not counted)"
+    if config.remove is not None:
+        target = total - round(config.remove * counted)
+        note = (
+            f"budget: remove {config.remove:.0%} of the selected layers' {counted:,} weights{offered}: "
+            f"{total:,} -> {target:,} parameters in the model"
+        )
+    elif config.budget_of == "selected":
+        keep = int(config.target_params) if config.target_params > 1 else round(config.target_params * counted)
+        target = total - counted + keep
+        note = (
+            f"budget: the selected layers' {counted:,} weights{offered} -> {keep:,} ({keep / counted:.0%}); "
+            f"{total:,} -> {target:,} parameters in the model"
+        )
+    else:
+        target = int(config.target_params) if config.target_params > 1 else round(config.target_params * total)
+        note = (
+            f"budget: {target:,} parameters for the whole model ({target / total:.0%} of its {total:,}); the selected layers "
+            f"hold {selected:,} of them, the other {total - selected:,} stay as they are (--of selected counts the selected only)"
+        )
+    rest = total - selected + fixed_params
+    return target - rest, rest, note
 
 
 PROBES = 5  # forms of an embedding whose effect on the output is measured

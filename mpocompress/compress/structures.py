@@ -28,6 +28,7 @@ from mpocompress.tensors import (
     mpo_to_matrix,
     output_error,
     refine_cores,
+    reusing_whitened,
     truncation_errors,
     tt_round,
     tt_svd,
@@ -96,7 +97,7 @@ def _lowrank_options(w: torch.Tensor, white: Whitening | None) -> list[Option]:
     return opts
 
 
-def _mpo_options(
+def mpo_options(
     w: torch.Tensor, white: Whitening | None, cores: Sequence[int], modes: tuple[tuple[int, ...], tuple[int, ...]] | None,
     bond_grid: Sequence[int] = BOND_GRID, refine_steps: int = 0,
 ) -> list[Option]:  # fmt: skip
@@ -186,6 +187,7 @@ TRY_MPO_REFINE = 10  # --try-mpo refines the challenging MPO this many times the
 TRY_MPO_SCREEN = 1.3  # ... once its error after the usual refinement is within this factor of the low-rank form's
 
 
+@reusing_whitened()
 def try_mpo(w: torch.Tensor, lows: Factors, white: Whitening, refine_steps: int) -> Factors:
     """`--try-mpo`: the low-rank factors `lows` of W against a 4-core MPO of no more parameters (W's
     best 4-core modes, the largest uniform D that fits), fitted on the same calibrated objective: the
@@ -222,20 +224,23 @@ def layer_options(
     the dense form (error 0) is always first. MPO errors are measured at the D of `bond_grid` and
     interpolated in between. Under "auto", with `screen`, an MPO's forms are weighed only where
     `mpo_in_reach` says it could beat low-rank (analyze's curves show them all). `refine_steps`: an
-    MPO's calibrated errors are predicted after that much refinement (see `_mpo_options`)."""
+    MPO's calibrated errors are predicted after that much refinement (see `mpo_options`)."""
     ny, nx = w.shape
     opts = [Option("dense", nx * ny, 0.0)]
     lows = _lowrank_options(w, white) if structure in ("auto", "lowrank") and modes is None else []
     opts += lows
     if structure == "mpo" or (structure == "auto" and (modes is not None or not screen or mpo_in_reach(w, white, lows, cores, refine_steps))):
-        opts += _mpo_options(w, white, cores, modes, bond_grid, refine_steps)
+        opts += mpo_options(w, white, cores, modes, bond_grid, refine_steps)
     return opts
 
 
 SCREEN_POINTS = 3  # sizes at which `auto` first checks an MPO against low-rank
 
 
-def mpo_in_reach(w: torch.Tensor, white: Whitening | None, lows: Sequence[Option], cores: Sequence[int], refine_steps: int = 0) -> bool:
+def mpo_in_reach(
+    w: torch.Tensor, white: Whitening | None, lows: Sequence[Option], cores: Sequence[int], refine_steps: int = 0,
+    within: tuple[float, float] | None = None,
+) -> bool:  # fmt: skip
     """Whether an MPO could beat low-rank on this layer, before its forms are weighed: for each core
     count, the balanced modes' MPO at SCREEN_POINTS sizes of the bond grid (from the smallest low-rank
     form's size up to dense) has its error measured exactly as low-rank's is (output error with
@@ -243,11 +248,15 @@ def mpo_in_reach(w: torch.Tensor, white: Whitening | None, lows: Sequence[Option
     is better at every probed size, the MPO's forms (every mode choice and D, most of `auto`'s time on a
     pretrained model) are not weighed; one probe where the MPO wins and they all are. A screen, not a
     proof: another mode order or a D between the probes could still have won there. With
-    `refine_steps`, a probe's error is the refined one wherever `_mpo_options` would predict refined
+    `refine_steps`, a probe's error is the refined one wherever `mpo_options` would predict refined
     errors (calibration, and a layer small enough to measure), so the screen and the forms agree.
     Every probe is made and measured before any is refined, and the refinements (most of the screen's
     time) go nearest first, error / best low-rank error ascending, until one wins: the same answer as
-    refining in any order, with fewer refinements where one wins (242 -> 174 on SmolLM2's k/v)."""
+    refining in any order, with fewer refinements where one wins (242 -> 174 on SmolLM2's k/v).
+
+    `within` (lo, hi): only sizes in that range are probed (the bond of the nearest size where none
+    falls in it): the allocator's question is whether an MPO beats low-rank near the size a first,
+    low-rank-only allocation gave the layer (see `choose._screen_deferred`)."""
     if not lows:
         return True
     ny, nx = w.shape
@@ -261,6 +270,10 @@ def mpo_in_reach(w: torch.Tensor, white: Whitening | None, lows: Sequence[Option
             continue
         sizes = {d: MPOShape.uniform(i_modes, o_modes, d).param_count for d in BOND_GRID}
         ds = [d for d, p in sizes.items() if smallest <= p < nx * ny and d <= max(MPOShape.exact(i_modes, o_modes).bond_dims)]
+        if ds and within is not None:
+            lo, hi = within
+            near = [d for d in ds if lo <= sizes[d] <= hi]
+            ds = near or [min(ds, key=lambda d: abs(math.log(sizes[d] / min(max(sizes[d], lo), hi))))]
         if not ds:
             continue
         probes = sorted({ds[round(k * (len(ds) - 1) / max(SCREEN_POINTS - 1, 1))] for k in range(SCREEN_POINTS)}, reverse=True)
@@ -281,6 +294,7 @@ def mpo_in_reach(w: torch.Tensor, white: Whitening | None, lows: Sequence[Option
     return False
 
 
+@reusing_whitened()
 def make_factors(
     w: torch.Tensor, option: Option, white: Whitening | None, refine_steps: int = 30, dtype: torch.dtype | None = None
 ) -> Factors:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -73,15 +75,23 @@ class Whitening:
     bound: Bound | None = None  # error-correcting, for one weight: W M and its energy
 
     def whiten(self, w: torch.Tensor) -> torch.Tensor:
-        """W L (W M when error-correcting) in float64: what W~ L should approach (not to be changed in place)."""
+        """W L (W M when error-correcting) in float64: what W~ L should approach (not to be changed in
+        place). Within `reusing_whitened`, made once per W."""
         if self.bound is not None:
             return self.bound.check(w).whitened
-        return w.detach().to(torch.float64) @ self.factor
+        memo = _WHITENED.get()
+        if memo is None:
+            return w.detach().to(torch.float64) @ self.factor
+        key = (id(self), id(w), w._version)
+        held = memo.get(key)
+        if held is None or held[0] is not w:  # the W itself is held with it: its id cannot pass to another
+            held = memo[key] = (w, w.detach().to(torch.float64) @ self.factor)
+        return held[1]
 
     def _centred_energy(self, w: torch.Tensor) -> float:
         if self.bound is not None:
             return self.bound.check(w).energy
-        return float((w.detach().to(torch.float64) @ self.factor).square().sum())
+        return float(self.whiten(w).square().sum())
 
     def energy(self, w: torch.Tensor) -> float:
         """||W X^T||^2 over the calibration inputs (the denominator of every relative output error)."""
@@ -114,6 +124,25 @@ class Whitening:
     def unwhiten_cols(self, b: torch.Tensor) -> torch.Tensor:
         """The output-side factor B of a whitened truncation, unchanged (no output-side weight)."""
         return b
+
+
+_WHITENED: ContextVar[dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] | None] = ContextVar("_WHITENED", default=None)
+
+
+@contextmanager
+def reusing_whitened() -> Iterator[None]:
+    """Within it, a `Whitening`'s W L is made once per W (a float64 product of N_y x N_x^2) and reused,
+    not remade by every spectrum, error meter, energy and refinement that reads it: weighing one
+    layer's forms read it 20-40 times. What was made is let go at the exit (one layer's worth when
+    entered per layer); nested, the outermost keeps them."""
+    if _WHITENED.get() is not None:
+        yield
+        return
+    token = _WHITENED.set({})
+    try:
+        yield
+    finally:
+        _WHITENED.reset(token)
 
 
 TABLE_FLOOR = 0.1  # a token's weight floor in a table's weighting, as a share of the uniform 1/V
