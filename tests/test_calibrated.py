@@ -623,10 +623,10 @@ def _kron_plus_lowrank(a, out_f, in_f, g):
     return a * k / k.norm() + uv / uv.norm()
 
 
-def test_the_screen_within_a_window_probes_only_its_sizes(monkeypatch):
-    """`within`: every probe's size lies in the window, or, where no bond's does, is the nearest one;
-    on a weight whose MPO wins only at the smallest sizes (seed 0) the screen says yes over every
-    size and in a window there, no in a window further up."""
+def test_the_screen_near_a_size_probes_the_nearest_bond_of_each_core_count(monkeypatch):
+    """`near`: one probe per core count, the bond whose size is nearest (in log size); on a weight whose
+    MPO wins only at the smallest sizes (seed 0) the screen says yes over every size and near a small
+    size, no near a larger one."""
     from mpocompress.compress import structures as S
 
     g = torch.Generator().manual_seed(0)
@@ -637,24 +637,21 @@ def test_the_screen_within_a_window_probes_only_its_sizes(monkeypatch):
     sizes = []
     made = S.mpo_to_matrix
     monkeypatch.setattr(S, "mpo_to_matrix", lambda cores: sizes.append(S.MPOShape.of_cores(cores).param_count) or made(cores))
-    assert S.mpo_in_reach(w, white, lows, (3, 4), 30)
-    sizes.clear()
-    assert S.mpo_in_reach(w, white, lows, (3, 4), 30, within=(50, 200))
-    assert sizes and all(50 <= p <= 200 for p in sizes)
-    sizes.clear()
-    assert not S.mpo_in_reach(w, white, lows, (3, 4), 30, within=(400, 1600))
-    assert sizes and all(400 <= p <= 1600 for p in sizes)
-    sizes.clear()
-    S.mpo_in_reach(w, white, lows, (3, 4), 30, within=(2900, 3000))  # no bond of either core count gives a size there
     grids = [[S.MPOShape.uniform(*S.mode_candidates(64, 48, n)[0], d).param_count for d in S.BOND_GRID] for n in (3, 4)]
-    assert sorted(sizes) == sorted(min((p for p in grid if min(o.params for o in lows) <= p < 48 * 64), key=lambda p: abs(math.log(p / min(max(p, 2900), 3000)))) for grid in grids)
+    grids = [[p for p in grid if min(o.params for o in lows) <= p < 48 * 64] for grid in grids]
+    assert S.mpo_in_reach(w, white, lows, (3, 4), 30)
+    for near, wins in ((120, True), (900, False), (2900, False)):
+        sizes.clear()
+        assert S.mpo_in_reach(w, white, lows, (3, 4), 30, near=near) is wins
+        nearest = [min(grid, key=lambda p: abs(math.log(p / near))) for grid in grids]
+        assert sizes == nearest  # each measured (a refinement only after both)
 
 
 def test_auto_under_a_budget_weighs_an_mpo_where_it_could_win_near_the_first_allocation(monkeypatch):
     """With a budget, `auto` screens a layer's MPO near the size a low-rank-only allocation gives it
     (seed 0, 30 % of the weights): the layer whose MPO wins only at its smallest sizes gets no MPO
     forms, the one whose MPO wins everywhere gets them and becomes one; the screen over every size
-    (an infinite window) weighs both and decides the same."""
+    weighs both and decides the same."""
     from mpocompress import CompressionConfig
     from mpocompress.compress import choose
     from mpocompress.compress.targets import select_targets
@@ -678,7 +675,8 @@ def test_auto_under_a_budget_weighs_an_mpo_where_it_could_win_near_the_first_all
     assert plan.deferred == ["0", "1"] and kinds == {"0": {"dense", "lowrank"}, "1": {"dense", "lowrank", "mpo"}}
     assert decided[0][1][0] == "lowrank" and decided[1][1][0] == "mpo"
     assert any("MPO forms weighed for 1 of the 2 layers" in n for n in plan.notes)
-    monkeypatch.setattr(choose, "SCREEN_WINDOW", math.inf)
+    every_size = choose.mpo_in_reach
+    monkeypatch.setattr(choose, "mpo_in_reach", lambda *a, near: every_size(*a))
     _, every, same = planned()
     assert every == {"0": {"dense", "lowrank", "mpo"}, "1": {"dense", "lowrank", "mpo"}} and same == decided
 

@@ -498,21 +498,20 @@ def _allocate(
     return spend(config, free, options, costs, sens, scale, plan, total, fixed_params, joint)
 
 
-SCREEN_WINDOW = 2.0  # sizes within this factor of a layer's first allocation are those its MPO screen probes
-
-
 def _screen_deferred(
     config: CompressionConfig, free: list[LayerTarget], options: list[list[Option]], costs: list[float], sens: list[float],
     scale: list[list[float]], plan: LayerPlan, total: int, fixed_params: int,
 ) -> None:  # fmt: skip
-    """The MPO screen of the deferred layers (`auto`, a budget), near the sizes that matter. The budget is
+    """The MPO screen of the deferred layers (`auto`, a budget), at the sizes that matter. The budget is
     first spent on the dense and low-rank forms alone; a layer's MPO forms are then weighed (added to its
-    options) only if its screen finds an MPO beating low-rank within SCREEN_WINDOW of the size it got.
+    options) only if its screen finds an MPO beating low-rank at about the size it got there (one
+    probe per core count, the size nearest it; a layer kept dense is probed near its full size).
 
     The screen over every size let MPOs in on what they win where no allocation goes: on SmolLM2 the
     k/v projections' 4-core MPOs beat rank 1-2 (at 1 % of the layer) and nothing larger, and weighing
-    their every form took 43 of 376 s for forms the allocator never picked. An MPO that wins near a
-    layer's first size is weighed at every size, so the final allocation can move it anywhere."""
+    their every form took 43 of 376 s for forms the allocator never picked; its probes at three sizes
+    per core count cost another 76 s. An MPO that wins near a layer's first size is weighed at every
+    size, so the final allocation can still move it anywhere."""
     deferred = set(plan.deferred)
     todo = [i for i, t in enumerate(free) if t.cand.name in deferred]
     if not todo:
@@ -530,11 +529,10 @@ def _screen_deferred(
         t = free[i]
         status(f"screening MPO forms of layer {i + 1}/{len(free)} ({t.cand.name})")
         size = options[i][picks[i]].params if picks is not None else None
-        within = (size / SCREEN_WINDOW, size * SCREEN_WINDOW) if size is not None else None
         w, white = weight_of(t), plan._white(t)
         lows = [o for o in options[i] if o.structure == "lowrank"]
         with reusing_whitened():
-            if not mpo_in_reach(w, white, lows, cores, config.refine_steps, within=within):
+            if not mpo_in_reach(w, white, lows, cores, config.refine_steps, near=size):
                 continue
             more = mpo_options(w, white, cores, None, BOND_GRID, config.refine_steps)
         passed += 1
@@ -544,7 +542,7 @@ def _screen_deferred(
         scale[i] += [1.0] * len(more)
     plan.notes.append(
         f"MPO forms weighed for {passed} of the {len(todo)} layers that could take them: those where an MPO beat low-rank "
-        f"within {SCREEN_WINDOW:g}x of the size a first, low-rank-only allocation gave"
+        "at about the size a first, low-rank-only allocation gave"
     )
 
 

@@ -239,7 +239,7 @@ SCREEN_POINTS = 3  # sizes at which `auto` first checks an MPO against low-rank
 
 def mpo_in_reach(
     w: torch.Tensor, white: Whitening | None, lows: Sequence[Option], cores: Sequence[int], refine_steps: int = 0,
-    within: tuple[float, float] | None = None,
+    near: float | None = None,
 ) -> bool:  # fmt: skip
     """Whether an MPO could beat low-rank on this layer, before its forms are weighed: for each core
     count, the balanced modes' MPO at SCREEN_POINTS sizes of the bond grid (from the smallest low-rank
@@ -254,8 +254,8 @@ def mpo_in_reach(
     time) go nearest first, error / best low-rank error ascending, until one wins: the same answer as
     refining in any order, with fewer refinements where one wins (242 -> 174 on SmolLM2's k/v).
 
-    `within` (lo, hi): only sizes in that range are probed (the bond of the nearest size where none
-    falls in it): the allocator's question is whether an MPO beats low-rank near the size a first,
+    `near`: one probe per core count, the bond whose size is nearest that many parameters (in log
+    size): the allocator's question is whether an MPO beats low-rank at about the size a first,
     low-rank-only allocation gave the layer (see `choose._screen_deferred`)."""
     if not lows:
         return True
@@ -270,10 +270,8 @@ def mpo_in_reach(
             continue
         sizes = {d: MPOShape.uniform(i_modes, o_modes, d).param_count for d in BOND_GRID}
         ds = [d for d, p in sizes.items() if smallest <= p < nx * ny and d <= max(MPOShape.exact(i_modes, o_modes).bond_dims)]
-        if ds and within is not None:
-            lo, hi = within
-            near = [d for d in ds if lo <= sizes[d] <= hi]
-            ds = near or [min(ds, key=lambda d: abs(math.log(sizes[d] / min(max(sizes[d], lo), hi))))]
+        if ds and near is not None:
+            ds = [min(ds, key=lambda d: abs(math.log(sizes[d] / near)))]
         if not ds:
             continue
         probes = sorted({ds[round(k * (len(ds) - 1) / max(SCREEN_POINTS - 1, 1))] for k in range(SCREEN_POINTS)}, reverse=True)
