@@ -517,8 +517,7 @@ def _screen_deferred(
     if not todo:
         return
     budget = _budget(config, free, plan, total, fixed_params)[0]
-    choices = [[Choice(o.params, s * e * (o.rel_error**2) * f) for o, f in zip(opts, fs)]
-               for opts, s, e, fs in zip(options, sens, costs, scale)]  # fmt: skip
+    choices = _choices(options, costs, sens, scale)
     try:
         picks = allocate(choices, budget)
     except MPOCompressError:  # `spend` says why; the screen then probes every size
@@ -600,8 +599,7 @@ def spend(
             f"and the selected ones need at least {least - rest:,}; the smallest reachable is {least:,} (select more "
             "layers with --layers, or raise the target)"
         )
-    choices = [[Choice(o.params, s * e * (o.rel_error**2) * f) for o, f in zip(opts, fs)]
-               for opts, s, e, fs in zip(options, sens, costs, scale)]  # fmt: skip
+    choices = _choices(options, costs, sens, scale)
     if joint is not None:
         choices = _on_the_table_scale(choices, free, options, budget, joint, plan)
     picks = allocate(choices, budget)
@@ -609,6 +607,11 @@ def spend(
     order = sorted(range(len(free)), key=lambda i: -choices[i][picks[i]].cost)
     _fill(chosen, free, order, budget - sum(o.params for o in chosen))
     return [_decision(t, o, "kept dense by the allocator: within the budget nothing smaller pays") for t, o in zip(free, chosen)]
+
+
+def _choices(options: list[list[Option]], costs: list[float], sens: list[float], scale: list[list[float]]) -> list[list[Choice]]:
+    """Each option's size and cost: sensitivity x output energy x relative error^2 x its measured correction."""
+    return [[Choice(o.params, s * e * (o.rel_error**2) * f) for o, f in zip(opts, fs)] for opts, s, e, fs in zip(options, sens, costs, scale)]
 
 
 def _budget(config: CompressionConfig, free: list[LayerTarget], plan: LayerPlan, total: int, fixed_params: int) -> tuple[int, int, str]:
