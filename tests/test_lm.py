@@ -133,6 +133,44 @@ def test_packed_windows_are_the_token_stream_cut_in_full_windows():
     assert short.shape == (1, len(tok(lines[0] + "\n")["input_ids"]))
 
 
+def test_asking_for_a_few_windows_tokenizes_only_the_pieces_that_hold_them(monkeypatch):
+    """Calibration wants the first N windows (64 by default) of a file whose stream holds thousands:
+    the stream is tokenized piece by piece only until it holds them, and they are the whole
+    stream's first N."""
+    from mpocompress.io.data import unlabelled
+
+    monkeypatch.setattr(unlabelled, "PACK_LINES", 4)
+    lines = [f"Line number {i} of a longer text, with some words." for i in range(200)]
+    calls = []
+
+    class Counting:
+        def __call__(self, text, **kw):
+            calls.append(text)
+            return byte_tokenizer()(text, **kw)
+
+    whole = pack_windows(lines, Counting(), 16)
+    pieces = len(calls)
+    calls.clear()
+    few = pack_windows(lines, Counting(), 16, windows=5)
+    assert torch.equal(few, whole[:5])
+    assert 1 <= len(calls) < pieces / 5  # 5 windows of 16 bytes: the first two pieces of 4 lines (~200 bytes each)
+    assert torch.equal(pack_windows(lines, byte_tokenizer(), 16, windows=10**6), whole)  # more than there are: all
+
+
+def test_the_first_lines_of_a_split_are_the_whole_splits_first_padded_to_their_own_longest(tmp_path):
+    """An encoder's calibration wants its split's first N lines: only those are tokenized, padded to
+    the longest of them, and their real tokens are the whole split's."""
+    path = tmp_path / "t.txt"
+    path.write_text("\n".join(f"line {i} " + "word " * (i % 7) for i in range(60)) + "\n")
+    whole = load_unlabelled(f"text:{path}", "train", byte_tokenizer(), 64)
+    few = load_unlabelled(f"text:{path}", "train", byte_tokenizer(), 64, first=5)
+    ids, mask = few.inputs["input_ids"], few.inputs["attention_mask"]
+    assert ids.shape[0] == 5 and ids.shape[1] == int(mask.sum(1).max())
+    for k in range(5):
+        real = whole.inputs["input_ids"][k][whole.inputs["attention_mask"][k].bool()]
+        assert torch.equal(ids[k][mask[k].bool()], real)
+
+
 def test_causal_text_split_is_packed_and_held_out_by_line(lms):
     tok = byte_tokenizer()
     train = load_unlabelled(f"text:{lms['text']}", "train", tok, 64, pack=True)

@@ -16,6 +16,7 @@ from test_cli_train import invoke, run_json
 from test_lm import _lines
 
 from mpocompress import CompressionConfig, compress_, load
+from mpocompress.compress import calibrate
 from mpocompress.compress.calibrate import measure_swap, measure_swap_kl, outputs
 from mpocompress.compress.select import candidates
 from mpocompress.io.data.unlabelled import pack_windows
@@ -150,6 +151,20 @@ def test_the_kl_probe_is_twice_torch_kl_per_sample_and_every_name_gets_its_modul
     reference = outputs(model, batches)
     measure_swap(model, ["model.embed_tokens", "lm_head"], new, batches, reference)
     assert model.model.embed_tokens is emb and model.lm_head is head
+
+
+def test_twice_kl_is_torch_kl_in_float64_and_leaves_its_inputs_as_they_were():
+    """`twice_kl` works in place on its own log-softmaxes: never on the caller's logits (float32
+    logits are their own `.float()`), and the same value as the float64 reference."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4099, generator=g) * 3
+    y = x + 0.2 * torch.randn(64, 4099, generator=g)
+    x0, y0 = x.clone(), y.clone()
+    got = calibrate.twice_kl(x, y)
+    want = 2 * float(F.kl_div(F.log_softmax(y.double(), -1), F.log_softmax(x.double(), -1), log_target=True, reduction="sum"))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert calibrate.twice_kl(x, x) == 0.0
 
 
 def test_the_kl_of_many_swaps_runs_the_original_once_and_measures_what_full_passes_measure(tied):

@@ -113,7 +113,7 @@ def calibration_batches(
         raise MPOCompressError(f"--calib-samples must be a whole number >= 1, got {samples!r}")
     if spec.startswith(TEXT_PREFIX):
         read_lines(Path(spec[len(TEXT_PREFIX) :]))  # a missing or empty file is named before the tokenizer
-        ds = load_unlabelled(spec, split, model_tokenizer(model), text_max_length(model, max_length), pack=causal)
+        ds = load_unlabelled(spec, split, model_tokenizer(model), text_max_length(model, max_length), pack=causal, first=samples)
         check_token_ids(ds, spec, model)
     elif is_unlabelled(spec):
         ds = load_unlabelled(spec, split)

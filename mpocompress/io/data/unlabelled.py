@@ -130,13 +130,18 @@ def _pieces(lines: list[str]) -> Iterator[str]:
         yield "\n".join(buf) + "\n"
 
 
-def pack_windows(lines: list[str], tokenizer: Any, window: int) -> torch.Tensor:
+def pack_windows(lines: list[str], tokenizer: Any, window: int, windows: int | None = None) -> torch.Tensor:
     """The lines joined by newlines as one token stream (no special tokens), cut into windows of
     `window` tokens: (N, window) int64. The remainder after the last full window is dropped, unless
-    the stream is shorter than one window (then it is the one sample)."""
+    the stream is shorter than one window (then it is the one sample). `windows`: only the first that
+    many are wanted, so the stream is tokenized only until it holds them (the same windows as the
+    whole stream's first: its pieces are tokenized one by one either way)."""
     ids: list[int] = []
     for text in _pieces(lines):
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if windows is not None and len(ids) >= windows * window:
+            ids = ids[: windows * window]
+            break
     if len(ids) < 2:
         raise MPOCompressError(f"the text holds {len(ids)} token{'s' if len(ids) != 1 else ''}; give more text")
     n = len(ids) // window
@@ -147,11 +152,12 @@ def pack_windows(lines: list[str], tokenizer: Any, window: int) -> torch.Tensor:
 
 def load_unlabelled(
     spec: str, split: str, tokenizer: Any = None, max_length: int = 128, seed: int = 0, limit: int | None = None,
-    pack: bool = False,
+    pack: bool = False, first: int | None = None,
 ) -> TokenSet | FeatureSet:  # fmt: skip
     """One split (seeded 80/20 by line, of the whole file) of text:FILE (tokenized with `tokenizer`; with
     `pack`, as windows of `max_length` tokens of one stream, see `pack_windows`; `limit`: at most that
-    many lines in all, the first of each split) or of a tensors file with x only."""
+    many lines in all, the first of each split; `first`: only the split's first that many samples are
+    wanted, windows or lines, so no more text is tokenized) or of a tensors file with x only."""
     if split not in ("train", "test"):
         raise MPOCompressError(f"split must be 'train' or 'test', got {split!r}")
     if not isinstance(max_length, int) or max_length < 2:
@@ -170,12 +176,12 @@ def load_unlabelled(
             chosen_idx = sorted(chosen_idx)[:keep]
         chosen = [lines[i] for i in (sorted(chosen_idx) if pack else chosen_idx)]  # a stream keeps the file's order
         if pack:
-            ids = pack_windows(chosen, tokenizer, max_length)
+            ids = pack_windows(chosen, tokenizer, max_length, first)
             return TokenSet(path.name, split, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, packed=True)
         if getattr(tokenizer, "pad_token", "") is None:  # GPT-2 and relatives: padding is masked, any token serves
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
         # a line is cut before the tokenizer sees it: max_length tokens never need more than CHARS_PER_TOKEN each
-        chosen = [ln[: max_length * CHARS_PER_TOKEN] for ln in chosen]
+        chosen = [ln[: max_length * CHARS_PER_TOKEN] for ln in chosen[:first]]  # padded to the longest of those wanted
         enc = tokenizer(chosen, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
         inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
         return TokenSet(path.name, split, inputs)
