@@ -11,6 +11,8 @@ and a short timing of plans at batch 1 and 512.
     python benchmarks/gpu_check.py                 # on a machine with a CUDA GPU (about a minute)
     python benchmarks/gpu_check.py --device cpu    # the same checks on the CPU (what CI runs)
 
+The commands run in this process, as the console script runs them (`run_cli`).
+
 Exits 1 with the failing check's name when an output or gradient differs from the reference by more
 than the tolerance (float32: 1e-4 relative to the reference's norm; TF32 matmuls are turned off).
 """
@@ -18,8 +20,9 @@ than the tolerance (float32: 1e-4 relative to the reference's norm; TF32 matmuls
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -131,6 +134,22 @@ def timings(device: torch.device) -> None:
                 print(f"{b:>5} {plan.describe():<26} {median_ms(lambda x=x: layer(x), device, 0.2):8.3f} {median_ms(lambda x=x: dense(x), device, 0.2):19.3f}")
 
 
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    """One command as the console script runs it (`mpocompress.cli.main`), in this process: its exit
+    status, stdout and stderr. In process, not a subprocess each: the imports (torch, transformers'
+    Llama) took about 4 s of each command's 5-7 s on the CPU, and the commands are the same code."""
+    from mpocompress.cli import main as cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli_main(args)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
 def commands(device: torch.device, failures: list[str]) -> None:
     """convert, then finetune --distill-from and evaluate --device on a tiny Llama (GQA, tied
     embeddings; the test suite's model): each must exit 0, and the heal must take its steps."""
@@ -165,14 +184,14 @@ def commands(device: torch.device, failures: list[str]) -> None:
             steps.append((f"export --format {fmt} --device", ["export", str(d / "s.safetensors"), "--format", fmt, "--device", device.type,
                                                               "-o", str(d / f"s.{fmt}")]))  # fmt: skip
         for name, args in steps:
-            r = subprocess.run([sys.executable, "-m", "mpocompress", *args], capture_output=True, text=True, timeout=600, check=False)
-            ok = r.returncode == 0
+            code, out, err = run_cli(args)
+            ok = code == 0
             if ok and name.startswith("finetune"):
-                rep = json.loads(r.stdout)
+                rep = json.loads(out)
                 ok = rep["runs"][0]["steps"] > 0
-            print(f"{'ok  ' if ok else 'FAIL'} command: {name:<49} exit {r.returncode}")
+            print(f"{'ok  ' if ok else 'FAIL'} command: {name:<49} exit {code}")
             if not ok:
-                print(r.stderr[-2000:])
+                print(err[-2000:])
                 failures.append(f"command {name}")
         if (d / "s.pt2").exists():  # the program traced on the device loads and runs on the CPU
             from mpocompress.io import load_model
