@@ -187,13 +187,15 @@ def test_a_huge_line_is_cut_before_the_tokenizer_and_an_absurd_max_length_is_nam
                   "positions the model takes")  # fmt: skip
 
 
-def test_a_packed_stream_is_tokenized_in_pieces_that_give_the_same_tokens():
+def test_a_packed_stream_is_tokenized_in_pieces_that_give_the_same_tokens(monkeypatch):
     from lm_models import byte_tokenizer
 
-    from mpocompress.io.data.unlabelled import PACK_CHARS, pack_windows
+    from mpocompress.io.data import unlabelled
+    from mpocompress.io.data.unlabelled import pack_windows
 
+    monkeypatch.setattr(unlabelled, "PACK_CHARS", 1 << 12)  # pieces of 4 kB: the same cuts as of 1 MB, in a fraction of the time
     tok = byte_tokenizer()
-    lines = ["short line"] * 700 + ["x y " * (PACK_CHARS // 2)] + ["after"] * 3  # a line twice PACK_CHARS long
+    lines = ["short line"] * 700 + ["x y " * (unlabelled.PACK_CHARS // 2)] + ["after"] * 3  # a line twice PACK_CHARS long
     ids = pack_windows(lines, tok, 64)
     whole = tok("\n".join(lines) + "\n", add_special_tokens=False)["input_ids"]  # bytes: pieces cut nothing
     n = len(whole) // 64
