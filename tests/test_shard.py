@@ -39,9 +39,13 @@ def healing(tmp_path_factory):
 
 
 def _finetune(d, out, *extra, procs=1, wait=True):
+    """The heal: in this process for one process (as the console script runs it), else under torchrun."""
     args = ["-m", "mpocompress", "finetune", str(d / "small.safetensors"), "--distill-from", str(d / "llama"),
             "--data", f"text:{d / 'text.txt'}", "--max-length", "32", "--batch-size", "4", "--device", "cpu",
             "--json", "-o", str(d / out), *extra]  # fmt: skip
+    if procs == 1 and wait:
+        r = invoke(*args[2:])
+        return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
     if procs > 1:
         args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *args]
     if not wait:
