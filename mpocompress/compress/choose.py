@@ -419,10 +419,12 @@ def _options_of(t: LayerTarget, w: torch.Tensor, config: CompressionConfig, plan
 def weigh(t: LayerTarget, config: CompressionConfig, plan: LayerPlan) -> tuple[list[Option], float]:
     """A layer's forms within any --max-error (dense, error 0, always stays) and its output energy."""
     w = weight_of(t)
-    opts = _options_of(t, w, config, plan)
-    if config.max_error is not None:
-        opts = [o for o in opts if o.rel_error <= config.max_error]
-    return opts, plan.energy(t, w)
+    return _within(_options_of(t, w, config, plan), config), plan.energy(t, w)
+
+
+def _within(opts: list[Option], config: CompressionConfig) -> list[Option]:
+    """The forms within --max-error (all of them without one)."""
+    return opts if config.max_error is None else [o for o in opts if o.rel_error <= config.max_error]
 
 
 def _allocate(
@@ -536,7 +538,7 @@ def _screen_deferred(
             more = mpo_options(w, white, cores, None, BOND_GRID, config.refine_steps)
         passed += 1
         plan.options[t.cand.name] = plan.options.get(t.cand.name, []) + more
-        more = [o for o in more if config.max_error is None or o.rel_error <= config.max_error]
+        more = _within(more, config)
         options[i] += more
         scale[i] += [1.0] * len(more)
     plan.notes.append(
