@@ -363,6 +363,20 @@ def test_float32_gram_blocks_keep_the_stated_bound_and_the_whitened_errors(monke
     torch.testing.assert_close(g64, ref, rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(5000, 64), (333, 70), (7, 5000)])
+def test_column_sums_a_block_of_rows_at_a_time_are_the_float64_sum(monkeypatch, shape):
+    """`_column_sums` (the Grams' row sums, the head Fisher's mean distribution) sums SUM_BLOCK numbers
+    of rows at a time in float64: 15 rows per block here, one for the input wider than a block."""
+    from mpocompress.compress import calibrate as cc
+
+    monkeypatch.setattr(cc, "SUM_BLOCK", 1000)
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 10 + 3
+    got = cc._column_sums(x)
+    assert got.dtype == torch.float64 and got.shape == (shape[1],)
+    torch.testing.assert_close(got, x.double().sum(0), rtol=1e-13, atol=1e-9)
+
+
 def test_layers_sharing_an_input_form_one_group():
     class Attn(nn.Module):
         def __init__(self):

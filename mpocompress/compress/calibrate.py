@@ -189,6 +189,21 @@ GRAM_STRIP = 256  # columns of one strip of the Gram's upper triangle
 FAST_GRAMS = True  # float32 products of mean-shifted row blocks, summed in float64 (else float64 products)
 
 
+SUM_BLOCK = 1 << 20  # numbers of one block of `_column_sums` (8 MB in float64)
+
+
+def _column_sums(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(0) in float64, a block of rows (SUM_BLOCK numbers) at a time. torch's float64 sum over
+    the rows of a whole float32 matrix is 5-10x slower than the same sum over blocks that stay in
+    cache (140 ms against 16 ms for 32,768 x 1,536 here, 38 ms against 3 ms for 256 next-token
+    distributions over a 49,152-token vocabulary); each block is summed in float64 as before."""
+    out = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    step = max(1, SUM_BLOCK // max(x.shape[1], 1))
+    for s in range(0, x.shape[0], step):
+        out += x[s : s + step].double().sum(0)
+    return out
+
+
 def _strips(width: int) -> list[int]:
     n = max(1, round(width / GRAM_STRIP))
     return [round(i * width / n) for i in range(n + 1)]
@@ -220,7 +235,7 @@ def _gram_of(vecs: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None 
             g.addmm_(v.T, v)
             total += v.sum(0)
         return g, total, n
-    row_sum = vecs.sum(0, dtype=torch.float64)
+    row_sum = _column_sums(vecs)
     mean = (row_sum / max(n, 1)).float()
     edges = _strips(width)
     for s in range(0, n, GRAM_BLOCK):
@@ -575,7 +590,7 @@ def head_fisher(head: nn.Linear, h: torch.Tensor, reduce: Callable[[list[torch.T
             logits = logits + bias
         p = torch.softmax(logits, -1)
         del logits
-        sum_p += p.sum(0, dtype=torch.float64)
+        sum_p += _column_sums(p)
         m = (p @ weight).to(torch.float64)  # E^T p_t per token
         mm.addmm_(m.T, m)
     count = torch.tensor([float(h.shape[0])], dtype=torch.float64, device=h.device)
