@@ -930,11 +930,12 @@ def measure_swap(
 def twice_kl(logits: torch.Tensor, other: torch.Tensor) -> float:
     """Twice the next-token KL divergence KL(p || q), summed over the rows, of the distributions p of
     `logits` and q of `other` (softmax in float32, the sum in float64). In place on the two log-softmaxes:
-    the same operations as p * (log p - log q), bit for bit, with two vocabulary-wide temporaries
-    instead of five (1.55x faster on SwapKL's 512 x 49,152 chunks)."""
+    the same products as p * (log p - log q), bit for bit, with two vocabulary-wide temporaries instead
+    of five (237 -> 153 ms on SwapKL's 512 x 49,152 chunks); their float64 sum goes a block of rows at
+    a time (`_column_sums`; 153 -> 118 ms)."""
     logp = torch.log_softmax(logits.float(), -1)
     diff = torch.log_softmax(other.float(), -1).neg_().add_(logp)  # log p - log q
-    return 2.0 * float(logp.exp_().mul_(diff).sum(dtype=torch.float64))
+    return 2.0 * float(_column_sums(logp.exp_().mul_(diff).reshape(-1, logp.shape[-1])).sum())
 
 
 @torch.no_grad()
