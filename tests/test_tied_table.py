@@ -252,10 +252,10 @@ def test_a_budgeted_causal_lm_is_calibrated_through_its_base_and_its_final_state
 
 def test_the_swaps_leading_samples_take_their_final_states_from_the_kept_batch(tied):
     """The table's swaps are measured on the leading samples holding FISHER_TOKENS tokens: whole
-    batches, then the first samples of the next (`_leading_samples`). A part's final states are the
-    kept batch's first rows (its padding left out), equal to a fresh pass over the part, not recomputed."""
-    from mpocompress.compress.calibrate import FinalHidden, final_states
-    from mpocompress.compress.choose import _leading_samples
+    batches, then the first samples of the next (`FinalHidden.first_tokens`, which `SwapKL` cuts by). A
+    part's final states are the kept batch's first rows (its padding left out), equal to a fresh pass
+    over the part, not recomputed."""
+    from mpocompress.compress.calibrate import FinalHidden, SwapKL, final_states
 
     model = load(tied["llama"]).eval()
     batches = _batches(model, tied["text"], n=6)  # 3 batches of 2 windows of 32 tokens
@@ -263,15 +263,18 @@ def test_the_swaps_leading_samples_take_their_final_states_from_the_kept_batch(t
     hidden = FinalHidden(model)
     for b in batches:
         hidden(b)
-    parts = _leading_samples(batches, 80, hidden)  # 64 tokens, then one window of the next batch
+    parts = hidden.first_tokens(batches, 80)  # 64 tokens, then one window of the next batch
     assert len(parts) == 2 and parts[0] is batches[0] and id(parts[1]) in hidden._held
     assert torch.equal(parts[1]["input_ids"], batches[1]["input_ids"][:1])
     with torch.no_grad():
         fresh = final_states(model.base_model, parts[1])
     assert hidden(parts[1]).shape == (27, 64) == fresh.shape
     torch.testing.assert_close(hidden(parts[1]), fresh, rtol=1e-5, atol=1e-6)
-    assert _leading_samples(batches, 128, hidden) == batches[:2]  # whole batches when they hold just enough
-    assert _leading_samples(batches, 10**6, hidden) == batches  # all when they hold fewer
+    assert hidden.first_tokens(batches, 128) == batches[:2]  # whole batches when they hold just enough
+    assert hidden.first_tokens(batches, 10**6) == batches  # all when they hold fewer
+    kl = SwapKL(model, batches, hidden, tokens=80)
+    assert kl.batches[0] is batches[0] and torch.equal(kl.batches[1]["input_ids"], parts[1]["input_ids"])
+    assert SwapKL(model, batches, hidden).batches == batches  # no cut without `tokens`
 
 
 def test_layers_on_one_input_share_one_whitening_and_the_grams_go_once_weighed(tied):

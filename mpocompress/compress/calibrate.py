@@ -641,9 +641,23 @@ class FinalHidden:
                 self.model.train(was_training)
         return self._held[id(batch)][1]
 
-    def leading(self, batch: Batch, samples: int) -> Batch:
-        """The batch's first `samples` samples as a batch of their own. Their final states are the first
-        rows of the batch's, so when those are held the part's are taken from them, not recomputed."""
+    def first_tokens(self, batches: Sequence[Batch], tokens: int) -> list[Batch]:
+        """The leading samples holding at least `tokens` tokens (all of them when they hold fewer): whole
+        batches, then the next batch's first samples that make up the rest, as a batch of their own. Their
+        final states are the first rows of that batch's (padding left out), so when those are held they
+        are taken from them, not recomputed."""
+        out, n = [], 0
+        for b in batches:
+            if n >= tokens:
+                break
+            ids = b["input_ids"]
+            per, count = (int(ids.shape[1]) if ids.dim() > 1 else 1), int(ids.shape[0])
+            need = -(-(tokens - n) // per)  # samples, rounded up
+            out.append(b if need >= count else self._part(b, need))
+            n += per * min(need, count)
+        return out
+
+    def _part(self, batch: Batch, samples: int) -> Batch:
         part = {k: v[:samples] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
         held = self._held.get(id(batch))
         if held is not None and held[1].dim() == 2:
@@ -983,11 +997,13 @@ class SwapKL:
     held whole: per swap, one pass of the base with the swap in, and the original's and the swapped
     head on the kept states (on SmolLM2 the original's full pass was 45 % of a measured swap). The
     split holds where the logits are the head applied to the base's output; a model that does more
-    (a soft cap, a scale) is found on the first window, and then measured by `measure_swap_kl`."""
+    (a soft cap, a scale) is found on the first window, and then measured by `measure_swap_kl`.
+    `tokens`: only the leading samples holding that many (`FinalHidden.first_tokens`)."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Batch], hidden: FinalHidden | None = None) -> None:
-        self.model, self.batches = model, list(batches)
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], hidden: FinalHidden | None = None, tokens: int | None = None) -> None:
+        self.model = model
         self.hidden = hidden if hidden is not None else FinalHidden(model)
+        self.batches = self.hidden.first_tokens(batches, tokens) if tokens is not None else list(batches)
         self.head = model.get_output_embeddings()
         self.split = self.head is not None and getattr(model, "base_model", model) is not model and self._splits()
 

@@ -378,21 +378,6 @@ def _first_tokens(batches: Sequence[Mapping[str, torch.Tensor]], tokens: int) ->
     return out
 
 
-def _leading_samples(batches: Sequence[Batch], tokens: int, hidden: FinalHidden) -> list[Batch]:
-    """The leading samples holding at least `tokens` tokens (all of them when they hold fewer): whole
-    batches, then as many of the next batch's first samples as make up the rest (`FinalHidden.leading`)."""
-    out, n = [], 0
-    for b in batches:
-        if n >= tokens:
-            break
-        ids = b["input_ids"]
-        per = int(ids.shape[1]) if ids.dim() > 1 else 1
-        need = -(-(tokens - n) // per)  # samples, rounded up
-        out.append(b if need >= int(ids.shape[0]) else hidden.leading(b, need))
-        n += per * min(need, int(ids.shape[0]))
-    return out
-
-
 def fixed_structure(config: CompressionConfig, t: LayerTarget | None = None) -> str:
     """The structure a D or an eps makes: low-rank when asked for, else an MPO (for a layer that
     cannot be an MPO, a tied table, its one structure unless one was asked for)."""
@@ -496,8 +481,7 @@ def _allocate(
     scale = [[1.0] * len(opts) for opts in options]  # measured / predicted output change, per option
     kl = None  # a tied table's measured swaps and the joint measure: the original's side computed once
     if fn is not None and any(t.cand.converter.serves_head for t in free):
-        hidden = plan.hidden if plan.hidden is not None else FinalHidden(model)
-        kl = SwapKL(model, _leading_samples(probe, FISHER_TOKENS, hidden), hidden)
+        kl = SwapKL(model, probe, plan.hidden, tokens=FISHER_TOKENS)
     if config.budgeted and calib is not None:
         for i, t in enumerate(free):
             mpo_only = config.structure == "mpo" and t.cand.kind == "linear"
