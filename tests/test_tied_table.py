@@ -5,6 +5,7 @@ an independent SVD of the weighted matrix, the KL probe against torch's KL, and 
 (convert, save, load, evaluate, export) on the tiny tied Llama of tests/lm_models.py."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -98,6 +99,44 @@ def test_a_table_weighed_a_block_of_tokens_at_a_time_is_the_whole_formula(monkey
     assert f.rel_error == pytest.approx(float((w - approx).norm() / w.norm()), rel=1e-12)
     assert f.output_rel_error == pytest.approx(output_error(w, approx, white), rel=1e-10)
     assert f.spectra[0].tolist() == pytest.approx(torch.linalg.svdvals(approx)[:5].tolist(), rel=1e-10)
+
+
+def test_every_form_of_a_table_truncates_one_decomposition_made_once(monkeypatch):
+    """The forms of one table (its weighing, its measured swaps, the final one) share one
+    decomposition of R W C, made once from the d x d Gram and made again when the table changes in
+    place; each form is still the closed-form optimum (torch.linalg.svd of R W C, within 1e-9,
+    float64, seed 2). Its factors are the same whether or not its errors are measured, and a nearly
+    exact truncation (where the Gram's rounding is not trusted) takes the SVD of R W C itself."""
+    from mpocompress.compress.structures import Option, make_factors
+    from mpocompress.tensors import calibrated
+
+    g = torch.Generator().manual_seed(2)
+    d, v = 10, 80
+    w = torch.randn(d, v, generator=g, dtype=torch.float64)
+    h = torch.randn(400, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, d, dtype=torch.float64)
+    white = table_weighting(h.T @ h, torch.softmax(2 * torch.randn(v, generator=g, dtype=torch.float64), 0))
+    made = []
+    eig = calibrated._eig_desc
+    monkeypatch.setattr(calibrated, "_eig_desc", lambda a: made.append(a.shape) or eig(a))
+    s = torch.linalg.svdvals((white.left @ w) * white.columns)
+    for r in (1, 3, 6):
+        f = make_factors(w, Option("lowrank", r * (d + v), float("nan"), rank=r), white, dtype=torch.float64)
+        best = float((s[r:].square().sum() / s.square().sum()).sqrt())
+        assert f.output_rel_error == pytest.approx(best, rel=1e-9)
+        assert output_error(w, f.factors[0] @ f.factors[1], white) == pytest.approx(best, rel=1e-9)
+        quick = make_factors(w, Option("lowrank", r * (d + v), float("nan"), rank=r), white, dtype=torch.float64, errors=False)
+        assert all(torch.equal(a, b) for a, b in zip(quick.factors, f.factors)) and math.isnan(quick.rel_error)
+    assert made == [(d, d)]  # one decomposition for the three forms and both kinds of call
+    assert white.energy(w) == pytest.approx(float(s.square().sum()), rel=1e-12)
+    w.mul_(2)  # the table changed in place: decomposed again
+    assert white.energy(w) == pytest.approx(4 * float(s.square().sum()), rel=1e-12) and len(made) == 2
+
+    low = (torch.randn(d, 3, generator=g, dtype=torch.float64) @ torch.randn(3, v, generator=g, dtype=torch.float64)).add_(
+        1e-7 * torch.randn(d, v, generator=g, dtype=torch.float64))  # fmt: skip
+    assert white.lowrank(low, 3, torch.float64) is None  # nearly exact: not from the Gram
+    lr = lowrank(low, 3, white, dtype=torch.float64)
+    sl = torch.linalg.svdvals((white.left @ low) * white.columns)
+    assert output_error(low, lr.second @ lr.first, white) == pytest.approx(float((sl[3:].square().sum() / sl.square().sum()).sqrt()), rel=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -574,7 +574,7 @@ def _joint_measure(free: list[LayerTarget], plan: LayerPlan, kl: SwapKL) -> Join
         swaps = []
         for t, o in zip(free, chosen):
             if o.structure != "dense":
-                f = make_factors(weight_of(t), o, plan._white(t), 0)
+                f = make_factors(weight_of(t), o, plan._white(t), 0, errors=False)
                 swaps.append((t.cand.names, factorized(t, f).eval()))
         status(f"measuring the next-token KL of {len(swaps)} layers together")
         return kl(swaps)
@@ -706,7 +706,7 @@ def _probed(
     if kl is None and t.cand.converter.serves_head and is_causal_lm(model):  # the head changes too: the full next-token KL
         kl = SwapKL(model, probe)
     for k in picks:
-        f = make_factors(w, opts[k], white, refine_steps)
+        f = make_factors(w, opts[k], white, refine_steps, errors=white is None)  # with whitening, the option's error is the one used
         new = factorized(t, f).eval()
         if kl is not None:
             real = kl([(t.cand.names, new)])

@@ -812,7 +812,7 @@ class _TablePasses:
         cal = _summed_grams(_block_grams(stream, 0, block, ts, self.batches, prefix), ranks)
         for t in ts:
             o = joint[t.cand.name]
-            f = ranks.deal(lambda t=t, o=o: make_factors(weight_of(t), o, white_for(t, cal, spend=True), 0))
+            f = ranks.deal(lambda t=t, o=o: make_factors(weight_of(t), o, white_for(t, cal, spend=True), 0, errors=False))
             cal.sums.pop(t.cand.name, None)
             inner = _in_block(t.cand.name, prefix)
             swapped.append((inner, block.get_submodule(inner)))
@@ -827,7 +827,7 @@ class _TablePasses:
         _, picks = probe_picks(opts)
 
         def table(k: int) -> nn.Module:
-            f = self.back.ranks.deal(lambda: make_factors(w, opts[k], white, 0))
+            f = self.back.ranks.deal(lambda: make_factors(w, opts[k], white, 0, errors=False))
             return factorized(self.t, f).eval()
 
         for j, k in enumerate(picks):

@@ -294,19 +294,28 @@ def mpo_in_reach(
 
 @reusing_whitened()
 def make_factors(
-    w: torch.Tensor, option: Option, white: Whitening | None, refine_steps: int = 30, dtype: torch.dtype | None = None
-) -> Factors:
-    """The factors of the chosen option (not "dense"), with their weight and output errors."""
+    w: torch.Tensor, option: Option, white: Whitening | None, refine_steps: int = 30, dtype: torch.dtype | None = None,
+    errors: bool = True,
+) -> Factors:  # fmt: skip
+    """The factors of the chosen option (not "dense"), with their weight and output errors.
+
+    `errors=False`: a low-rank form's factors (and bias shift) alone, its errors NaN and its spectra
+    not taken, for a form only swapped in to measure what it does (on a vocabulary-wide table, the
+    errors and spectrum cost more than the factors)."""
     dtype = dtype or w.dtype
     ny, nx = w.shape
     if option.structure == "lowrank":
-        lr = lowrank(w, option.rank, white, dtype=torch.float64)
+        table = isinstance(white, TableWeighting)
+        lr = lowrank(w, option.rank, white, dtype=dtype if table and not errors else torch.float64)
         if white is None:  # B A is W's truncated SVD: its error and its bond's spectrum are W's singular values
             werr = float(truncation_errors(lr.spectrum)[lr.rank])
             return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr,
                            None, [lr.spectrum[: lr.rank].clone()])  # fmt: skip
-        if isinstance(white, TableWeighting):  # a vocabulary-wide table: its errors a block of tokens at a time, B A never whole
-            (werr, oerr), shift = white.errors(w, lr.second, lr.first), None
+        if not errors:
+            shift = None if table else white.bias_shift(w, lr.second @ lr.first)
+            return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), math.nan, None, [], shift)
+        if table:  # a vocabulary-wide table: B A never whole; the weighted error is its spectrum's discarded share
+            werr, oerr, shift = white.weight_error(w, lr.second, lr.first), float(truncation_errors(lr.spectrum, white.energy(w))[lr.rank]), None
         else:
             approx = lr.second @ lr.first
             werr, oerr, shift = output_error(w, approx, None), output_error(w, approx, white), white.bias_shift(w, approx)

@@ -18,13 +18,13 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from mpocompress.errors import MPOCompressError
 from mpocompress.tensors.contract import mpo_to_matrix
-from mpocompress.tensors.decompose import _gram_eig, _nearly_exact
+from mpocompress.tensors.decompose import _eig_desc, _gram_eig, _nearly_exact
 from mpocompress.tensors.numeric import all_finite
 
 DAMP = 1e-6  # default regularization of a Gram matrix, as a share of its mean diagonal
@@ -165,6 +165,24 @@ class TableWeighting:
     left: torch.Tensor  # R (d x d), upper-triangular, float64
     columns: torch.Tensor  # sqrt(p + floor) per token (V,), float64
     mean = None  # never centred: a table has no bias to move
+    _held: tuple[torch.Tensor, int, TableSVD] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def svd(self, w: torch.Tensor) -> TableSVD:
+        """The SVD of R W C that every low-rank form of this table truncates (`TableSVD`), made once
+        and held for the table last asked about (its d x d matrices, not R W C)."""
+        held = self._held
+        if held is not None and held[1] == w._version and _same_tensor(held[0], w):
+            return held[2]
+        g = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64, device=w.device)
+        for cols, x in self._blocks(w):
+            xc = x * self.columns[cols]
+            g.addmm_(xc, xc.T)  # W C^2 W^T
+        g = self.left @ g @ self.left.T
+        energy = float(g.diagonal().sum())
+        values, vectors = _eig_desc(g)
+        out = TableSVD(values, vectors, energy)
+        self._held = (w, w._version, out)  # w itself held: its memory cannot be reused by another tensor
+        return out
 
     def _blocks(self, w: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
         """W's columns TABLE_CHUNK tokens at a time, in float64 (a vocabulary-wide table is hundreds
@@ -183,20 +201,36 @@ class TableWeighting:
     apply = whiten
 
     def energy(self, w: torch.Tensor) -> float:
-        """||R W C||^2, a block of tokens at a time."""
-        return sum(float(((self.left @ x) * self.columns[cols]).square().sum()) for cols, x in self._blocks(w))
+        """||R W C||^2 (the trace of the Gram `svd` diagonalizes)."""
+        return self.svd(w).energy
 
-    def errors(self, w: torch.Tensor, second: torch.Tensor, first: torch.Tensor) -> tuple[float, float]:
-        """The relative weight error ||W - B A|| / ||W|| and the weighted one ||R (W - B A) C|| / ||R W C||
-        of a low-rank table B A, a block of tokens at a time (B A is never formed whole)."""
-        sums = torch.zeros(4, dtype=torch.float64)
+    def weight_error(self, w: torch.Tensor, second: torch.Tensor, first: torch.Tensor) -> float:
+        """The relative weight error ||W - B A|| / ||W|| of a low-rank table B A, a block of tokens at a
+        time (B A is never formed whole). Its weighted error needs no pass: the discarded share of `svd`'s values."""
+        sums = torch.zeros(2, dtype=torch.float64)
         second = second.to(torch.float64)
         for cols, x in self._blocks(w):
             diff = x - second @ first[:, cols].to(torch.float64)
-            c = self.columns[cols]
-            sums += torch.stack([diff.square().sum(), x.square().sum(), ((self.left @ diff) * c).square().sum(), ((self.left @ x) * c).square().sum()])
-        weight, weighted = (math.sqrt(float(err / norm)) if float(norm) > 0 else 0.0 for err, norm in (sums[:2], sums[2:]))
-        return weight, weighted
+            sums += torch.stack([diff.square().sum(), x.square().sum()])
+        return math.sqrt(float(sums[0] / sums[1])) if float(sums[1]) > 0 else 0.0
+
+    def lowrank(self, w: torch.Tensor, rank: int, dtype: torch.dtype) -> LowRank | None:
+        """The rank-r table minimizing ||R (W - B A) C||: B = R^{-1} U_r S_r^{1/2} and A = S_r^{-1/2}
+        U_r^T R W, from `svd` (U_r, S_r its top left vectors and values: C cancels, so R W C is never
+        formed; A is made a block of tokens at a time). None where `truncated_svd` would not trust
+        the Gram's rounding (a nearly exact truncation, a kept value below 1e-7 of the largest): the
+        caller then takes the SVD of R W C itself."""
+        svd = self.svd(w)
+        s, r = svd.values, min(rank, svd.values.numel())
+        if _nearly_exact(s, r) or float(s[r - 1]) < 1e-7 * float(s[0]):
+            return None
+        u, root = svd.vectors[:, :r], s[:r].sqrt()
+        second = torch.linalg.solve_triangular(self.left, u * root, upper=True)
+        coef = (u.T @ self.left).div_(root[:, None])
+        first = torch.empty(r, w.shape[1], dtype=dtype, device=w.device)
+        for cols, x in self._blocks(w):
+            first[:, cols] = coef @ x
+        return LowRank(second.to(dtype).contiguous(), first, s)
 
     def offset(self, w: torch.Tensor) -> float:
         return 0.0
@@ -211,6 +245,22 @@ class TableWeighting:
     def unwhiten_cols(self, b: torch.Tensor) -> torch.Tensor:
         """R^{-1} B for columns B (d x r)."""
         return torch.linalg.solve_triangular(self.left, b, upper=True)
+
+
+@dataclass(eq=False)
+class TableSVD:
+    """The SVD of a weighted table R W C (d x V) that its low-rank forms truncate, without R W C (hundreds
+    of MB in float64): its singular values and left vectors from the d x d Gram R (W C^2 W^T) R^T,
+    accumulated a block of tokens at a time, and that Gram's trace, the weighted energy. Every form
+    of the table (five measured swaps, the weighing, the final one) shares it."""
+
+    values: torch.Tensor  # descending, float64
+    vectors: torch.Tensor  # left singular vectors (columns), float64
+    energy: float  # ||R W C||^2
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)
 
 
 def table_weighting(gram: torch.Tensor, mean_p: torch.Tensor, damp: float = DAMP) -> TableWeighting:
@@ -362,6 +412,8 @@ def lowrank_spectrum(w: torch.Tensor, white: Whitening | None = None) -> torch.T
     From the eigenvalues of the smaller Gram matrix in float64 (one GEMM and a symmetric
     eigensolver, about twice as fast as LAPACK's singular values): each squared value is exact to
     about 1e-16 of the total energy, so every truncation error sqrt(tail / total) is too."""
+    if isinstance(white, TableWeighting):
+        return white.svd(w).values
     m = white.whiten(w) if white is not None else w.detach().to(torch.float64)
     g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
     return torch.linalg.eigvalsh(g).flip(0).clamp_min(0).sqrt()
@@ -404,6 +456,10 @@ def lowrank(w: torch.Tensor, rank: int, white: Whitening | None = None, dtype: t
         raise MPOCompressError(f"rank must be a whole number >= 1, got {rank!r}")
     if not all_finite(w):
         raise MPOCompressError("cannot factorize a matrix with NaN or Inf entries")
+    if isinstance(white, TableWeighting):
+        lr = white.lowrank(w, rank, dtype or w.dtype)
+        if lr is not None:
+            return lr
     m = white.whiten(w) if white is not None else w.detach().to(torch.float64)
     u, s, vh = truncated_svd(m, rank)
     del m  # a vocabulary-wide table's is hundreds of MB
