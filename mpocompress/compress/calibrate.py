@@ -987,7 +987,7 @@ def measure_swap_kl(model: nn.Module, swaps: Sequence[tuple[Sequence[str], nn.Mo
     return total / max(samples, 1)
 
 
-KL_CHUNK = 512  # tokens whose vocabulary-wide logits `SwapKL` holds at once (per side)
+KL_CHUNK = 256  # tokens whose vocabulary-wide logits `SwapKL` holds at once (per side; four such arrays at once in `twice_kl`: 192 MiB at 49,152 tokens)
 
 
 class SwapKL:
