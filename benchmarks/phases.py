@@ -5,7 +5,9 @@ Runs the command in this process and times each phase from the status messages i
 consecutive messages that differ only in their numbers are one phase. A thread samples the resident
 memory (VmRSS, Linux) every 50 ms, and each phase gets the largest sample taken while it ran. The
 table goes to stderr after the command's own output, phases in the order they first ran, with their
-summed seconds; what ran before the first status message is "(before)", after the last "(after)".
+summed seconds; what ran before the first status message (the imports, reading the model) is
+"(before)", and what ran between one step's last message and the next step's first (saving, the
+report) is "(between steps)".
 
     python benchmarks/phases.py convert SmolLM2.gguf --calib text:../shared/data/text/docstrings-en.txt --remove 0.2 -o out.safetensors
 """
@@ -82,7 +84,7 @@ def main(argv: list[str]) -> int:
 
         with shown(both):
             yield
-        phases.enter("(after)")
+        phases.enter("(between steps)")
 
     from mpocompress.cli import render  # shows the progress: the one reader of `watching`
 

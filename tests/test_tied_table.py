@@ -6,6 +6,7 @@ an independent SVD of the weighted matrix, the KL probe against torch's KL, and 
 
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -130,6 +131,12 @@ def test_every_form_of_a_table_truncates_one_decomposition_made_once(monkeypatch
     assert white.energy(w) == pytest.approx(float(s.square().sum()), rel=1e-12)
     w.mul_(2)  # the table changed in place: decomposed again
     assert white.energy(w) == pytest.approx(4 * float(s.square().sum()), rel=1e-12) and len(made) == 2
+    other = w.clone()
+    other[0, 1] += 1.0  # another table of the same shape: its own decomposition
+    assert white.energy(other) != white.energy(w) and len(made) == 4
+    gone = weakref.ref(w)
+    del w, other
+    assert gone() is None  # the weighting does not hold the table
 
     low = (torch.randn(d, 3, generator=g, dtype=torch.float64) @ torch.randn(3, v, generator=g, dtype=torch.float64)).add_(
         1e-7 * torch.randn(d, v, generator=g, dtype=torch.float64))  # fmt: skip

@@ -165,13 +165,16 @@ class TableWeighting:
     left: torch.Tensor  # R (d x d), upper-triangular, float64
     columns: torch.Tensor  # sqrt(p + floor) per token (V,), float64
     mean = None  # never centred: a table has no bias to move
-    _held: tuple[torch.Tensor, int, TableSVD] | None = field(default=None, init=False, repr=False, compare=False)
+    _held: tuple[tuple, torch.Tensor, TableSVD] | None = field(default=None, init=False, repr=False, compare=False)
 
     def svd(self, w: torch.Tensor) -> TableSVD:
         """The SVD of R W C that every low-rank form of this table truncates (`TableSVD`), made once
-        and held for the table last asked about (its d x d matrices, not R W C)."""
+        and held for the table last asked about (its d x d matrices, not R W C). The table is known
+        by its memory, layout and version counter and by a sample of its entries (64 columns), not
+        held: a table let go is not kept alive by its weighting (108 MiB for SmolLM2's)."""
+        key, sample = _identity(w)
         held = self._held
-        if held is not None and held[1] == w._version and _same_tensor(held[0], w):
+        if held is not None and held[0] == key and torch.equal(held[1], sample):
             return held[2]
         g = torch.zeros(w.shape[0], w.shape[0], dtype=torch.float64, device=w.device)
         for cols, x in self._blocks(w):
@@ -181,7 +184,7 @@ class TableWeighting:
         energy = float(g.diagonal().sum())
         values, vectors = _eig_desc(g)
         out = TableSVD(values, vectors, energy)
-        self._held = (w, w._version, out)  # w itself held: its memory cannot be reused by another tensor
+        self._held = (key, sample, out)
         return out
 
     def _blocks(self, w: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -259,8 +262,12 @@ class TableSVD:
     energy: float  # ||R W C||^2
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype)
+def _identity(w: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+    """What tells one table from another without holding it: where and how it lies in memory, its
+    version counter (bumped by any change in place), and a copy of 64 of its columns."""
+    step = max(1, w.shape[1] // 64)
+    key = (w.data_ptr(), tuple(w.shape), w.stride(), w.dtype, w.device, w._version)
+    return key, w[:, ::step].clone()
 
 
 def table_weighting(gram: torch.Tensor, mean_p: torch.Tensor, damp: float = DAMP) -> TableWeighting:
