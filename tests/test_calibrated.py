@@ -768,6 +768,29 @@ def test_measured_swaps_swap_in_the_layer_convert_makes(monkeypatch):
 
 
 
+def test_a_lowrank_form_made_only_to_be_swapped_in_is_the_measured_one_without_its_errors():
+    """`make_factors(..., errors=False)` (the forms the joint measure and the table's swaps swap in):
+    the same factors and bias shift, bit for bit, as the form made with its errors, which it leaves
+    unmeasured (NaN, no spectra). Centred calibration on inputs far from zero (seed 3), so the shift
+    is not zero."""
+    from mpocompress import CompressionConfig
+    from mpocompress.compress import choose
+    from mpocompress.compress.structures import Option, make_factors
+    from mpocompress.compress.targets import select_targets, weight_of
+
+    torch.manual_seed(3)
+    lin = nn.Linear(24, 20)
+    x = torch.randn(300, 24) @ torch.randn(24, 24) + 2
+    cal = collect_grams(nn.Sequential(lin), {"0": lin}, [{"x": x}])
+    (t,), _ = select_targets(nn.Sequential(lin), CompressionConfig(target_params=0.5, structure="lowrank"))
+    white = choose.white_for(t, cal)
+    for r in (2, 7):
+        o = Option("lowrank", r * 44, float("nan"), rank=r)
+        full, quick = make_factors(weight_of(t), o, white, 0), make_factors(weight_of(t), o, white, 0, errors=False)
+        assert all(torch.equal(a, b) for a, b in zip(full.factors, quick.factors))
+        assert torch.equal(full.bias_shift, quick.bias_shift) and float(full.bias_shift.abs().max()) > 1e-3
+        assert full.output_rel_error > 0 and full.spectra and math.isnan(quick.rel_error) and quick.output_rel_error is None and not quick.spectra
+
 def test_reusing_whitened_makes_w_l_once_per_weight_with_the_same_bits(monkeypatch):
     """Within `reusing_whitened` every reader of W L (spectrum, energy, error meter, refinement) gets
     the same numbers as without it, from one product per weight; an in-place change of W, another W
