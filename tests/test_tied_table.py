@@ -262,7 +262,7 @@ def test_a_budgeted_causal_lm_is_calibrated_through_its_base_and_its_final_state
     of the pass that stops at the last layer, and the table's weighting that of a fresh `HeadFisher`,
     bit for bit."""
     from mpocompress.compress import calibrate
-    from mpocompress.compress.choose import _first_tokens, plan_layers
+    from mpocompress.compress.choose import _leading_batches, plan_layers
     from mpocompress.compress.targets import select_targets
 
     model = load(tied["llama"])
@@ -290,7 +290,7 @@ def test_a_budgeted_causal_lm_is_calibrated_through_its_base_and_its_final_state
     mods = {t.cand.name: t.cand.module for t in targets}
     old = calibrate.collect_grams(model, mods, batches, stop_after=set(mods))
     assert all(torch.equal(during[0][1][n], old.grams[n]) for n in mods)
-    fresh = calibrate.HeadFisher(model, _first_tokens(batches, calibrate.FISHER_TOKENS))
+    fresh = calibrate.HeadFisher(model, _leading_batches(batches, calibrate.FISHER_TOKENS))
     want = table_weighting(fresh.head_gram, fresh.mean_p)
     got = plan.tables["model.embed_tokens"]
     assert torch.equal(got.left, want.left) and torch.equal(got.columns, want.columns)

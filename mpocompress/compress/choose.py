@@ -321,7 +321,7 @@ def plan_layers(
             # the base (blocks and final norm, no head) on every batch: the leading batches' final hidden states are kept
             # for the head's Fisher and the table's measurements, which then need no passes of their own
             hidden = FinalHidden(model)
-            calib = collect_grams(model, mods, batches, run=base_runner(model, hidden, _first_tokens(batches, SENSITIVITY_TOKENS)))
+            calib = collect_grams(model, mods, batches, run=base_runner(model, hidden, _leading_batches(batches, SENSITIVITY_TOKENS)))
         else:
             calib = collect_grams(model, mods, batches, stop_after=stop)
     plan = LayerPlan([], config, calib, batches, hidden=hidden)
@@ -334,7 +334,7 @@ def plan_layers(
         )
         if batches is not None and is_causal_lm(model):
             plan.hidden = plan.hidden or FinalHidden(model)  # the leading batches' final hidden states, shared by the table's measurements
-            fisher = HeadFisher(model, _first_tokens(batches, FISHER_TOKENS), hidden=plan.hidden)
+            fisher = HeadFisher(model, _leading_batches(batches, FISHER_TOKENS), hidden=plan.hidden)
             plan.tables[tied[0].cand.name] = table_weighting(fisher.head_gram, fisher.mean_p)
             del fisher
     fixed = [t for t in targets if t.bond_dim is not None or t.eps is not None]
@@ -367,8 +367,9 @@ def plan_layers(
     return plan
 
 
-def _first_tokens(batches: Sequence[Mapping[str, torch.Tensor]], tokens: int) -> list[Mapping[str, torch.Tensor]]:
-    """The leading batches holding at least `tokens` tokens (all of them when they hold fewer)."""
+def _leading_batches(batches: Sequence[Mapping[str, torch.Tensor]], tokens: int) -> list[Mapping[str, torch.Tensor]]:
+    """The leading whole batches holding at least `tokens` tokens (all of them when they hold fewer);
+    `FinalHidden.first_tokens` cuts the last one to the count."""
     out, n = [], 0
     for b in batches:
         if n >= tokens:
@@ -436,7 +437,7 @@ def _allocate(
         # a tied table changes the head too: its own probes measure the full next-token KL (see _probed)
         causal = is_causal_lm(model) and not _head_selected(model, [t for t in free if not t.cand.converter.serves_head])
         if causal:
-            probe = _first_tokens(plan.batches, SENSITIVITY_TOKENS)
+            probe = _leading_batches(plan.batches, SENSITIVITY_TOKENS)
             n = sum(int(b["input_ids"].numel()) for b in probe)
         else:
             probe, n = [], 0

@@ -220,12 +220,11 @@ class TableWeighting:
     def lowrank(self, w: torch.Tensor, rank: int, dtype: torch.dtype) -> LowRank | None:
         """The rank-r table minimizing ||R (W - B A) C||: B = R^{-1} U_r S_r^{1/2} and A = S_r^{-1/2}
         U_r^T R W, from `svd` (U_r, S_r its top left vectors and values: C cancels, so R W C is never
-        formed; A is made a block of tokens at a time). None where `truncated_svd` would not trust
-        the Gram's rounding (a nearly exact truncation, a kept value below 1e-7 of the largest): the
-        caller then takes the SVD of R W C itself."""
+        formed; A is made a block of tokens at a time). None where the Gram's rounding is not trusted
+        (`_gram_trusted`): the caller then takes the SVD of R W C itself."""
         svd = self.svd(w)
         s, r = svd.values, min(rank, svd.values.numel())
-        if _nearly_exact(s, r) or float(s[r - 1]) < 1e-7 * float(s[0]):
+        if not _gram_trusted(s, r):
             return None
         u, root = svd.vectors[:, :r], s[:r].sqrt()
         second = torch.linalg.solve_triangular(self.left, u * root, upper=True)
@@ -437,7 +436,7 @@ def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     wide = m.shape[0] <= m.shape[1]
     s, vec = _gram_eig(m)
     r = min(rank, s.numel())
-    if _nearly_exact(s, r) or float(s[r - 1]) < 1e-7 * float(s[0]):
+    if not _gram_trusted(s, r):
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :r], s, vh[:r]
     top = vec[:, :r]
@@ -445,6 +444,13 @@ def truncated_svd(m: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     if wide:  # top: left singular vectors
         return top, s, (top.T @ m).mul_(inv[:, None])
     return (m @ top).mul_(inv), s, top.T
+
+
+def _gram_trusted(s: torch.Tensor, r: int) -> bool:
+    """Whether the rank-r truncation may be taken from a Gram matrix's eigendecomposition (values `s`,
+    descending): not where its rounding could matter, a truncation discarding under 1e-8 of the energy
+    (`_nearly_exact`) or a kept value below 1e-7 of the largest."""
+    return not (_nearly_exact(s, r) or float(s[r - 1]) < 1e-7 * float(s[0]))
 
 
 def truncation_errors(spectrum: torch.Tensor, total: float | None = None) -> torch.Tensor:
