@@ -146,6 +146,33 @@ def test_every_form_of_a_table_truncates_one_decomposition_made_once(monkeypatch
     assert output_error(low, lr.second @ lr.first, white) == pytest.approx(float((sl[3:].square().sum() / sl.square().sum()).sqrt()), rel=1e-6)
 
 
+def test_the_bond_spectrum_of_b_a_comes_a_block_of_columns_at_a_time(monkeypatch):
+    """`product_spectrum(B, A)`, R_A made 16 columns at a time (100 columns: a last block of 4),
+    against torch.linalg.svdvals of the whole product B A in float64 (seed 3, within 1e-10 of the
+    largest value), for float64 factors and for a float32 A (upcast a block at a time); and a float32
+    table's measured form has the very factors of its unmeasured one, made in float32 from the start."""
+    from mpocompress.compress.structures import Option, make_factors
+    from mpocompress.tensors import calibrated, product_spectrum
+
+    monkeypatch.setattr(calibrated, "TABLE_CHUNK", 16)
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(12, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(6, 100, generator=g, dtype=torch.float64) * torch.logspace(0, -4, 6, dtype=torch.float64)[:, None]
+    for first in (a, a.float()):
+        want = torch.linalg.svdvals(b @ first.double())[:6]  # B A has rank 6
+        got = product_spectrum(b, first)
+        assert got.dtype == torch.float64 and got.shape == (6,)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10 * float(want[0]))
+    w = torch.randn(12, 100, generator=g)
+    h = torch.randn(300, 12, generator=g, dtype=torch.float64)
+    white = table_weighting(h.T @ h, torch.softmax(2 * torch.randn(100, generator=g, dtype=torch.float64), 0))
+    opt = Option("lowrank", 5 * 112, float("nan"), rank=5)
+    f, quick = make_factors(w, opt, white), make_factors(w, opt, white, errors=False)
+    assert all(x.dtype == torch.float32 and torch.equal(x, y) for x, y in zip(f.factors, quick.factors))
+    want = torch.linalg.svdvals(f.factors[0].double() @ f.factors[1].double())[:5]
+    torch.testing.assert_close(f.spectra[0], want, rtol=1e-10, atol=0)
+
+
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
     d = tmp_path_factory.mktemp("tied")

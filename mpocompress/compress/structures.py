@@ -27,6 +27,7 @@ from mpocompress.tensors import (
     lowrank_spectrum,
     mpo_to_matrix,
     output_error,
+    product_spectrum,
     refine_cores,
     reusing_whitened,
     truncation_errors,
@@ -306,7 +307,7 @@ def make_factors(
     ny, nx = w.shape
     if option.structure == "lowrank":
         table = isinstance(white, TableWeighting)
-        lr = lowrank(w, option.rank, white, dtype=dtype if table and not errors else torch.float64)
+        lr = lowrank(w, option.rank, white, dtype=dtype if table else torch.float64)  # a table's A is made in its saved dtype
         if white is None:  # B A is W's truncated SVD: its error and its bond's spectrum are W's singular values
             werr = float(truncation_errors(lr.spectrum)[lr.rank])
             return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr,
@@ -319,8 +320,7 @@ def make_factors(
         else:
             approx = lr.second @ lr.first
             werr, oerr, shift = output_error(w, approx, None), output_error(w, approx, white), white.bias_shift(w, approx)
-        # the bond's spectrum: the singular values of B A itself, from the r x r product of the factors' R's
-        spectrum = torch.linalg.svdvals(torch.linalg.qr(lr.second, mode="r")[1] @ torch.linalg.qr(lr.first.T, mode="r")[1].T)
+        spectrum = product_spectrum(lr.second, lr.first)  # the bond's spectrum: the singular values of B A itself
         return Factors("lowrank", [lr.second.to(dtype), lr.first.to(dtype)], lowrank_shape(nx, ny, lr.rank), werr, oerr,
                        [spectrum], shift)  # fmt: skip
     shape = option.shape
