@@ -194,6 +194,21 @@ def test_sequential_fits_each_layer_to_the_original_outputs():
     assert outs[True] < outs[False], outs
 
 
+def test_sequential_refits_take_the_refit_damping(monkeypatch):
+    """Every refit of a sequential conversion is damped by REFIT_DAMP, not the plain whitening's DAMP
+    (why: tests/test_calibrated.py, the rounding of inputs that span fewer directions)."""
+    from mpocompress.compress import choose
+
+    used = []
+    bound = choose.bound_whitening
+    monkeypatch.setattr(choose, "bound_whitening", lambda *a, **k: used.append(k.get("damp")) or bound(*a, **k))
+    batches, _ = _batches(shift=0.5)
+    model = _mlp()
+    compress_(model, CompressionConfig(bond_dim=5, structure="lowrank", sequential=True), calibration=batches)
+    made = sum(isinstance(m, LowRankLinear) for m in model.modules())
+    assert made >= 2 and used == [choose.REFIT_DAMP] * made
+
+
 def test_calibration_data_that_does_not_fit_the_model():
     with pytest.raises(MPOCompressError, match="does not run on the calibration data"):
         compress_(_mlp(), CompressionConfig(target_params=0.5), calibration=[{"x": torch.randn(4, 7)}])
