@@ -251,6 +251,31 @@ def test_a_streamed_budget_prices_the_tied_table_as_in_memory(tmp_path, monkeypa
     assert "LowRankTable" in type(streamed.get_output_embeddings()).__name__
 
 
+def test_the_chosen_table_is_held_once_when_the_blocks_are_compressed(tmp_path, monkeypatch):
+    """Once the tied table's low-rank form is swapped in, its module holds the only copy of its
+    factors: the factorization's own (80 MiB of A on SmolLM2) was kept to block 0's first refit, and
+    was the streamed conversion's peak there. Counted, as storages of A's shape, when block 1 starts."""
+    import gc
+
+    from mpocompress.compress import stream as stream_mod
+
+    folder = _wide_table_folder(tmp_path / "wide")
+    held = {}
+
+    def status(message):
+        if message.startswith("compressing block 1/"):
+            gc.collect()
+            shapes = [tuple(o.shape) for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+            table = [s for s in shapes if len(s) == 2 and s[1] == 2048]
+            held["copies"] = {s: table.count(s) for s in table}
+
+    monkeypatch.setattr(stream_mod, "status", status)
+    config = build_config([], [], [], [], None, None, "lowrank", None, None, True, 0.3, "model", calib_dtype="float32")
+    report = _streamed(folder, config, _batches(2048), tmp_path / "s.safetensors")
+    rank = next(lr.bond_dims for lr in report.layers if lr.name == "model.embed_tokens")[0]
+    assert held["copies"] == {(rank, 2048): 1}
+
+
 def test_streamed_analyze_shows_what_the_streamed_convert_does(folders, tmp_path):
     """analyze --stream --remove 0.3 (low-rank) reports the allocation convert --stream makes (the same
     layers at the same ranks, the same size), curves equal to the in-memory analyze's (the first pass

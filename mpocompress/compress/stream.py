@@ -914,6 +914,7 @@ def _compress_streamed(
             f = ranks.deal(lambda d=d, white=white: _make_trying(d.target, d.option, white, config))
             plan.layers.append(report_of(d.target, f))
             swap_in(model, d.target, f)
+            del f  # the table's module holds its own copies: these (80 MiB on SmolLM2) would stay to block 0's first refit
             _release(d.target.cand.module)  # the dense table, replaced at both ends
             given = capture_block_inputs(model, stack[0], batches)
     stream = BlockStream(blocks, (references, stack), [inputs, given], masks, store)
