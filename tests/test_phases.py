@@ -1,22 +1,15 @@
 """benchmarks/phases.py, which the performance notes' phase tables come from: it runs a command in
 its own process, and splits the command's time and peak memory by the status messages it reports."""
 
-import importlib.util
-from pathlib import Path
-
+from benchmark_scripts import benchmark_script
 from lm_models import write_folder
 from test_lm import _lines
 
 from mpocompress.cli import render
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "phases.py"
-
 
 def _phases():
-    spec = importlib.util.spec_from_file_location("phases_benchmark", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("phases")
 
 
 def test_a_status_message_without_its_numbers_names_its_phase():

@@ -1,21 +1,10 @@
 """benchmarks/weight_scale.py, which the performance notes' weight-scale figures come from: each
 factorized layer's norms over the original's, checked against the factors' own product."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from benchmark_scripts import benchmark_script
 from lm_models import write_folder
 from test_cli_train import invoke
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "weight_scale.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("weight_scale_benchmark", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_each_factorized_layer_is_measured_against_its_original(tmp_path, capsys, monkeypatch):
@@ -27,7 +16,7 @@ def test_each_factorized_layer_is_measured_against_its_original(tmp_path, capsys
     folder = write_folder("llama", tmp_path / "llama")
     out = tmp_path / "small.safetensors"
     assert invoke("convert", str(folder), "-D", "4", "--structure", "lowrank", "-o", str(out)).exit_code == 0
-    mod = _script()
+    mod = benchmark_script("weight_scale")
     small, orig = load_model(out).model, load_model(folder).model
     rows = mod.scales(small, orig)
     factorized = {n for n, m in small.named_modules() if hasattr(m, "first") and hasattr(m, "second")}
