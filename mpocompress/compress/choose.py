@@ -227,8 +227,8 @@ def refit_whitening(t: LayerTarget, st: CrossStats) -> Whitening:
     576 directions, and the rest held only the rounding of the bfloat16 passes (about 2^-18 / 3 of
     an input's energy), which the refits fitted with weights 9-16 times the original's norm (spectral
     norm up to 22 times), for a calibrated output error lower by 0.3 %. At 1e-4 (about 100 times that
-    rounding) they keep the original's scale (1.0-1.1 times) and their output error on held-out text
-    is unchanged to 4 digits (docs/performance.md, 2026-12-07 tenth session)."""
+    rounding) they keep the original's scale (0.7-1.1 times) and their output error on held-out text
+    is unchanged to 3-4 digits (docs/performance.md, 2026-12-07 tenth session)."""
     centre = getattr(t.cand.module, "bias", None) is not None
     keys = ("gram_in", "energy", "cross_w") if st.cross_w is not None else ("gram_in", "gram", "cross")
     held = {k: st.take(k) for k in keys}
