@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
 
@@ -48,6 +49,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10)
     args = parser.parse_args()
     rows = scales(load_model(args.compressed).model, load_model(args.original).model)
+    if not rows:
+        print(f"error: {args.compressed} has no factorized layers; give the file convert wrote", file=sys.stderr)
+        raise SystemExit(2)
     print(f"{len(rows)} factorized layers; Frobenius norm over the original's: median {statistics.median(r[1] for r in rows):.2f}, "
           f"over 1.2x: {sum(r[1] > 1.2 for r in rows)}, over 2x: {sum(r[1] > 2 for r in rows)}")  # fmt: skip
     print(f"{'layer':45s} {'Frobenius x':>12s} {'spectral x':>11s}")

@@ -1,6 +1,7 @@
 """benchmarks/weight_scale.py, which the performance notes' weight-scale figures come from: each
 factorized layer's norms over the original's, checked against the factors' own product."""
 
+import pytest
 import torch
 from benchmark_scripts import benchmark_script
 from lm_models import write_folder
@@ -33,3 +34,7 @@ def test_each_factorized_layer_is_measured_against_its_original(tmp_path, capsys
     mod.main()
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"{len(rows)} factorized layers") and len(printed) == 2 + 3
+    monkeypatch.setattr("sys.argv", ["weight_scale.py", str(folder), str(folder)])  # nothing factorized: one line
+    with pytest.raises(SystemExit) as exit_:
+        mod.main()
+    assert exit_.value.code == 2 and "has no factorized layers" in capsys.readouterr().err
