@@ -473,26 +473,51 @@ def test_a_model_without_an_output_gradient_is_probed_by_noise():
     assert any("noise probes" in n for n in report.notes), report.notes
 
 
-def test_cross_statistics_of_an_unchanged_model_equal_its_gram():
+def _product_bound(a: torch.Tensor, b: torch.Tensor, batches: list[torch.Tensor]) -> torch.Tensor:
+    """`_product_of`'s bound on each entry of A^T B summed over batches: GRAM_BLOCK * 2^-24 * sum_r
+    |d_a||d_b| for the rows less their batch's mean, doubled for the rounding of the shifted rows."""
+    from mpocompress.compress.calibrate import GRAM_BLOCK
+
+    out, start = 0, 0
+    for n in (int(x.shape[0]) for x in batches):
+        da, db = a[start : start + n] - a[start : start + n].mean(0), b[start : start + n] - b[start : start + n].mean(0)
+        out, start = out + da.abs().T @ db.abs(), start + n
+    return 2 * GRAM_BLOCK * 2.0**-24 * out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_cross_statistics_of_an_unchanged_model_equal_its_gram(dtype):
     """Of an unchanged model, X' = X: a widening layer's cross moment and both Grams are X^T X; a
-    narrowing one's statistics are projected on its weight W: X^T X W^T and sum ||W x||^2 (float64
-    against the dense products, 1e-10)."""
+    narrowing one's statistics are projected on its weight W: X^T X W^T and sum ||W x||^2. Against
+    the dense float64 products: a float64 model's within 1e-10; a float32 model's are made from
+    float32 products of mean-shifted rows (`_product_of`), each entry within their stated bound, here
+    on inputs far from zero (mean 3, spread 1), where unshifted float32 products would lose it."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-    batches = [{"x": torch.randn(40, 5)}, {"x": torch.randn(30, 5)}]
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(dtype)
+    xs = [torch.randn(40, 5, dtype=dtype) + 3, torch.randn(30, 5, dtype=dtype) + 3]
+    batches = [{"x": x} for x in xs]
     st = collect_cross(model, model, ["0"], batches)["0"]  # 5 -> 7: kept whole
-    assert st.rows == 70 and st.cross_w is None and torch.allclose(st.cross, st.gram) and torch.allclose(st.gram_in, st.gram)
-    x = torch.cat([b["x"] for b in batches]).double()
-    torch.testing.assert_close(st.gram, x.T @ x, rtol=1e-10, atol=1e-10)
+    assert st.rows == 70 and st.cross_w is None and torch.equal(st.cross, st.gram) and torch.equal(st.gram_in, st.gram)
+    x = torch.cat(xs).double()
+
+    def close(got, want, a, b):
+        if dtype == F64:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        else:
+            err, bound = (got - want).abs(), _product_bound(a, b, xs)
+            assert bool((err <= bound).all()), float((err / bound).max())
+            assert float(err.max()) > 0  # float32 products were made: the bound is what is tested
+
+    close(st.gram, x.T @ x, x, x)
     st = collect_cross(model, model, ["2"], batches)["2"]  # 7 -> 3: projected on W
     assert st.rows == 70 and st.gram is None and st.cross is None
     with torch.no_grad():
-        h = torch.relu(model[0](torch.cat([b["x"] for b in batches]))).double()
-    w = model[2].weight.detach().double()
-    torch.testing.assert_close(st.gram_in, h.T @ h, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(st.cross_w, h.T @ h @ w.T, rtol=1e-10, atol=1e-10)
-    assert float(st.energy) == pytest.approx(float((h @ w.T).square().sum()), rel=1e-10)
-    assert math.isclose(float(st.total.sum()), float(st.sum_in.sum()))
+        h = torch.cat([torch.relu(model[0](b)) for b in xs]).double()
+        y = torch.cat([torch.relu(model[0](b)) @ model[2].weight.T for b in xs]).double()  # W x as the model makes it
+    close(st.gram_in, h.T @ h, h, h)
+    close(st.cross_w, h.T @ y, h, y)
+    assert float(st.energy) == pytest.approx(float(y.square().sum()), rel=1e-12)
+    assert float(st.total.sum()) == pytest.approx(float(st.sum_in.sum()), rel=1e-12)
 
 
 @pytest.mark.parametrize("changing", [False, True])

@@ -24,10 +24,12 @@ from lm_models import byte_tokenizer, make_lm, write_folder
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_cli_train import fails, invoke, run_json
+from transformers.pytorch_utils import Conv1D
 
 from mpocompress import load
 from mpocompress.cli.common import build_config
 from mpocompress.compress import compress_
+from mpocompress.compress.select import transformer_blocks
 from mpocompress.compress.stream import _outside_to, stream_compress_
 from mpocompress.io import read_metadata, save
 from mpocompress.io.stream import DiskStore, block_loader, open_streamed, stream_output
@@ -48,7 +50,7 @@ def _batches(vocab=257, seed=0):
     return [{"input_ids": ids[:2], "attention_mask": mask}, {"input_ids": ids[2:], "attention_mask": mask}]
 
 
-def _bert_folder(folder: Path) -> Path:
+def _bert_model() -> transformers.BertModel:
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                                   max_position_embeddings=64)  # fmt: skip
@@ -57,7 +59,11 @@ def _bert_folder(folder: Path) -> Path:
         for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0, 0.08)
-    model.save_pretrained(folder)
+    return model
+
+
+def _bert_folder(folder: Path) -> Path:
+    _bert_model().save_pretrained(folder)
     return folder
 
 
@@ -115,6 +121,51 @@ def test_streamed_factors_equal_the_in_memory_sequential_ones(folders, tmp_path,
     key = "logits" if "logits" in a else "last_hidden_state"
     torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5)
     assert any("streamed block by block" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_call_groups_are_the_grams_groups_from_the_first_batch_alone(kind):
+    """`call_groups` gives `collect_grams`'s groups (q/k/v and gate/up on one input each; GPT-2's
+    fused c_attn alone) without any statistic, from one pass of the first batch, which calls every
+    layer; a layer no batch calls is named."""
+    from mpocompress.compress import calibrate
+
+    model = _bert_model() if kind == "bert" else make_lm(kind)
+    stack = transformer_blocks(model)[0]
+    mods = {n: m for n, m in model.named_modules() if n.startswith(stack + ".") and isinstance(m, (torch.nn.Linear, Conv1D))}
+    batches = _batches()
+    passes = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: passes.append(1), with_kwargs=True)
+    try:
+        expected = calibrate.collect_grams(model, mods, batches).groups
+        assert len(passes) == len(batches)
+        passes.clear()
+        assert calibrate.call_groups(model, mods, batches) == expected
+        assert len(passes) == 1
+    finally:
+        handle.remove()
+    assert any(len(g) > 1 for g in expected) or kind == "gpt2"  # shared inputs were grouped
+    with pytest.raises(calibrate.MPOCompressError, match="never called"):
+        calibrate.call_groups(model, {**mods, "stray": torch.nn.Linear(2, 2)}, batches)
+
+
+@pytest.mark.parametrize("eps", [None, 0.5])
+def test_the_compressing_sweep_makes_no_gram_it_does_not_read(folders, tmp_path, monkeypatch, eps):
+    """A streamed conversion at a fixed D never multiplies a Gram: its refits gather their own
+    statistics, and the compressing sweep needs only each block's groups. A layer sized by an eps
+    reads its block's Grams there, so they are made then (and its file still equals the in-memory
+    --sequential one's, above)."""
+    from mpocompress.compress import calibrate
+
+    calls = []
+    real = calibrate._gram_of_input  # collect_grams' products (the refits' own go through _accumulate)
+    monkeypatch.setattr(calibrate, "_gram_of_input", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = _config(("8",) if eps is None else (), eps=eps)
+    _streamed(folders["llama"], config, _batches(), tmp_path / "s.safetensors")
+    if eps is None:
+        assert calls == []
+    else:  # one product per batch and per input the block's selected layers read (q/k/v, o, gate/up, down), per block
+        assert len(calls) == 2 * 4 * 2
 
 
 def test_the_streamed_file_is_what_save_writes(folders, tmp_path):

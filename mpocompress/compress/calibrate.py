@@ -209,7 +209,9 @@ def _strips(width: int) -> list[int]:
     return [round(i * width / n) for i in range(n + 1)]
 
 
-def _gram_of(vecs: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _gram_of(
+    vecs: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None = None, row_sum: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
     """X^T X and the row sum of one batch's input vectors in float64, added to `into` (a Gram and a
     sum being accumulated) when given, so no second matrix of the input's width is made.
 
@@ -222,7 +224,8 @@ def _gram_of(vecs: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None 
     most GRAM_BLOCK * 2^-24 * sum_r |d_ri||d_rj| (Higham's bound for dot products of that length, 6e-5
     of that sum); tests bound every whitened squared error's change on such inputs. Only the upper
     triangle is multiplied, in strips of GRAM_STRIP columns, and mirrored: about half the work for a
-    wide input (a convolution's 4,608-wide patches). Inputs in float64 keep float64 products."""
+    wide input (a convolution's 4,608-wide patches). Inputs in float64 keep float64 products.
+    `row_sum`: `_column_sums(vecs)`, when the caller has it."""
     width = vecs.shape[1]
     if into is None:
         into = (torch.zeros(width, width, dtype=torch.float64, device=vecs.device), torch.zeros(width, dtype=torch.float64, device=vecs.device))
@@ -235,7 +238,7 @@ def _gram_of(vecs: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None 
             g.addmm_(v.T, v)
             total += v.sum(0)
         return g, total, n
-    row_sum = _column_sums(vecs)
+    row_sum = _column_sums(vecs) if row_sum is None else row_sum
     mean = (row_sum / max(n, 1)).float()
     edges = _strips(width)
     for s in range(0, n, GRAM_BLOCK):
@@ -251,6 +254,25 @@ def _gram_of(vecs: torch.Tensor, into: tuple[torch.Tensor, torch.Tensor] | None 
             block.copy_(block.triu() + block.triu(1).T)
     total += row_sum
     return g, total, n
+
+
+def _product_of(a: torch.Tensor, b: torch.Tensor, a_sum: torch.Tensor, b_sum: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """`into` += A^T B (float64) for row-matched A and B, as `_gram_of` makes X^T X: with m_a, m_b
+    the row means, A^T B = D_a^T D_b + m_a s_b^T + s_a m_b^T - n m_a m_b^T (D the rows less their
+    mean, s the float64 row sums `a_sum`, `b_sum`), and D_a^T D_b made in float32, GRAM_BLOCK rows
+    at a time, each block's product added into the float64 sum. Each entry's error is at most
+    GRAM_BLOCK * 2^-24 * sum_r |d_ari||d_brj|. Float64 inputs keep float64 products."""
+    n = int(a.shape[0])
+    if not FAST_GRAMS or a.dtype == torch.float64 or b.dtype == torch.float64:
+        step = max(1, (1 << 22) // max(a.shape[1], b.shape[1], 1))
+        for s in range(0, n, step):
+            into.addmm_(a[s : s + step].to(torch.float64).T, b[s : s + step].to(torch.float64))
+        return into
+    ma, mb = (a_sum / max(n, 1)).float(), (b_sum / max(n, 1)).float()
+    for s in range(0, n, GRAM_BLOCK):
+        into += (a[s : s + GRAM_BLOCK].float() - ma).T @ (b[s : s + GRAM_BLOCK].float() - mb)
+    ma64, mb64 = ma.double(), mb.double()
+    return into.addr_(ma64, b_sum).addr_(a_sum, mb64).addr_(ma64, mb64, alpha=-n)
 
 
 PATCH_BLOCK = 1 << 24  # numbers of a convolution's unfolded patches made at once (64 MB in float32)
@@ -303,12 +325,7 @@ def _collect_grams(
     model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], stop_after: set[str] | None,
     run: Callable[[int, Batch], object] | None, share: bool,
 ) -> Calibration:  # fmt: skip
-    unique: dict[str, nn.Module] = {}
-    seen_ids: set[int] = set()
-    for name, mod in modules.items():
-        if id(mod) not in seen_ids:
-            seen_ids.add(id(mod))
-            unique[name] = mod
+    unique = _unique(modules)
     grams: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
@@ -392,16 +409,82 @@ def _collect_grams(
     missing = [n for n in unique if n not in grams]
     if missing:
         raise MPOCompressError(f"layer {missing[0]} is never called on the calibration data; give data that runs through it or --exclude it")
-    out = Calibration({}, {}, samples)
-    for name, key in calls:
-        if out.groups and calls[[n for n, _ in calls].index(out.groups[-1][-1])][1] == key:
-            out.groups[-1].append(name)
-        else:
-            out.groups.append([name])
+    out = Calibration({}, {}, samples, groups=_grouped(calls))
     for name, mod in modules.items():  # every name, shared modules share their Gram
         first = next(n for n, m in unique.items() if m is mod)
         out.grams[name], out.rows[name], out.sums[name] = grams[first], rows[first], sums[first]
     return out
+
+
+def _grouped(calls: Sequence[tuple[str, int]]) -> list[list[str]]:
+    """Layers in call order, (name, serial of its input) at each one's first call, grouped when
+    consecutive calls read one input tensor (q/k/v, gate/up)."""
+    groups: list[list[str]] = []
+    key_of = dict(calls)
+    for name, key in calls:
+        if groups and key_of[groups[-1][-1]] == key:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def _unique(modules: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """The named modules, each hooked once, under its first name."""
+    unique: dict[str, nn.Module] = {}
+    seen_ids: set[int] = set()
+    for name, mod in modules.items():
+        if id(mod) not in seen_ids:
+            seen_ids.add(id(mod))
+            unique[name] = mod
+    return unique
+
+
+@torch.no_grad()
+def call_groups(
+    model: nn.Module, modules: Mapping[str, nn.Module], batches: Sequence[Batch], run: Callable[[int, Batch], object] | None = None
+) -> list[list[str]]:  # fmt: skip
+    """`collect_grams(...).groups` without the statistics: the modules in call order, grouped when
+    called one after another on one input tensor. Each pass ends once every module has been called,
+    and the batches stop there too (one batch, when it calls them all). For a pass that needs only
+    the order: a streamed block's refits gather their own statistics, and its Grams over every batch
+    went unread (a pass of the block and the products: 81 s of the 287 s compressing sweep in the
+    profile of a streamed SmolLM2 at 32,768 calibration tokens, docs/performance.md)."""
+    unique = _unique(modules)
+    calls: list[tuple[str, int]] = []
+    called: set[str] = set()
+    seen = [None, 0]
+
+    def hook(name: str, mod: nn.Module, x: torch.Tensor) -> None:
+        if seen[0] is not x:
+            seen[0], seen[1] = x, seen[1] + 1
+        if name not in called:
+            called.add(name)
+            calls.append((name, seen[1]))
+        if len(called) == len(unique):
+            raise _Stop
+
+    was_training = model.training
+    model.eval()
+    try:
+        with _input_hooks(unique, hook):
+            for k, batch in enumerate(batches):
+                try:
+                    if run is None:
+                        _run(model, batch)
+                    else:
+                        run(k, batch)
+                except _Stop:
+                    pass
+                seen[0] = None
+                if len(called) == len(unique):
+                    break
+    finally:
+        model.train(was_training)
+    missing = [n for n in unique if n not in called]
+    if missing:
+        raise MPOCompressError(f"layer {missing[0]} is never called on the calibration data; give data that runs through it or --exclude it")
+    return _grouped(calls)
 
 
 @dataclass
@@ -446,7 +529,8 @@ def projects(weight: torch.Tensor) -> bool:
 
 
 def _rows_of(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, store: dict, raw: dict, name: str) -> None:
-    """Store a hooked layer's input rows in float64; layers of one input tensor share one copy."""
+    """Store a hooked layer's input rows (float32, float64 as they come; `_accumulate` sums their
+    products in float64); layers of one input tensor share one copy."""
     conv = converter_for(mod)
     if conv.kind == "linear":
         for other, seen in raw.items():
@@ -454,7 +538,8 @@ def _rows_of(mod: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, store: 
                 store[name] = store[other]
                 return
         raw[name] = x
-    store[name] = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach().to(torch.float64)
+    rows = conv.rows(mod, _real_rows(x, mask) if conv.kind == "linear" else x).detach()
+    store[name] = rows if rows.dtype == torch.float64 else rows.float()
 
 
 @torch.no_grad()
@@ -500,10 +585,9 @@ def collect_cross(
 
 
 def _weight(mod: nn.Module) -> torch.Tensor:
-    """A layer's weight matrix, in float64 where its statistics are projected on it (made once per pass)."""
+    """A layer's weight matrix (N_y x N_x), detached."""
     conv = converter_for(mod)
-    w = conv.weight(mod).detach().reshape(conv.dims(mod))
-    return w.to(torch.float64) if projects(w) else w
+    return conv.weight(mod).detach().reshape(conv.dims(mod))
 
 
 OutputFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -543,18 +627,20 @@ def _accumulate(
                                     torch.zeros((), **kw) if proj else None,
                                     torch.zeros(n, weights[m].shape[0], **kw) if proj else None, users)  # fmt: skip
         first = out[name]
-        first.gram_in.addmm_(xp.T, xp)
-        first.sum_in += xp.sum(0)
-        first.total += x.sum(0)
+        s_x, s_xp = _column_sums(x), _column_sums(xp)
+        _gram_of(xp, (first.gram_in, first.sum_in), s_xp)
         if plain:
-            out[plain[0]].gram.addmm_(x.T, x)
-            out[plain[0]].cross.addmm_(xp.T, x)
+            _gram_of(x, (out[plain[0]].gram, first.total), s_x)
+            _product_of(xp, x, s_xp, s_x, out[plain[0]].cross)
+        else:
+            first.total += s_x
         for m in group:
             out[m].rows += int(x.shape[0])
             if m not in plain:
-                y = x @ weights[m].T  # the original outputs W x
-                out[m].energy += y.square().sum()
-                out[m].cross_w.addmm_(xp.T, y)
+                y = x @ weights[m].to(x.dtype).T  # the original outputs W x
+                s_y = _column_sums(y)
+                out[m].energy += sum(float(part.double().square().sum()) for part in y.split(GRAM_BLOCK))
+                _product_of(xp, y, s_xp, s_y, out[m].cross_w)
 
 
 def model_output(model: nn.Module, batch: Batch, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:

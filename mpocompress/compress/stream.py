@@ -54,6 +54,7 @@ from mpocompress.compress.calibrate import (
     block_hidden,
     calibration_passes,
     call_block,
+    call_groups,
     capture_block_inputs,
     collect_grams,
     final_states,
@@ -370,6 +371,13 @@ def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[
     block of `stream` on `side`), from the kept hidden states: what `collect_grams` gives in memory."""
     mods = {t.cand.name: block.get_submodule(_in_block(t.cand.name, prefix)) for t in ts}
     return collect_grams(block, mods, batches, stop_after=set(mods), run=lambda k, b: stream.run(side, k))
+
+
+def _block_groups(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[LayerTarget], batches: Sequence[Batch], prefix: str) -> list[list[str]]:
+    """`_block_grams(...).groups` alone (`call_groups`): the block's selected layers in call order,
+    grouped by the input they share."""
+    mods = {t.cand.name: block.get_submodule(_in_block(t.cand.name, prefix)) for t in ts}
+    return call_groups(block, mods, batches, run=lambda k, b: stream.run(side, k))
 
 
 def _allocate_streamed(
@@ -926,7 +934,14 @@ def _compress_streamed(
             _load(load_block, block, name, device)
             if ts:
                 references[i] = copy.deepcopy(block)  # the original block, the refits' reference
-                cal = _summed_grams(_block_grams(stream, 0, references[i], ts, batches, prefix), ranks)
+                # the original inputs' Grams serve only a layer sized by an eps here; the refits take their own statistics,
+                # group by group, and need only the groups (the call order, from the first batch that calls them all)
+                cal = None
+                if any(t.cand.name not in allocated and t.eps is not None for t in ts):
+                    cal = _summed_grams(_block_grams(stream, 0, references[i], ts, batches, prefix), ranks)
+                    groups = cal.groups
+                else:
+                    groups = _block_groups(stream, 0, references[i], ts, batches, prefix)
                 decisions = {}
                 for t in ts:
                     if t.cand.name in allocated:
@@ -934,8 +949,7 @@ def _compress_streamed(
                     else:
                         option, reason = _fixed_option(t, fixed_structure(config), white_for(t, cal) if t.eps is not None else None)
                         decisions[t.cand.name] = Decision(t, option, reason)
-                groups = cal.groups
-                del cal  # the original inputs' Grams: the refits take their own statistics, group by group
+                del cal
                 for group in groups:
                     todo = [decisions[n] for n in group if n in decisions]
                     plan.decisions += todo
