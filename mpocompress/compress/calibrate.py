@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -406,14 +406,19 @@ def _collect_grams(
                     raise _Changed
     finally:
         model.train(was_training)
-    missing = [n for n in unique if n not in grams]
-    if missing:
-        raise MPOCompressError(f"layer {missing[0]} is never called on the calibration data; give data that runs through it or --exclude it")
+    _all_called(unique, grams)
     out = Calibration({}, {}, samples, groups=_grouped(calls))
     for name, mod in modules.items():  # every name, shared modules share their Gram
         first = next(n for n, m in unique.items() if m is mod)
         out.grams[name], out.rows[name], out.sums[name] = grams[first], rows[first], sums[first]
     return out
+
+
+def _all_called(modules: Mapping[str, nn.Module], called: Collection[str]) -> None:
+    """Raise the user's error naming the first module no calibration batch called."""
+    missing = [n for n in modules if n not in called]
+    if missing:
+        raise MPOCompressError(f"layer {missing[0]} is never called on the calibration data; give data that runs through it or --exclude it")
 
 
 def _grouped(calls: Sequence[tuple[str, int]]) -> list[list[str]]:
@@ -481,9 +486,7 @@ def call_groups(
                     break
     finally:
         model.train(was_training)
-    missing = [n for n in unique if n not in called]
-    if missing:
-        raise MPOCompressError(f"layer {missing[0]} is never called on the calibration data; give data that runs through it or --exclude it")
+    _all_called(unique, called)
     return _grouped(calls)
 
 

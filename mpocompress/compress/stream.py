@@ -369,15 +369,19 @@ def _in_block(name: str, prefix: str) -> str:
 def _block_grams(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[LayerTarget], batches: Sequence[Batch], prefix: str) -> Calibration:
     """The Gram matrices of the inputs of a block's selected layers (those of `block`, the current
     block of `stream` on `side`), from the kept hidden states: what `collect_grams` gives in memory."""
-    mods = {t.cand.name: block.get_submodule(_in_block(t.cand.name, prefix)) for t in ts}
+    mods = _block_modules(block, ts, prefix)
     return collect_grams(block, mods, batches, stop_after=set(mods), run=lambda k, b: stream.run(side, k))
 
 
 def _block_groups(stream: BlockStream, side: int, block: nn.Module, ts: Sequence[LayerTarget], batches: Sequence[Batch], prefix: str) -> list[list[str]]:
     """`_block_grams(...).groups` alone (`call_groups`): the block's selected layers in call order,
     grouped by the input they share."""
-    mods = {t.cand.name: block.get_submodule(_in_block(t.cand.name, prefix)) for t in ts}
-    return call_groups(block, mods, batches, run=lambda k, b: stream.run(side, k))
+    return call_groups(block, _block_modules(block, ts, prefix), batches, run=lambda k, b: stream.run(side, k))
+
+
+def _block_modules(block: nn.Module, ts: Sequence[LayerTarget], prefix: str) -> dict[str, nn.Module]:
+    """The selected layers' modules in `block`, by their names in the model."""
+    return {t.cand.name: block.get_submodule(_in_block(t.cand.name, prefix)) for t in ts}
 
 
 def _allocate_streamed(
@@ -610,7 +614,7 @@ class _Backward:
                     _load(load_block, block, f"{prefix}{i}", device)
                     flags = [p.requires_grad for p in block.parameters()]
                     block.eval().requires_grad_(False)  # gradients reach the hidden states, not the weights
-                    mods = {t.cand.name: block.get_submodule(_in_block(t.cand.name, prefix)) for t in self.free[i]}
+                    mods = _block_modules(block, self.free[i], prefix)
                     for p in self.probe:
                         grads[p.b] = self._back_through(block, p, store.get((KEPT + i, p.b)), grads[p.b], mods, grad2, entries)
                         store.drop((KEPT + i, p.b))
